@@ -1,0 +1,1 @@
+"""Modules that join an encoder to the frozen LM (later stages)."""

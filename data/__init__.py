@@ -1,0 +1,1 @@
+"""Real offline data kit: fetching, shard writing/reading, token streams."""

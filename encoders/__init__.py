@@ -1,0 +1,1 @@
+"""Image and speech encoders and their pretraining objectives (later stages)."""

@@ -1,0 +1,1 @@
+"""Composition, stages, the training loop, configs, checkpoints, metrics and the `mm` CLI."""
