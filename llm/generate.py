@@ -1,0 +1,51 @@
+"""Autoregressive generation with a per-layer KV cache (or without, for checking)."""
+from __future__ import annotations
+
+import torch
+
+from llm.model import Llama
+
+
+def _pick(logits: torch.Tensor, greedy: bool, temperature: float, top_p: float, gen: torch.Generator | None) -> int:
+    """Next token from (vocab,) logits: argmax, or nucleus sampling at a temperature."""
+    if greedy or temperature <= 0:
+        return int(logits.argmax())
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    sorted_p, idx = probs.sort(descending=True)
+    keep = sorted_p.cumsum(0) - sorted_p < top_p  # smallest set whose mass reaches top_p
+    sorted_p = sorted_p * keep
+    choice = torch.multinomial(sorted_p / sorted_p.sum(), 1, generator=gen)
+    return int(idx[choice])
+
+
+@torch.no_grad()
+def generate(model: Llama, prompt: list[int], max_new_tokens: int, *, greedy: bool = True, temperature: float = 0.8,
+             top_p: float = 0.95, stop_ids: tuple[int, ...] = (), seed: int | None = None,
+             use_cache: bool = True) -> list[int]:
+    """Continue `prompt` by up to max_new_tokens ids (stopping after any of stop_ids, which is not returned)."""
+    model.eval()
+    device = model.output.weight.device
+    max_len = model.cfg.max_seq_len
+    prompt = prompt[-(max_len - 1):] if len(prompt) >= max_len else list(prompt)
+    budget = min(max_new_tokens, max_len - len(prompt))
+    gen = torch.Generator(device="cpu").manual_seed(seed) if seed is not None else None
+    out: list[int] = []
+    seq = torch.tensor([prompt], device=device)
+    try:
+        if use_cache:
+            model.setup_cache(1, len(prompt) + budget)
+            logits = model(seq)[0, -1]
+            pos = len(prompt)
+        for _ in range(budget):
+            if not use_cache:
+                logits = model(torch.tensor([prompt + out], device=device))[0, -1]
+            nxt = _pick(logits.cpu(), greedy, temperature, top_p, gen)
+            if nxt in stop_ids:
+                break
+            out.append(nxt)
+            if use_cache and len(out) < budget:
+                logits = model(torch.tensor([[nxt]], device=device), start_pos=pos)[0, -1]
+                pos += 1
+    finally:
+        model.clear_cache()
+    return out

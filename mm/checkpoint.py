@@ -1,0 +1,128 @@
+"""Checkpoints: tensors as safetensors, metadata as JSON, optimizer/RNG state via torch.save loaded with weights_only=True.
+
+Every write goes to a temporary folder that is renamed into place, so a crash never leaves a half-written checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+STEP_PREFIX = "step_"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, corrupt or does not fit the model: one line naming the file."""
+
+
+def _atomic_dir_write(final: Path, write) -> Path:
+    """Call write(tmp_dir) then rename tmp_dir to final (replacing an older one)."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
+    try:
+        write(tmp)
+        if final.exists():
+            old = final.with_name(f".old-{final.name}")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def _contiguous(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().contiguous().cpu() for k, v in sd.items()}
+
+
+def save_weights(directory: Path, tensors: dict[str, dict[str, torch.Tensor]], meta: dict,
+                 state: dict | None = None) -> Path:
+    """Atomically write {name}.safetensors per tensor group, meta.json, and (optionally) state.pt."""
+
+    def write(tmp: Path) -> None:
+        for name, sd in tensors.items():
+            save_file(_contiguous(sd), str(tmp / f"{name}.safetensors"))
+        if state is not None:
+            torch.save(state, tmp / "state.pt")
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+
+    return _atomic_dir_write(Path(directory), write)
+
+
+def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Read one safetensors file, with a one-line error naming it."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        return load_file(str(path))
+    except Exception as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0]})") from None
+
+
+def load_meta(directory: Path) -> dict:
+    """A checkpoint folder's meta.json."""
+    path = Path(directory) / "meta.json"
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing (not a checkpoint folder?)") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: corrupt JSON ({e})") from None
+
+
+def load_state(directory: Path) -> dict:
+    """Optimizer/RNG state, loaded with weights_only=True (no arbitrary unpickling)."""
+    path = Path(directory) / "state.pt"
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing") from None
+    except Exception as e:
+        raise CheckpointError(f"{path}: unreadable training state ({str(e).splitlines()[0]})") from None
+
+
+def step_dir(root: Path, step: int) -> Path:
+    return Path(root) / f"{STEP_PREFIX}{step:07d}"
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    """Complete step checkpoints under root, oldest first (temporary folders are ignored)."""
+    root = Path(root)
+    if not root.exists():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(STEP_PREFIX) and (p / "meta.json").exists()]
+    return sorted(found, key=lambda p: int(p.name[len(STEP_PREFIX):]))
+
+
+def prune(root: Path, keep_last: int) -> None:
+    """Delete all but the newest keep_last step checkpoints."""
+    if keep_last <= 0:
+        return
+    for old in list_checkpoints(root)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def load_into(module: torch.nn.Module, sd: dict[str, torch.Tensor], source: Path, strict: bool = True) -> None:
+    """load_state_dict with a one-line error naming the file and the first mismatching key or shape."""
+    own = module.state_dict()
+    if strict:
+        missing = sorted(set(own) - set(sd))
+        extra = sorted(set(sd) - set(own))
+        if missing or extra:
+            what = f"missing key {missing[0]!r}" if missing else f"unexpected key {extra[0]!r}"
+            raise CheckpointError(f"{source}: does not fit the model: {what} ({len(missing)} missing, {len(extra)} unexpected)")
+    for k, v in sd.items():
+        if k in own and own[k].shape != v.shape:
+            raise CheckpointError(f"{source}: does not fit the model: {k!r} has shape {tuple(v.shape)}, "
+                                  f"model expects {tuple(own[k].shape)}")
+    module.load_state_dict(sd, strict=strict)

@@ -1,0 +1,201 @@
+"""The `mm` command: run stages, fetch/build/inspect data, chat, export, evaluate. Each ends with one JSON line."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from mm.checkpoint import CheckpointError
+from mm.config import ConfigError
+
+USER_ERRORS = (ConfigError, CheckpointError, FileNotFoundError, ValueError, KeyError, RuntimeError)
+
+
+def emit(result: dict) -> None:
+    """Print the closing JSON line (rank 0 only under torchrun)."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(result), flush=True)
+
+
+def cmd_run(args) -> dict:
+    from mm.config import load_config, to_yaml
+    from mm.stages import stage_runner
+
+    cfg = load_config(args.config, args.overrides)
+    run_dir = Path(args.out or Path("runs") / Path(args.config).stem)
+    done = run_dir / "result.json"
+    if done.exists() and not args.force:
+        result = json.loads(done.read_text())
+        return {**result, "reused": True, "run_dir": str(run_dir)}
+    if (run_dir / "checkpoints").exists() and any((run_dir / "checkpoints").iterdir()) and not args.resume:
+        if not args.force:
+            raise ValueError(f"{run_dir}: holds an interrupted run; pass --resume to continue it or --force to restart")
+    if args.force and not args.resume:
+        for sub in ("checkpoints", "final", "metrics.jsonl", "tb", "result.json"):
+            p = run_dir / sub
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if int(os.environ.get("RANK", "0")) == 0:
+        (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    result = stage_runner(cfg.stage)(cfg, run_dir, resume=args.resume)
+    result = {**result, "run_dir": str(run_dir)}
+    if int(os.environ.get("RANK", "0")) == 0:
+        done.write_text(json.dumps(result, indent=1))
+    return result
+
+
+def cmd_data(args) -> dict:
+    from data.fetch import default_cache_dir, fetch_text
+
+    cache = Path(args.cache) if args.cache else default_cache_dir()
+    if args.action == "fetch":
+        return {"fetched": fetch_text(cache)}
+    if args.action == "build":
+        from data.text_kit import build_text_kit
+
+        out = Path(args.out) if args.out else cache.parent / "shards"
+        manifest = build_text_kit(cache, out, heldout_genre=args.heldout_genre)
+        return {"out": str(out), "splits": {k: v["docs"] for k, v in manifest["splits"].items()},
+                "total_text_bytes": manifest["total_text_bytes"], "heldout_genre": manifest["heldout_genre"]}
+    from data.shards import SkipCounter, expand_shards, iter_samples
+
+    skips, exts, n, examples = SkipCounter(), {}, 0, []
+    for sample in iter_samples(expand_shards(args.shards), skips):
+        n += 1
+        for k in sample:
+            if not k.startswith("__"):
+                exts[k] = exts.get(k, 0) + 1
+        if len(examples) < 3 and "txt" in sample:
+            examples.append(sample["txt"][:120].decode("utf-8", "replace"))
+    for e in examples:
+        print(f"  {sample.get('__key__', '?')}: {e!r}", file=sys.stderr)
+    return {"samples": n, "extensions": exts, "skipped": skips.as_dict()}
+
+
+def cmd_chat(args) -> dict:
+    from llm.generate import generate
+    from llm.tokenizer import ChatFormat
+    from mm.runs import load_lm
+
+    model, tok, meta = load_lm(args.ckpt)
+    chat = bool(meta.get("chat")) and not args.raw
+    fmt = ChatFormat(tok)
+    stops = (tok.eot_id, tok.eom_id, tok.eos_id)
+
+    def reply(text: str, history: list[dict]) -> str:
+        if chat:
+            msgs = ([{"role": "system", "content": args.system}] if args.system else []) + history
+            msgs.append({"role": "user", "content": text})
+            ids, _ = fmt.encode_dialog(msgs, add_generation_prompt=True)
+        else:
+            ids = tok.encode(text, bos=True)
+        out = generate(model, ids, args.max_new_tokens, greedy=args.greedy, temperature=args.temperature,
+                       stop_ids=stops, seed=args.seed)
+        return tok.decode(out)
+
+    if args.prompt is not None:
+        return {"text": reply(args.prompt, []), "chat_template": chat}
+    history: list[dict] = []
+    print("interactive chat; an empty line or Ctrl-D ends it", file=sys.stderr)
+    turns = 0
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            break
+        if not line.strip():
+            break
+        answer = reply(line, history)
+        print(answer, flush=True)
+        history += [{"role": "user", "content": line}, {"role": "assistant", "content": answer}]
+        turns += 1
+    return {"turns": turns}
+
+
+def cmd_export(args) -> dict:
+    from llm.export import export_hf
+    from mm.runs import load_lm
+
+    model, tok, _ = load_lm(args.ckpt)
+    return export_hf(model, tok, Path(args.out))
+
+
+def cmd_eval(args) -> dict:
+    if args.modality != "text":
+        raise ValueError(f"mm eval {args.modality}: not available yet (only text)")
+    from data.shards import SkipCounter, expand_shards, iter_text_docs
+    from mm.eval_text import bits_per_byte
+    from mm.runs import load_lm
+
+    model, tok, _ = load_lm(args.ckpt)
+    skips = SkipCounter()
+    texts = [d["text"] for d in iter_text_docs(expand_shards(args.shards), skips)]
+    if not texts:
+        raise ValueError(f"{args.shards}: no readable text documents (skipped: {skips.as_dict()})")
+    return {"val_bpb": bits_per_byte(model, tok, texts, args.seq_len), "docs": len(texts), "skipped": skips.as_dict()}
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mm", description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="run a stage from YAML into a run directory")
+    r.add_argument("config")
+    r.add_argument("overrides", nargs="*", help="key=value overrides")
+    r.add_argument("--out", help="run directory (default runs/<config name>)")
+    r.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
+    r.add_argument("--force", action="store_true", help="rerun even if the run directory holds a result")
+    r.set_defaults(fn=cmd_run)
+    d = sub.add_parser("data", help="fetch / build / inspect the real data kit")
+    d.add_argument("action", choices=["fetch", "build", "inspect"])
+    d.add_argument("shards", nargs="?", help="shard spec (inspect)")
+    d.add_argument("--cache", help="data cache (default .cache/data or $MM_DATA_CACHE)")
+    d.add_argument("--out", help="shard output dir (build)")
+    d.add_argument("--heldout-genre", default="humor")
+    d.set_defaults(fn=cmd_data)
+    c = sub.add_parser("chat", help="talk to a trained model")
+    c.add_argument("--ckpt", required=True)
+    c.add_argument("--prompt")
+    c.add_argument("--system")
+    c.add_argument("--max-new-tokens", type=int, default=64)
+    c.add_argument("--greedy", action="store_true")
+    c.add_argument("--temperature", type=float, default=0.8)
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--raw", action="store_true", help="no chat template, plain continuation")
+    c.set_defaults(fn=cmd_chat)
+    e = sub.add_parser("export", help="export a model")
+    e.add_argument("format", choices=["hf"])
+    e.add_argument("--ckpt", required=True)
+    e.add_argument("--out", required=True)
+    e.set_defaults(fn=cmd_export)
+    v = sub.add_parser("eval", help="score a model on shards")
+    v.add_argument("modality", choices=["text", "image", "video", "speech"])
+    v.add_argument("--ckpt", required=True)
+    v.add_argument("--shards", required=True)
+    v.add_argument("--seq-len", type=int, default=512)
+    v.set_defaults(fn=cmd_eval)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = parser()
+    args, extra = p.parse_known_args(argv)
+    if extra:  # `key=value` overrides may stand anywhere after `mm run CONFIG`
+        if args.cmd != "run" or any("=" not in e or e.startswith("-") for e in extra):
+            p.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = list(args.overrides) + extra
+    try:
+        result = args.fn(args)
+    except USER_ERRORS as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"error: {msg}", file=sys.stderr)
+        emit({"ok": False, "error": msg})
+        return 2
+    emit({"ok": True, **result})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

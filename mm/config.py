@@ -1,0 +1,150 @@
+"""Typed experiment configs: YAML -> dataclasses (OmegaConf structured), with one-line errors naming file and key."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A broken config: the message is one line naming the file and the key."""
+
+
+@dataclass
+class ModelConfig:
+    """Which named shape (llm.model.SHAPES) and field overrides; vocab_size comes from the tokenizer."""
+
+    shape: str = "tiny"
+    dim: int | None = None
+    n_layers: int | None = None
+    n_heads: int | None = None
+    n_kv_heads: int | None = None
+    max_seq_len: int | None = None
+
+
+@dataclass
+class TokenizerConfig:
+    """Use an existing tokenizer.json (path) or train a byte-level BPE of vocab_size on the training split."""
+
+    path: str | None = None
+    vocab_size: int = 4096
+    train_bytes: int = 8_000_000
+
+
+@dataclass
+class TextDataConfig:
+    """Text shards and the pretraining data mix (weights per source; normalised)."""
+
+    shards: str = MISSING
+    val_shards: str = MISSING
+    mix: dict[str, float] = field(default_factory=dict)
+    build_if_missing: bool = True
+    val_max_tokens: int = 32768
+
+
+@dataclass
+class PhaseConfig:
+    """One stage of the context-length ramp."""
+
+    steps: int = MISSING
+    seq_len: int = MISSING
+    batch_size: int | None = None
+
+
+@dataclass
+class AnnealConfig:
+    """Final annealing (LR linearly to 0 on the highest-quality subset) and Polyak averaging of its checkpoints."""
+
+    steps: int = 0
+    quality_top_frac: float = 0.5
+    mix: dict[str, float] = field(default_factory=dict)
+    average_every: int = 10
+
+
+@dataclass
+class TrainConfig:
+    """Optimizer, schedule and loop settings shared by every stage."""
+
+    batch_size: int = 16
+    grad_accum: int = 1
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 50
+    weight_decay: float = 0.1
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    grad_clip: float = 1.0
+    dtype: str = "auto"  # auto | fp32 | bf16
+    device: str = "auto"  # auto | cpu | cuda
+    threads: int = 0  # torch intra-op threads; 0 = leave as is
+    log_every: int = 10
+    eval_every: int = 0
+    ckpt_every: int = 100
+    keep_last: int = 2
+    parallel: str = "none"  # none | ddp | fsdp (under torchrun)
+    progress: bool = True
+
+
+@dataclass
+class LMPretrainConfig:
+    """The `lm_pretrain` stage (PAPER.md §1.4 at our scale)."""
+
+    stage: str = "lm_pretrain"
+    seed: int = 1337
+    model: ModelConfig = field(default_factory=ModelConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    data: TextDataConfig = field(default_factory=TextDataConfig)
+    phases: list[PhaseConfig] = field(default_factory=list)
+    anneal: AnnealConfig = field(default_factory=AnnealConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+STAGE_CONFIGS: dict[str, type] = {"lm_pretrain": LMPretrainConfig}
+
+
+def _fail(path: str, err: OmegaConfBaseException) -> ConfigError:
+    key = getattr(err, "full_key", None) or "?"
+    msg = str(err).splitlines()[0]
+    return ConfigError(f"{path}: key '{key}': {msg}")
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple = ()) -> Any:
+    """Load a stage YAML and `key=value` overrides into its typed dataclass; raise ConfigError on any problem."""
+    path = str(path)
+    try:
+        raw = OmegaConf.load(path)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except Exception as e:  # YAML syntax errors
+        raise ConfigError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(raw, dict) and not OmegaConf.is_dict(raw):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    stage = raw.get("stage")
+    if stage not in STAGE_CONFIGS:
+        raise ConfigError(f"{path}: key 'stage': {stage!r} is not one of {sorted(STAGE_CONFIGS)}")
+    schema = OmegaConf.structured(STAGE_CONFIGS[stage])
+    try:
+        cfg = OmegaConf.merge(schema, raw)
+    except OmegaConfBaseException as e:
+        raise _fail(path, e) from None
+    for ov in overrides:
+        if "=" not in ov:
+            raise ConfigError(f"{path}: override {ov!r} is not key=value")
+        try:
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([ov]))
+        except OmegaConfBaseException as e:
+            raise _fail(f"{path} (override {ov})", e) from None
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ConfigError(f"{path}: key '{missing[0]}': missing required value")
+    try:
+        return OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as e:
+        raise _fail(path, e) from None
+
+
+def to_yaml(cfg: Any) -> str:
+    """The fully resolved config as YAML (kept in the run directory)."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))

@@ -1,0 +1,189 @@
+"""The one training loop every stage uses: AdamW, schedules, accumulation, clipping, autocast, checkpoints, resume."""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from tqdm import tqdm
+
+from mm.checkpoint import list_checkpoints, load_meta, load_state, load_tensors, prune, save_weights, step_dir
+from mm.config import TrainConfig
+from mm.distributed import DistInfo, full_state, load_full_state, mean_across
+from mm.metrics import MetricsLogger, mfu, peak_flops
+
+
+class TrainingDiverged(RuntimeError):
+    """Raised when the loss or gradient norm is NaN/inf; the last good checkpoint is left as it was."""
+
+
+def warmup_cosine(step: int, peak: float, warmup: int, total: int, min_ratio: float) -> float:
+    """Linear warmup to peak, then cosine decay to min_ratio * peak at `total`."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    t = min(1.0, (step - warmup) / max(1, total - warmup))
+    return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def linear_to_zero(step: int, start_lr: float, begin: int, length: int) -> float:
+    """Annealing: LR falls linearly from start_lr at `begin` to 0 after `length` steps."""
+    return start_lr * max(0.0, 1.0 - (step - begin + 1) / max(1, length))
+
+
+def build_optimizer(params, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (norm gains and other vectors are not decayed)."""
+    params = [p for p in params if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    other = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": other, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), fused=device.type == "cuda")
+
+
+def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
+    """bf16 where asked for or ('auto') where the device supports it well; None means full fp32."""
+    if cfg.dtype == "fp32":
+        return None
+    if cfg.dtype == "bf16":
+        return torch.bfloat16
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return None
+
+
+@dataclass
+class StepOutput:
+    """What a loss function returns for one micro-batch."""
+
+    loss: torch.Tensor
+    tokens: int
+    extra: dict = field(default_factory=dict)
+
+
+class Trainer:
+    """Runs steps [start, total) of a stage; resumable exactly from its step checkpoints.
+
+    `loss_fn(model, micro_batch) -> StepOutput`; `batches(step) -> list of micro-batches` for this rank;
+    `lr_at(step) -> float`; `extras` are named tensor groups (e.g. a running weight average) saved with each checkpoint.
+    """
+
+    def __init__(self, model: torch.nn.Module, cfg: TrainConfig, run_dir: Path, *, loss_fn, lr_at: Callable[[int], float],
+                 info: DistInfo, flops_per_token: Callable[[int], float] | None = None, desc: str = "train"):
+        self.model, self.cfg, self.info = model, cfg, info
+        self.run_dir = Path(run_dir)
+        self.ckpt_root = self.run_dir / "checkpoints"
+        self.loss_fn, self.lr_at, self.flops_per_token, self.desc = loss_fn, lr_at, flops_per_token, desc
+        self.optimizer = build_optimizer(model.parameters(), cfg, info.device)
+        self.amp = autocast_dtype(cfg, info.device)
+        self.logger = MetricsLogger(self.run_dir, enabled=info.is_main)
+        self.peak = peak_flops(info.device)
+        self.extras: dict[str, dict[str, torch.Tensor]] = {}
+        self.meta: dict = {}
+        self.step = 0
+
+    # -- checkpoints -------------------------------------------------------------------------------------------
+    def save(self) -> Path | None:
+        """Write checkpoints/step_N atomically (rank 0) and prune to keep_last."""
+        msd, osd = full_state(self.model, self.optimizer)
+        if not self.info.is_main:
+            return None
+        state = {"optimizer": osd, "torch_rng": torch.get_rng_state()}
+        meta = {"step": self.step, **self.meta}
+        path = save_weights(step_dir(self.ckpt_root, self.step), {"model": msd, **self.extras}, meta, state)
+        prune(self.ckpt_root, self.cfg.keep_last)
+        return path
+
+    def resume(self) -> int:
+        """Load the newest complete checkpoint if there is one; returns the step to continue from."""
+        found = list_checkpoints(self.ckpt_root)
+        if not found:
+            return 0
+        latest = found[-1]
+        meta, state = load_meta(latest), load_state(latest)
+        msd = load_tensors(latest / "model.safetensors")
+        load_full_state(self.model, msd, self.optimizer, state["optimizer"])
+        torch.set_rng_state(state["torch_rng"])
+        for name in self.extras:
+            self.extras[name] = load_tensors(latest / f"{name}.safetensors")
+        self.step = int(meta["step"])
+        self.meta = {k: v for k, v in meta.items() if k != "step"}
+        return self.step
+
+    # -- the loop ----------------------------------------------------------------------------------------------
+    def _sync_context(self, last: bool):
+        no_sync = getattr(self.model, "no_sync", None)
+        return contextlib.nullcontext() if (last or no_sync is None) else no_sync()
+
+    def train_step(self, micro_batches: list) -> dict:
+        """Forward/backward over the micro-batches, NaN guard, clip, optimizer step. Returns the step's figures."""
+        lr = self.lr_at(self.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.model.train()
+        total_loss, tokens, extra = 0.0, 0, {}
+        n = len(micro_batches)
+        for i, mb in enumerate(micro_batches):
+            with self._sync_context(i == n - 1), torch.autocast(self.info.device.type, dtype=self.amp or torch.float32,
+                                                                 enabled=self.amp is not None):
+                out = self.loss_fn(self.model, mb)
+            (out.loss / n).backward()
+            total_loss += out.loss.detach().float() / n
+            tokens += out.tokens
+            for k, v in out.extra.items():
+                extra[k] = extra.get(k, 0.0) + float(v) / n
+        loss = mean_across(torch.as_tensor(total_loss), self.info)
+        if not torch.isfinite(loss):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise TrainingDiverged(f"{self.desc}: non-finite loss ({loss.item()}) at step {self.step}; "
+                                   f"last good checkpoint: {self._last_ckpt()}")
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        gnorm = torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf"))
+        gnorm = gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm
+        if not torch.isfinite(gnorm):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise TrainingDiverged(f"{self.desc}: non-finite gradient norm at step {self.step}; "
+                                   f"last good checkpoint: {self._last_ckpt()}")
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return {"loss": loss.item(), "lr": lr, "grad_norm": gnorm.item(), "tokens": tokens * self.info.world, **extra}
+
+    def _last_ckpt(self) -> str:
+        found = list_checkpoints(self.ckpt_root)
+        return str(found[-1]) if found else "none"
+
+    def fit(self, batches: Callable[[int], list], total_steps: int, *, on_step: Callable[[int, dict], None] | None = None,
+            evaluate: Callable[[int], dict] | None = None, seq_len_at: Callable[[int], int] | None = None) -> list[dict]:
+        """Train until `total_steps`, logging, evaluating and checkpointing; returns the logged records."""
+        records, window_t, window_tok = [], time.perf_counter(), 0
+        bar = tqdm(total=total_steps, initial=self.step, desc=self.desc, disable=not (self.cfg.progress and self.info.is_main),
+                   dynamic_ncols=True, leave=False)
+        while self.step < total_steps:
+            out = self.train_step(batches(self.step))
+            window_tok += out["tokens"]
+            bar.update(1)
+            if on_step is not None:
+                on_step(self.step, out)
+            if self.step % self.cfg.log_every == 0 or self.step == total_steps:
+                dt = time.perf_counter() - window_t
+                tps = window_tok / dt if dt > 0 else 0.0
+                rec = {"step": self.step, "stage": self.desc, **{k: v for k, v in out.items() if k != "tokens"},
+                       "tokens_per_s": tps}
+                if self.flops_per_token is not None:
+                    seq = seq_len_at(self.step - 1) if seq_len_at else 0
+                    rec["mfu"] = mfu(self.flops_per_token(seq), tps / self.info.world, self.peak)
+                records.append(rec)
+                self.logger.log(rec)
+                bar.set_postfix(loss=f"{out['loss']:.3f}", tok_s=f"{tps:,.0f}")
+                window_t, window_tok = time.perf_counter(), 0
+            if evaluate is not None and self.cfg.eval_every and self.step % self.cfg.eval_every == 0:
+                ev = {"step": self.step, "stage": self.desc, **evaluate(self.step)}
+                self.logger.log(ev)
+                records.append(ev)
+            if self.step % self.cfg.ckpt_every == 0 or self.step == total_steps:
+                self.save()
+        bar.close()
+        return records
