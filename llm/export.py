@@ -15,9 +15,9 @@ from llm.model import LlamaConfig
 from llm.tokenizer import Tokenizer, hf_tokenizer_config
 
 
-def hf_config(cfg: LlamaConfig, tok: Tokenizer) -> dict:
-    """transformers LlamaConfig fields for our shape."""
-    return {
+def hf_config(cfg: LlamaConfig, tok: Tokenizer | None = None) -> dict:
+    """transformers LlamaConfig fields for our shape (special token ids only when a tokenizer is given)."""
+    out = {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
         "vocab_size": cfg.vocab_size,
@@ -35,11 +35,11 @@ def hf_config(cfg: LlamaConfig, tok: Tokenizer) -> dict:
         "tie_word_embeddings": False,
         "attention_bias": False,
         "mlp_bias": False,
-        "bos_token_id": tok.bos_id,
-        "eos_token_id": [tok.eos_id, tok.eot_id],
-        "pad_token_id": tok.pad_id,
         "torch_dtype": "float32",
     }
+    if tok is not None:
+        out.update(bos_token_id=tok.bos_id, eos_token_id=[tok.eos_id, tok.eom_id, tok.eot_id], pad_token_id=tok.pad_id)
+    return out
 
 
 def to_hf_state(sd: dict[str, torch.Tensor], cfg: LlamaConfig) -> dict[str, torch.Tensor]:
@@ -71,7 +71,7 @@ def export_hf(model, tok: Tokenizer, out_dir: Path) -> dict:
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(hf_config(cfg, tok), indent=1))
     (out / "generation_config.json").write_text(json.dumps(
-        {"bos_token_id": tok.bos_id, "eos_token_id": [tok.eos_id, tok.eot_id], "pad_token_id": tok.pad_id}, indent=1))
+        {"bos_token_id": tok.bos_id, "eos_token_id": [tok.eos_id, tok.eom_id, tok.eot_id], "pad_token_id": tok.pad_id}, indent=1))
     tok.save(out / "tokenizer.json")
     (out / "tokenizer_config.json").write_text(json.dumps(hf_tokenizer_config(tok, cfg.max_seq_len), indent=1))
     return {"out": str(out), "files": sorted(p.name for p in out.iterdir()),

@@ -198,6 +198,8 @@ class Llama(nn.Module):
         cos, sin = cos.to(h.dtype), sin.to(h.dtype)
         mask = None
         if doc_ids is not None:
+            if self.caches is not None:
+                raise ValueError("doc_ids (packed training) cannot be combined with a generation KV cache")
             mask = document_mask(doc_ids)
         elif self.caches is not None and T > 1:  # prefill / multi-token step: causal over the whole cache
             mask = torch.ones(T, start_pos + T, dtype=torch.bool, device=h.device).tril(start_pos)

@@ -42,6 +42,8 @@ def cmd_run(args) -> dict:
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
     result = stage_runner(cfg.stage)(cfg, run_dir, resume=args.resume)
     result = {**result, "run_dir": str(run_dir)}
+    if result.get("stopped_at") is not None:  # train.stop_after: not complete, so no result.json; --resume continues
+        return result
     if int(os.environ.get("RANK", "0")) == 0:
         done.write_text(json.dumps(result, indent=1))
     return result

@@ -83,6 +83,7 @@ class TrainConfig:
     eval_every: int = 0
     ckpt_every: int = 100
     keep_last: int = 2
+    stop_after: int = 0  # stop at this global step, after checkpointing, without finishing (resume later); 0 = off
     parallel: str = "none"  # none | ddp | fsdp (under torchrun)
     progress: bool = True
 
@@ -110,6 +111,16 @@ def _fail(path: str, err: OmegaConfBaseException) -> ConfigError:
     return ConfigError(f"{path}: key '{key}': {msg}")
 
 
+def _apply_override(cfg, ov: str):
+    """Merge one `key=value`; a mapping given for a plain dict field (e.g. data.mix) replaces it instead of merging."""
+    key = ov.split("=", 1)[0].strip()
+    parsed = OmegaConf.from_dotlist([ov])
+    node = OmegaConf.select(cfg, key, default=None)
+    if OmegaConf.is_dict(node) and OmegaConf.get_type(node) is dict and OmegaConf.is_dict(OmegaConf.select(parsed, key)):
+        OmegaConf.update(cfg, key, {}, merge=False)
+    return OmegaConf.merge(cfg, parsed)
+
+
 def load_config(path: str | Path, overrides: list[str] | tuple = ()) -> Any:
     """Load a stage YAML and `key=value` overrides into its typed dataclass; raise ConfigError on any problem."""
     path = str(path)
@@ -133,7 +144,7 @@ def load_config(path: str | Path, overrides: list[str] | tuple = ()) -> Any:
         if "=" not in ov:
             raise ConfigError(f"{path}: override {ov!r} is not key=value")
         try:
-            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([ov]))
+            cfg = _apply_override(cfg, ov)
         except OmegaConfBaseException as e:
             raise _fail(f"{path} (override {ov})", e) from None
     missing = sorted(OmegaConf.missing_keys(cfg))

@@ -92,7 +92,10 @@ _FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
 def full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None):
-    """Gathered model (and optimizer) state dicts, keyed by parameter names; works wrapped or not."""
+    """Gathered model (and optimizer) state dicts, keyed by parameter names; works wrapped or not.
+
+    On one process the tensors are the live parameters, not copies: clone before keeping them across steps.
+    """
     msd = get_model_state_dict(model, options=_FULL)
     osd = get_optimizer_state_dict(model, optimizer, options=_FULL) if optimizer is not None else None
     return msd, osd

@@ -13,12 +13,15 @@ from tqdm import tqdm
 
 from mm.checkpoint import list_checkpoints, load_meta, load_state, load_tensors, prune, save_weights, step_dir
 from mm.config import TrainConfig
-from mm.distributed import DistInfo, full_state, load_full_state, mean_across
+from mm.distributed import DistInfo, full_state, load_full_state
 from mm.metrics import MetricsLogger, mfu, peak_flops
 
 
 class TrainingDiverged(RuntimeError):
-    """Raised when the loss or gradient norm is NaN/inf; the last good checkpoint is left as it was."""
+    """Raised when the loss or gradient norm is NaN/inf; the last good checkpoint is left as it was.
+
+    The step it names is 1-based, as in metrics.jsonl and the progress bar (step k = the k-th optimizer update).
+    """
 
 
 def warmup_cosine(step: int, peak: float, warmup: int, total: int, min_ratio: float) -> float:
@@ -56,7 +59,12 @@ def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None
 
 @dataclass
 class StepOutput:
-    """What a loss function returns for one micro-batch."""
+    """What a loss function returns for one micro-batch.
+
+    `loss` is a mean over `tokens` items (e.g. the predicted tokens). A step weights each micro-batch, on every rank,
+    by its `tokens`, so the step's loss and gradient are the mean over the whole global batch, whatever the world size
+    or accumulation (a plain mean of per-rank means would over-weight a rank with fewer tokens).
+    """
 
     loss: torch.Tensor
     tokens: int
@@ -83,6 +91,7 @@ class Trainer:
         self.extras: dict[str, dict[str, torch.Tensor]] = {}
         self.meta: dict = {}
         self.step = 0
+        self.stopped_at: int | None = None  # set by fit() when train.stop_after ended it before total_steps
 
     # -- checkpoints -------------------------------------------------------------------------------------------
     def save(self) -> Path | None:
@@ -123,42 +132,61 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.model.train()
-        total_loss, tokens, extra = 0.0, 0, {}
+        loss_sum, tokens, extra = torch.zeros((), dtype=torch.float64, device=self.info.device), 0, {}
         n = len(micro_batches)
         for i, mb in enumerate(micro_batches):
             with self._sync_context(i == n - 1), torch.autocast(self.info.device.type, dtype=self.amp or torch.float32,
                                                                  enabled=self.amp is not None):
                 out = self.loss_fn(self.model, mb)
-            (out.loss / n).backward()
-            total_loss += out.loss.detach().float() / n
+            (out.loss * out.tokens).backward()  # a sum over this micro-batch's tokens; normalised below
+            loss_sum += out.loss.detach().double() * out.tokens  # stays on the device: no sync per micro-batch
             tokens += out.tokens
             for k, v in out.extra.items():
                 extra[k] = extra.get(k, 0.0) + float(v) / n
-        loss = mean_across(torch.as_tensor(total_loss), self.info)
+        totals = torch.stack([loss_sum, torch.tensor(float(tokens), dtype=torch.float64, device=loss_sum.device)])
+        if self.info.enabled:
+            torch.distributed.all_reduce(totals)
+        totals = totals.cpu()
+        global_tokens = float(totals[1])
+        loss = totals[0] / max(global_tokens, 1.0)
+        # DDP / FSDP averaged the per-rank sums over `world`; rescale so the gradient is the global-batch mean
+        scale = self.info.world / max(global_tokens, 1.0)
+        for p in self.model.parameters():
+            if p.grad is not None:
+                p.grad.mul_(scale)
         if not torch.isfinite(loss):
             self.optimizer.zero_grad(set_to_none=True)
-            raise TrainingDiverged(f"{self.desc}: non-finite loss ({loss.item()}) at step {self.step}; "
-                                   f"last good checkpoint: {self._last_ckpt()}")
+            raise TrainingDiverged(f"{self.desc}: non-finite loss ({loss.item()}) at step {self.step + 1}; "
+                                   f"last good checkpoint: {self.last_checkpoint()}")
         params = [p for p in self.model.parameters() if p.requires_grad]
         gnorm = torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf"))
         gnorm = gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm
         if not torch.isfinite(gnorm):
             self.optimizer.zero_grad(set_to_none=True)
-            raise TrainingDiverged(f"{self.desc}: non-finite gradient norm at step {self.step}; "
-                                   f"last good checkpoint: {self._last_ckpt()}")
+            raise TrainingDiverged(f"{self.desc}: non-finite gradient norm at step {self.step + 1}; "
+                                   f"last good checkpoint: {self.last_checkpoint()}")
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        return {"loss": loss.item(), "lr": lr, "grad_norm": gnorm.item(), "tokens": tokens * self.info.world, **extra}
+        return {"loss": loss.item(), "lr": lr, "grad_norm": gnorm.item(), "tokens": int(global_tokens), **extra}
 
-    def _last_ckpt(self) -> str:
+    def last_checkpoint(self) -> str:
         found = list_checkpoints(self.ckpt_root)
         return str(found[-1]) if found else "none"
 
     def fit(self, batches: Callable[[int], list], total_steps: int, *, on_step: Callable[[int, dict], None] | None = None,
             evaluate: Callable[[int], dict] | None = None, seq_len_at: Callable[[int], int] | None = None) -> list[dict]:
-        """Train until `total_steps`, logging, evaluating and checkpointing; returns the logged records."""
+        """Train until `total_steps`, logging, evaluating and checkpointing; returns the logged records.
+
+        With train.stop_after = S (0 < S < total_steps) it stops once the step reaches S, after writing a checkpoint
+        there, and sets `self.stopped_at`; the run is then continued with resume() (e.g. for preemptible jobs).
+        """
         records, window_t, window_tok = [], time.perf_counter(), 0
+        stop = self.cfg.stop_after if 0 < self.cfg.stop_after < total_steps else None
+        self.stopped_at = None
+        if stop is not None and self.step >= stop:  # already there (e.g. a resumed run that kept the override)
+            self.stopped_at = self.step
+            return records
         bar = tqdm(total=total_steps, initial=self.step, desc=self.desc, disable=not (self.cfg.progress and self.info.is_main),
                    dynamic_ncols=True, leave=False)
         while self.step < total_steps:
@@ -183,7 +211,10 @@ class Trainer:
                 ev = {"step": self.step, "stage": self.desc, **evaluate(self.step)}
                 self.logger.log(ev)
                 records.append(ev)
-            if self.step % self.cfg.ckpt_every == 0 or self.step == total_steps:
+            if self.step % self.cfg.ckpt_every == 0 or self.step == total_steps or self.step == stop:
                 self.save()
+            if self.step == stop:
+                self.stopped_at = self.step
+                break
         bar.close()
         return records

@@ -131,13 +131,17 @@ class PolyakAverage:
         msd, _ = full_state(self.trainer.model)
         n = int(self.trainer.meta.get("avg_count", 0)) + 1
         avg = self.trainer.extras.get("avg") or {}
-        self.trainer.extras["avg"] = {k: (v.float() if n == 1 else avg[k] + (v.float() - avg[k]) / n)
+        # clone on the first update: on one process full_state returns the live parameters, which train on
+        self.trainer.extras["avg"] = {k: (v.detach().float().clone() if n == 1 else avg[k] + (v.float() - avg[k]) / n)
                                       for k, v in msd.items()}
         self.trainer.meta["avg_count"] = n
 
 
 def run(cfg: LMPretrainConfig, run_dir: Path, resume: bool = False) -> dict:
-    """Train the LM from YAML; writes run_dir/{tokenizer.json, checkpoints/, final/, metrics.jsonl, result.json}."""
+    """Train the LM from YAML; writes run_dir/{tokenizer.json, checkpoints/, final/, metrics.jsonl}.
+
+    Returns the result dict; when train.stop_after ended the run early it holds "stopped_at" and no final model is written.
+    """
     info = init_distributed(cfg.train.device)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
@@ -199,6 +203,9 @@ def run(cfg: LMPretrainConfig, run_dir: Path, resume: bool = False) -> dict:
             polyak.update()
 
     records = trainer.fit(batches, sched.total, on_step=on_step, evaluate=evaluate, seq_len_at=sched.seq_len)
+    if trainer.stopped_at is not None:  # train.stop_after: a checkpoint, no final model; continue with --resume
+        return {"stage": "lm_pretrain", "steps": sched.total, "stopped_at": trainer.stopped_at,
+                "checkpoint": trainer.last_checkpoint(), "skipped": skips.as_dict()}
     last_state, _ = full_state(model)
     final_state = trainer.extras["avg"] if cfg.anneal.steps and trainer.extras.get("avg") else last_state
     result = {"stage": "lm_pretrain", "steps": sched.total, "params": sum(p.numel() for p in unwrap(model).parameters()),
