@@ -1,11 +1,15 @@
-"""Text benchmark: held-out bits per byte of a trained LM against a unigram baseline fitted on the training split.
+"""Text benchmark: held-out bits per byte of a trained LM against a unigram baseline fitted on the training split,
+and, for post-trained models, exact match per task family, RM preference accuracy, implicit-reward accuracy and an
+RM-judged win rate against another checkpoint.
 
     python benchmarks/text.py --ckpt runs/pretrain_tiny [--shards VAL_SPEC] [--train-shards SPEC] [--seq-len N]
+    python benchmarks/text.py --ckpt RUN/r1/dpo --rm RUN/r1/rm --vs RUN/r1/sft [--chat]
 
-Prints ONE JSON line: val_bpb (the model over ALL held-out documents), unigram_bpb (add-one unigram over the run's
-training tokens, same text), ratio = val_bpb / unigram_bpb (below 1 means the model beats the baseline), docs, bytes.
-Defaults come from the run's config.yaml (data.val_shards, data.shards, max phase seq_len). The metric code lives
-in mm/eval_text.py; this script only wires a run directory to it.
+Prints ONE JSON line: val_bpb (the model over ALL held-out documents), unigram_bpb (add-one unigram over the
+pretraining run's training tokens, same text), ratio = val_bpb / unigram_bpb, docs, bytes; with a chat model (or
+--chat): "exact_match" {family: acc, overall}; with --rm: "rm_pref_acc"; for a model initialised from another:
+"chosen_frac"; with --rm and --vs: "rm_win_rate_vs". Text defaults come from the pretraining run's config.yaml (found
+by following init_from). The metric code lives in mm/eval_text.py and mm/eval_chat.py.
 """
 from __future__ import annotations
 
@@ -51,6 +55,48 @@ def run_config(run_dir: Path) -> dict:
     return OmegaConf.to_container(OmegaConf.load(path), resolve=True) or {}
 
 
+def pretrain_run_of(run_dir: Path) -> Path:
+    """Follow init_from / policy links from a post-training run back to the pretraining run."""
+    seen = set()
+    while run_dir not in seen:
+        seen.add(run_dir)
+        cfg = run_config(run_dir)
+        nxt = cfg.get("init_from") or cfg.get("policy")
+        if cfg.get("stage") == "lm_pretrain" or not nxt:
+            return run_dir
+        run_dir = run_dir_of(nxt)
+    return run_dir
+
+
+def posttrain_metrics(args, model, tok, meta: dict, run_dir: Path) -> dict:
+    """exact_match per family, rm_pref_acc, chosen_frac and rm_win_rate_vs, as far as the arguments allow."""
+    from data.chat_kit import iter_chat
+    from data.chat_stream import encode_pairs
+    from llm.tokenizer import ChatFormat
+    from mm.eval_chat import exact_match_by_family, implicit_reward_accuracy, preference_accuracy, rm_win_rate
+    from mm.runs import load_reward_model
+
+    out: dict = {}
+    chat_val = [ex for ex in iter_chat(expand_shards(args.chat_shards)) if ex.get("answer")]
+    chat_val = chat_val[:args.max_items]
+    if meta.get("chat") or args.chat:
+        out["exact_match"] = exact_match_by_family(model, tok, chat_val)
+    pairs, _ = encode_pairs(list(iter_chat(expand_shards(args.pref_shards)))[:args.max_items], ChatFormat(tok), 512)
+    init = meta.get("init_from")
+    if init and meta.get("kind") != "reward_model":
+        ref, _, _ = load_lm(init)
+        out["chosen_frac"] = implicit_reward_accuracy(model, ref, tok, pairs)
+        out["reference"] = str(init)
+    if args.rm:
+        rm, _, _ = load_reward_model(args.rm)
+        out["rm_pref_acc"] = preference_accuracy(rm, tok, pairs)
+        if args.vs:
+            other, _, _ = load_lm(args.vs)
+            out["rm_win_rate_vs"] = rm_win_rate(rm, tok, model, other, chat_val[:args.win_items], seed=args.seed)
+            out["vs"] = str(args.vs)
+    return out
+
+
 def train_tokens(run_dir: Path, spec: str | None, tok, explicit: bool) -> tuple[np.ndarray, str]:
     """Training-split token ids: the run's cached arrays (tokens/train-*.npz), else the train shards tokenized now."""
     cached = sorted((run_dir / "tokens").glob("train-*.npz"))
@@ -65,11 +111,12 @@ def train_tokens(run_dir: Path, spec: str | None, tok, explicit: bool) -> tuple[
 
 
 def evaluate(args) -> dict:
-    model, tok, _ = load_lm(args.ckpt)
+    model, tok, meta = load_lm(args.ckpt)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
     model = model.to(device)
-    run_dir = run_dir_of(args.ckpt)
+    own_run = run_dir_of(args.ckpt)
+    run_dir = pretrain_run_of(own_run)
     cfg = run_config(run_dir)
     data = cfg.get("data") or {}
     val_spec = args.shards or data.get("val_shards")
@@ -97,7 +144,13 @@ def evaluate(args) -> dict:
     unigram_bpb = unigram_bits_per_byte(train, tok.vocab_size, tok, texts)
     return {"val_bpb": val_bpb, "unigram_bpb": unigram_bpb, "ratio": val_bpb / unigram_bpb, "docs": len(texts),
             "bytes": n_bytes, "seq_len": seq_len, "train_tokens": int(len(train)), "train_tokens_from": source,
-            "ckpt": str(args.ckpt), "val_shards": str(val_spec), "skipped": skips.as_dict()}
+            "ckpt": str(args.ckpt), "val_shards": str(val_spec), "skipped": skips.as_dict(),
+            **(posttrain_metrics(args, model, tok, meta, own_run) if wants_posttrain(args, meta) else {})}
+
+
+def wants_posttrain(args, meta: dict) -> bool:
+    """Post-training metrics apply to chat-tuned or derived models, or when asked for."""
+    return bool(meta.get("chat") or meta.get("init_from") or args.chat or args.rm)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -110,6 +163,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default="auto")
     p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument("--chat", action="store_true", help="score exact match even if the model is not chat-tuned")
+    p.add_argument("--chat-shards", default=".cache/shards/chat/val-*.tar", help="held-out chat items (exact match)")
+    p.add_argument("--pref-shards", default=".cache/shards/pref/val-*.tar", help="held-out preference pairs")
+    p.add_argument("--rm", help="reward model run: rm_pref_acc, and the judge for --vs")
+    p.add_argument("--vs", help="another policy: rm_win_rate_vs of this one against it")
+    p.add_argument("--max-items", type=int, default=600, help="cap on held-out chat items / pairs")
+    p.add_argument("--win-items", type=int, default=200, help="prompts for the win rate")
+    p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     try:
         result = evaluate(args)

@@ -49,3 +49,37 @@ def generate(model: Llama, prompt: list[int], max_new_tokens: int, *, greedy: bo
     finally:
         model.clear_cache()
     return out
+
+
+@torch.no_grad()
+def sample_n(model: Llama, prompt: list[int], n: int, max_new_tokens: int, *, temperature: float = 0.9,
+             top_p: float = 0.95, greedy: bool = False, stop_ids: tuple[int, ...] = (),
+             seed: int | None = None) -> list[list[int]]:
+    """n continuations of one prompt decoded together in one batch (rejection sampling, win rates)."""
+    model.eval()
+    device = model.output.weight.device
+    budget = min(max_new_tokens, model.cfg.max_seq_len - len(prompt))
+    if budget <= 0:
+        return [[] for _ in range(n)]
+    gen = torch.Generator(device="cpu").manual_seed(seed) if seed is not None else None
+    outs: list[list[int]] = [[] for _ in range(n)]
+    done = [False] * n
+    try:
+        model.setup_cache(n, len(prompt) + budget)
+        logits = model(torch.tensor([prompt] * n, device=device))[:, -1]  # (n, V)
+        pos = len(prompt)
+        for _ in range(budget):
+            nxt = [_pick(row, greedy, temperature, top_p, gen) for row in logits.float().cpu()]
+            for i, t in enumerate(nxt):
+                if not done[i]:
+                    if t in stop_ids:
+                        done[i] = True
+                    else:
+                        outs[i].append(t)
+            if all(done) or pos + 1 > len(prompt) + budget - 1:
+                break
+            logits = model(torch.tensor(nxt, device=device)[:, None], start_pos=pos)[:, -1]
+            pos += 1
+    finally:
+        model.clear_cache()
+    return outs

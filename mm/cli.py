@@ -21,32 +21,10 @@ def emit(result: dict) -> None:
 
 
 def cmd_run(args) -> dict:
-    from mm.config import load_config, to_yaml
-    from mm.stages import stage_runner
+    from mm.runner import run_config
 
-    cfg = load_config(args.config, args.overrides)
     run_dir = Path(args.out or Path("runs") / Path(args.config).stem)
-    done = run_dir / "result.json"
-    if done.exists() and not args.force:
-        result = json.loads(done.read_text())
-        return {**result, "reused": True, "run_dir": str(run_dir)}
-    if (run_dir / "checkpoints").exists() and any((run_dir / "checkpoints").iterdir()) and not args.resume:
-        if not args.force:
-            raise ValueError(f"{run_dir}: holds an interrupted run; pass --resume to continue it or --force to restart")
-    if args.force and not args.resume:
-        for sub in ("checkpoints", "final", "metrics.jsonl", "tb", "result.json"):
-            p = run_dir / sub
-            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if int(os.environ.get("RANK", "0")) == 0:
-        (run_dir / "config.yaml").write_text(to_yaml(cfg))
-    result = stage_runner(cfg.stage)(cfg, run_dir, resume=args.resume)
-    result = {**result, "run_dir": str(run_dir)}
-    if result.get("stopped_at") is not None:  # train.stop_after: not complete, so no result.json; --resume continues
-        return result
-    if int(os.environ.get("RANK", "0")) == 0:
-        done.write_text(json.dumps(result, indent=1))
-    return result
+    return run_config(args.config, args.overrides, run_dir, resume=args.resume, force=args.force)
 
 
 def cmd_data(args) -> dict:

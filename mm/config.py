@@ -102,7 +102,82 @@ class LMPretrainConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
-STAGE_CONFIGS: dict[str, type] = {"lm_pretrain": LMPretrainConfig}
+@dataclass
+class ChatDataConfig:
+    """Chat (SFT) and preference shards; extra_shards adds e.g. rejection-sampled dialogs to SFT."""
+
+    shards: str = ".cache/shards/chat/train-*.tar"
+    val_shards: str = ".cache/shards/chat/val-*.tar"
+    pref_shards: str = ".cache/shards/pref/train-*.tar"
+    pref_val_shards: str = ".cache/shards/pref/val-*.tar"
+    extra_shards: list[str] = field(default_factory=list)
+    build_if_missing: bool = True
+
+
+@dataclass
+class PostTrainConfig:
+    """The post-training stages (PAPER.md §1.5): lm_sft, lm_rm, lm_dpo. Fields a stage does not use are ignored."""
+
+    stage: str = MISSING
+    seed: int = 1337
+    init_from: str = MISSING  # a run directory (or model folder) to start from
+    steps: int = 200
+    seq_len: int = 256
+    data: ChatDataConfig = field(default_factory=ChatDataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    # DPO
+    beta: float = 0.1
+    nll_weight: float = 0.2
+    reference: str = "frozen"  # frozen | ema
+    ema_decay: float = 0.9
+    ema_every: int = 10
+    # chat flag written into the final model's meta (mm chat then uses the template)
+    chat: bool = True
+
+
+@dataclass
+class RejectionSamplingConfig:
+    """Stage lm_rs: K samples per prompt from a policy, scored by the RM (and exact match where gold exists)."""
+
+    stage: str = "lm_rs"
+    seed: int = 1337
+    policy: str = MISSING
+    reward_model: str = MISSING
+    prompts: int = 256
+    k: int = 4
+    temperature: float = 0.9
+    top_p: float = 0.95
+    max_new_tokens: int = 32
+    data: ChatDataConfig = field(default_factory=ChatDataConfig)
+
+
+@dataclass
+class PipelineStep:
+    """One entry of a pipeline: a stage YAML, overrides ({run}, {round}, {prev} are substituted), once or per round."""
+
+    name: str = MISSING
+    config: str = MISSING
+    overrides: list[str] = field(default_factory=list)
+    per_round: bool = True
+
+
+@dataclass
+class PipelineConfig:
+    """Stage `pipeline`: chains stage YAMLs into one run directory; completed steps are reused."""
+
+    stage: str = "pipeline"
+    rounds: int = 1
+    steps: list[PipelineStep] = field(default_factory=list)
+
+
+STAGE_CONFIGS: dict[str, type] = {
+    "lm_pretrain": LMPretrainConfig,
+    "lm_sft": PostTrainConfig,
+    "lm_rm": PostTrainConfig,
+    "lm_dpo": PostTrainConfig,
+    "lm_rs": RejectionSamplingConfig,
+    "pipeline": PipelineConfig,
+}
 
 
 def _fail(path: str, err: OmegaConfBaseException) -> ConfigError:

@@ -67,3 +67,24 @@ def copy_tokenizer(src: Path, run_dir: Path) -> Path:
     if Path(src).resolve() != dst.resolve():
         shutil.copyfile(src, dst)
     return dst
+
+
+def save_reward_model(directory: Path, state: dict[str, torch.Tensor], cfg: LlamaConfig, tok: Tokenizer,
+                      meta: dict) -> Path:
+    """A reward model folder: the trunk + head weights, meta.json marking kind=reward_model, tokenizer.json."""
+    return save_lm(directory, state, cfg, tok, {**meta, "kind": "reward_model"})
+
+
+def load_reward_model(ckpt: str | Path, device: str | torch.device = "cpu"):
+    """Load (RewardModel in eval mode, tokenizer, meta) from a reward-model run or folder."""
+    from llm.reward import RewardModel
+
+    d = model_dir(ckpt)
+    meta = load_meta(d)
+    if meta.get("kind") != "reward_model":
+        raise CheckpointError(f"{d / 'meta.json'}: not a reward model (kind={meta.get('kind')!r})")
+    cfg = LlamaConfig(**meta["model_config"])
+    tok = Tokenizer.load(_find_tokenizer(d))
+    rm = RewardModel(Llama(cfg))
+    load_into(rm, load_tensors(d / "model.safetensors"), d / "model.safetensors")
+    return rm.to(device).eval(), tok, meta

@@ -1,13 +1,22 @@
-"""Stage registry: a config's `stage` name -> the function that runs it."""
+"""Stage registry: a config's `stage` name -> the function that runs it (imported lazily: fast CLI start)."""
 from __future__ import annotations
 
+import importlib
 from typing import Callable
+
+RUNNERS = {
+    "lm_pretrain": ("mm.stages.lm_pretrain", "run"),
+    "lm_sft": ("mm.stages.lm_post", "run_sft"),
+    "lm_rm": ("mm.stages.lm_post", "run_rm"),
+    "lm_dpo": ("mm.stages.lm_post", "run_dpo"),
+    "lm_rs": ("mm.stages.lm_rs", "run"),
+    "pipeline": ("mm.pipeline", "run"),
+}
 
 
 def stage_runner(name: str) -> Callable:
-    """The run(cfg, run_dir, resume) function of a stage (imported lazily to keep the CLI start fast)."""
-    if name == "lm_pretrain":
-        from mm.stages.lm_pretrain import run
-
-        return run
-    raise KeyError(f"no runner for stage {name!r}")
+    """The run(cfg, run_dir, resume) function of a stage."""
+    if name not in RUNNERS:
+        raise KeyError(f"no runner for stage {name!r}; known: {sorted(RUNNERS)}")
+    module, fn = RUNNERS[name]
+    return getattr(importlib.import_module(module), fn)

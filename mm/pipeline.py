@@ -1,0 +1,40 @@
+"""Stage `pipeline`: chain stage YAMLs into one run directory, once or per round, reusing completed steps.
+
+Overrides may use {run} (the pipeline's run directory), {r} / {r-1} (this / the previous round) and {policy} (the
+latest output of a step named in `policy_steps`, i.e. the current best policy).
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from mm.config import PipelineConfig
+from mm.runner import run_config
+
+POLICY_STEPS = ("sft0", "sft", "dpo")  # steps whose output becomes the current policy
+
+
+def _fill(text: str, run_dir: Path, r: int, policy: str | None) -> str:
+    if "{policy}" in text and policy is None:
+        raise ValueError(f"pipeline override {text!r} uses {{policy}} before any step produced one")
+    return (text.replace("{run}", str(run_dir)).replace("{r-1}", str(r - 1)).replace("{r}", str(r))
+            .replace("{policy}", policy or ""))
+
+
+def run(cfg: PipelineConfig, run_dir: Path, resume: bool = False) -> dict:
+    """Run every step; returns {step_dir: result} plus the final policy."""
+    results, policy = {}, None
+    once = [s for s in cfg.steps if not s.per_round]
+    each = [s for s in cfg.steps if s.per_round]
+    plan = [(s, 0, run_dir / s.name) for s in once]
+    plan += [(s, r, run_dir / f"r{r}" / s.name) for r in range(1, cfg.rounds + 1) for s in each]
+    for step, r, out in plan:
+        overrides = [_fill(o, run_dir, r, policy) for o in step.overrides]
+        print(f"[pipeline] {out.relative_to(run_dir)}: {step.config}", file=sys.stderr)
+        res = run_config(step.config, overrides, out, resume=resume)
+        if res.get("stopped_at") is not None:
+            return {"stage": "pipeline", "stopped_at": str(out), "steps": results}
+        results[str(out.relative_to(run_dir))] = {k: v for k, v in res.items() if not isinstance(v, (dict, list))}
+        if step.name in POLICY_STEPS:
+            policy = str(out)
+    return {"stage": "pipeline", "rounds": cfg.rounds, "policy": policy, "steps": results}
