@@ -15,7 +15,6 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 
 from llm.export import hf_config, to_hf_state
 from llm.model import Llama, flops_per_token, shape_config
@@ -44,8 +43,7 @@ def make_step(model, is_hf: bool, tokens, amp, device):
             if is_hf:
                 loss = model(input_ids=tokens, labels=tokens).loss
             else:
-                logits = model(tokens[:, :-1])
-                loss = F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())
+                loss = model(tokens[:, :-1], labels=tokens[:, 1:])  # our training path: fused projection + CE
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -8,6 +8,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from llm.loss import linear_cross_entropy
+
 
 @dataclass
 class LlamaConfig:
@@ -155,7 +157,8 @@ class TransformerBlock(nn.Module):
 
 
 class Llama(nn.Module):
-    """The decoder. forward(tokens | embeds, doc_ids?) -> logits (B, T, vocab); `return_hidden` gives the final norm output."""
+    """The decoder. forward(tokens | embeds, doc_ids?) -> logits (B, T, vocab); `return_hidden` gives the final norm
+    output; with `labels` (B, T) it returns the mean cross-entropy over labels != ignore_index (fused, chunked)."""
 
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
@@ -190,7 +193,8 @@ class Llama(nn.Module):
         self.caches = None
 
     def forward(self, tokens: torch.Tensor | None = None, *, embeds: torch.Tensor | None = None,
-                doc_ids: torch.Tensor | None = None, start_pos: int = 0, return_hidden: bool = False):
+                doc_ids: torch.Tensor | None = None, start_pos: int = 0, return_hidden: bool = False,
+                labels: torch.Tensor | None = None, ignore_index: int = -100):
         h = self.tok_embeddings(tokens) if embeds is None else embeds  # (B, T, D)
         B, T, _ = h.shape
         pos = torch.arange(start_pos, start_pos + T, device=h.device)
@@ -207,6 +211,8 @@ class Llama(nn.Module):
             cache = self.caches[i] if self.caches is not None else None
             h = layer(h, cos, sin, mask, cache, start_pos)
         h = self.norm(h)
+        if labels is not None:  # training: mean next-token loss without materialising the logits
+            return linear_cross_entropy(h, self.output.weight, labels, ignore_index)
         return h if return_hidden else self.output(h)
 
 

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from data.fetch import default_cache_dir, fetch_text
 from data.shards import SkipCounter, expand_shards, iter_text_docs
@@ -42,9 +41,9 @@ def resolve_shards(spec: str, build_if_missing: bool) -> list[Path]:
 
 
 def lm_loss(model, mb: dict) -> StepOutput:
-    """Next-token cross-entropy under the document mask; ignored labels do not count."""
-    logits = model(mb["tokens"], doc_ids=mb["doc_ids"])
-    loss = F.cross_entropy(logits.float().flatten(0, 1), mb["labels"].flatten(), ignore_index=IGNORE)
+    """Next-token cross-entropy under the document mask (fused with the output projection); ignored labels do not
+    count."""
+    loss = model(mb["tokens"], doc_ids=mb["doc_ids"], labels=mb["labels"], ignore_index=IGNORE)
     return StepOutput(loss, int((mb["labels"] != IGNORE).sum()))
 
 
