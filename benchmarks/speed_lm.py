@@ -7,11 +7,15 @@ both tokens/s, "ratio_vs_hf" (ours over theirs), MFU where the device's peak is 
 """
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+sys.path[0] = str(Path(__file__).resolve().parent.parent)  # the repo, not benchmarks/ (whose data.py shadows data/)
+
 import argparse
 import json
 import resource
 import statistics
-import sys
 import time
 
 import torch

@@ -13,10 +13,13 @@ by following init_from). The metric code lives in mm/eval_text.py and mm/eval_ch
 """
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 from pathlib import Path
+
+sys.path[0] = str(Path(__file__).resolve().parent.parent)  # the repo, not benchmarks/ (whose data.py shadows data/)
+
+import argparse
+import json
 
 import numpy as np
 import torch

@@ -26,32 +26,45 @@ def cmd_run(args) -> dict:
     return run_config(args.config, args.overrides, run_dir, resume=args.resume, force=args.force)
 
 
+FETCHERS = {  # `mm data fetch --only ...` groups -> (module, function)
+    "text": ("data.fetch", "fetch_text"),
+    "chat": ("data.chat_kit", "fetch_chat"),
+    "image": ("data.image_sources", "fetch_images"),
+    "speech": ("data.tts", "fetch_engines"),
+}
+
+
 def cmd_data(args) -> dict:
-    from data.fetch import default_cache_dir, fetch_text
+    import importlib
+
+    from data.fetch import default_cache_dir
 
     cache = Path(args.cache) if args.cache else default_cache_dir()
     if args.action == "fetch":
-        return {"fetched": fetch_text(cache)}
+        groups = args.only.split(",") if args.only else list(FETCHERS)
+        unknown = sorted(set(groups) - set(FETCHERS))
+        if unknown:
+            raise ValueError(f"--only: unknown group {unknown[0]!r}; known: {sorted(FETCHERS)}")
+        out = {}
+        for g in groups:
+            module, fn = FETCHERS[g]
+            out[g] = getattr(importlib.import_module(module), fn)(cache)
+        return {"fetched": out, "cache": str(cache)}
     if args.action == "build":
-        from data.text_kit import build_text_kit
+        from data.kit import build_kit
 
         out = Path(args.out) if args.out else cache.parent / "shards"
-        manifest = build_text_kit(cache, out, heldout_genre=args.heldout_genre)
-        return {"out": str(out), "splits": {k: v["docs"] for k, v in manifest["splits"].items()},
-                "total_text_bytes": manifest["total_text_bytes"], "heldout_genre": manifest["heldout_genre"]}
-    from data.shards import SkipCounter, expand_shards, iter_samples
+        m = build_kit(args.target or "experiments/data/kit.yaml", cache, out)
+        return {"out": str(out), "timings_s": m["timings_s"], "parts": m["parts"]}
+    from data.inspect import inspect_shards
 
-    skips, exts, n, examples = SkipCounter(), {}, 0, []
-    for sample in iter_samples(expand_shards(args.shards), skips):
-        n += 1
-        for k in sample:
-            if not k.startswith("__"):
-                exts[k] = exts.get(k, 0) + 1
-        if len(examples) < 3 and "txt" in sample:
-            examples.append(sample["txt"][:120].decode("utf-8", "replace"))
-    for e in examples:
-        print(f"  {sample.get('__key__', '?')}: {e!r}", file=sys.stderr)
-    return {"samples": n, "extensions": exts, "skipped": skips.as_dict()}
+    if not args.target:
+        raise ValueError("mm data inspect needs a shard spec (a glob, brace pattern, folder or file)")
+    png = Path(args.png) if args.png else None
+    res = inspect_shards(args.target, png)
+    for e in res.get("examples", [])[:4]:
+        print(f"  {e}", file=sys.stderr)
+    return res
 
 
 def cmd_chat(args) -> dict:
@@ -138,10 +151,11 @@ def parser() -> argparse.ArgumentParser:
     r.set_defaults(fn=cmd_run)
     d = sub.add_parser("data", help="fetch / build / inspect the real data kit")
     d.add_argument("action", choices=["fetch", "build", "inspect"])
-    d.add_argument("shards", nargs="?", help="shard spec (inspect)")
+    d.add_argument("target", nargs="?", help="build: kit YAML (default experiments/data/kit.yaml); inspect: shards")
     d.add_argument("--cache", help="data cache (default .cache/data or $MM_DATA_CACHE)")
-    d.add_argument("--out", help="shard output dir (build)")
-    d.add_argument("--heldout-genre", default="humor")
+    d.add_argument("--out", help="shard output dir (build; default .cache/shards)")
+    d.add_argument("--only", help="fetch: comma-separated groups among text,chat,image,speech (default all)")
+    d.add_argument("--png", help="inspect: where to write the contact sheet")
     d.set_defaults(fn=cmd_data)
     c = sub.add_parser("chat", help="talk to a trained model")
     c.add_argument("--ckpt", required=True)
