@@ -1,0 +1,256 @@
+"""The composed model: a frozen Llama plus image cross-attention adapters, without changing the Llama (DESIGN.md
+invariants 1-3 and 6), and generation that computes the media keys/values once.
+
+`FusedLM` registers the LM's own modules under their own attribute names, so the LM's state-dict keys appear
+unchanged inside it ("tok_embeddings.weight", "layers.0.attention.wqkv.weight", ...); adapter tensors live under
+"image_adapter." (projection + one block per fused layer) and "new_tokens." (trainable rows for new special tokens,
+used instead of the frozen vocabulary's rows, the torchtune FusionEmbedding idea). Without media the forward pass
+is the bare LM's own forward, so text-only logits are bitwise those of the LM whatever the adapters hold.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from adapters.cross_attention import CrossAttentionAdapter, fusion_schedule
+from adapters.masks import ATTEND_MODES, media_attention_mask
+from llm.generate import _pick
+from llm.loss import linear_cross_entropy
+from llm.model import Llama, document_mask, rope_tables
+from mm.checkpoint import load_into, load_tensors
+
+
+def _valid_mask(media: torch.Tensor, media_mask: torch.Tensor | None) -> torch.Tensor:
+    """(B, M, N) bool from media (B, M, N, Dm) and an optional (B, M) or (B, M, N) validity mask."""
+    B, M, N, _ = media.shape
+    valid = torch.ones(B, M, N, dtype=torch.bool, device=media.device)
+    if media_mask is None:
+        return valid
+    return valid & (media_mask[..., None] if media_mask.dim() == 2 else media_mask).to(valid.device)
+
+
+class NewTokenEmbedding(nn.Module):
+    """Trainable embedding rows for new special tokens (e.g. `<|image|>`), used in place of the LM's frozen rows.
+
+    Initialised as copies of those frozen rows, so the fused model starts out identical to the LM on them too.
+    """
+
+    def __init__(self, base: nn.Embedding, token_ids):
+        super().__init__()
+        ids = sorted({int(i) for i in token_ids})
+        if not ids or ids[0] < 0 or ids[-1] >= base.num_embeddings:
+            raise ValueError(f"new token ids {ids} must be non-empty and in the vocabulary [0, {base.num_embeddings})")
+        self.token_ids = ids
+        self.weight = nn.Parameter(base.weight.detach()[ids].clone())  # (K, D)
+        slot = torch.full((base.num_embeddings,), -1, dtype=torch.long, device=base.weight.device)
+        slot[ids] = torch.arange(len(ids), device=slot.device)
+        self.register_buffer("slot", slot, persistent=False)  # vocab id -> row of `weight`, or -1
+
+    def present(self, tokens: torch.Tensor) -> bool:
+        """Does any of the new tokens occur in `tokens`?"""
+        return bool((self.slot[tokens] >= 0).any())
+
+    def forward(self, tokens: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """Replace the embeddings h (B, T, D) of new-token positions in tokens (B, T) by the trainable rows."""
+        slot = self.slot[tokens]  # (B, T)
+        rows = F.embedding(slot.clamp(min=0), self.weight).to(h.dtype)  # (B, T, D)
+        return torch.where((slot >= 0)[..., None], rows, h)
+
+
+@dataclass
+class MediaKV:
+    """Cross-attention keys/values of one media batch for every fused layer, computed once and reused.
+
+    kv: {LM layer index: (k, v)}, each (B, n_kv_heads, M*N, head_dim); valid: (B, M, N) bool (False = padding).
+    """
+
+    kv: dict[int, tuple[torch.Tensor, torch.Tensor]]
+    valid: torch.Tensor
+
+    @property
+    def n_media(self) -> int:
+        return self.valid.shape[1]
+
+
+class FusedLM(nn.Module):
+    """A Llama with gated image cross-attention blocks before every `every`-th layer; the Llama itself is unchanged.
+
+    lm: the language model (its modules are shared, not copied); media_dim: the encoder's feature width;
+    media_token_id: the `<|image|>` id; every / schedule / n_xattn: the fusion schedule (`fusion_schedule`);
+    attend: "last" or "all_previous" (`media_attention_mask`); new_token_ids: ids whose embedding rows train
+    (default: just media_token_id).
+    """
+
+    def __init__(self, lm: Llama, media_dim: int, media_token_id: int, *, every: int = 4,
+                 schedule: str | list[int] = "from_top", n_xattn: int | None = None, attend: str = "last",
+                 new_token_ids=None):
+        super().__init__()
+        if attend not in ATTEND_MODES:
+            raise ValueError(f"attend must be one of {ATTEND_MODES}, got {attend!r}")
+        object.__setattr__(self, "lm", lm)  # a plain reference: its modules are registered below under their names
+        self.cfg = lm.cfg
+        self.tok_embeddings, self.layers, self.norm, self.output = lm.tok_embeddings, lm.layers, lm.norm, lm.output
+        self.media_token_id, self.attend = int(media_token_id), attend
+        self.new_tokens = NewTokenEmbedding(lm.tok_embeddings, new_token_ids or (media_token_id,))
+        ids = fusion_schedule(lm.cfg.n_layers, every, schedule, n_xattn)
+        w = lm.output.weight
+        self.image_adapter = CrossAttentionAdapter(lm.cfg, media_dim, ids).to(device=w.device, dtype=w.dtype)
+
+    # ---- parameter groups and weights -------------------------------------------------------------------------
+    def _lm_names(self) -> set[str]:
+        return {n for n, _ in self.lm.named_parameters()}
+
+    def lm_parameters(self) -> list[nn.Parameter]:
+        """The language model's parameters (frozen in every multimodal stage)."""
+        names = self._lm_names()
+        return [p for n, p in self.named_parameters() if n in names]
+
+    def adapter_parameters(self) -> list[nn.Parameter]:
+        """Everything that is not the LM: image adapter (projection, blocks) and the new token rows."""
+        names = self._lm_names()
+        return [p for n, p in self.named_parameters() if n not in names]
+
+    def freeze_lm(self) -> "FusedLM":
+        """Set requires_grad False on every LM parameter (adapters keep theirs); returns self."""
+        for p in self.lm_parameters():
+            p.requires_grad_(False)
+        return self
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        """The adapter tensors only, under their fused-model keys (for trainable-only checkpoints)."""
+        lm_keys = set(self.lm.state_dict())
+        return {k: v for k, v in self.state_dict().items() if k not in lm_keys}
+
+    def load_lm_weights(self, state: dict[str, torch.Tensor] | str | Path) -> None:
+        """Hot-swap the LM (invariant 6): load an LM state dict (or a model folder / run directory) into the LM's
+        modules, strict on exactly the LM's keys and shapes; adapter tensors are not touched."""
+        source: str | Path = "<state dict>"
+        if not isinstance(state, dict):
+            from mm.runs import model_dir
+
+            source = model_dir(state) / "model.safetensors"
+            state = load_tensors(source)
+        load_into(self.lm, state, source, strict=True)
+
+    # ---- forward ----------------------------------------------------------------------------------------------
+    def media_kv(self, media: torch.Tensor, media_mask: torch.Tensor | None = None) -> MediaKV:
+        """Encoder features (B, M, N, media_dim) -> MediaKV for every block. media_mask: (B, M) valid items or
+        (B, M, N) valid tokens (padding False); default all valid."""
+        media = media.to(self.image_adapter.projection.weight.dtype)
+        return MediaKV(self.image_adapter.media_kv(media), _valid_mask(media, media_mask))
+
+    def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        h = self.tok_embeddings(tokens)  # (B, T, D)
+        return self.new_tokens(tokens, h) if self.new_tokens.present(tokens) else h
+
+    def _check_markers(self, tokens: torch.Tensor, valid: torch.Tensor) -> None:
+        if torch.compiler.is_compiling():
+            return
+        markers = (tokens == self.media_token_id).sum(1)  # (B,)
+        items = valid.any(-1).sum(1).to(markers.device)  # (B,) from valid (B, M, N)
+        bad = (markers > items).nonzero().flatten()
+        if len(bad):
+            b = int(bad[0])
+            raise ValueError(f"sample {b} has {int(markers[b])} media markers (id {self.media_token_id}) "
+                             f"but only {int(items[b])} valid media items")
+
+    def forward(self, tokens: torch.Tensor, media: torch.Tensor | MediaKV | None = None, *,
+                media_mask: torch.Tensor | None = None, xattn_mask: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None, start_pos: int = 0,
+                return_hidden: bool = False, ignore_index: int = -100):
+        """tokens (B, T); media: features (B, M, N, media_dim), a precomputed MediaKV, or None (text only: exactly
+        the bare LM, adapters untouched). xattn_mask (B, T, M) overrides the mask derived from the markers in
+        tokens (needed when tokens is a decoding step, start_pos > 0). Returns logits (B, T, V), the final-norm
+        hidden states with return_hidden, or the mean next-token loss with labels (B, T)."""
+        kw = dict(doc_ids=doc_ids, start_pos=start_pos, return_hidden=return_hidden, labels=labels,
+                  ignore_index=ignore_index)
+        if media is None:
+            if not self.new_tokens.present(tokens):
+                return self.lm(tokens, **kw)
+            return self.lm(embeds=self.new_tokens(tokens, self.tok_embeddings(tokens)), **kw)
+        kv = media if isinstance(media, MediaKV) else self.media_kv(media, media_mask)
+        if xattn_mask is None:
+            if start_pos > 0:
+                raise ValueError("a decoding step (start_pos > 0) needs xattn_mask computed from the whole sequence")
+            self._check_markers(tokens, kv.valid)
+            xattn_mask = media_attention_mask(tokens, self.media_token_id, kv.n_media, self.attend, doc_ids)
+        xmask = (xattn_mask[..., None] & kv.valid[:, None]).flatten(2)  # (B, T, M, N) -> (B, T, M*N)
+        h = self._embed(tokens)  # (B, T, D)
+        # from here on the same steps as Llama.forward, with a block before each fused layer
+        B, T, _ = h.shape
+        pos = torch.arange(start_pos, start_pos + T, device=h.device)
+        cos, sin = rope_tables(self.cfg.head_dim, pos, self.cfg.rope_theta)
+        cos, sin = cos.to(h.dtype), sin.to(h.dtype)
+        caches, mask = self.lm.caches, None
+        if doc_ids is not None:
+            if caches is not None:
+                raise ValueError("doc_ids (packed training) cannot be combined with a generation KV cache")
+            mask = document_mask(doc_ids)
+        elif caches is not None and T > 1:
+            mask = torch.ones(T, start_pos + T, dtype=torch.bool, device=h.device).tril(start_pos)
+        for i, layer in enumerate(self.layers):
+            if i in kv.kv:
+                h = self.image_adapter.blocks[str(i)](h, kv.kv[i], xmask)
+            h = layer(h, cos, sin, mask, caches[i] if caches is not None else None, start_pos)
+        h = self.norm(h)
+        if labels is not None:
+            return linear_cross_entropy(h, self.output.weight, labels, ignore_index)
+        return h if return_hidden else self.output(h)
+
+
+@torch.no_grad()
+def generate_fused(fused: FusedLM, prompt: list[int], media: torch.Tensor | None, max_new_tokens: int, *,
+                   media_mask: torch.Tensor | None = None, greedy: bool = True, temperature: float = 0.8,
+                   top_p: float = 0.95, stop_ids: tuple[int, ...] = (), seed: int | None = None,
+                   use_cache: bool = True, cache_media: bool = True) -> list[int]:
+    """Continue one prompt (with `<|image|>` markers) given its media (M, N, media_dim) or (1, M, N, media_dim)
+    and an optional validity mask shaped like the media without the feature dim (or without N).
+
+    use_cache: text self-attention through the LM's KV cache; cache_media: compute every block's media keys/values
+    once before decoding and reuse them each step (False recomputes them per step, for comparison). Stops after
+    any of stop_ids (not returned).
+    """
+    fused.eval()
+    device = fused.output.weight.device
+    if len(prompt) >= fused.cfg.max_seq_len:
+        raise ValueError(f"prompt of {len(prompt)} tokens leaves no room in max_seq_len {fused.cfg.max_seq_len}")
+    if media is not None:
+        if media.dim() == 3:  # (M, N, Dm): add the batch dim, to the mask too
+            media, media_mask = media[None], (media_mask[None] if media_mask is not None else None)
+        media = media.to(device)
+    budget = min(max_new_tokens, fused.cfg.max_seq_len - len(prompt))
+    gen = torch.Generator(device="cpu").manual_seed(seed) if seed is not None else None
+    cached = fused.media_kv(media, media_mask) if media is not None and cache_media else None
+    if media is not None:  # checked on the prompt only: markers the model itself emits see no item
+        fused._check_markers(torch.tensor([prompt], device=device), _valid_mask(media, media_mask))
+
+    def step(ids: list[int], start: int):
+        kv = cached if cached is not None or media is None else fused.media_kv(media, media_mask)
+        if kv is None:
+            return fused(torch.tensor([ids[start:]], device=device), start_pos=start)[0, -1]
+        full = torch.tensor([ids], device=device)
+        xm = media_attention_mask(full, fused.media_token_id, kv.n_media, fused.attend)[:, start:]  # (1, T, M)
+        return fused(full[:, start:], kv, xattn_mask=xm, start_pos=start)[0, -1]
+
+    seq, out = list(prompt), []
+    try:
+        if use_cache:
+            fused.lm.setup_cache(1, len(prompt) + budget)
+            logits = step(seq, 0)
+        for _ in range(budget):
+            if not use_cache:
+                logits = step(seq, 0)
+            nxt = _pick(logits.float().cpu(), greedy, temperature, top_p, gen)
+            if nxt in stop_ids:
+                break
+            out.append(nxt)
+            seq.append(nxt)
+            if use_cache and len(out) < budget:
+                logits = step(seq, len(seq) - 1)
+    finally:
+        fused.lm.clear_cache()
+    return out
