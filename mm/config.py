@@ -152,6 +152,61 @@ class RejectionSamplingConfig:
 
 
 @dataclass
+class VisionModelConfig:
+    """Which named image-encoder shape (encoders.vision.VISION_SHAPES) and field overrides (None: keep the shape's)."""
+
+    shape: str = "tiny"
+    image_size: int | None = None
+    patch_size: int | None = None
+    width: int | None = None
+    layers: int | None = None
+    heads: int | None = None
+    mlp_dim: int | None = None
+    taps: list[int] | None = None
+    n_gated: int | None = None
+    max_tiles: int | None = None
+
+
+@dataclass
+class TextTowerConfig:
+    """The CLIP text tower (encoders.clip.TextConfig)."""
+
+    context_length: int = 32
+    width: int = 64
+    heads: int = 4
+    layers: int = 2
+    mlp_ratio: float = 4.0
+
+
+@dataclass
+class ImageDataConfig:
+    """Image-text shards (decoded at the encoder's tile size); eval_samples caps in-training val evals (0: all)."""
+
+    shards: str = ".cache/shards/image/train-*.tar"
+    val_shards: str = ".cache/shards/image/val-*.tar"
+    num_workers: int = 0
+    eval_samples: int = 0
+
+
+@dataclass
+class ClipPretrainConfig:
+    """Stage `clip_pretrain` (PAPER.md §3): contrastive ViT + text tower pretraining on image-text shards."""
+
+    stage: str = "clip_pretrain"
+    seed: int = 1337
+    steps: int = 500
+    vision: VisionModelConfig = field(default_factory=VisionModelConfig)
+    text: TextTowerConfig = field(default_factory=TextTowerConfig)
+    embed_dim: int = 64
+    pool: str = "cls"  # cls | mean
+    init_temperature: float = 0.07
+    max_logit_scale: float = 100.0
+    tokenizer: TokenizerConfig = field(default_factory=lambda: TokenizerConfig(vocab_size=2048))
+    data: ImageDataConfig = field(default_factory=ImageDataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+@dataclass
 class PipelineStep:
     """One entry of a pipeline: a stage YAML, overrides ({run}, {round}, {prev} are substituted), once or per round."""
 
@@ -176,6 +231,7 @@ STAGE_CONFIGS: dict[str, type] = {
     "lm_rm": PostTrainConfig,
     "lm_dpo": PostTrainConfig,
     "lm_rs": RejectionSamplingConfig,
+    "clip_pretrain": ClipPretrainConfig,
     "pipeline": PipelineConfig,
 }
 

@@ -10,6 +10,7 @@ RUNNERS = {
     "lm_rm": ("mm.stages.lm_post", "run_rm"),
     "lm_dpo": ("mm.stages.lm_post", "run_dpo"),
     "lm_rs": ("mm.stages.lm_rs", "run"),
+    "clip_pretrain": ("mm.stages.clip_pretrain", "run"),
     "pipeline": ("mm.pipeline", "run"),
 }
 

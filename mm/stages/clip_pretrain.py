@@ -1,0 +1,197 @@
+"""Stage clip_pretrain (PAPER.md §3; DESIGN.md stage table): contrastive pretraining of the image encoder's ViT with a
+small text tower on image-text shards. Trains vision.vit + visual_proj + text tower + logit scale; the encoder's tile
+embeddings and gated layers (used only from image_pretrain on, gates at 0) stay frozen and are saved at their init.
+
+Data: batch b of the `Loader` is a pure function of (seed, rank, world, b); step s uses batches s*grad_accum + i, so a
+resumed run reads exactly the batches the uninterrupted one would. Final: final/{model.safetensors, meta.json (kind
+clip, vision_config, clip_config), tokenizer.json}; load with mm.runs.load_clip / load_vision_encoder. In metrics.jsonl
+a "token" is an image-text pair (tokens_per_s = pairs/s; MFU from encoders.clip.flops_per_pair).
+"""
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from data.loader import MODALITIES, Loader, ShardStream
+from data.shards import BadSample, SkipCounter, expand_shards, iter_samples
+from encoders.clip import ClipLoss, ClipModel, TextConfig, flops_per_pair, tokenize_captions, zero_shot_suite
+from encoders.vision import normalize_pixels, vision_config
+from llm.tokenizer import Tokenizer, train_tokenizer
+from mm.checkpoint import save_weights
+from mm.config import ClipPretrainConfig
+from mm.distributed import DistInfo, full_state, init_distributed, unwrap, wrap_model
+from mm.train import StepOutput, Trainer, warmup_cosine
+
+# what clip_pretrain trains (DESIGN.md invariant 4); everything else in ClipModel is frozen
+TRAINABLE_PREFIXES = ("vision.vit.", "visual_proj.", "text.", "logit_scale")
+
+
+def image_shards(spec: str) -> list[Path]:
+    """Expand an image shard spec, with a one-line hint on how to build the kit when nothing matches."""
+    try:
+        return expand_shards(spec)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no image shards at {spec!r}: build them with `mm data fetch --only image` and "
+                                f"`mm data build`, or point data.shards/data.val_shards at your own") from None
+
+
+def get_tokenizer(cfg: ClipPretrainConfig, run_dir: Path, paths: list[Path], info: DistInfo) -> Tokenizer:
+    """The given tokenizer (e.g. an LM run's tokenizer.json), the run's own, or a BPE trained now on the captions."""
+    own = run_dir / "tokenizer.json"
+    if cfg.tokenizer.path:
+        tok = Tokenizer.load(cfg.tokenizer.path)
+        if info.is_main:
+            tok.save(own)
+        return tok
+    if not own.exists() and info.is_main:
+        texts, budget = [], cfg.tokenizer.train_bytes
+        for s in iter_samples(paths):
+            if "txt" in s:
+                texts.append(s["txt"].decode("utf-8", errors="replace"))
+                budget -= len(s["txt"])
+                if budget <= 0:
+                    break
+        train_tokenizer(texts, cfg.tokenizer.vocab_size, own)
+    if info.enabled:
+        torch.distributed.barrier()
+    return Tokenizer.load(own)
+
+
+def load_image_samples(spec: str, image_size: int, max_samples: int = 0, seed: int = 0) -> tuple[list[dict], dict]:
+    """Every decodable image-text sample of the shards in order ({image (3, H, W) uint8, caption, meta}), or a seeded
+    subset of max_samples; returns (samples, skip counts)."""
+    stream = ShardStream(spec, "image", 1, decode_opts={"image_size": image_size})
+    where = [(s, j) for s in range(len(stream.index)) for j in range(len(stream.index[s]))]
+    if 0 < max_samples < len(where):
+        where = sorted(random.Random(seed).sample(where, max_samples))
+    skips, out = SkipCounter(), []
+    for s, j in where:
+        try:
+            out.append(MODALITIES["image"](stream.read(s, j), image_size=image_size))
+        except BadSample as e:
+            skips.add(e.reason)
+    return out, {**stream.index_skips.as_dict(), **skips.as_dict()}
+
+
+def freeze_for_clip(model: ClipModel) -> dict[str, int]:
+    """requires_grad only on TRAINABLE_PREFIXES; returns {"trainable": n, "frozen": n} parameter counts."""
+    counts = {"trainable": 0, "frozen": 0}
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.startswith(TRAINABLE_PREFIXES))
+        counts["trainable" if p.requires_grad else "frozen"] += p.numel()
+    return counts
+
+
+class BatchFeed:
+    """Micro-batches for step s = loader batches [s*accum, (s+1)*accum), tokenized; keeps one loader iterator open
+    while steps are consecutive and reopens it at the right index otherwise (first step, resume)."""
+
+    def __init__(self, loader: Loader, tok: Tokenizer, context_length: int, accum: int, device: torch.device):
+        self.loader, self.tok, self.ctx, self.accum, self.device = loader, tok, context_length, accum, device
+        self.it = None
+
+    def __call__(self, step: int) -> list[dict]:
+        """The step's micro-batches: {pixels (B, 3, t, t) normalised, ids (B, L), n}."""
+        start = step * self.accum
+        if self.it is None or self.loader.next_batch != start:
+            self.close()
+            self.loader.load_state_dict({"next_batch": start})
+            self.it = iter(self.loader)
+        out = []
+        for _ in range(self.accum):
+            b = next(self.it)
+            out.append({"pixels": normalize_pixels(b["image"]).to(self.device),  # (B, 3, t, t)
+                        "ids": tokenize_captions(self.tok, b["caption"], self.ctx).to(self.device),  # (B, L)
+                        "n": int(b["size"])})
+        return out
+
+    def close(self) -> None:
+        """Shut the loader iterator (and its workers) down."""
+        if self.it is not None:
+            self.it.close()
+            self.it = None
+
+
+def run(cfg: ClipPretrainConfig, run_dir: Path, resume: bool = False) -> dict:
+    """Train the CLIP towers from YAML; writes run_dir/{tokenizer.json, checkpoints/, final/, metrics.jsonl}.
+
+    Returns the result dict (zero-shot accuracy and recall@k vs chance on the val shards, time, throughput); when
+    train.stop_after ended the run early it holds "stopped_at" and no final model is written."""
+    t0 = time.perf_counter()
+    info = init_distributed(cfg.train.device)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    torch.manual_seed(cfg.seed)
+    run_dir = Path(run_dir)
+    train_paths, _ = image_shards(cfg.data.shards), image_shards(cfg.data.val_shards)
+    tok = get_tokenizer(cfg, run_dir, train_paths, info)
+
+    v = cfg.vision
+    vcfg = vision_config(v.shape, **{k: getattr(v, k) for k in ("image_size", "patch_size", "width", "layers",
+                                                               "heads", "mlp_dim", "taps", "n_gated", "max_tiles")})
+    tcfg = TextConfig(**asdict(cfg.text))
+    clip_kw = dict(vocab_size=tok.vocab_size, pad_id=tok.pad_id, eos_id=tok.eot_id, embed_dim=cfg.embed_dim,
+                   pool=cfg.pool, init_temperature=cfg.init_temperature, max_logit_scale=cfg.max_logit_scale)
+    model = ClipModel(vcfg, tcfg, **clip_kw)
+    counts = freeze_for_clip(model)
+    model = wrap_model(model.to(info.device), cfg.train.parallel, info)
+
+    t = cfg.train
+    if t.batch_size % info.world:
+        raise ValueError(f"train.batch_size {t.batch_size} does not divide over {info.world} processes")
+    loader = Loader(cfg.data.shards, "image", t.batch_size // info.world, num_workers=cfg.data.num_workers,
+                    seed=cfg.seed, rank=info.rank, world=info.world, image_size=vcfg.image_size)
+    feed = BatchFeed(loader, tok, tcfg.context_length, t.grad_accum, info.device)
+    val, val_skips = load_image_samples(cfg.data.val_shards, vcfg.image_size)
+    val_eval = val if not cfg.data.eval_samples else random.Random(cfg.seed).sample(val, min(len(val),
+                                                                                          cfg.data.eval_samples))
+    closs = ClipLoss(local_loss=info.enabled, gather_with_grad=info.enabled, rank=info.rank, world_size=info.world)
+
+    def loss_fn(m, mb: dict) -> StepOutput:
+        """The symmetric contrastive loss of one micro-batch (a mean over its pairs)."""
+        img, txt, scale = m(mb["pixels"], mb["ids"])
+        return StepOutput(closs(img, txt, scale), mb["n"], {"logit_scale": scale.detach()})
+
+    def evaluate(step: int) -> dict:
+        return zero_shot_suite(unwrap(model), tok, val_eval)
+
+    trainer = Trainer(model, t, run_dir, loss_fn=loss_fn,
+                      lr_at=lambda s: warmup_cosine(s, t.lr, t.warmup_steps, cfg.steps, t.min_lr_ratio), info=info,
+                      flops_per_token=lambda _: flops_per_pair(vcfg, tcfg), desc="clip_pretrain")
+    trainer.meta = {"kind": "clip", "vision_config": vcfg.to_dict(), "clip_config": {"text": tcfg.to_dict(), **clip_kw},
+                    "loader": loader.state_dict()}
+    if resume and trainer.resume():
+        loader.load_state_dict(trainer.meta["loader"])  # checks the stream is the same (shards, seed, batch, world)
+
+    def on_step(step: int, out: dict) -> None:
+        trainer.meta["loader"] = loader.state_dict()
+
+    t_fit = time.perf_counter()
+    try:
+        records = trainer.fit(feed, cfg.steps, on_step=on_step, evaluate=evaluate)
+    finally:
+        feed.close()
+    train_s = time.perf_counter() - t_fit
+    base = {"stage": "clip_pretrain", "steps": cfg.steps, "skipped": loader.skipped}
+    if trainer.stopped_at is not None:
+        return {**base, "stopped_at": trainer.stopped_at, "checkpoint": trainer.last_checkpoint()}
+    state, _ = full_state(model)
+    result = {**base, "params": sum(counts.values()), **{f"params_{k}": n for k, n in counts.items()},
+              "val_samples": len(val), "val_skipped": val_skips}
+    if info.is_main:
+        result.update(zero_shot_suite(unwrap(model), tok, val))
+        pps = [r["tokens_per_s"] for r in records if "tokens_per_s" in r]
+        result["pairs_per_s"] = float(np.median(pps)) if pps else None
+        result["final_loss"] = next((r["loss"] for r in reversed(records) if "loss" in r), None)
+        result["logit_scale"] = float(unwrap(model).scale().detach())
+        result["train_s"] = round(train_s, 1)
+        result["total_s"] = round(time.perf_counter() - t0, 1)
+        meta = {k: v for k, v in trainer.meta.items() if k != "loader"}
+        out = save_weights(run_dir / "final", {"model": state}, {**meta, "stage": "clip_pretrain", "step": cfg.steps})
+        tok.save(out / "tokenizer.json")
+    return result
