@@ -19,7 +19,6 @@ from pathlib import Path
 sys.path[0] = str(Path(__file__).resolve().parent.parent)  # the repo, not benchmarks/ (whose data.py shadows data/)
 
 import argparse
-import json
 
 import numpy as np
 import torch
@@ -27,7 +26,7 @@ from tqdm import tqdm
 
 from data.shards import SkipCounter, expand_shards, iter_text_docs
 from data.token_stream import TokenSource, tokenize_docs
-from mm.cli import USER_ERRORS
+from mm.cli import run_reporting
 from mm.eval_text import bits_per_byte, unigram_bits_per_byte
 from mm.runs import load_lm, model_dir
 
@@ -175,15 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--win-items", type=int, default=200, help="prompts for the win rate")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    try:
-        result = evaluate(args)
-    except USER_ERRORS as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"error: {msg}", file=sys.stderr)
-        print(json.dumps({"ok": False, "error": msg}), flush=True)
-        return 2
-    print(json.dumps({"ok": True, **result}), flush=True)
-    return 0
+    return run_reporting(evaluate, args)
 
 
 if __name__ == "__main__":

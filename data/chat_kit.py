@@ -19,7 +19,7 @@ from webdataset import TarWriter
 
 from data.chat_sources import chatterbot_dialogs, evals_examples, wordnet_examples
 from data.chat_tasks import brown_sentences, brown_words, fill_splits, preference_pairs, synthetic_family
-from data.fetch import PINS, fetch_many, fetch_text
+from data.fetch import PINS, cached_dirs, fetch_many, fetch_text
 from data.shards import BadSample, SkipCounter, iter_samples
 from data.text_kit import brown_documents
 
@@ -46,15 +46,7 @@ def fetch_chat(cache_dir, progress: bool = True) -> dict:
 
 def cached_chat_dirs(cache_dir) -> dict | None:
     """The verified chat + Brown cache dirs if all are present in cache_dir, else None (never fetches)."""
-    out = {}
-    for key in (*CHAT_KEYS, "brown"):
-        pin = PINS[key]
-        target = Path(cache_dir) / f"{pin.name}-{pin.version}"
-        marker = target / ".ok"
-        if not (marker.is_file() and marker.read_text().strip() == pin.sha256):
-            return None
-        out[key] = str(target)
-    return out
+    return cached_dirs((*CHAT_KEYS, "brown"), cache_dir)
 
 
 def resolve_cfg(cfg: dict | None) -> dict:

@@ -312,10 +312,10 @@ def fetch_many(keys, cache_dir: Path, progress: bool = True) -> dict:
     return {key: str(fetch_one(key, Path(cache_dir), progress)) for key in keys}
 
 
-def cached_text_dirs(cache_dir: Path) -> dict | None:
-    """Return the fetched text dirs if every pin is present and verified in cache_dir, else None (no fetching)."""
+def cached_dirs(keys, cache_dir: Path) -> dict | None:
+    """{key: dir} if every pinned archive in keys is fetched and verified in cache_dir, else None (never fetches)."""
     out = {}
-    for key in TEXT_KEYS:
+    for key in keys:
         pin = PINS[key]
         target = Path(cache_dir) / f"{pin.name}-{pin.version}"
         marker = target / ".ok"
@@ -323,3 +323,8 @@ def cached_text_dirs(cache_dir: Path) -> dict | None:
             return None
         out[key] = str(target)
     return out
+
+
+def cached_text_dirs(cache_dir: Path) -> dict | None:
+    """The fetched text dirs if every text pin is present and verified, else None (no fetching)."""
+    return cached_dirs(TEXT_KEYS, cache_dir)

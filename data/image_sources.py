@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from data.fetch import IMAGE_KEYS, PINS, fetch_many, fetch_one
+from data.fetch import IMAGE_KEYS, cached_dirs, fetch_many, fetch_one
 
 FASHION_LABELS = ("t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",
                   "ankle boot")
@@ -30,15 +30,7 @@ def fetch_images(cache_dir, progress: bool = True) -> dict:
 
 def cached_image_dirs(cache_dir) -> dict | None:
     """Return {key: dir} if every image pin is fetched and verified in cache_dir, else None (never fetches)."""
-    out = {}
-    for key in IMAGE_KEYS:
-        pin = PINS[key]
-        target = Path(cache_dir) / f"{pin.name}-{pin.version}"
-        marker = target / ".ok"
-        if not (marker.is_file() and marker.read_text().strip() == pin.sha256):
-            return None
-        out[key] = str(target)
-    return out
+    return cached_dirs(IMAGE_KEYS, cache_dir)
 
 
 def split_of(source_id: str, val_frac: float = 0.1, seed: int = 0) -> str:

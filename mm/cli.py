@@ -193,8 +193,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd != "run" or any("=" not in e or e.startswith("-") for e in extra):
             p.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = list(args.overrides) + extra
+    return run_reporting(args.fn, args)
+
+
+def run_reporting(fn, args) -> int:
+    """Run fn(args) and end with the one JSON line: results (exit 0) or one error line on stderr (exit 2)."""
     try:
-        result = args.fn(args)
+        result = fn(args)
     except USER_ERRORS as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"error: {msg}", file=sys.stderr)

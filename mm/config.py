@@ -186,6 +186,7 @@ class ImageDataConfig:
     val_shards: str = ".cache/shards/image/val-*.tar"
     num_workers: int = 0
     eval_samples: int = 0
+    image_size: int | None = None  # decode side in px (image stages; None: the tile size); 2x tile + 4 tiles = 2x2 grid
 
 
 @dataclass
@@ -204,6 +205,29 @@ class ClipPretrainConfig:
     tokenizer: TokenizerConfig = field(default_factory=lambda: TokenizerConfig(vocab_size=2048))
     data: ImageDataConfig = field(default_factory=ImageDataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+
+@dataclass
+class ImageStageConfig:
+    """Stages `image_pretrain` / `image_anneal` (PAPER.md §4; DESIGN.md invariants 1-4): the frozen LM (`lm`) plus
+    the CLIP-pretrained ViT (`vision`) joined by gated cross-attention; trains ViT + image adapter + the `<|image|>`
+    row. image_anneal: `init_from` a previous image run (weights only, fresh optimizer), lower LR, and more tiles /
+    a higher decode resolution through max_tiles / data.image_size."""
+
+    stage: str = "image_pretrain"
+    seed: int = 1337
+    steps: int = 300
+    lm: str = MISSING  # LM run directory (frozen)
+    vision: str = MISSING  # clip_pretrain (or image) run directory: the ViT to start from
+    init_from: str | None = None  # image run to continue from (image_anneal): ViT + adapter weights
+    every: int = 4  # a cross-attention block before every `every`-th LM layer
+    schedule: str = "from_top"
+    attend: str = "last"
+    max_tiles: int | None = None  # tiles per image (None: the encoder's); > the encoder's re-inits the tile embeddings
+    seq_len: int = 96  # dialog tokens per sample (longer ones are cut)
+    caption_prob: float = 0.25  # share of samples trained as "Describe the image." -> caption
+    data: ImageDataConfig = field(default_factory=ImageDataConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-3, weight_decay=0.01))
 
 
 @dataclass
@@ -232,6 +256,8 @@ STAGE_CONFIGS: dict[str, type] = {
     "lm_dpo": PostTrainConfig,
     "lm_rs": RejectionSamplingConfig,
     "clip_pretrain": ClipPretrainConfig,
+    "image_pretrain": ImageStageConfig,
+    "image_anneal": ImageStageConfig,
     "pipeline": PipelineConfig,
 }
 

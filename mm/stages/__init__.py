@@ -11,6 +11,8 @@ RUNNERS = {
     "lm_dpo": ("mm.stages.lm_post", "run_dpo"),
     "lm_rs": ("mm.stages.lm_rs", "run"),
     "clip_pretrain": ("mm.stages.clip_pretrain", "run"),
+    "image_pretrain": ("mm.stages.image_pretrain", "run"),
+    "image_anneal": ("mm.stages.image_pretrain", "run"),
     "pipeline": ("mm.pipeline", "run"),
 }
 

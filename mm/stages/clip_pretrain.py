@@ -21,10 +21,11 @@ from data.loader import MODALITIES, Loader, ShardStream
 from data.shards import BadSample, SkipCounter, expand_shards, iter_samples
 from encoders.clip import ClipLoss, ClipModel, TextConfig, flops_per_pair, tokenize_captions, zero_shot_suite
 from encoders.vision import normalize_pixels, vision_config
-from llm.tokenizer import Tokenizer, train_tokenizer
+from llm.tokenizer import Tokenizer
 from mm.checkpoint import save_weights
 from mm.config import ClipPretrainConfig
 from mm.distributed import DistInfo, full_state, init_distributed, unwrap, wrap_model
+from mm.stages.lm_pretrain import get_tokenizer
 from mm.train import StepOutput, Trainer, warmup_cosine
 
 # what clip_pretrain trains (DESIGN.md invariant 4); everything else in ClipModel is frozen
@@ -40,26 +41,11 @@ def image_shards(spec: str) -> list[Path]:
                                 f"`mm data build`, or point data.shards/data.val_shards at your own") from None
 
 
-def get_tokenizer(cfg: ClipPretrainConfig, run_dir: Path, paths: list[Path], info: DistInfo) -> Tokenizer:
-    """The given tokenizer (e.g. an LM run's tokenizer.json), the run's own, or a BPE trained now on the captions."""
-    own = run_dir / "tokenizer.json"
-    if cfg.tokenizer.path:
-        tok = Tokenizer.load(cfg.tokenizer.path)
-        if info.is_main:
-            tok.save(own)
-        return tok
-    if not own.exists() and info.is_main:
-        texts, budget = [], cfg.tokenizer.train_bytes
-        for s in iter_samples(paths):
-            if "txt" in s:
-                texts.append(s["txt"].decode("utf-8", errors="replace"))
-                budget -= len(s["txt"])
-                if budget <= 0:
-                    break
-        train_tokenizer(texts, cfg.tokenizer.vocab_size, own)
-    if info.enabled:
-        torch.distributed.barrier()
-    return Tokenizer.load(own)
+def caption_texts(paths: list[Path]):
+    """Captions of the shards, lazily (for training a tokenizer when no LM tokenizer is given)."""
+    for s in iter_samples(paths):
+        if "txt" in s:
+            yield s["txt"].decode("utf-8", errors="replace")
 
 
 def load_image_samples(spec: str, image_size: int, max_samples: int = 0, seed: int = 0) -> tuple[list[dict], dict]:
@@ -129,7 +115,7 @@ def run(cfg: ClipPretrainConfig, run_dir: Path, resume: bool = False) -> dict:
     torch.manual_seed(cfg.seed)
     run_dir = Path(run_dir)
     train_paths, _ = image_shards(cfg.data.shards), image_shards(cfg.data.val_shards)
-    tok = get_tokenizer(cfg, run_dir, train_paths, info)
+    tok = get_tokenizer(cfg.tokenizer, run_dir, caption_texts(train_paths), info)
 
     v = cfg.vision
     vcfg = vision_config(v.shape, **{k: getattr(v, k) for k in ("image_size", "patch_size", "width", "layers",

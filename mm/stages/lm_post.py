@@ -43,6 +43,14 @@ def special_ids(tok) -> set[int]:
     return {tok.special_id(s) for s in SPECIAL_TOKENS}
 
 
+def preference_data(cfg: PostTrainConfig, tok, skips: SkipCounter):
+    """Encoded (train pairs, number dropped as too long, held-out pairs) from the preference shards."""
+    fmt, build = ChatFormat(tok), cfg.data.build_if_missing
+    pairs, dropped = encode_pairs(read_chat(cfg.data.pref_shards, build, skips), fmt, cfg.seq_len)
+    val_pairs, _ = encode_pairs(read_chat(cfg.data.pref_val_shards, build, skips), fmt, cfg.seq_len)
+    return pairs, dropped, val_pairs
+
+
 def _setup(cfg: PostTrainConfig, run_dir: Path):
     info = init_distributed(cfg.train.device)
     if cfg.train.threads:
@@ -99,9 +107,8 @@ def run_sft(cfg: PostTrainConfig, run_dir: Path, resume: bool = False) -> dict:
 def run_rm(cfg: PostTrainConfig, run_dir: Path, resume: bool = False) -> dict:
     """Reward model: the LM plus a scalar head, pairwise loss without margin."""
     info, lm, tok = _setup(cfg, run_dir)
-    fmt, skips = ChatFormat(tok), SkipCounter()
-    pairs, dropped = encode_pairs(read_chat(cfg.data.pref_shards, cfg.data.build_if_missing, skips), fmt, cfg.seq_len)
-    val_pairs, _ = encode_pairs(read_chat(cfg.data.pref_val_shards, cfg.data.build_if_missing, skips), fmt, cfg.seq_len)
+    skips = SkipCounter()
+    pairs, dropped, val_pairs = preference_data(cfg, tok, skips)
     sampler = PairSampler(pairs, tok.pad_id, cfg.seed)
     torch.manual_seed(cfg.seed)
     rm = wrap_model(RewardModel(lm).to(info.device), cfg.train.parallel, info)
@@ -147,9 +154,8 @@ class EMAReference:
 def run_dpo(cfg: PostTrainConfig, run_dir: Path, resume: bool = False) -> dict:
     """Direct preference optimisation of the policy against a frozen (or EMA) reference."""
     info, policy, tok = _setup(cfg, run_dir)
-    fmt, skips = ChatFormat(tok), SkipCounter()
-    pairs, dropped = encode_pairs(read_chat(cfg.data.pref_shards, cfg.data.build_if_missing, skips), fmt, cfg.seq_len)
-    val_pairs, _ = encode_pairs(read_chat(cfg.data.pref_val_shards, cfg.data.build_if_missing, skips), fmt, cfg.seq_len)
+    skips = SkipCounter()
+    pairs, dropped, val_pairs = preference_data(cfg, tok, skips)
     fmt_ids = special_ids(tok)
     sampler = PairSampler(pairs, tok.pad_id, cfg.seed, fmt_ids)
     ref = copy.deepcopy(policy).to(info.device).eval().requires_grad_(False)

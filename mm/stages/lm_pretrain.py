@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 import torch
@@ -15,7 +16,7 @@ from data.text_kit import build_text_kit
 from data.token_stream import IGNORE, PackedSampler, TokenSource, tokenize_docs
 from llm.model import Llama, flops_per_token, shape_config
 from llm.tokenizer import Tokenizer, train_tokenizer
-from mm.config import LMPretrainConfig
+from mm.config import LMPretrainConfig, TokenizerConfig
 from mm.distributed import DistInfo, full_state, init_distributed, rank_slice, unwrap, wrap_model
 from mm.eval_text import bits_per_byte, unigram_bits_per_byte
 from mm.runs import save_lm
@@ -78,22 +79,23 @@ class Schedule:
         return linear_to_zero(step, t.lr * t.min_lr_ratio, self.main_steps, self.cfg.anneal.steps)
 
 
-def get_tokenizer(cfg: LMPretrainConfig, run_dir: Path, train_docs: list[dict], info: DistInfo) -> Tokenizer:
-    """The configured tokenizer, the run's own, or a BPE trained now on the training split (rank 0, others wait)."""
+def get_tokenizer(tcfg: TokenizerConfig, run_dir: Path, texts: Iterable[str], info: DistInfo) -> Tokenizer:
+    """The configured tokenizer.json, the run's own, or a BPE trained now on up to train_bytes of `texts`
+    (rank 0 trains, the others wait); every stage that may train its own tokenizer uses this."""
     own = run_dir / "tokenizer.json"
-    if cfg.tokenizer.path:
-        tok = Tokenizer.load(cfg.tokenizer.path)
+    if tcfg.path:
+        tok = Tokenizer.load(tcfg.path)
         if info.is_main:
             tok.save(own)
         return tok
     if not own.exists() and info.is_main:
-        budget, texts = cfg.tokenizer.train_bytes, []
-        for d in train_docs:
-            texts.append(d["text"])
-            budget -= len(d["text"])
+        budget, sample = tcfg.train_bytes, []
+        for t in texts:
+            sample.append(t)
+            budget -= len(t)
             if budget <= 0:
                 break
-        train_tokenizer(texts, cfg.tokenizer.vocab_size, own)
+        train_tokenizer(sample, tcfg.vocab_size, own)
     if info.enabled:
         torch.distributed.barrier()
     return Tokenizer.load(own)
@@ -150,7 +152,7 @@ def run(cfg: LMPretrainConfig, run_dir: Path, resume: bool = False) -> dict:
     val_docs = list(iter_text_docs(resolve_shards(cfg.data.val_shards, cfg.data.build_if_missing), skips))
     if not train_docs or not val_docs:
         raise ValueError(f"no readable documents in {cfg.data.shards!r} / {cfg.data.val_shards!r}; skipped: {skips.as_dict()}")
-    tok = get_tokenizer(cfg, run_dir, train_docs, info)
+    tok = get_tokenizer(cfg.tokenizer, run_dir, (d["text"] for d in train_docs), info)
     sources = token_sources(train_docs, tok, run_dir / "tokens", "train")
     sampler = PackedSampler(sources, cfg.data.mix, cfg.seed)
     hq_docs = high_quality(train_docs, cfg.anneal.quality_top_frac)

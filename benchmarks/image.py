@@ -1,0 +1,80 @@
+"""Image benchmark: VQA accuracy of an image-stage run per family, the same model answering blind (no image, no
+`<|image|>` token), and held-out text bits per byte of the fused model without media next to the bare LM.
+
+    python benchmarks/image.py --ckpt runs/image_pretrain_tiny [--shards VAL_SPEC] [--max-items N]
+
+Prints ONE JSON line: vqa_acc (VQA normalisation; min(#matching refs / 3, 1) with several references, else exact
+match), vqa_acc_by_family, blind_vqa_acc(_by_family), exact_match (any reference matches), text_bpb and
+lm_text_bpb (equal by DESIGN.md invariant 1: text_bpb_equal), items, timings. Metric code: mm/eval_image.py.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path[0] = str(Path(__file__).resolve().parent.parent)  # the repo, not benchmarks/ (whose data.py shadows data/)
+
+import argparse  # noqa: E402
+import time  # noqa: E402
+
+import torch  # noqa: E402
+
+from data.shards import SkipCounter, expand_shards, iter_text_docs  # noqa: E402
+from mm.cli import run_reporting  # noqa: E402
+from mm.eval_image import vqa_eval, vqa_score  # noqa: E402,F401  (vqa_score: the scoring rule, re-exported)
+from mm.eval_text import bits_per_byte  # noqa: E402
+from mm.runs import load_lm  # noqa: E402
+from mm.stages.clip_pretrain import load_image_samples  # noqa: E402
+from mm.stages.image_pretrain import load_fused  # noqa: E402
+from mm.checkpoint import load_meta  # noqa: E402
+from mm.runs import model_dir  # noqa: E402
+
+
+def text_bpb(fused, lm, tok, spec: str, max_docs: int, seq_len: int) -> dict:
+    """Held-out bits per byte of the fused model with no media and of the bare LM on the same documents."""
+    texts = [d["text"] for d in iter_text_docs(expand_shards(spec), SkipCounter())][:max_docs]
+    if not texts:
+        raise ValueError(f"{spec}: no readable text documents")
+    seq_len = min(seq_len, lm.cfg.max_seq_len)
+    a = bits_per_byte(fused, tok, texts, seq_len)
+    b = bits_per_byte(lm, tok, texts, seq_len)
+    return {"text_bpb": a, "lm_text_bpb": b, "text_bpb_equal": a == b, "text_docs": len(texts)}
+
+
+def evaluate(args) -> dict:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    fused, vision, tok = load_fused(args.ckpt)
+    meta = load_meta(model_dir(args.ckpt))
+    size = vision.cfg.image_size * (args.decode_scale or 1)
+    samples, skips = load_image_samples(args.shards, size, max_samples=max(1, args.max_items // 2), seed=args.seed)
+    out = {"ckpt": str(args.ckpt), "shards": args.shards, "image_samples": len(samples), "skipped": skips}
+    out.update(vqa_eval(fused, vision, tok, samples, args.max_items, args.max_new_tokens, blind=not args.no_blind))
+    out["vqa_s"] = round(time.perf_counter() - t0, 1)
+    if args.text_shards and args.text_docs:
+        lm, _, _ = load_lm(meta["lm"])
+        out.update(text_bpb(fused, lm, tok, args.text_shards, args.text_docs, args.seq_len))
+    out["total_s"] = round(time.perf_counter() - t0, 1)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--ckpt", required=True, help="image-stage run directory (or its final/ folder)")
+    p.add_argument("--shards", default=".cache/shards/image/val-*.tar", help="held-out image shards")
+    p.add_argument("--max-items", type=int, default=400, help="cap on VQA items (questions)")
+    p.add_argument("--max-new-tokens", type=int, default=8)
+    p.add_argument("--no-blind", action="store_true", help="skip the blind (no image) pass")
+    p.add_argument("--text-shards", default=".cache/shards/text/val-*.tar", help="held-out text ('' to skip)")
+    p.add_argument("--text-docs", type=int, default=32, help="held-out text documents for text_bpb (0: skip)")
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--decode-scale", type=int, default=1, help="decode images at this many tile sides (tiling)")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    return run_reporting(evaluate, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,98 @@
+"""Image metrics: VQA accuracy of a fused model per task family, the same with the image removed (blind), and
+held-out text bits per byte of the fused model without media next to the bare LM (equal by DESIGN.md invariant 1)."""
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+
+from data.chat_tasks import normalise_answer
+from llm.tokenizer import ChatFormat
+from mm.fused import FusedLM, generate_fused
+from mm.stages.image_pretrain import encode_vqa, images_to_pixels, qa_prompt
+
+FAMILIES = ("recognition", "ocr", "chart", "counting")
+
+
+def vqa_score(pred: str, answers) -> float:
+    """VQA accuracy of one prediction: min(#references matching / 3, 1) with several references, else exact match
+    (both after normalise_answer)."""
+    refs = [answers] if isinstance(answers, str) else list(answers)
+    p = normalise_answer(pred)
+    hits = sum(p == normalise_answer(r) for r in refs)
+    if len(refs) > 1:
+        return min(hits / 3.0, 1.0)
+    return float(hits > 0)
+
+
+def vqa_items(samples: list[dict], max_items: int = 0) -> list[dict]:
+    """Flatten image samples ({image, meta, ...}) into VQA items {sample, question, answers, family}."""
+    out = []
+    for i, s in enumerate(samples):
+        meta = s.get("meta") or {}
+        for qa in meta.get("qa") or []:
+            if qa.get("answers"):
+                out.append({"sample": i, "question": qa_prompt(qa), "answers": list(qa["answers"]),
+                            "family": meta.get("family", "other")})
+    return out[:max_items] if max_items else out
+
+
+@torch.no_grad()
+def answer(fused: FusedLM, fmt: ChatFormat, question: str, media: torch.Tensor | None, max_new_tokens: int = 8) -> str:
+    """Greedy short answer; media (1, N, D) for one image (a `<|image|>` goes into the prompt), None for blind."""
+    ids, _ = encode_vqa(fmt, question, None, image=media is not None)
+    tok = fmt.tok
+    out = generate_fused(fused, ids, media, max_new_tokens, stop_ids=(tok.eot_id, tok.eos_id, tok.eom_id))
+    return fmt.decode_reply(out).strip()
+
+
+@torch.no_grad()
+def vqa_eval(fused: FusedLM, vision, tok, samples: list[dict], max_items: int = 0, max_new_tokens: int = 8,
+             blind: bool = True, device: str | torch.device = "cpu") -> dict:
+    """{"vqa_acc", "vqa_acc_by_family", "blind_vqa_acc", "blind_vqa_acc_by_family", "exact_match" (any reference),
+    "shuffled_vqa_acc"(_by_family), "items", "examples"}: greedy answers with the image; if blind, also with no image
+    and no `<|image|>` token, and with another sample's image (answer format kept, image content wrong)."""
+    fused.eval()
+    vision.eval()
+    fmt, items = ChatFormat(tok), vqa_items(samples, max_items)
+    feats: dict[int, torch.Tensor] = {}
+    scores: dict[str, dict[str, list[float]]] = {"vqa": defaultdict(list), "blind": defaultdict(list),
+                                                 "em": defaultdict(list), "shuffled": defaultdict(list)}
+    examples = []
+    def media(i: int) -> torch.Tensor:
+        if i not in feats:
+            px, aspect = images_to_pixels([torch.as_tensor(samples[i]["image"])], vision.cfg.image_size,
+                                          vision.cfg.max_tiles)
+            feats[i] = vision(px.to(device), aspect.to(device))  # (1, n_tiles*(P+1), D) = one media item
+        return feats[i]
+
+    for it in items:
+        i = it["sample"]
+        media(i)
+        pred = answer(fused, fmt, it["question"], feats[i], max_new_tokens)
+        s = vqa_score(pred, it["answers"])
+        scores["vqa"][it["family"]].append(s)
+        scores["em"][it["family"]].append(float(any(normalise_answer(pred) == normalise_answer(a)
+                                                    for a in it["answers"])))
+        if blind:
+            scores["blind"][it["family"]].append(vqa_score(answer(fused, fmt, it["question"], None, max_new_tokens),
+                                                           it["answers"]))
+            other = media((i + 1 + len(samples) // 2) % len(samples))
+            scores["shuffled"][it["family"]].append(vqa_score(answer(fused, fmt, it["question"], other,
+                                                                     max_new_tokens), it["answers"]))
+        if len(examples) < 8:
+            examples.append({"q": it["question"], "pred": pred, "answers": it["answers"]})
+
+    def summary(d: dict) -> tuple[float | None, dict]:
+        allv = [v for vs in d.values() for v in vs]
+        fam = {f: sum(vs) / len(vs) for f, vs in sorted(d.items()) if vs}
+        return (sum(allv) / len(allv) if allv else None), fam
+
+    out = {"items": len(items)}
+    out["vqa_acc"], out["vqa_acc_by_family"] = summary(scores["vqa"])
+    out["exact_match"], out["exact_match_by_family"] = summary(scores["em"])
+    if blind:
+        out["blind_vqa_acc"], out["blind_vqa_acc_by_family"] = summary(scores["blind"])
+        out["shuffled_vqa_acc"], out["shuffled_vqa_acc_by_family"] = summary(scores["shuffled"])
+    out["examples"] = examples
+    return out

@@ -1,0 +1,168 @@
+"""Stages image_pretrain / image_anneal (DESIGN.md invariants 1, 4, 7): the exact trainable set (ViT + image adapter), the LM
+bitwise unchanged by training, fused no-image logits bitwise equal to the bare LM after training, the stage through
+`mm run` with exact resume, load_fused, and the VQA scoring rule of benchmarks/image.py."""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+
+from data.image_kit import encode_image
+from encoders.vision import VisionConfig, VisionEncoder
+from llm.model import Llama, LlamaConfig
+from llm.tokenizer import train_tokenizer
+from mm.checkpoint import load_tensors, save_weights
+from mm.runs import save_lm
+
+REPO = Path(__file__).resolve().parents[1]
+YAML = "experiments/image/image_pretrain_tiny.yaml"
+N = 2  # interruption point; the run has 2N steps
+VCFG = VisionConfig(image_size=16, patch_size=8, width=32, layers=2, heads=2, mlp_dim=64, taps=[0], n_gated=1,
+                    max_tiles=1)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """The CPU is shared: one intra-op thread."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _image(i: int) -> np.ndarray:
+    img = np.random.default_rng(i).integers(0, 60, (16, 16, 3)).astype(np.uint8)
+    img[:, : 6 if i % 2 else 16, 0 if i % 2 else 2] = 230
+    return img
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> dict:
+    """Tiny image shards (png + txt + json via TarWriter), a tiny LM run and a tiny 'clip' run with a ViT."""
+    root = tmp_path_factory.mktemp("image_stage")
+    for split, n in (("train", 24), ("val", 6)):
+        with wds.TarWriter(str(root / f"{split}-000000.tar")) as w:
+            for i in range(n):
+                lab = "bag" if i % 2 else "sandal"
+                meta = {"source": "toy", "label": lab, "family": "recognition",
+                        "qa": [{"question": "What is shown?", "answers": [lab]},
+                               {"question": "Is it a bag?", "answers": ["yes" if i % 2 else "no"],
+                                "choices": ["yes", "no"]}]}
+                w.write({"__key__": f"{split}{i:04d}", "png": encode_image(_image(i), "png"),
+                         "txt": f"a photo of a {lab}.", "json": json.dumps(meta)})
+    tok = train_tokenizer(["a photo of a bag. a photo of a sandal. what is shown? is it a bag? yes no"] * 20, 300)
+    cfg = LlamaConfig(vocab_size=tok.vocab_size, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=128)
+    torch.manual_seed(0)
+    lm = Llama(cfg)
+    save_lm(root / "lm" / "final", lm.state_dict(), cfg, tok, {"stage": "lm_pretrain"})
+    torch.manual_seed(1)
+    enc = VisionEncoder(VCFG)
+    save_weights(root / "clip" / "final", {"model": {f"vision.{k}": v for k, v in enc.state_dict().items()}},
+                 {"kind": "clip", "vision_config": VCFG.to_dict()})
+    return {"root": root, "lm": root / "lm", "clip": root / "clip"}
+
+
+def _overrides(world: dict) -> list[str]:
+    r = world["root"]
+    return [f"lm={world['lm']}", f"vision={world['clip']}", f"data.shards={r}/train-*.tar",
+            f"data.val_shards={r}/val-*.tar", f"steps={2 * N}", "every=2", "seq_len=48", "train.batch_size=4",
+            "train.warmup_steps=1", "train.threads=0", "train.log_every=1", "train.progress=false",
+            f"train.ckpt_every={N}", "train.lr=1e-2"]
+
+
+def _run(world: dict, out: Path, *extra: str) -> dict:
+    from mm.cli import main
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        rc = main(["run", YAML, "--out", str(out), *_overrides(world), *extra])
+    res = json.loads(buf.getvalue().strip().splitlines()[-1])
+    assert rc == 0, res
+    return res
+
+
+def test_trainable_set_is_vit_plus_adapter(world):
+    from mm.config import load_config
+    from mm.distributed import DistInfo
+    from mm.stages.image_pretrain import build_model, freeze_for_image
+    from mm.train import Trainer
+
+    cfg = load_config(REPO / YAML, _overrides(world))
+    model, tok, _ = build_model(cfg)
+    counts = freeze_for_image(model)
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    vit = {f"vision.{n}" for n, _ in model.vision.named_parameters()}
+    adapter = {f"fused.image_adapter.{n}" for n, _ in model.fused.image_adapter.named_parameters()}
+    assert names == vit | adapter | {"fused.new_tokens.weight"}
+    assert "vision.gated.0.gate_attn" in names and "fused.image_adapter.blocks.1.gate_attn" in names
+    lm_names = {f"fused.{n}" for n, _ in model.fused.lm.named_parameters()}
+    assert lm_names and not (lm_names & names) and counts["frozen"] == sum(p.numel() for p in model.fused.lm.parameters())
+    tr = Trainer(model, cfg.train, world["root"] / "opt_probe", loss_fn=None, lr_at=lambda s: 0.0, info=DistInfo())
+    in_opt = {id(p) for g in tr.optimizer.param_groups for p in g["params"]}  # the optimizer: trainable only
+    assert in_opt == {id(p) for n, p in model.named_parameters() if n in names}
+
+
+def test_stage_trains_keeps_lm_and_resumes_exactly(world, tmp_path, monkeypatch):
+    from mm.stages.image_pretrain import load_fused
+
+    monkeypatch.chdir(REPO)
+    full = _run(world, tmp_path / "full")
+    assert full["stage"] == "image_pretrain" and full["params_frozen"] > 0 and full["params_trainable"] > 0
+    part = _run(world, tmp_path / "part", f"train.stop_after={N}")
+    assert part["stopped_at"] == N and not (tmp_path / "part" / "final").exists()
+    _run(world, tmp_path / "part", "--resume")
+    a = load_tensors(tmp_path / "full" / "final" / "model.safetensors")
+    b = load_tensors(tmp_path / "part" / "final" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not any(k.startswith(("fused.layers.", "fused.tok_embeddings")) for k in a)  # no LM weights in final
+    # training moved the adapter gates and the ViT; the LM (in the step checkpoint, which holds everything) did not
+    assert any(a[k].abs().item() > 0 for k in a if k.endswith(("gate_attn", "gate_ffn")) and "image_adapter" in k)
+    lm_sd = load_tensors(world["lm"] / "final" / "model.safetensors")
+    ck = sorted((tmp_path / "full" / "checkpoints").glob("step_*"))[-1]
+    c = load_tensors(ck / "model.safetensors")
+    assert all(torch.equal(c[f"fused.{k}"], v) for k, v in lm_sd.items())
+    # invariant 1 after training: fused with no media == bare LM, bitwise; with media the answer changes
+    fused, vision, tok = load_fused(tmp_path / "full")
+    from mm.runs import load_lm
+
+    lm, _, _ = load_lm(world["lm"])
+    toks = torch.randint(0, 250, (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(fused(toks), lm(toks))
+        img = tok.special_id("<|image|>")
+        toks[:, 3] = img
+        media = vision(torch.randn(2, 1, 3, 16, 16))[:, None]  # (2, 1, P+1, D_out)
+        assert not torch.equal(fused(toks, media), lm(toks))
+    # image_anneal: same runner from the trained run, more tiles (2x2 of 16 px from 32-px images), LM still frozen
+    from mm.cli import main
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        rc = main(["run", "experiments/image/image_anneal_tiny.yaml", "--out", str(tmp_path / "anneal"),
+                   *_overrides(world), f"init_from={tmp_path / 'full'}", "max_tiles=4", "data.image_size=32",
+                   "steps=1"])
+    res = json.loads(buf.getvalue().strip().splitlines()[-1])
+    assert rc == 0 and res["stage"] == "image_anneal", res
+    fused2, vision2, _ = load_fused(tmp_path / "anneal")
+    assert vision2.cfg.max_tiles == 4 and torch.equal(fused2(toks[:, :3]), lm(toks[:, :3]))
+
+
+def test_vqa_scoring_rule():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_image", REPO / "benchmarks" / "image.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    score = mod.vqa_score
+    assert score("Two", ["2"]) == 1.0  # one reference: exact match after normalisation (number words -> digits)
+    assert score("the cat.", "cat") == 1.0 and score("dog", ["cat"]) == 0.0
+    assert score("2", ["2", "two", "3"]) == pytest.approx(2 / 3)  # several refs: min(matches / 3, 1)
+    assert score("red", ["red", "Red", "red!", "blue"]) == 1.0
+    assert score("blue", ["red", "Red", "red!", "blue"]) == pytest.approx(1 / 3)
+    assert score("green", ["red", "blue"]) == 0.0
