@@ -8,6 +8,7 @@ Every waveform leaves here as 16 kHz mono float32 (`to_16k`).
 """
 from __future__ import annotations
 
+import abc
 import ctypes
 import os
 import re
@@ -55,15 +56,15 @@ class Voice:
         return Voice(engine, name)
 
 
-class Engine:
+class Engine(abc.ABC):
     """A synthesis engine; `synth_many` returns one (waveform, sample rate) per request, or None where it failed."""
 
     name = ""
     voices: tuple[str, ...] = ()
 
+    @abc.abstractmethod
     def synth(self, text: str, voice: str, rate: float = 1.0, pitch: float = 1.0) -> tuple[np.ndarray, int]:
         """Synthesise one utterance at its native rate; rate > 1 speaks faster, pitch > 1 speaks higher."""
-        raise NotImplementedError
 
     def synth_many(self, requests: list[tuple[str, str, float, float]]) -> list[tuple[np.ndarray, int] | None]:
         """Synthesise (text, voice, rate, pitch) requests in order; a failed request gives None."""
