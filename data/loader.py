@@ -22,10 +22,9 @@ from typing import Callable
 
 import numpy as np
 import torch
-from webdataset.tariterators import base_plus_ext
 
 from data.decode import decode_image_sample, decode_video_sample
-from data.shards import MAX_MEMBER_BYTES, BadSample, SkipCounter, _member_reason, expand_shards
+from data.shards import MAX_MEMBER_BYTES, BadSample, SkipCounter, expand_shards, safe_members
 
 MODALITIES: dict[str, Callable[..., dict]] = {}
 
@@ -82,20 +81,13 @@ def index_tar(path: Path, skips: SkipCounter, max_member_bytes: int = MAX_MEMBER
     samples: list[dict] = []
     try:
         with tarfile.open(path, mode="r:") as tar:
-            for m in tar:
-                reason = _member_reason(m, max_member_bytes)
-                if reason is not None:
-                    skips.add(reason)
-                    continue
-                if not m.isreg():
-                    continue
-                key, ext = base_plus_ext(m.name)
+            for m, key, ext in safe_members(tar, skips, max_member_bytes):
                 if not samples or samples[-1]["key"] != key:
                     samples.append({"key": key, "members": {}})
-                if ext.lower() in samples[-1]["members"]:
+                if ext in samples[-1]["members"]:
                     skips.add("duplicate_member")
                     continue
-                samples[-1]["members"][ext.lower()] = (m.offset_data, m.size)
+                samples[-1]["members"][ext] = (m.offset_data, m.size)
             if os.path.getsize(path) < max((o + s for smp in samples for o, s in smp["members"].values()), default=0):
                 raise tarfile.ReadError("member data past the end of the file")
     except (tarfile.TarError, EOFError, OSError, zlib.error):

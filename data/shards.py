@@ -71,6 +71,18 @@ def _member_reason(m: tarfile.TarInfo, max_bytes: int) -> str | None:
     return None
 
 
+def safe_members(tar: tarfile.TarFile, skips: SkipCounter, max_member_bytes: int = MAX_MEMBER_BYTES):
+    """Yield (member, key, lowercase ext) for the regular members that may be read; the others are counted."""
+    for m in tar:
+        reason = _member_reason(m, max_member_bytes)
+        if reason is not None:
+            skips.add(reason)
+            continue
+        if m.isreg():
+            key, ext = base_plus_ext(m.name)
+            yield m, key, ext.lower()
+
+
 def iter_samples(paths: Iterable, skips: SkipCounter | None = None, *,
                  max_member_bytes: int = MAX_MEMBER_BYTES) -> Iterator[dict]:
     """Yield {"__key__", "__url__", ext: raw bytes, ...} groups from WebDataset tars, never decoding anything.
@@ -84,15 +96,7 @@ def iter_samples(paths: Iterable, skips: SkipCounter | None = None, *,
         group: dict | None = None
         try:
             with open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
-                for m in tar:
-                    reason = _member_reason(m, max_member_bytes)
-                    if reason is not None:
-                        skips.add(reason)
-                        continue
-                    if not m.isreg():
-                        continue
-                    key, ext = base_plus_ext(m.name)
-                    ext = ext.lower()
+                for m, key, ext in safe_members(tar, skips, max_member_bytes):
                     if group is not None and group["__key__"] != key:
                         yield group
                         group = None
