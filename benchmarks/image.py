@@ -21,10 +21,9 @@ import torch  # noqa: E402
 
 from data.shards import SkipCounter, expand_shards, iter_text_docs  # noqa: E402
 from mm.cli import run_reporting  # noqa: E402
-from mm.eval_image import vqa_eval, vqa_score  # noqa: E402,F401  (vqa_score: the scoring rule, re-exported)
+from mm.eval_image import eval_image_shards, vqa_score  # noqa: E402,F401  (vqa_score: the scoring rule, re-exported)
 from mm.eval_text import bits_per_byte  # noqa: E402
 from mm.runs import load_lm  # noqa: E402
-from mm.stages.clip_pretrain import load_image_samples  # noqa: E402
 from mm.stages.image_pretrain import load_fused  # noqa: E402
 from mm.checkpoint import load_meta  # noqa: E402
 from mm.runs import model_dir  # noqa: E402
@@ -47,10 +46,9 @@ def evaluate(args) -> dict:
     t0 = time.perf_counter()
     fused, vision, tok = load_fused(args.ckpt)
     meta = load_meta(model_dir(args.ckpt))
-    size = vision.cfg.image_size * (args.decode_scale or 1)
-    samples, skips = load_image_samples(args.shards, size, max_samples=max(1, args.max_items // 2), seed=args.seed)
-    out = {"ckpt": str(args.ckpt), "shards": args.shards, "image_samples": len(samples), "skipped": skips}
-    out.update(vqa_eval(fused, vision, tok, samples, args.max_items, args.max_new_tokens, blind=not args.no_blind))
+    out = {"ckpt": str(args.ckpt)}
+    out.update(eval_image_shards(fused, vision, tok, args.shards, args.max_items, args.max_new_tokens,
+                                 blind=not args.no_blind, decode_scale=args.decode_scale, seed=args.seed))
     out["vqa_s"] = round(time.perf_counter() - t0, 1)
     if args.text_shards and args.text_docs:
         lm, _, _ = load_lm(meta["lm"])
@@ -63,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--ckpt", required=True, help="image-stage run directory (or its final/ folder)")
     p.add_argument("--shards", default=".cache/shards/image/val-*.tar", help="held-out image shards")
-    p.add_argument("--max-items", type=int, default=400, help="cap on VQA items (questions)")
+    p.add_argument("--max-items", type=int, default=400, help="cap on VQA items (questions; 0: all)")
     p.add_argument("--max-new-tokens", type=int, default=8)
     p.add_argument("--no-blind", action="store_true", help="skip the blind (no image) pass")
     p.add_argument("--text-shards", default=".cache/shards/text/val-*.tar", help="held-out text ('' to skip)")

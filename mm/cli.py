@@ -67,26 +67,49 @@ def cmd_data(args) -> dict:
     return res
 
 
+def _is_image_run(ckpt) -> bool:
+    from mm.checkpoint import load_meta
+    from mm.runs import model_dir
+
+    return load_meta(model_dir(ckpt)).get("kind") == "image"
+
+
 def cmd_chat(args) -> dict:
     from llm.generate import generate
     from llm.tokenizer import ChatFormat
-    from mm.runs import load_lm
 
-    model, tok, meta = load_lm(args.ckpt)
-    chat = bool(meta.get("chat")) and not args.raw
-    fmt = ChatFormat(tok)
-    stops = (tok.eot_id, tok.eom_id, tok.eos_id)
+    gen_kw = dict(greedy=args.greedy, temperature=args.temperature, seed=args.seed)
+    if _is_image_run(args.ckpt):  # the fused model; the image path lives in mm/chat_image.py
+        from mm.chat_image import chat_about_image, chat_reply
+        from mm.stages.image_pretrain import load_fused
 
-    def reply(text: str, history: list[dict]) -> str:
-        if chat:
-            msgs = ([{"role": "system", "content": args.system}] if args.system else []) + history
-            msgs.append({"role": "user", "content": text})
-            ids, _ = fmt.encode_dialog(msgs, add_generation_prompt=True)
-        else:
-            ids = tok.encode(text, bos=True)
-        out = generate(model, ids, args.max_new_tokens, greedy=args.greedy, temperature=args.temperature,
-                       stop_ids=stops, seed=args.seed)
-        return tok.decode(out)
+        fused, vision, tok = load_fused(args.ckpt)
+        kw = dict(system=args.system, max_new_tokens=args.max_new_tokens, **gen_kw)
+        if args.image:
+            return {"text": chat_about_image(fused, vision, tok, args.image, args.prompt, **kw), "image": args.image}
+        chat = True
+
+        def reply(text: str, history: list[dict]) -> str:
+            return chat_reply(fused, tok, text, None, history=history, **kw)
+    else:
+        if args.image:
+            raise ValueError(f"--image needs an image-stage run; {args.ckpt} is a text model")
+        from mm.runs import load_lm
+
+        model, tok, meta = load_lm(args.ckpt)
+        chat = bool(meta.get("chat")) and not args.raw
+        fmt = ChatFormat(tok)
+        stops = (tok.eot_id, tok.eom_id, tok.eos_id)
+
+        def reply(text: str, history: list[dict]) -> str:
+            if chat:
+                msgs = ([{"role": "system", "content": args.system}] if args.system else []) + history
+                msgs.append({"role": "user", "content": text})
+                ids, _ = fmt.encode_dialog(msgs, add_generation_prompt=True)
+            else:
+                ids = tok.encode(text, bos=True)
+            out = generate(model, ids, args.max_new_tokens, stop_ids=stops, **gen_kw)
+            return tok.decode(out)
 
     if args.prompt is not None:
         return {"text": reply(args.prompt, []), "chat_template": chat}
@@ -125,8 +148,20 @@ def cmd_average(args) -> dict:
 
 
 def cmd_eval(args) -> dict:
+    if args.modality == "image":
+        from mm.eval_image import eval_image_shards
+        from mm.stages.image_pretrain import load_fused
+
+        if args.threads:
+            import torch
+
+            torch.set_num_threads(args.threads)
+        fused, vision, tok = load_fused(args.ckpt)
+        return {"ckpt": str(args.ckpt), **eval_image_shards(fused, vision, tok, args.shards, args.max_items,
+                                                            args.max_new_tokens, blind=not args.no_blind,
+                                                            decode_scale=args.decode_scale, seed=args.seed)}
     if args.modality != "text":
-        raise ValueError(f"mm eval {args.modality}: not available yet (only text)")
+        raise ValueError(f"mm eval {args.modality}: not available yet (text and image only)")
     from data.shards import SkipCounter, expand_shards, iter_text_docs
     from mm.eval_text import bits_per_byte
     from mm.runs import load_lm
@@ -166,6 +201,8 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--temperature", type=float, default=0.8)
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--raw", action="store_true", help="no chat template, plain continuation")
+    c.add_argument("--image", help="a PNG/JPEG file to ask about (image-stage runs); prompt default: "
+                                   "'Describe the image.'")
     c.set_defaults(fn=cmd_chat)
     e = sub.add_parser("export", help="export a model")
     e.add_argument("format", choices=["hf"])
@@ -181,7 +218,13 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("modality", choices=["text", "image", "video", "speech"])
     v.add_argument("--ckpt", required=True)
     v.add_argument("--shards", required=True)
-    v.add_argument("--seq-len", type=int, default=512)
+    v.add_argument("--seq-len", type=int, default=512, help="text: context length")
+    v.add_argument("--max-items", type=int, default=400, help="image: cap on VQA questions (0: all)")
+    v.add_argument("--max-new-tokens", type=int, default=8, help="image: answer length")
+    v.add_argument("--no-blind", action="store_true", help="image: skip the blind / shuffled-image passes")
+    v.add_argument("--decode-scale", type=int, default=1, help="image: decode at this many tile sides")
+    v.add_argument("--seed", type=int, default=0, help="image: sample subset seed")
+    v.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch default)")
     v.set_defaults(fn=cmd_eval)
     return p
 

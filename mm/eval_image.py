@@ -14,6 +14,16 @@ from mm.stages.image_pretrain import encode_vqa, images_to_pixels, qa_prompt
 FAMILIES = ("recognition", "ocr", "chart", "counting")
 
 
+@torch.no_grad()
+def image_media(vision, image, device: str | torch.device = "cpu") -> torch.Tensor:
+    """One image (3, H, W) uint8 (tensor or array, as image samples hold it) -> its media item
+    (1, n_tiles*(P+1), D_out): tiled to the encoder's tile size / max_tiles, CLIP-normalised, encoded once.
+    Used by vqa_eval and `mm chat --image`."""
+    img = torch.as_tensor(image)
+    px, aspect = images_to_pixels([img], vision.cfg.image_size, vision.cfg.max_tiles)
+    return vision(px.to(device), aspect.to(device))
+
+
 def vqa_score(pred: str, answers) -> float:
     """VQA accuracy of one prediction: min(#references matching / 3, 1) with several references, else exact match
     (both after normalise_answer)."""
@@ -61,9 +71,7 @@ def vqa_eval(fused: FusedLM, vision, tok, samples: list[dict], max_items: int = 
     examples = []
     def media(i: int) -> torch.Tensor:
         if i not in feats:
-            px, aspect = images_to_pixels([torch.as_tensor(samples[i]["image"])], vision.cfg.image_size,
-                                          vision.cfg.max_tiles)
-            feats[i] = vision(px.to(device), aspect.to(device))  # (1, n_tiles*(P+1), D) = one media item
+            feats[i] = image_media(vision, samples[i]["image"], device)  # (1, n_tiles*(P+1), D) = one media item
         return feats[i]
 
     for it in items:
@@ -95,4 +103,23 @@ def vqa_eval(fused: FusedLM, vision, tok, samples: list[dict], max_items: int = 
         out["blind_vqa_acc"], out["blind_vqa_acc_by_family"] = summary(scores["blind"])
         out["shuffled_vqa_acc"], out["shuffled_vqa_acc_by_family"] = summary(scores["shuffled"])
     out["examples"] = examples
+    return out
+
+
+def eval_image_shards(fused: FusedLM, vision, tok, shards: str, max_items: int = 400, max_new_tokens: int = 8,
+                      blind: bool = True, decode_scale: int = 1, seed: int = 0) -> dict:
+    """VQA metrics of a loaded image model on any image-text shards (DESIGN.md format): samples decoded at
+    decode_scale tile sides (a seeded subset of max_items // 2 samples, all when max_items is 0), then vqa_eval.
+    Returns {"shards", "image_samples", "skipped" ({reason: n}), "skipped_total", **vqa_eval(...)}; the one
+    implementation behind `mm eval image` and benchmarks/image.py."""
+    from mm.stages.clip_pretrain import load_image_samples
+
+    size = vision.cfg.image_size * (decode_scale or 1)
+    samples, skips = load_image_samples(shards, size, max_samples=max(1, max_items // 2) if max_items else 0,
+                                        seed=seed)
+    out = {"shards": shards, "image_samples": len(samples), "skipped": skips,
+           "skipped_total": sum(skips.values())}
+    if not samples:
+        raise ValueError(f"{shards}: no readable image samples (skipped: {skips})")
+    out.update(vqa_eval(fused, vision, tok, samples, max_items, max_new_tokens, blind=blind))
     return out

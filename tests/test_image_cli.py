@@ -1,0 +1,133 @@
+"""`mm chat --image` and `mm eval image` on a tiny image run (DESIGN.md "CLI"; invariant 8 for the image file): the
+image is decoded by our decoder, encoded once, answered through generate_fused; bad files are one error line naming
+the file (exit 2); `mm eval image` uses mm/eval_image.py (the functions benchmarks/image.py uses) and counts skips."""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import webdataset as wds
+
+from data.image_kit import encode_image
+from tests.test_image_stage import _image, _one_thread, _run, world  # noqa: F401  (fixtures reused)
+
+
+def _cli(argv: list[str]) -> tuple[int, dict, str]:
+    from mm.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main(argv)
+    return rc, json.loads(out.getvalue().strip().splitlines()[-1]), err.getvalue()
+
+
+@pytest.fixture(scope="module")
+def image_run(world, tmp_path_factory) -> Path:  # noqa: F811
+    """A 1-step image_pretrain run over the shared tiny world (through `mm run`)."""
+    import os
+
+    out = tmp_path_factory.mktemp("image_cli") / "run"
+    cwd = os.getcwd()
+    os.chdir(Path(__file__).resolve().parents[1])
+    try:
+        _run(world, out, "steps=1")
+    finally:
+        os.chdir(cwd)
+    return out
+
+
+def test_chat_image_encodes_once_and_replies(image_run, tmp_path, monkeypatch):
+    from encoders.vision import VisionEncoder
+
+    png = tmp_path / "pic.png"
+    png.write_bytes(encode_image(_image(3), "png"))
+    calls = []
+    orig = VisionEncoder.forward
+    monkeypatch.setattr(VisionEncoder, "forward", lambda self, *a, **k: calls.append(1) or orig(self, *a, **k))
+    rc, res, err = _cli(["chat", "--ckpt", str(image_run), "--image", str(png), "--max-new-tokens", "6", "--greedy"])
+    assert rc == 0 and res["ok"] and isinstance(res["text"], str) and res["image"] == str(png), (res, err)
+    assert len(calls) == 1  # encoded once; the media K/V are cached across decoding steps
+    rc, res2, _ = _cli(["chat", "--ckpt", str(image_run), "--image", str(png), "--prompt", "What is shown?",
+                        "--max-new-tokens", "4", "--greedy"])
+    assert rc == 0 and "text" in res2 and len(calls) == 2
+
+
+def test_chat_image_matches_generate_fused(image_run, tmp_path):
+    """The CLI reply is generate_fused on `<|image|>` + prompt with the encoded image (greedy)."""
+    from llm.tokenizer import ChatFormat
+    from mm.chat_image import chat_prompt_ids, decode_size, read_image_file
+    from mm.eval_image import image_media
+    from mm.fused import generate_fused
+    from mm.stages.image_pretrain import encode_vqa, load_fused
+
+    png = tmp_path / "pic.png"
+    png.write_bytes(encode_image(_image(4), "png"))
+    fused, vision, tok = load_fused(image_run)
+    fmt = ChatFormat(tok)
+    ids = chat_prompt_ids(fmt, "What is shown?", True)
+    assert ids == encode_vqa(fmt, "What is shown?", None)[0]  # the training dialog format
+    media = image_media(vision, read_image_file(png, size=decode_size(vision)))
+    out = generate_fused(fused, ids, media, 5, stop_ids=(tok.eot_id, tok.eom_id, tok.eos_id))
+    rc, res, _ = _cli(["chat", "--ckpt", str(image_run), "--image", str(png), "--prompt", "What is shown?",
+                       "--max-new-tokens", "5", "--greedy"])
+    assert rc == 0 and res["text"] == fmt.decode_reply(out).strip()
+
+
+def test_chat_image_bad_files_exit_2(image_run, tmp_path):
+    good = encode_image(_image(1), "png")
+    truncated = tmp_path / "cut.png"
+    truncated.write_bytes(good[: len(good) // 2])
+    text = tmp_path / "notes.png"
+    text.write_text("this is not an image\n")
+    for bad in (truncated, text, tmp_path / "missing.png"):
+        rc, res, err = _cli(["chat", "--ckpt", str(image_run), "--image", str(bad), "--max-new-tokens", "2"])
+        lines = err.strip().splitlines()
+        assert rc == 2 and res["ok"] is False and str(bad) in res["error"], res
+        assert len(lines) == 1 and lines[0].startswith("error: ") and str(bad) in lines[0], err
+
+
+def test_chat_text_only_on_image_run_equals_lm(image_run, world):  # noqa: F811
+    from llm.generate import generate
+    from llm.tokenizer import ChatFormat
+    from mm.runs import load_lm
+
+    lm, tok, _ = load_lm(world["lm"])
+    ids, _ = ChatFormat(tok).encode_dialog([{"role": "user", "content": "is it a bag?"}])
+    ref = ChatFormat(tok).decode_reply(generate(lm, ids, 5, greedy=True, stop_ids=(tok.eot_id, tok.eom_id,
+                                                                                    tok.eos_id))).strip()
+    rc, res, _ = _cli(["chat", "--ckpt", str(image_run), "--prompt", "is it a bag?", "--max-new-tokens", "5",
+                       "--greedy"])
+    assert rc == 0 and res["text"] == ref
+
+
+def test_eval_image_scores_and_counts_skips(image_run, world, tmp_path):  # noqa: F811
+    shard = tmp_path / "mine-000000.tar"
+    with wds.TarWriter(str(shard)) as w:
+        for i in range(3):
+            meta = {"source": "mine", "family": "counting", "qa": [{"question": "How many?", "answers": ["2"]}]}
+            png = encode_image(_image(i), "png")
+            w.write({"__key__": f"s{i}", "png": png if i != 1 else png[:40], "txt": "a thing.",
+                     "json": json.dumps(meta)})
+    rc, res, err = _cli(["eval", "image", "--ckpt", str(image_run), "--shards", str(shard), "--max-items", "0",
+                         "--max-new-tokens", "2"])
+    assert rc == 0, (res, err)
+    assert {"vqa_acc", "blind_vqa_acc", "vqa_acc_by_family"} <= res.keys() and res["items"] == 2
+    assert res["skipped"] == {"bad_image": 1} and res["skipped_total"] == 1 and res["image_samples"] == 2
+    assert set(res["vqa_acc_by_family"]) == {"counting"}
+    # the same numbers as the benchmark script's evaluate (one implementation)
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_image", Path(__file__).resolve().parents[1] /
+                                                  "benchmarks" / "image.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    b = mod.evaluate(mod.argparse.Namespace(ckpt=str(image_run), shards=str(shard), max_items=0, max_new_tokens=2,
+                                            no_blind=False, text_shards="", text_docs=0, seq_len=64,
+                                            decode_scale=1, threads=1, seed=0))
+    assert {k: b[k] for k in ("vqa_acc", "blind_vqa_acc", "skipped", "items")} == \
+        {k: res[k] for k in ("vqa_acc", "blind_vqa_acc", "skipped", "items")}
+    torch.set_num_threads(1)  # evaluate() set it; keep the shared CPU at one thread
