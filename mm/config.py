@@ -231,6 +231,28 @@ class ImageStageConfig:
 
 
 @dataclass
+class SweepMember:
+    """One image_sft sweep member: its own seed (data order, question draws, init of nothing new) and peak LR."""
+
+    seed: int = MISSING
+    lr: float = MISSING
+
+
+@dataclass
+class ImageSFTConfig(ImageStageConfig):
+    """Stage `image_sft` (PAPER.md §7.2; DESIGN.md invariant 6): every sweep member starts from `init_from` (an
+    image_pretrain / image_anneal run), hot-swaps the LM to `instruct_lm` (frozen), trains ViT + image adapter with its
+    own seed / LR into members/<i>/, and is scored on held-out VQA (eval_items items of data.val_shards); the top
+    soup_top_k members by vqa_acc are averaged (model soup) into final/."""
+
+    stage: str = "image_sft"
+    instruct_lm: str = MISSING  # run directory of the instruction-tuned LM (same shape and tokenizer as `lm`)
+    sweep: list[SweepMember] = field(default_factory=list)
+    soup_top_k: int = 2
+    eval_items: int = 200  # held-out VQA items per member and for the soup (0: all)
+
+
+@dataclass
 class PipelineStep:
     """One entry of a pipeline: a stage YAML, overrides ({run}, {round}, {prev} are substituted), once or per round."""
 
@@ -258,6 +280,7 @@ STAGE_CONFIGS: dict[str, type] = {
     "clip_pretrain": ClipPretrainConfig,
     "image_pretrain": ImageStageConfig,
     "image_anneal": ImageStageConfig,
+    "image_sft": ImageSFTConfig,
     "pipeline": PipelineConfig,
 }
 

@@ -13,6 +13,7 @@ RUNNERS = {
     "clip_pretrain": ("mm.stages.clip_pretrain", "run"),
     "image_pretrain": ("mm.stages.image_pretrain", "run"),
     "image_anneal": ("mm.stages.image_pretrain", "run"),
+    "image_sft": ("mm.stages.image_sft", "run"),
     "pipeline": ("mm.pipeline", "run"),
 }
 

@@ -9,6 +9,7 @@ assistant tokens only. The question drawn for a sample is a pure function of (se
 the `Loader` is a pure function of (seed, rank, world, b), so resume is exact (as in clip_pretrain).
 image_anneal is the same runner with `init_from` an image run: its weights, a fresh optimizer, the YAML's (lower) LR
 and possibly more tiles / a higher decode resolution.
+image_sft (mm.stages.image_sft) trains its sweep members with this runner, the LM hot-swapped to `instruct_lm`.
 Final: final/{model.safetensors ("vision.*" encoder, "fused.*" adapter + new-token rows), meta.json, tokenizer.json};
 `load_fused(run_dir) -> (fused, vision, tok)` rebuilds the model.
 """
@@ -143,7 +144,8 @@ def freeze_for_image(model: ImageModel) -> dict[str, int]:
 
 
 def build_model(cfg: ImageStageConfig) -> tuple[ImageModel, Tokenizer, Path]:
-    """LM (frozen) + encoder (from init_from if set, else the vision run) + adapter (from init_from if set)."""
+    """LM (frozen) + encoder (from init_from if set, else the vision run) + adapter (from init_from if set); a config
+    with `instruct_lm` (image_sft) then hot-swaps the LM to it, and the returned LM path is the instruct LM's."""
     lm, tok, _ = load_lm(cfg.lm)
     vision = load_vision(cfg.init_from or cfg.vision, cfg.max_tiles)
     torch.manual_seed(cfg.seed)
@@ -155,7 +157,21 @@ def build_model(cfg: ImageStageConfig) -> tuple[ImageModel, Tokenizer, Path]:
         if missing:
             raise CheckpointError(f"{d}: adapter does not fit: missing {sorted(missing)[0]!r}")
         fused.load_state_dict(sd, strict=False)
+    if getattr(cfg, "instruct_lm", None):  # image_sft: LM hot-swapped to the instruction-tuned one (invariant 6)
+        hot_swap_lm(fused, tok, cfg.instruct_lm)
+        return ImageModel(vision, fused), tok, lm_dir(cfg.instruct_lm)
     return ImageModel(vision, fused), tok, lm_dir(cfg.lm)
+
+
+def hot_swap_lm(fused: FusedLM, tok: Tokenizer, ckpt) -> None:
+    """Replace the fused model's LM weights by those of the LM run `ckpt` (FusedLM.load_lm_weights: adapter
+    untouched); its tokenizer must be the one the adapter was trained with (same ids, same special tokens)."""
+    other, otok, _ = load_lm(ckpt)
+    probe = "Describe the image. 0123 yes no"
+    if (otok.vocab_size, otok.encode(probe), otok.special_id("<|image|>")) != (
+            tok.vocab_size, tok.encode(probe), tok.special_id("<|image|>")):
+        raise CheckpointError(f"{model_dir(ckpt)}: its tokenizer differs from the image model's; cannot hot-swap")
+    fused.load_lm_weights(other.state_dict())
 
 
 def lm_dir(ckpt) -> Path:

@@ -1,0 +1,125 @@
+"""Stage image_sft (PAPER.md §7.2; DESIGN.md stage table, invariants 4 and 6): a sweep of image SFT runs averaged into
+a model soup.
+
+Each sweep member i (its own seed and peak LR) trains into members/<i>/ with the image_pretrain runner
+(mm.stages.image_pretrain.run): ViT + image adapter from `init_from`, the LM hot-swapped to `instruct_lm`
+(FusedLM.load_lm_weights; frozen), the same VQA/caption dialogs, assistant-only loss. Each member is then scored on
+held-out VQA (mm.eval_image on data.val_shards, the same seeded items for every run). The top soup_top_k members by
+vqa_acc are averaged (mm.average.average_states over their final ViT + adapter tensors; the LM is not in those files
+and stays the instruct LM) into final/, which is scored the same way.
+
+Reruns continue: a member with members/<i>/result.json is reused (if its seed, LR and setup match the config, else an
+error), one with a final model but no score is only scored, and an interrupted one resumes from its checkpoints.
+Files: members/<i>/{checkpoints, final, train.json, result.json}; final/ (loadable with load_fused; meta "soup_of").
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+from mm.average import average_states
+from mm.checkpoint import CheckpointError, load_meta, load_tensors, save_weights
+from mm.config import ImageSFTConfig, SweepMember
+from mm.runs import model_dir
+from mm.stages import image_pretrain
+from mm.stages.image_pretrain import TRAINABLE_PREFIXES, load_fused
+
+MEMBER_KEYS = ("seed", "lr", "steps", "init_from", "instruct_lm", "lm")  # what must match for a member to be reused
+
+
+def member_config(cfg: ImageSFTConfig, m: SweepMember) -> ImageSFTConfig:
+    """The config one member trains with: the stage's, with the member's seed and peak LR."""
+    return dataclasses.replace(cfg, seed=m.seed, train=dataclasses.replace(cfg.train, lr=m.lr))
+
+
+def score(cfg: ImageSFTConfig, ckpt: Path) -> dict:
+    """Held-out VQA metrics (with blind / shuffled-image controls) of an image model on data.val_shards."""
+    from mm.eval_image import eval_image_shards
+
+    fused, vision, tok = load_fused(ckpt)
+    scale = max(1, (cfg.data.image_size or vision.cfg.image_size) // vision.cfg.image_size)
+    return eval_image_shards(fused, vision, tok, cfg.data.val_shards, max_items=cfg.eval_items, blind=True,
+                             decode_scale=scale, seed=0)
+
+
+def _figures(ev: dict) -> dict:
+    return {k: ev.get(k) for k in ("vqa_acc", "blind_vqa_acc", "shuffled_vqa_acc", "exact_match", "items")}
+
+
+def run_member(cfg: ImageSFTConfig, i: int, m: SweepMember, mdir: Path) -> dict:
+    """Train (or resume / reuse) member i into mdir and score it; returns its result (also mdir/result.json)."""
+    key = {"seed": m.seed, "lr": m.lr, "steps": cfg.steps, "init_from": str(cfg.init_from),
+           "instruct_lm": str(cfg.instruct_lm), "lm": str(cfg.lm)}
+    done = mdir / "result.json"
+    if done.exists():
+        old = json.loads(done.read_text())
+        diff = [k for k in MEMBER_KEYS if old.get(k) != key[k]]
+        if diff:
+            raise ValueError(f"{done}: member {i} was trained with {diff[0]}={old.get(diff[0])!r}, the config says "
+                             f"{key[diff[0]]!r}; remove {mdir} to retrain it")
+        return {**old, "reused": True}
+    trained = mdir / "train.json"
+    if not trained.exists():
+        res = image_pretrain.run(member_config(cfg, m), mdir, resume=True)  # resume: a no-op without checkpoints
+        if res.get("stopped_at") is not None:
+            return res
+        trained.write_text(json.dumps(res, indent=1))
+    res = json.loads(trained.read_text())
+    ev = score(cfg, mdir)
+    out = {"member": i, **key, **_figures(ev), "final_loss": res.get("final_loss"), "train_s": res.get("train_s"),
+           "examples": ev.get("examples", [])[:3]}
+    done.write_text(json.dumps(out, indent=1))
+    return {**out, "reused": False}
+
+
+def make_soup(members: list[Path], out: Path, meta: dict) -> Path:
+    """Average the members' final ViT + adapter tensors (no LM tensors are in them) into out; tokenizer from the
+    first member."""
+    dirs = [model_dir(d) for d in members]
+    states = [load_tensors(d / "model.safetensors") for d in dirs]
+    for d, sd in zip(dirs, states):
+        bad = [k for k in sd if not k.startswith(TRAINABLE_PREFIXES)]
+        if bad:
+            raise CheckpointError(f"{d}: {bad[0]!r} is not a ViT / image-adapter tensor; refusing to average it")
+    avg = average_states(states, names=[str(d) for d in dirs])
+    meta = {**load_meta(dirs[0]), **meta, "soup_of": [str(d) for d in dirs]}
+    path = save_weights(out, {"model": avg}, meta)
+    (path / "tokenizer.json").write_bytes((dirs[0] / "tokenizer.json").read_bytes())
+    return path
+
+
+def run(cfg: ImageSFTConfig, run_dir: Path, resume: bool = False) -> dict:
+    """The sweep (members reused / resumed where done), then the top-K soup in final/; returns the stage result."""
+    t0 = time.perf_counter()
+    if not cfg.init_from:
+        raise ValueError("image_sft needs init_from: the image_pretrain / image_anneal run to start from")
+    if not cfg.sweep:
+        raise ValueError("image_sft needs a non-empty sweep: [{seed, lr}, ...]")
+    if not 1 <= cfg.soup_top_k <= len(cfg.sweep):
+        raise ValueError(f"soup_top_k {cfg.soup_top_k} must be in [1, {len(cfg.sweep)}] (the sweep's size)")
+    run_dir = Path(run_dir)
+    mdirs = [run_dir / "members" / str(i) for i in range(len(cfg.sweep))]
+    members = []
+    for i, (m, mdir) in enumerate(zip(cfg.sweep, mdirs)):
+        res = run_member(cfg, i, m, mdir)
+        if res.get("stopped_at") is not None:  # train.stop_after inside member i: not complete; a rerun continues
+            return {"stage": cfg.stage, "member": i, "stopped_at": res["stopped_at"],
+                    "checkpoint": res.get("checkpoint")}
+        members.append(res)
+    ranked = sorted(range(len(members)), key=lambda i: (-(members[i]["vqa_acc"] or 0.0), i))
+    top = ranked[: cfg.soup_top_k]
+    make_soup([mdirs[i] for i in top], run_dir / "final", {"stage": cfg.stage, "soup_top_k": cfg.soup_top_k,
+                                                           "soup_members": top})
+    ev = score(cfg, run_dir)
+    best = members[ranked[0]]["vqa_acc"] or 0.0
+    soup = ev.get("vqa_acc") or 0.0
+    return {"stage": cfg.stage, "steps": cfg.steps,
+            "members": [{k: r.get(k) for k in ("member", "seed", "lr", "vqa_acc", "blind_vqa_acc", "shuffled_vqa_acc",
+                                                "final_loss", "reused")} for r in members],
+            "soup_members": top, "soup_top_k": cfg.soup_top_k,
+            "soup_vqa_acc": ev.get("vqa_acc"), "soup_blind_vqa_acc": ev.get("blind_vqa_acc"),
+            "soup_shuffled_vqa_acc": ev.get("shuffled_vqa_acc"), "best_member_vqa_acc": best,
+            "soup_vs_best": round(soup - best, 6), "eval_items": ev.get("items"),
+            "soup_examples": ev.get("examples", [])[:3], "total_s": round(time.perf_counter() - t0, 1)}

@@ -1,0 +1,125 @@
+"""Stage image_sft (PAPER.md §7.2; DESIGN.md invariants 4, 6): sweep members hot-swap the LM to the instruct LM
+(frozen) and train ViT + adapter from init_from; final/ is the mean of the top-K members' trainable tensors, holds no LM
+tensors, loads with the instruct LM; the result lists members and the soup score; a rerun reuses the members."""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from llm.model import Llama, LlamaConfig
+from mm.checkpoint import load_tensors
+from mm.runs import load_lm, save_lm
+from test_image_stage import _one_thread, _overrides, world  # noqa: F401  (module-level fixtures / helpers)
+
+REPO = Path(__file__).resolve().parents[1]
+YAML = "experiments/image/image_sft_tiny.yaml"
+
+
+def _main(*argv: str) -> dict:
+    from mm.cli import main
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        rc = main(list(argv))
+    res = json.loads(buf.getvalue().strip().splitlines()[-1])
+    assert rc == 0, res
+    return res
+
+
+@pytest.fixture(scope="module")
+def sft_world(world):  # noqa: F811
+    """world + an 'instruct' LM (same shape and tokenizer, other weights) + a 1-step image_pretrain run."""
+    root = world["root"]
+    _, tok, meta = load_lm(world["lm"])
+    cfg = LlamaConfig(**meta["model_config"])
+    torch.manual_seed(7)
+    save_lm(root / "instruct" / "final", Llama(cfg).state_dict(), cfg, tok, {"stage": "lm_dpo"})
+    _main("run", "experiments/image/image_pretrain_tiny.yaml", "--out", str(root / "img"), *_overrides(world),
+          "steps=1")
+    return {**world, "instruct": root / "instruct", "img": root / "img"}
+
+
+def _sft(w: dict, out: Path, *extra: str) -> dict:
+    ov = [o for o in _overrides(w) if not o.startswith(("steps=", "train.ckpt_every=", "train.lr="))]
+    return _main("run", YAML, "--out", str(out), *ov, f"instruct_lm={w['instruct']}", f"init_from={w['img']}",
+                 "steps=2", "train.ckpt_every=2", "sweep=[{seed: 1, lr: 0.01}, {seed: 2, lr: 0.003}]",
+                 "soup_top_k=2", "eval_items=4", *extra)
+
+
+def test_image_sft_soup_hot_swap_and_reuse(sft_world, tmp_path, monkeypatch):
+    from mm.stages.image_pretrain import TRAINABLE_PREFIXES, load_fused
+
+    monkeypatch.chdir(REPO)
+    out = tmp_path / "sft"
+    res = _sft(sft_world, out)
+    assert res["stage"] == "image_sft" and [m["seed"] for m in res["members"]] == [1, 2]
+    assert [m["reused"] for m in res["members"]] == [False, False]
+    assert all(m["vqa_acc"] is not None and m["blind_vqa_acc"] is not None for m in res["members"])
+    assert res["soup_vqa_acc"] is not None and sorted(res["soup_members"]) == [0, 1]
+    assert res["soup_vs_best"] == pytest.approx(res["soup_vqa_acc"] - res["best_member_vqa_acc"])
+    # the soup = the mean of the two members' trainable (ViT + adapter) tensors; no LM tensors in any final file
+    a, b = (load_tensors(out / "members" / str(i) / "final" / "model.safetensors") for i in (0, 1))
+    soup = load_tensors(out / "final" / "model.safetensors")
+    assert soup.keys() == a.keys() == b.keys() and all(k.startswith(TRAINABLE_PREFIXES) for k in soup)
+    assert not any(k.startswith(("fused.layers.", "fused.tok_embeddings", "fused.output", "fused.norm")) for k in soup)
+    for k in soup:
+        torch.testing.assert_close(soup[k], (a[k] + b[k]) / 2)
+    assert any(not torch.equal(a[k], b[k]) for k in a)  # the members differ (seed / LR)
+    init = load_tensors(sft_world["img"] / "final" / "model.safetensors")
+    assert any(not torch.equal(a[k], init[k]) for k in a)  # members trained from init_from
+    # hot-swap: the soup (and a member's full step checkpoint) carry the instruct LM, not the pretrained one
+    inst = load_tensors(sft_world["instruct"] / "final" / "model.safetensors")
+    base = load_tensors(sft_world["lm"] / "final" / "model.safetensors")
+    fused, _, _ = load_fused(out)
+    lm_sd = fused.lm.state_dict()
+    assert all(torch.equal(lm_sd[k], v) for k, v in inst.items())
+    assert any(not torch.equal(lm_sd[k], base[k]) for k in base)
+    ck = sorted((out / "members" / "0" / "checkpoints").glob("step_*"))[-1]
+    c = load_tensors(ck / "model.safetensors")
+    assert all(torch.equal(c[f"fused.{k}"], v) for k, v in inst.items())  # frozen through training
+    # a rerun (top-level result removed with --force) reuses both members and rebuilds the same soup
+    res2 = _sft(sft_world, out, "--force")
+    assert [m["reused"] for m in res2["members"]] == [True, True]
+    assert [m["vqa_acc"] for m in res2["members"]] == [m["vqa_acc"] for m in res["members"]]
+    soup2 = load_tensors(out / "final" / "model.safetensors")
+    assert all(torch.equal(soup2[k], soup[k]) for k in soup)
+    # a member trained with other settings is not silently reused
+    from mm.cli import main
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(io.StringIO()):
+        rc = main(["run", YAML, "--out", str(out), "--force", *[o for o in _overrides(sft_world)
+                                                                  if not o.startswith("steps=")],
+                   f"instruct_lm={sft_world['instruct']}", f"init_from={sft_world['img']}", "steps=3",
+                   "sweep=[{seed: 1, lr: 0.01}]", "soup_top_k=1", "eval_items=4"])
+    err = json.loads(buf.getvalue().strip().splitlines()[-1])["error"]
+    assert rc == 2 and "member 0 was trained with steps=2" in err, err
+
+
+def test_member_trains_vit_and_adapter_only_over_the_instruct_lm(sft_world):
+    from mm.config import SweepMember, load_config
+    from mm.stages.image_pretrain import build_model, freeze_for_image
+    from mm.stages.image_sft import member_config
+
+    w = sft_world
+    cfg = load_config(REPO / YAML, [*_overrides(w), f"instruct_lm={w['instruct']}", f"init_from={w['img']}",
+                                    "sweep=[{seed: 5, lr: 0.002}]", "soup_top_k=1"])
+    mcfg = member_config(cfg, cfg.sweep[0])
+    assert (mcfg.seed, mcfg.train.lr) == (5, 0.002) and cfg.sweep == [SweepMember(seed=5, lr=0.002)]
+    model, _, lm_path = build_model(mcfg)
+    freeze_for_image(model)
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    vit = {f"vision.{n}" for n, _ in model.vision.named_parameters()}
+    adapter = {f"fused.image_adapter.{n}" for n, _ in model.fused.image_adapter.named_parameters()}
+    assert names == vit | adapter | {"fused.new_tokens.weight"}
+    assert lm_path == (w["instruct"] / "final").resolve()
+    inst = load_tensors(w["instruct"] / "final" / "model.safetensors")
+    init = load_tensors(w["img"] / "final" / "model.safetensors")
+    sd = model.state_dict()
+    assert all(torch.equal(sd[f"fused.{k}"], v) for k, v in inst.items())  # LM = instruct (hot-swapped)
+    assert all(torch.equal(sd[k], v) for k, v in init.items())  # ViT + adapter = init_from, untouched by the swap
