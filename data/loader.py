@@ -12,6 +12,7 @@ Bad samples are skipped (a batch keeps its good samples) and counted by reason i
 """
 from __future__ import annotations
 
+import abc
 import os
 import random
 import tarfile
@@ -257,3 +258,30 @@ class Loader:
             raise ValueError(f"loader state does not match this loader in {bad}: "
                              f"{ {k: (state[k], mine[k]) for k in bad} }")
         self.next_batch = int(state["next_batch"])
+
+
+class StepFeed(abc.ABC):
+    """Micro-batches for training step s = loader batches [s*accum, (s+1)*accum), each made into a model batch by
+    `make(index, batch)`; one loader iterator stays open while steps are consecutive and is reopened at the right
+    index otherwise (first step, resume), so the feed is a pure function of the step like the loader."""
+
+    def __init__(self, loader: Loader, accum: int):
+        self.loader, self.accum, self.it = loader, accum, None
+
+    @abc.abstractmethod
+    def make(self, index: int, batch: dict) -> dict:
+        """Turn loader batch number `index` into one micro-batch for the model."""
+
+    def __call__(self, step: int) -> list[dict]:
+        start = step * self.accum
+        if self.it is None or self.loader.next_batch != start:
+            self.close()
+            self.loader.load_state_dict({"next_batch": start})
+            self.it = iter(self.loader)
+        return [self.make(start + i, next(self.it)) for i in range(self.accum)]
+
+    def close(self) -> None:
+        """Shut the loader iterator (and its workers) down."""
+        if self.it is not None:
+            self.it.close()
+            self.it = None

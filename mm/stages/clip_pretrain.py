@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data.loader import MODALITIES, Loader, ShardStream
+from data.loader import MODALITIES, Loader, ShardStream, StepFeed
 from data.shards import BadSample, SkipCounter, expand_shards, iter_samples
 from encoders.clip import ClipLoss, ClipModel, TextConfig, flops_per_pair, tokenize_captions, zero_shot_suite
 from encoders.vision import normalize_pixels, vision_config
@@ -73,34 +73,17 @@ def freeze_for_clip(model: ClipModel) -> dict[str, int]:
     return counts
 
 
-class BatchFeed:
-    """Micro-batches for step s = loader batches [s*accum, (s+1)*accum), tokenized; keeps one loader iterator open
-    while steps are consecutive and reopens it at the right index otherwise (first step, resume)."""
+class BatchFeed(StepFeed):
+    """CLIP micro-batches: {pixels (B, 3, t, t) normalised, ids (B, L) caption tokens, n pairs}."""
 
     def __init__(self, loader: Loader, tok: Tokenizer, context_length: int, accum: int, device: torch.device):
-        self.loader, self.tok, self.ctx, self.accum, self.device = loader, tok, context_length, accum, device
-        self.it = None
+        super().__init__(loader, accum)
+        self.tok, self.ctx, self.device = tok, context_length, device
 
-    def __call__(self, step: int) -> list[dict]:
-        """The step's micro-batches: {pixels (B, 3, t, t) normalised, ids (B, L), n}."""
-        start = step * self.accum
-        if self.it is None or self.loader.next_batch != start:
-            self.close()
-            self.loader.load_state_dict({"next_batch": start})
-            self.it = iter(self.loader)
-        out = []
-        for _ in range(self.accum):
-            b = next(self.it)
-            out.append({"pixels": normalize_pixels(b["image"]).to(self.device),  # (B, 3, t, t)
-                        "ids": tokenize_captions(self.tok, b["caption"], self.ctx).to(self.device),  # (B, L)
-                        "n": int(b["size"])})
-        return out
-
-    def close(self) -> None:
-        """Shut the loader iterator (and its workers) down."""
-        if self.it is not None:
-            self.it.close()
-            self.it = None
+    def make(self, index: int, batch: dict) -> dict:
+        return {"pixels": normalize_pixels(batch["image"]).to(self.device),  # (B, 3, t, t)
+                "ids": tokenize_captions(self.tok, batch["caption"], self.ctx).to(self.device),  # (B, L)
+                "n": int(batch["size"])}
 
 
 def run(cfg: ClipPretrainConfig, run_dir: Path, resume: bool = False) -> dict:

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from data.loader import Loader
+from data.loader import Loader, StepFeed
 from data.token_stream import IGNORE
 from encoders.vision import VisionConfig, VisionEncoder, normalize_pixels, tile_batch
 from llm.tokenizer import ChatFormat, Tokenizer
@@ -210,13 +210,13 @@ def load_fused(ckpt: str | Path, device: str | torch.device = "cpu") -> tuple[Fu
 
 # ---- the stage ------------------------------------------------------------------------------------------------------
 
-class ImageFeed:
+class ImageFeed(StepFeed):
     """Micro-batches for step s = loader batches [s*accum, (s+1)*accum) turned into VQA dialogs (see module doc)."""
 
     def __init__(self, loader: Loader, tok: Tokenizer, cfg: ImageStageConfig, vcfg: VisionConfig,
                  device: torch.device):
-        self.loader, self.fmt, self.cfg, self.vcfg, self.device = loader, ChatFormat(tok), cfg, vcfg, device
-        self.accum, self.pad_id, self.it = cfg.train.grad_accum, tok.pad_id, None
+        super().__init__(loader, cfg.train.grad_accum)
+        self.fmt, self.cfg, self.vcfg, self.device, self.pad_id = ChatFormat(tok), cfg, vcfg, device, tok.pad_id
 
     def make(self, b: int, batch: dict) -> dict:
         """One micro-batch: {tokens (B, T), labels (B, T), pixels (B, n_tiles, 3, t, t), aspect (B,), n}."""
@@ -231,20 +231,6 @@ class ImageFeed:
         mb = {k: v.to(self.device) for k, v in mb.items()}
         mb["n"] = int((mb["labels"] != IGNORE).sum())
         return mb
-
-    def __call__(self, step: int) -> list[dict]:
-        start = step * self.accum
-        if self.it is None or self.loader.next_batch != start:
-            self.close()
-            self.loader.load_state_dict({"next_batch": start})
-            self.it = iter(self.loader)
-        return [self.make(start + i, next(self.it)) for i in range(self.accum)]
-
-    def close(self) -> None:
-        """Shut the loader iterator down."""
-        if self.it is not None:
-            self.it.close()
-            self.it = None
 
 
 def image_loss(m, mb: dict) -> StepOutput:
