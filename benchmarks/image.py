@@ -21,7 +21,7 @@ import torch  # noqa: E402
 
 from data.shards import SkipCounter, expand_shards, iter_text_docs  # noqa: E402
 from mm.cli import run_reporting  # noqa: E402
-from mm.eval_image import eval_image_shards, vqa_score  # noqa: E402,F401  (vqa_score: the scoring rule, re-exported)
+from mm.eval_image import eval_image_shards  # noqa: E402
 from mm.eval_text import bits_per_byte  # noqa: E402
 from mm.runs import load_lm  # noqa: E402
 from mm.stages.image_pretrain import load_fused  # noqa: E402

@@ -15,7 +15,6 @@ exactly nothing (bitwise). The ViT itself is timm's `VisionTransformer` built wi
 """
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import NamedTuple
 
@@ -261,7 +260,7 @@ class VisionEncoder(nn.Module):
             aspect_ids = torch.zeros(B, dtype=torch.long, device=pixels.device)
         mask = self._attn_mask(aspect_ids, N, pixels.dtype if pixels.is_floating_point() else torch.float32)
         x, taps = self.local_features(pixels, aspect_ids, mask)  # (B, N*T, D)
-        T, D = self.cfg.tokens_per_tile, self.cfg.width
+        T = self.cfg.tokens_per_tile
         post = self.post_tile_embed[aspect_ids, :N]  # (B, N, D)
         x = x + self.post_tile_gate.tanh() * post.repeat_interleave(T, dim=1)
         for blk in self.gated:

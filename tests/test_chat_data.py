@@ -1,11 +1,9 @@
 """Chat and preference kit: item-level splits, correct task answers, preference pairs, safe decoding, scoring."""
 from __future__ import annotations
 
-import io
 import json
 import random
 import re
-import tarfile
 
 import pytest
 
@@ -16,6 +14,7 @@ from data.chat_tasks import (ORDINALS, arith_task, brown_sentences, copy_task, e
                              normalise_answer, preference_pairs, puzzle_task, split_of)
 from data.fetch import default_cache_dir
 from data.shards import SkipCounter, expand_shards
+from tests.shard_helpers import write_tar
 
 VOCAB = ("the a old quiet river garden farmer carried small basket across bright morning village children "
          "laughed under tall green trees while their mother sang softly near open window evening light "
@@ -261,13 +260,6 @@ def test_exact_match_and_normalise():
     assert not exact_match("apple", "[APPLE]", strict=True) and exact_match(" [APPLE]", "[APPLE]", strict=True)
 
 
-def _tar(path, members):
-    with tarfile.open(path, "w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return path
 
 
 def test_decode_rejects_malformed_chat(tmp_path):
@@ -283,7 +275,7 @@ def test_decode_rejects_malformed_chat(tmp_path):
     members += [(f"b{i}.json", raw) for i, raw in enumerate(bad)]
     members += [("t.txt", b"no json member"), ("k.json", json.dumps(good).encode()), ("k.pkl", b"\x80")]
     skips = SkipCounter()
-    out = list(iter_chat([_tar(tmp_path / "s.tar", members)], skips))
+    out = list(iter_chat([write_tar(tmp_path / "s.tar", members)], skips))
     assert [r["key"] for r in out] == ["ok", "p", "k"]
     assert skips.as_dict() == {"bad_chat": len(bad) + 1, "pickle_member": 1}
     with pytest.raises(ValueError, match="bad_chat"):

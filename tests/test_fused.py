@@ -24,13 +24,7 @@ BLOCK_PARAMS = ["attention_norm.weight", "wq.weight", "wkv.weight", "wo.weight",
                 "gate_attn", "ffn_norm.weight", "feed_forward.w13.weight", "feed_forward.w2.weight", "gate_ffn"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """The CPU is shared: one intra-op thread."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_lm(seed: int = 0, n_layers: int = 4) -> Llama:

@@ -21,13 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 VOCAB = 352
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """The CPU is shared: one intra-op thread is faster than two fighting another process."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,9 @@ import torch
 import webdataset as wds
 
 from data.image_kit import encode_image
-from tests.test_image_stage import _image, _one_thread, _run, world  # noqa: F401  (fixtures reused)
+from tests.test_image_stage import _image, _run, world  # noqa: F401  (fixtures reused)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _cli(argv: list[str]) -> tuple[int, dict, str]:

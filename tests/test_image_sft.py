@@ -14,7 +14,9 @@ import torch
 from llm.model import Llama, LlamaConfig
 from mm.checkpoint import load_tensors
 from mm.runs import load_lm, save_lm
-from test_image_stage import _one_thread, _overrides, world  # noqa: F401  (module-level fixtures / helpers)
+from tests.test_image_stage import _overrides, world  # noqa: F401  (module-level fixtures / helpers)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 REPO = Path(__file__).resolve().parents[1]
 YAML = "experiments/image/image_sft_tiny.yaml"

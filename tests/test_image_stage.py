@@ -27,13 +27,7 @@ VCFG = VisionConfig(image_size=16, patch_size=8, width=32, layers=2, heads=2, ml
                     max_tiles=1)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """The CPU is shared: one intra-op thread."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _image(i: int) -> np.ndarray:
@@ -154,12 +148,8 @@ def test_stage_trains_keeps_lm_and_resumes_exactly(world, tmp_path, monkeypatch)
 
 
 def test_vqa_scoring_rule():
-    import importlib.util
+    from mm.eval_image import vqa_score as score
 
-    spec = importlib.util.spec_from_file_location("bench_image", REPO / "benchmarks" / "image.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    score = mod.vqa_score
     assert score("Two", ["2"]) == 1.0  # one reference: exact match after normalisation (number words -> digits)
     assert score("the cat.", "cat") == 1.0 and score("dog", ["cat"]) == 0.0
     assert score("2", ["2", "two", "3"]) == pytest.approx(2 / 3)  # several refs: min(matches / 3, 1)

@@ -6,7 +6,6 @@ import io
 import json
 import random
 import struct
-import tarfile
 import zlib
 
 import numpy as np
@@ -19,6 +18,7 @@ from data.decode import decode_image, decode_video, uniform_indices
 from data.image_sources import FASHION_LABELS, fit_square, on_white, parse_stamp_txt, split_of, stamp_label
 from data.image_synth import gray_sprite
 from data.shards import BadSample
+from tests.shard_helpers import write_tar
 
 av = pytest.importorskip("av")
 
@@ -37,13 +37,6 @@ def _pattern(seed: int, size: int = 64) -> np.ndarray:
     return np.asarray(Image.fromarray(cells).resize((size, size), Image.Resampling.NEAREST))
 
 
-def _tar(path, members):
-    with tarfile.open(path, "w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return path
 
 
 def _moving_clip(frames=16, size=32) -> np.ndarray:
@@ -179,7 +172,7 @@ def test_inspect_counts_every_bad_sample_and_never_unpickles(tmp_path):
     png, mp4 = _img_bytes(_pattern(3)), encode_mp4(_moving_clip(), 8)
     jpg = _img_bytes(_pattern(4), "JPEG")
     meta = json.dumps({"source": "t", "qa": []}).encode()
-    shard = _tar(tmp_path / "s-000000.tar", [
+    shard = write_tar(tmp_path / "s-000000.tar", [
         ("good.png", png), ("good.txt", b"a pattern"), ("good.json", meta),
         ("evil.pkl", pickle.dumps(_Creates(marker))), ("evil.txt", b"a caption"),
         ("trunc.jpg", jpg[: len(jpg) // 2]), ("trunc.txt", b"cut short"),
@@ -438,7 +431,7 @@ def test_mm_data_inspect_cli_on_a_hostile_shard_exits_0_and_reports_reasons(tmp_
     wav = io.BytesIO()
     sf.write(wav, np.zeros(1600, dtype=np.float32), 16000, format="WAV")
     bad_wav = b"RIFX" + wav.getvalue()[4:12] + b"junk" + wav.getvalue()[16:]
-    shard = _tar(tmp_path / "h-000000.tar", [
+    write_tar(tmp_path / "h-000000.tar", [
         ("evil.pkl", pickle.dumps(_Creates(marker))), ("evil.txt", b"a caption"),
         ("trunc.jpg", jpg[: len(jpg) // 2]), ("trunc.txt", b"cut short"),
         ("vid.mp4", encode_mp4(_moving_clip(), 8)[:300]), ("vid.txt", b"a clip"),

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from data.chat_stream import ChatPacker, PairSampler, encode_dialogs, encode_pairs, pad_dialogs
+from data.chat_stream import ChatPacker, PairSampler, encode_dialogs, encode_pairs
 from data.text_kit import pydoc_documents
 from data.token_stream import IGNORE
 from llm.model import Llama, LlamaConfig
@@ -34,7 +34,7 @@ def test_sft_labels_only_on_assistant_tokens_and_never_across_dialogs(tok):
     assert torch.equal(b["tokens"], packer.batch(3, 0, 4, 48)["tokens"])  # a pure function of the step
     header, eot = tok.special_id("<|end_header_id|>"), tok.eot_id
     for row in range(4):
-        toks, labs, doc = b["tokens"][row], b["labels"][row], b["doc_ids"][row]
+        labs, doc = b["labels"][row], b["doc_ids"][row]
         trained = (labs != IGNORE).nonzero().flatten().tolist()
         assert trained, "every row holds at least one assistant answer"
         for t in trained:

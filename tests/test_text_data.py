@@ -1,11 +1,9 @@
 """Text data kit: shard round trip, hostile shards (invariant 8), quality score, Brown cleaning."""
 from __future__ import annotations
 
-import io
 import itertools
 import json
 import pickle
-import tarfile
 
 import pytest
 
@@ -13,16 +11,9 @@ from data.fetch import cached_text_dirs, default_cache_dir
 from data.shards import BadSample, SkipCounter, decode_text_sample, expand_shards, iter_samples, iter_text_docs
 from data.text_kit import (brown_documents, pydoc_documents, quality_score, shakespeare_documents,
                            strip_brown_tags, write_text_shards)
+from tests.shard_helpers import write_tar
 
 
-def _tar(path, members):
-    """Write a plain tar of (name, bytes) members."""
-    with tarfile.open(path, "w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return path
 
 
 def _meta(source="t", genre="g", quality=0.5):
@@ -70,22 +61,22 @@ def test_hostile_shards_are_skipped_and_counted(tmp_path):
     pickle.loads(pickle.dumps(_Creates(probe)))  # the payload is real: unpickling creates a file
     assert probe.exists()
     payload = pickle.dumps(_Creates(victim))
-    good = _tar(tmp_path / "a-good.tar", [("g1.txt", b"hello"), ("g1.json", _meta()),
+    good = write_tar(tmp_path / "a-good.tar", [("g1.txt", b"hello"), ("g1.json", _meta()),
                                           ("g2.txt", b"world"), ("g2.json", _meta())])
-    evil = _tar(tmp_path / "b-evil.tar", [("p1.txt", b"kept"), ("p1.json", _meta()), ("p1.pkl", payload),
+    evil = write_tar(tmp_path / "b-evil.tar", [("p1.txt", b"kept"), ("p1.json", _meta()), ("p1.pkl", payload),
                                           ("p2.model.pth", payload), ("../escape.txt", b"x"),
                                           ("big.txt", b"y" * 2000)])
-    bad = _tar(tmp_path / "c-bad.tar", [("u.txt", b"\xff\xfe bad"), ("u.json", _meta()),
+    bad = write_tar(tmp_path / "c-bad.tar", [("u.txt", b"\xff\xfe bad"), ("u.json", _meta()),
                                         ("n.json", _meta()), ("j.txt", b"ok"), ("j.json", b"{not json"),
                                         ("l.txt", b"ok"), ("l.json", b"[1, 2]"), ("fine.txt", b"still fine")])
-    long_tar = _tar(tmp_path / "d-long.tar", [(f"k{i}.txt", b"z" * 600) for i in range(4)])
+    long_tar = write_tar(tmp_path / "d-long.tar", [(f"k{i}.txt", b"z" * 600) for i in range(4)])
     truncated = tmp_path / "e-truncated.tar"
     truncated.write_bytes(long_tar.read_bytes()[: 2 * 1536 + 512 + 100])  # cut inside k2's data
     not_tar = tmp_path / "f-not.tar"
     not_tar.write_bytes(b"this is not a tar archive at all" * 40)
     empty = tmp_path / "g-empty.tar"
     empty.write_bytes(b"")
-    tail = _tar(tmp_path / "h-tail.tar", [("t1.txt", b"after the bad ones")])
+    tail = write_tar(tmp_path / "h-tail.tar", [("t1.txt", b"after the bad ones")])
     paths = [good, evil, bad, truncated, not_tar, empty, tail]
 
     raw = list(iter_samples(paths, SkipCounter(), max_member_bytes=1000))

@@ -21,13 +21,7 @@ SMALL = dict(image_size=16, patch_size=8, width=32, layers=4, heads=2, mlp_dim=6
 T = 5  # tokens per 16-px tile with patch 8: 4 patches + CLS
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """The CPU is shared: one intra-op thread."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _enc(seed: int = 0, **kw) -> VisionEncoder:

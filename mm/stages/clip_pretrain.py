@@ -24,7 +24,7 @@ from encoders.vision import normalize_pixels, vision_config
 from llm.tokenizer import Tokenizer
 from mm.checkpoint import save_weights
 from mm.config import ClipPretrainConfig
-from mm.distributed import DistInfo, full_state, init_distributed, unwrap, wrap_model
+from mm.distributed import full_state, init_distributed, unwrap, wrap_model
 from mm.stages.lm_pretrain import get_tokenizer
 from mm.train import StepOutput, Trainer, warmup_cosine
 

@@ -29,7 +29,7 @@ from encoders.vision import VisionConfig, VisionEncoder, normalize_pixels, tile_
 from llm.tokenizer import ChatFormat, Tokenizer
 from mm.checkpoint import CheckpointError, load_meta, load_tensors, save_weights
 from mm.config import ImageStageConfig
-from mm.distributed import full_state, init_distributed, unwrap, wrap_model
+from mm.distributed import init_distributed, unwrap, wrap_model
 from mm.fused import FusedLM
 from mm.runs import load_lm, model_dir
 from mm.train import StepOutput, Trainer, warmup_cosine

@@ -17,7 +17,7 @@ from llm.tokenizer import SPECIAL_TOKENS, ChatFormat
 from mm.config import PostTrainConfig
 from mm.distributed import full_state, init_distributed, rank_slice, unwrap, wrap_model
 from mm.eval_chat import answer_accuracy, implicit_reward_accuracy, preference_accuracy
-from mm.runs import load_lm, load_reward_model, save_lm, save_reward_model
+from mm.runs import load_lm, save_lm, save_reward_model
 from mm.stages.lm_pretrain import lm_loss
 from mm.train import StepOutput, Trainer, warmup_cosine
 
