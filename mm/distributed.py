@@ -79,15 +79,6 @@ def rank_slice(n: int, info: DistInfo) -> slice:
     return slice(info.rank * per, (info.rank + 1) * per)
 
 
-def mean_across(x: torch.Tensor, info: DistInfo) -> torch.Tensor:
-    """Average a scalar tensor over ranks (identity on one process)."""
-    if not info.enabled:
-        return x
-    y = x.detach().clone()
-    dist.all_reduce(y, op=dist.ReduceOp.SUM)
-    return y / info.world
-
-
 _FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 

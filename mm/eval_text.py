@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-from collections import Counter
 
 import numpy as np
 import torch
@@ -52,11 +51,3 @@ def unigram_bits_per_byte(train_tokens: np.ndarray, vocab_size: int, tok, texts:
     docs = [tok.encode(t, bos=True, eos=True) for t in texts]
     n_bytes = sum(len(t.encode("utf-8")) for t in texts)
     return UnigramLM(train_tokens, vocab_size).bits(docs) / n_bytes
-
-
-def token_frequencies(docs: list[str], tok) -> Counter:
-    """Token counts over documents (diagnostics)."""
-    c: Counter = Counter()
-    for d in docs:
-        c.update(tok.encode(d))
-    return c

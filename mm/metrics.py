@@ -70,11 +70,3 @@ class MetricsLogger:
         if self.tb is not None:
             self.tb.flush()
             self.tb.close()
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    """All records of a run's metrics.jsonl."""
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import torch
@@ -59,14 +58,6 @@ def load_lm(ckpt: str | Path, device: str | torch.device = "cpu") -> tuple[Llama
     model = Llama(cfg)
     load_into(model, load_tensors(d / "model.safetensors"), d / "model.safetensors")
     return model.to(device).eval(), tok, meta
-
-
-def copy_tokenizer(src: Path, run_dir: Path) -> Path:
-    """Put a tokenizer.json into a run directory."""
-    dst = Path(run_dir) / "tokenizer.json"
-    if Path(src).resolve() != dst.resolve():
-        shutil.copyfile(src, dst)
-    return dst
 
 
 def save_reward_model(directory: Path, state: dict[str, torch.Tensor], cfg: LlamaConfig, tok: Tokenizer,
