@@ -207,12 +207,14 @@ class Trainer:
                 self.logger.log(rec)
                 bar.set_postfix(loss=f"{out['loss']:.3f}", tok_s=f"{tps:,.0f}")
                 window_t, window_tok = time.perf_counter(), 0
+            paused = time.perf_counter()  # evaluation and checkpoint time is kept out of tokens/s
             if evaluate is not None and self.cfg.eval_every and self.step % self.cfg.eval_every == 0:
                 ev = {"step": self.step, "stage": self.desc, **evaluate(self.step)}
                 self.logger.log(ev)
                 records.append(ev)
             if self.step % self.cfg.ckpt_every == 0 or self.step == total_steps or self.step == stop:
                 self.save()
+            window_t += time.perf_counter() - paused
             if self.step == stop:
                 self.stopped_at = self.step
                 break
