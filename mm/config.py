@@ -253,6 +253,22 @@ class ImageSFTConfig(ImageStageConfig):
 
 
 @dataclass
+class ImageDPOConfig(ImageStageConfig):
+    """Stage `image_dpo` (PAPER.md §7.3): DPO of ViT + image adapter (LM frozen: `lm` is the instruction-tuned LM,
+    or `instruct_lm` hot-swaps it) from `init_from` (an image_sft run) on error-injected pairs (wrong object /
+    number / word); the reference follows the policy by EMA every ema_every steps (or stays frozen)."""
+
+    stage: str = "image_dpo"
+    instruct_lm: str | None = None
+    beta: float = 0.1
+    nll_weight: float = 0.2
+    reference: str = "ema"  # ema | frozen
+    ema_decay: float = 0.9
+    ema_every: int = 10
+    eval_items: int = 200  # held-out images for the pair preference figure (0: all)
+
+
+@dataclass
 class PipelineStep:
     """One entry of a pipeline: a stage YAML, overrides ({run}, {round}, {prev} are substituted), once or per round."""
 
@@ -281,6 +297,7 @@ STAGE_CONFIGS: dict[str, type] = {
     "image_pretrain": ImageStageConfig,
     "image_anneal": ImageStageConfig,
     "image_sft": ImageSFTConfig,
+    "image_dpo": ImageDPOConfig,
     "pipeline": PipelineConfig,
 }
 

@@ -14,6 +14,7 @@ RUNNERS = {
     "image_pretrain": ("mm.stages.image_pretrain", "run"),
     "image_anneal": ("mm.stages.image_pretrain", "run"),
     "image_sft": ("mm.stages.image_sft", "run"),
+    "image_dpo": ("mm.stages.image_dpo", "run"),
     "pipeline": ("mm.pipeline", "run"),
 }
 

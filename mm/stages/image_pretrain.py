@@ -239,8 +239,38 @@ def image_loss(m, mb: dict) -> StepOutput:
     return StepOutput(loss, mb["n"])
 
 
-def run(cfg: ImageStageConfig, run_dir: Path, resume: bool = False) -> dict:
-    """Train ViT + image adapter on VQA/caption dialogs with the LM frozen; writes checkpoints/, final/, result."""
+class ImageObjective:
+    """What an image stage optimises: the VQA/caption NLL here; image_dpo (mm.stages.image_dpo) swaps in DPO.
+
+    feed() builds the step feed, loss() scores a micro-batch, attach() runs once the trainer exists (before a
+    resume: register trainer.extras there), resumed() after a resume, on_step() after every step, finish() adds
+    figures to the result before final/ is written."""
+
+    def __init__(self, cfg: ImageStageConfig):
+        self.cfg = cfg
+
+    def feed(self, loader: Loader, tok: Tokenizer, vcfg: VisionConfig, device: torch.device) -> StepFeed:
+        return ImageFeed(loader, tok, self.cfg, vcfg, device)
+
+    def loss(self, m, mb: dict) -> StepOutput:
+        return image_loss(m, mb)
+
+    def attach(self, model: "ImageModel", trainer: Trainer) -> None:
+        pass
+
+    def resumed(self) -> None:
+        pass
+
+    def on_step(self, step: int) -> None:
+        pass
+
+    def finish(self, model: "ImageModel") -> dict:
+        return {}
+
+
+def run(cfg: ImageStageConfig, run_dir: Path, resume: bool = False, objective: ImageObjective | None = None) -> dict:
+    """Train ViT + image adapter with the LM frozen (VQA/caption NLL unless another objective is given); writes
+    checkpoints/, final/, result."""
     t0 = time.perf_counter()
     if cfg.stage == "image_anneal" and not cfg.init_from:
         raise ValueError("image_anneal needs init_from: the image_pretrain run to continue from")
@@ -258,15 +288,19 @@ def run(cfg: ImageStageConfig, run_dir: Path, resume: bool = False) -> dict:
         raise ValueError(f"train.batch_size {t.batch_size} does not divide over {info.world} processes")
     loader = Loader(cfg.data.shards, "image", t.batch_size // info.world, num_workers=cfg.data.num_workers,
                     seed=cfg.seed, rank=info.rank, world=info.world, image_size=cfg.data.image_size or vcfg.image_size)
-    feed = ImageFeed(loader, tok, cfg, vcfg, info.device)
-    trainer = Trainer(net, t, run_dir, loss_fn=image_loss, info=info, desc=cfg.stage,
+    objective = objective or ImageObjective(cfg)
+    feed = objective.feed(loader, tok, vcfg, info.device)
+    trainer = Trainer(net, t, run_dir, loss_fn=objective.loss, info=info, desc=cfg.stage,
                       lr_at=lambda s: warmup_cosine(s, t.lr, t.warmup_steps, cfg.steps, t.min_lr_ratio))
     trainer.meta = {"loader": loader.state_dict()}
+    objective.attach(model, trainer)
     if resume and trainer.resume():
         loader.load_state_dict(trainer.meta["loader"])
+        objective.resumed()
 
     def on_step(step: int, out: dict) -> None:
         trainer.meta["loader"] = loader.state_dict()
+        objective.on_step(step)
 
     t_fit = time.perf_counter()
     try:
@@ -280,6 +314,7 @@ def run(cfg: ImageStageConfig, run_dir: Path, resume: bool = False) -> dict:
     losses = [r["loss"] for r in records if "loss" in r]
     result.update(first_loss=losses[0] if losses else None, final_loss=losses[-1] if losses else None)
     if info.is_main:
+        result.update(objective.finish(unwrap(net)))
         meta = {"stage": cfg.stage, "step": cfg.steps, "lm": str(lm_path), "every": cfg.every,
                 "schedule": cfg.schedule, "attend": cfg.attend, "init_from": cfg.init_from, "vision": str(cfg.vision)}
         save_image_model(run_dir / "final", unwrap(net), tok, meta)

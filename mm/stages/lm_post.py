@@ -138,17 +138,30 @@ def run_rm(cfg: PostTrainConfig, run_dir: Path, resume: bool = False) -> dict:
 
 
 class EMAReference:
-    """Reference weights that follow the policy: ref <- decay * ref + (1 - decay) * policy every k steps."""
+    """Reference weights that follow the policy: ref <- decay * ref + (1 - decay) * policy every k steps.
 
-    def __init__(self, ref: torch.nn.Module, trainer: Trainer, decay: float):
+    keys: the state-dict entries that follow (default all); others (e.g. a frozen LM shared by policy and
+    reference) are left alone. The current reference is kept in trainer.extras["ref"], so a resume restores it."""
+
+    def __init__(self, ref: torch.nn.Module, trainer: Trainer, decay: float, keys=None):
         self.ref, self.trainer, self.decay = ref, trainer, decay
+        self.keys = set(keys) if keys is not None else set(ref.state_dict())
+        self.trainer.extras["ref"] = self._snapshot()
+
+    def _snapshot(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in self.ref.state_dict().items() if k in self.keys}
+
+    def restore(self) -> None:
+        """Load the reference from trainer.extras["ref"] (after Trainer.resume)."""
+        self.ref.load_state_dict(self.trainer.extras["ref"], strict=False)
 
     @torch.no_grad()
     def update(self) -> None:
         pol, _ = full_state(self.trainer.model)
         for k, v in self.ref.state_dict().items():
-            v.mul_(self.decay).add_(pol[k].to(v.device, v.dtype), alpha=1 - self.decay)
-        self.trainer.extras["ref"] = {k: v.detach().clone() for k, v in self.ref.state_dict().items()}
+            if k in self.keys:
+                v.mul_(self.decay).add_(pol[k].to(v.device, v.dtype), alpha=1 - self.decay)
+        self.trainer.extras["ref"] = self._snapshot()
 
 
 def run_dpo(cfg: PostTrainConfig, run_dir: Path, resume: bool = False) -> dict:
@@ -180,13 +193,12 @@ def run_dpo(cfg: PostTrainConfig, run_dir: Path, resume: bool = False) -> dict:
     ema = None
     if cfg.reference == "ema":
         ema = EMAReference(ref, trainer, cfg.ema_decay)
-        trainer.extras["ref"] = {k: v.detach().clone() for k, v in ref.state_dict().items()}
     elif cfg.reference != "frozen":
         raise ValueError(f"reference must be 'frozen' or 'ema', got {cfg.reference!r}")
     if resume:
         trainer.resume()
         if ema is not None:
-            ref.load_state_dict(trainer.extras["ref"])
+            ema.restore()
 
     def on_step(step, out):
         if ema is not None and step % cfg.ema_every == 0:
