@@ -111,6 +111,15 @@ class CrossAttentionAdapter(nn.Module):
         self.blocks = nn.ModuleDict({str(i): GatedCrossAttentionBlock(cfg) for i in layer_ids})
         self.layer_ids = list(layer_ids)
 
+    @torch.no_grad()
+    def gate_values(self, prefix: str = "gate") -> dict[str, float]:
+        """tanh of every block's gates, {f"{prefix}/{layer}.attn": v, f"{prefix}/{layer}.ffn": v} (for logging)."""
+        def value(p: torch.Tensor) -> float:
+            return float(torch.tanh(p.full_tensor() if hasattr(p, "full_tensor") else p))  # DTensor under FSDP
+
+        return {f"{prefix}/{i}.{g}": value(getattr(self.blocks[str(i)], f"gate_{g}"))
+                for i in self.layer_ids for g in ("attn", "ffn")}
+
     def media_kv(self, media: torch.Tensor) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
         """Encoder features (B, M, N, media_dim) -> {layer index: (k, v)}, projected once and shared by all blocks."""
         projected = self.projection(media)  # (B, M, N, D)

@@ -117,6 +117,10 @@ def test_stage_trains_keeps_lm_and_resumes_exactly(world, tmp_path, monkeypatch)
     assert not any(k.startswith(("fused.layers.", "fused.tok_embeddings")) for k in a)  # no LM weights in final
     # training moved the adapter gates and the ViT; the LM (in the step checkpoint, which holds everything) did not
     assert any(a[k].abs().item() > 0 for k in a if k.endswith(("gate_attn", "gate_ffn")) and "image_adapter" in k)
+    # the metrics log tanh(gate) per block; the last record matches the final weights
+    last = [json.loads(x) for x in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()][-1]
+    for k in ("attn", "ffn"):
+        assert last[f"gate_image/1.{k}"] == pytest.approx(torch.tanh(a[f"fused.image_adapter.blocks.1.gate_{k}"]).item())
     lm_sd = load_tensors(world["lm"] / "final" / "model.safetensors")
     ck = sorted((tmp_path / "full" / "checkpoints").glob("step_*"))[-1]
     c = load_tensors(ck / "model.safetensors")

@@ -301,6 +301,8 @@ def run(cfg: ImageStageConfig, run_dir: Path, resume: bool = False, objective: I
     def on_step(step: int, out: dict) -> None:
         trainer.meta["loader"] = loader.state_dict()
         objective.on_step(step)
+        if step % t.log_every == 0 or step == cfg.steps:  # gate values over training (report plots)
+            out.update(unwrap(net).fused.image_adapter.gate_values("gate_image"))
 
     t_fit = time.perf_counter()
     try:
