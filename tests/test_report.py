@@ -1,0 +1,35 @@
+"""mm.report: loss and gate plots from the stages' metrics.jsonl, the benchmark table, examples; corrupt lines skipped."""
+from __future__ import annotations
+
+import json
+
+from mm.report import read_metrics, series, write_report
+
+
+def _metrics(d, recs, junk=False):
+    d.mkdir(parents=True)
+    lines = [json.dumps(r) for r in recs] + (["{not json", "[1, 2]"] if junk else [])
+    (d / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+
+
+def test_report_plots_table_and_examples(tmp_path):
+    a, b, c = tmp_path / "lm", tmp_path / "img", tmp_path / "empty"
+    _metrics(a, [{"step": s, "loss": 5.0 - s / 10} for s in range(1, 6)] + [{"step": 5, "val_bpb": 2.0}], junk=True)
+    _metrics(b, [{"step": s, "loss": 3.0, "gate_image/1.attn": 0.01 * s, "gate_image/1.ffn": -0.02 * s}
+                 for s in range(1, 4)])
+    c.mkdir()
+    assert len(read_metrics(a)) == 6 and read_metrics(c) == []
+    assert series(read_metrics(a), "loss") == ([1, 2, 3, 4, 5], [4.9, 4.8, 4.7, 4.6, 4.5])
+    assert series(read_metrics(b), "gate_image/1.ffn")[1] == [-0.02, -0.04, -0.06]
+    rows = [{"modality": "image", "metric": "vqa_acc", "model": 0.2875, "baseline": 0.0, "baseline_name": "blind"}]
+    ex = [{"modality": "image", "input": "examples/cat.png", "prompt": "What is shown?", "output": "cat",
+           "reference": "cat"}]
+    path = write_report(tmp_path, {"lm": a, "img": b, "empty": c}, rows, ex, notes=["2 cores"])
+    text = path.read_text()
+    assert (tmp_path / "plots" / "losses.png").stat().st_size > 1000
+    assert (tmp_path / "plots" / "gates.png").stat().st_size > 1000
+    assert "| image | vqa_acc | 0.287 | 0.000 | blind |" in text
+    assert "![input](examples/cat.png)" in text and "**cat**" in text and "- 2 cores" in text
+    # no gates logged anywhere: no gate plot, and the report says so
+    path = write_report(tmp_path / "r2", {"lm": a}, [], [])
+    assert not (tmp_path / "r2" / "plots" / "gates.png").exists() and "no stage logged gate values" in path.read_text()
