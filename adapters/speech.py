@@ -1,0 +1,132 @@
+"""The speech adapter and the splice into the LM input (PAPER.md §9.5, §9.1; DESIGN.md invariant 5).
+
+Adapter: Conv1d (k=3, s=2: 40 ms -> 80 ms frames) -> one rotary Transformer layer -> Linear to the LM width. Its
+outputs enter the frozen LM as input embeddings: a dialog holds `<|speech_start|>` + N x `<|speech|>` +
+`<|speech_end|>` and `splice_speech` writes the N adapter embeddings over the N placeholder positions (a count that
+differs is an error). `mask_speech_labels` makes the loss ignore speech positions. Both are plain functions so any
+composed model (e.g. mm.fused) can call them on its own token embeddings.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from encoders.speech import MacaronFFN, key_padding_mask, length_mask, rotary_attention
+from llm.model import rope_tables
+
+SPEECH_START, SPEECH, SPEECH_END = "<|speech_start|>", "<|speech|>", "<|speech_end|>"
+
+
+@dataclass
+class SpeechAdapterConfig:
+    """Adapter shape: conv/Transformer width `dim` (paper 3072), FFN `ffn_dim` (paper 4096), output `out_dim` = the LM
+    width (set from the LM)."""
+
+    in_dim: int = 96
+    dim: int = 128
+    heads: int = 4
+    ffn_dim: int = 256
+    out_dim: int = 128
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def adapter_frames(enc_frames: torch.Tensor | int):
+    """Adapter outputs for a number of encoder frames: ceil(n / 2) (kernel 3, stride 2, padding 1)."""
+    return (enc_frames + 1) // 2
+
+
+class SpeechAdapter(nn.Module):
+    """forward(enc (B, T', in_dim), lengths (B,)) -> (B, ceil(T'/2), out_dim), lengths (B,); padded frames are zeroed
+    before the conv and masked in attention, so outputs do not depend on batch padding."""
+
+    def __init__(self, cfg: SpeechAdapterConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.conv = nn.Conv1d(cfg.in_dim, cfg.dim, kernel_size=3, stride=2, padding=1)
+        self.attn_norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
+        self.attn = rotary_attention(cfg.dim, cfg.heads)
+        self.ffn = MacaronFFN(cfg.dim, cfg.ffn_dim, cfg.norm_eps)
+        self.out = nn.Linear(cfg.dim, cfg.out_dim)
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = x * length_mask(lengths, x.shape[1])[..., None].to(x.dtype)
+        h = self.conv(x.transpose(1, 2)).transpose(1, 2)  # (B, N, dim)
+        n = adapter_frames(lengths)
+        valid = length_mask(n, h.shape[1])
+        cos, sin = rope_tables(self.cfg.dim // self.cfg.heads, torch.arange(h.shape[1], device=h.device),
+                               self.cfg.rope_theta)
+        h = h + self.attn(self.attn_norm(h), cos.to(h.dtype), sin.to(h.dtype), key_padding_mask(valid))
+        h = h + self.ffn(h)
+        return self.out(h) * valid[..., None].to(h.dtype), n
+
+
+@dataclass(frozen=True)
+class SpeechTokens:
+    """Ids of the three speech special tokens (llm.tokenizer.SPECIAL_TOKENS)."""
+
+    start: int
+    placeholder: int
+    end: int
+
+    @classmethod
+    def of(cls, tok) -> "SpeechTokens":
+        return cls(tok.special_id(SPEECH_START), tok.special_id(SPEECH), tok.special_id(SPEECH_END))
+
+    def run(self, n: int) -> list[int]:
+        """`<|speech_start|>` + n placeholders + `<|speech_end|>`."""
+        return [self.start] + [self.placeholder] * n + [self.end]
+
+
+def speech_runs(tokens: torch.Tensor, ids: SpeechTokens) -> tuple[torch.Tensor, torch.Tensor]:
+    """Placeholder runs of tokens (B, T) in row-major order -> (row (R,), length (R,)); ValueError unless each run is
+    enclosed by `<|speech_start|>` ... `<|speech_end|>` and every start/end token encloses a run."""
+    ph = tokens == ids.placeholder
+    prev = F.pad(ph, (1, 0))[:, :-1]
+    nxt = F.pad(ph, (0, 1))[:, 1:]
+    first, last = ph & ~prev, ph & ~nxt
+    before = F.pad(tokens, (1, 0), value=-1)[:, :-1]
+    after = F.pad(tokens, (0, 1), value=-1)[:, 1:]
+    if (before[first] != ids.start).any() or (after[last] != ids.end).any():
+        raise ValueError("speech placeholders must form runs enclosed by <|speech_start|> ... <|speech_end|>")
+    n_start, n_end = int((tokens == ids.start).sum()), int((tokens == ids.end).sum())
+    if not n_start == n_end == int(first.sum()):
+        raise ValueError(f"{n_start} <|speech_start|> / {n_end} <|speech_end|> tokens for {int(first.sum())} "
+                         "placeholder runs (each pair must enclose one non-empty run)")
+    run_id = first.flatten().long().cumsum(0) - 1  # (B*T,)
+    lengths = torch.bincount(run_id[ph.flatten()], minlength=int(first.sum()))
+    rows = first.nonzero()[:, 0]
+    return rows, lengths
+
+
+def splice_speech(h: torch.Tensor, tokens: torch.Tensor, speech: torch.Tensor, speech_lens: torch.Tensor,
+                  ids: SpeechTokens) -> torch.Tensor:
+    """Token embeddings h (B, T, D) with the placeholder runs of tokens (B, T) replaced by speech (R, N, D) — one item
+    per run, in row-major order, item r valid for speech_lens[r] frames. Raises ValueError when the number of runs or
+    any run's length differs from the items (DESIGN.md invariant 5)."""
+    rows, run_lens = speech_runs(tokens, ids)
+    if run_lens.shape[0] != speech.shape[0]:
+        raise ValueError(f"{run_lens.shape[0]} speech placeholder runs in the tokens but {speech.shape[0]} speech "
+                         "items")
+    lens = speech_lens.to(run_lens.device)
+    if not torch.equal(run_lens, lens):
+        r = int((run_lens != lens).nonzero()[0])
+        raise ValueError(f"speech item {r}: {int(lens[r])} adapter embeddings for a run of {int(run_lens[r])} "
+                         "<|speech|> placeholders")
+    valid = length_mask(lens, speech.shape[1]).to(speech.device)
+    ph = (tokens == ids.placeholder)[..., None]
+    return h.masked_scatter(ph, speech[valid].to(h.dtype))
+
+
+def mask_speech_labels(tokens: torch.Tensor, labels: torch.Tensor, ids: SpeechTokens,
+                       ignore_index: int = -100) -> torch.Tensor:
+    """Shifted labels (B, T) with speech positions ignored: targets that are speech tokens and inputs that are
+    placeholders."""
+    special = (labels == ids.start) | (labels == ids.placeholder) | (labels == ids.end) | (tokens == ids.placeholder)
+    return labels.masked_fill(special, ignore_index)

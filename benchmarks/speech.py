@@ -1,0 +1,49 @@
+"""Speech benchmark: corpus WER of a speech_sft run on held-out voices (overall, per TTS engine, per voice) after
+Whisper English normalisation of both sides, the same model with the audio removed (blind_wer), BLEU of speech
+translation and spoken-QA exact match.
+
+    python benchmarks/speech.py --ckpt runs/speech_sft_tiny [--shards VAL_SPEC] [--max-items N]
+
+Prints ONE JSON line (metric code: mm/eval_speech.py).
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path[0] = str(Path(__file__).resolve().parent.parent)  # the repo, not benchmarks/ (whose data.py shadows data/)
+
+import argparse  # noqa: E402
+import time  # noqa: E402
+
+import torch  # noqa: E402
+
+from mm.cli import run_reporting  # noqa: E402
+from mm.eval_speech import eval_speech_shards  # noqa: E402
+from mm.speech import load_speech_model  # noqa: E402
+
+
+def evaluate(args) -> dict:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    model, tok = load_speech_model(args.ckpt)
+    out = {"ckpt": str(args.ckpt)}
+    out.update(eval_speech_shards(model, tok, args.shards, args.max_items, args.max_new_tokens, blind=not args.no_blind))
+    out["total_s"] = round(time.perf_counter() - t0, 1)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--ckpt", required=True, help="speech_sft run directory (or its final/ folder)")
+    p.add_argument("--shards", default=".cache/shards/audio/val-*.tar", help="held-out audio-text shards")
+    p.add_argument("--max-items", type=int, default=0, help="cap on utterances (0: all)")
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--no-blind", action="store_true", help="skip the blind (no audio) pass")
+    p.add_argument("--threads", type=int, default=1)
+    return run_reporting(evaluate, p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,156 @@
+"""Speech metrics (PAPER.md §10.3-10.4): corpus WER after Whisper's English normaliser on both sides (overall, per
+TTS engine, per voice), the same model with the audio removed ("blind"), BLEU for speech translation (sacrebleu) and
+spoken-QA exact match. Greedy decoding, as in the paper. The normaliser is Whisper's EnglishTextNormalizer from the
+`whisper-normalizer` package (the same code and english.json as openai-whisper, without its torch/numba/tiktoken
+dependencies).
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from functools import lru_cache
+
+import jiwer
+import sacrebleu
+import torch
+
+from data.audio import iter_audio_samples
+from data.shards import SkipCounter, expand_shards
+from llm.tokenizer import ChatFormat
+from mm.speech import Featurizer, SpeechLM, generate_speech, n_speech_tokens, speech_dialog, task_choices
+
+
+@lru_cache(maxsize=1)
+def _normaliser():
+    from whisper_normalizer.english import EnglishTextNormalizer
+
+    return EnglishTextNormalizer()
+
+
+def normalise_text(s: str) -> str:
+    """Whisper English normalisation (lowercase, no punctuation, spelled numbers as digits, US spelling, ...)."""
+    return _normaliser()(str(s))
+
+
+def corpus_wer(refs: list[str], hyps: list[str]) -> float | None:
+    """Corpus WER = sum(S + D + I) / sum(N_ref) after normalising both sides; pairs whose reference normalises to
+    nothing are dropped; None when none is left."""
+    pairs = [(normalise_text(r), normalise_text(h)) for r, h in zip(refs, hyps)]
+    pairs = [(r, h) for r, h in pairs if r.strip()]
+    if not pairs:
+        return None
+    return float(jiwer.wer([r for r, _ in pairs], [h for _, h in pairs]))
+
+
+def corpus_bleu(refs: list[str], hyps: list[str]) -> float | None:
+    """sacrebleu corpus BLEU (13a tokenisation) of hypotheses against one reference each; None without items."""
+    return float(sacrebleu.corpus_bleu(hyps, [refs]).score) if refs else None
+
+
+def load_audio_items(shards: str, max_items: int = 0) -> tuple[list[dict], dict]:
+    """The first max_items (0: all) decodable samples of audio shards, and the skip counts by reason."""
+    skips = SkipCounter()
+    items = []
+    for s in iter_audio_samples(expand_shards(shards), skips):
+        items.append(s)
+        if max_items and len(items) >= max_items:
+            break
+    return items, skips.as_dict()
+
+
+@torch.no_grad()
+def respond(model: SpeechLM, fmt: ChatFormat, system: str | None, audio, max_new_tokens: int = 48,
+            featurize: Featurizer | None = None) -> str:
+    """Greedy reply to one system prompt + audio (a float 16 kHz waveform; None: the blind prompt without speech).
+    With audio the reply gets at most one token per speech embedding (12.5 tokens per second of speech, above any
+    speaking rate), so a greedy repetition loop cannot add unbounded insertions."""
+    tok = fmt.tok
+    if audio is None:
+        ids, _ = speech_dialog(fmt, model.ids, 0, system, None)
+        feats = lens = None
+    else:
+        n = n_speech_tokens(len(audio), model.encoder.cfg)
+        ids, _ = speech_dialog(fmt, model.ids, n, system, None)
+        feats, lens = (featurize or Featurizer())([audio])
+        max_new_tokens = min(max_new_tokens, n)
+    out = generate_speech(model, ids, feats, lens, max_new_tokens, stop_ids=(tok.eot_id, tok.eom_id, tok.eos_id))
+    return fmt.decode_reply(out).strip()
+
+
+@torch.no_grad()
+def speech_eval(model: SpeechLM, tok, items: list[dict], max_new_tokens: int = 48, blind: bool = True) -> dict:
+    """Every item is transcribed (ASR); items with a translation are also translated (AST), items with an answer
+    answered (spoken QA). Returns {"wer", "wer_by_engine", "wer_by_voice", "blind_wer"(_by_voice), "bleu",
+    "bleu_by_lang", "blind_bleu", "qa_em", "blind_qa_em", "n_asr", "n_ast", "n_sqa", "examples"}."""
+    model.eval()
+    fmt, featurize = ChatFormat(tok), Featurizer()
+    asr: dict[str, list] = defaultdict(list)  # key -> [(ref, hyp, blind_hyp, engine, voice)]
+    ast, sqa, examples = [], [], []
+    blind_cache: dict = {}
+
+    def blind_reply(system: str | None) -> str:  # greedy + no audio: one reply per system prompt
+        if not blind:
+            return ""
+        if system not in blind_cache:
+            blind_cache[system] = respond(model, fmt, system, None, max_new_tokens)
+        return blind_cache[system]
+
+    for it in items:
+        meta = it.get("meta") or {}
+        tasks = task_choices(it["text"], meta)
+        system, ref = tasks["asr"]
+        hyp = respond(model, fmt, system, it["audio"], max_new_tokens, featurize)
+        bl = blind_reply(system)
+        asr["all"].append((ref, hyp, bl, meta.get("engine", "?"), meta.get("voice", "?")))
+        if len(examples) < 6:
+            examples.append({"task": "asr", "ref": ref, "hyp": hyp, "blind": bl})
+        if "ast" in tasks:
+            system, ref = tasks["ast"]
+            hyp = respond(model, fmt, system, it["audio"], max_new_tokens, featurize)
+            bl = blind_reply(system)
+            ast.append((ref, hyp, bl, meta["translation"]["lang"]))
+            if sum(e["task"] == "ast" for e in examples) < 3:
+                examples.append({"task": "ast", "ref": ref, "hyp": hyp})
+        if "sqa" in tasks:
+            _, ref = tasks["sqa"]
+            hyp = respond(model, fmt, None, it["audio"], max_new_tokens, featurize)
+            bl = blind_reply(None)
+            sqa.append((ref, hyp, bl))
+            if sum(e["task"] == "sqa" for e in examples) < 3:
+                examples.append({"task": "sqa", "q": it["text"], "ref": ref, "hyp": hyp})
+    rows = asr["all"]
+    out: dict = {"n_asr": len(rows), "n_ast": len(ast), "n_sqa": len(sqa)}
+    out["wer"] = corpus_wer([r[0] for r in rows], [r[1] for r in rows])
+    for name, col in (("engine", 3), ("voice", 4)):
+        groups = defaultdict(list)
+        for r in rows:
+            groups[r[col]].append(r)
+        out[f"wer_by_{name}"] = {g: corpus_wer([r[0] for r in rs], [r[1] for r in rs]) for g, rs in sorted(groups.items())}
+        if blind and name == "voice":
+            out["blind_wer_by_voice"] = {g: corpus_wer([r[0] for r in rs], [r[2] for r in rs])
+                                         for g, rs in sorted(groups.items())}
+    out["bleu"] = corpus_bleu([a[0] for a in ast], [a[1] for a in ast])
+    by_lang = defaultdict(list)
+    for a in ast:
+        by_lang[a[3]].append(a)
+    out["bleu_by_lang"] = {k: corpus_bleu([a[0] for a in v], [a[1] for a in v]) for k, v in sorted(by_lang.items())}
+    em = lambda ref, hyp: float(normalise_text(ref) == normalise_text(hyp))  # noqa: E731
+    out["qa_em"] = sum(em(r, h) for r, h, _ in sqa) / len(sqa) if sqa else None
+    if blind:
+        out["blind_wer"] = corpus_wer([r[0] for r in rows], [r[2] for r in rows])
+        out["blind_bleu"] = corpus_bleu([a[0] for a in ast], [a[2] for a in ast])
+        out["blind_qa_em"] = sum(em(r, b) for r, _, b in sqa) / len(sqa) if sqa else None
+    out["examples"] = examples
+    return out
+
+
+def eval_speech_shards(model: SpeechLM, tok, shards: str, max_items: int = 0, max_new_tokens: int = 48,
+                       blind: bool = True) -> dict:
+    """speech_eval on the first max_items (0: all) samples of any audio-text shards (DESIGN.md format); adds
+    {"shards", "items", "skipped", "skipped_total"}. The one implementation behind `mm eval speech`,
+    benchmarks/speech.py and the end-of-stage evaluation of speech_sft."""
+    items, skips = load_audio_items(shards, max_items)
+    if not items:
+        raise ValueError(f"{shards}: no readable audio samples (skipped: {skips})")
+    out = {"shards": shards, "items": len(items), "skipped": skips, "skipped_total": sum(skips.values())}
+    out.update(speech_eval(model, tok, items, max_new_tokens, blind))
+    return out

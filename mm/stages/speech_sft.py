@@ -1,0 +1,133 @@
+"""Stage speech_sft (PAPER.md §9.5; DESIGN.md invariants 1, 4, 5): the Conformer (BEST-RQ-pretrained `encoder_from`,
+or random init when null: the ablation) and a fresh speech adapter trained jointly into the frozen LM `lm`.
+
+Each audio sample becomes one Llama 3 dialog for a task it supports, drawn with weights `tasks` (a pure function of
+(seed, loader batch, row), so resume is exact): ASR (system "Repeat after me in English:", answer = transcript), AST
+(system "Translate the following sentence into {language}:", answer = the shard json's translation) or spoken QA (no
+system prompt, answer = json answer). The user turn is `<|speech_start|>` + one `<|speech|>` per adapter embedding +
+`<|speech_end|>`; the loss is on the assistant answer only. Dialogs longer than seq_len are skipped and counted
+(cutting one would cut its speech run). Features get SpecAugment masks. At the end the model is scored on
+`eval_items` held-out items (mm.eval_speech). Final: final/{model.safetensors ("encoder.*", "adapter.*"), meta.json,
+tokenizer.json}; mm.speech.load_speech_model rebuilds it.
+"""
+from __future__ import annotations
+
+import json
+import random
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from adapters.speech import SpeechAdapter, SpeechAdapterConfig, SpeechTokens
+from data.loader import Loader, StepFeed
+from data.token_stream import IGNORE
+from encoders.speech import ConformerEncoder, SpecAugment
+from llm.tokenizer import ChatFormat, Tokenizer
+from mm.config import SpeechSFTConfig
+from mm.distributed import init_distributed, unwrap, wrap_model
+from mm.runs import load_lm, model_dir
+from mm.speech import Featurizer, SpeechLM, freeze_lm, load_encoder, n_speech_tokens, save_speech_model, \
+    speech_dialog, task_choices
+from mm.stages.image_pretrain import collate_dialogs
+from mm.stages.speech_pretrain import encoder_config, train_on_audio
+from mm.train import StepOutput
+
+TRAINABLE_PREFIXES = ("encoder.", "adapter.")  # DESIGN.md invariant 4
+
+
+def build_model(cfg: SpeechSFTConfig) -> tuple[SpeechLM, Tokenizer]:
+    """Frozen LM + encoder (encoder_from's weights, or a fresh cfg.encoder shape) + a fresh adapter (seeded)."""
+    lm, tok, _ = load_lm(cfg.lm)
+    torch.manual_seed(cfg.seed)
+    if cfg.encoder_from:
+        enc = load_encoder(cfg.encoder_from)
+    else:
+        enc = ConformerEncoder(encoder_config(cfg.encoder))
+    a = cfg.adapter
+    adapter = SpeechAdapter(SpeechAdapterConfig(in_dim=enc.cfg.dim, dim=a.dim, heads=a.heads, ffn_dim=a.ffn_dim,
+                                                out_dim=lm.cfg.dim))
+    return SpeechLM(enc, adapter, lm, SpeechTokens.of(tok)), tok
+
+
+def pick_task(text: str, meta: dict, weights: dict[str, float], rng: random.Random) -> tuple[str, str | None, str]:
+    """(task, system prompt, answer) for one sample among the tasks it supports with weight > 0."""
+    options = {k: v for k, v in task_choices(text, meta).items() if weights.get(k, 0.0) > 0}
+    if not options:
+        raise ValueError(f"tasks {dict(weights)} leave no task for a sample (asr needs weight > 0)")
+    names = sorted(options)
+    task = rng.choices(names, [weights[n] for n in names])[0]
+    return (task, *options[task])
+
+
+class SpeechFeed(StepFeed):
+    """Micro-batches {tokens (B, T), labels (B, T), feats (B, F, 80), feat_lens (B,), n} (see the module doc)."""
+
+    def __init__(self, loader: Loader, tok: Tokenizer, cfg: SpeechSFTConfig, model: SpeechLM, device: torch.device):
+        super().__init__(loader, cfg.train.grad_accum)
+        self.fmt, self.cfg, self.device, self.pad_id = ChatFormat(tok), cfg, device, tok.pad_id
+        self.ids, self.enc_cfg = model.ids, model.encoder.cfg
+        s = cfg.spec_augment
+        self.featurize = Featurizer(SpecAugment(s.freq_masks, s.freq_width, s.time_masks, s.time_ratio))
+        self.skipped: Counter = Counter()
+        self.tasks: Counter = Counter()
+
+    def make(self, b: int, batch: dict) -> dict:
+        dialogs, waves = [], []
+        for j, (audio, text, meta) in enumerate(zip(batch["audio"], batch["text"], batch["meta"])):
+            task, system, answer = pick_task(text, meta, self.cfg.tasks, random.Random(f"{self.cfg.seed}:{b}:{j}"))
+            ids, mask = speech_dialog(self.fmt, self.ids, n_speech_tokens(len(audio), self.enc_cfg), system, answer)
+            if len(ids) > self.cfg.seq_len:
+                self.skipped["dialog_too_long"] += 1
+                continue
+            dialogs.append((ids, mask))
+            waves.append(audio)
+            self.tasks[task] += 1
+        if not dialogs:
+            raise ValueError(f"loader batch {b}: every dialog is longer than seq_len {self.cfg.seq_len}")
+        mb = collate_dialogs(dialogs, self.pad_id, self.cfg.seq_len)
+        mb["feats"], mb["feat_lens"] = self.featurize(waves)
+        mb = {k: v.to(self.device) for k, v in mb.items()}
+        mb["n"] = int((mb["labels"] != IGNORE).sum())
+        return mb
+
+
+def speech_loss(m, mb: dict) -> StepOutput:
+    """Assistant-token loss of one micro-batch (mean over its labelled tokens)."""
+    return StepOutput(m(mb["tokens"], mb["feats"], mb["feat_lens"], labels=mb["labels"]), mb["n"])
+
+
+def run(cfg: SpeechSFTConfig, run_dir: Path, resume: bool = False) -> dict:
+    """Train encoder + adapter with the LM frozen; writes checkpoints/, final/, and the held-out figures."""
+    t0 = time.perf_counter()
+    info = init_distributed(cfg.train.device)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    torch.manual_seed(cfg.seed)
+    run_dir = Path(run_dir)
+    model, tok = build_model(cfg)
+    counts = freeze_lm(model)
+    net = wrap_model(model.to(info.device), cfg.train.parallel, info)
+    records, loader, feed, trainer, train_s = train_on_audio(cfg, net, info, run_dir, speech_loss, resume,
+                                                             lambda ld: SpeechFeed(ld, tok, cfg, model, info.device))
+    base = {"stage": cfg.stage, "steps": cfg.steps, "skipped": {**loader.skipped, **feed.skipped}}
+    if trainer.stopped_at is not None:
+        return {**base, "stopped_at": trainer.stopped_at, "checkpoint": trainer.last_checkpoint()}
+    logs = [r["loss"] for r in records if "loss" in r]
+    result = {**base, **{f"params_{k}": n for k, n in counts.items()}, "tasks": dict(feed.tasks),
+              "encoder_from": cfg.encoder_from, "train_s": train_s,
+              "first_loss": logs[0] if logs else None, "final_loss": logs[-1] if logs else None}
+    if info.is_main:
+        meta = {"stage": cfg.stage, "step": cfg.steps, "lm": str(model_dir(cfg.lm).resolve()),
+                "encoder_from": cfg.encoder_from}
+        final = save_speech_model(run_dir / "final", unwrap(net), tok, meta)
+        if cfg.eval_items:
+            from mm.eval_speech import eval_speech_shards
+
+            t_eval = time.perf_counter()
+            ev = eval_speech_shards(unwrap(net).eval(), tok, cfg.data.val_shards, cfg.eval_items)
+            result.update({k: v for k, v in ev.items() if k != "examples"}, eval_s=round(time.perf_counter() - t_eval, 1))
+            (final.parent / "eval.json").write_text(json.dumps(ev, indent=1))
+        result["total_s"] = round(time.perf_counter() - t0, 1)
+    return result

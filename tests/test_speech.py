@@ -1,0 +1,256 @@
+"""Speech understanding (PAPER.md §9; DESIGN.md invariants 1, 4, 5): the log-mel front end, the Conformer's
+independence from batch padding and its 1B shape, BEST-RQ targets/masks/loss, the adapter splice and its errors,
+WER aggregation, and the two stages end to end (trainable sets, LM unchanged, no-audio logits bitwise equal to the
+bare LM, mm eval speech / mm chat --audio)."""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from webdataset import TarWriter
+
+from adapters.speech import SpeechAdapter, SpeechAdapterConfig, SpeechTokens, mask_speech_labels, splice_speech
+from encoders.best_rq import BestRQ, code_stats, span_mask
+from encoders.speech import ConformerEncoder, LogMel, count_speech_params, pad_features, speech_shape
+from mm.config import BestRQConfig
+
+REPO = Path(__file__).resolve().parents[1]
+ENC = dict(dim=32, layers=2, heads=2, ffn_dim=64, kernel=7)
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _enc(seed: int = 0) -> ConformerEncoder:
+    torch.manual_seed(seed)
+    return ConformerEncoder(speech_shape("tiny", **ENC)).eval()
+
+
+def test_log_mel_is_80_bins_10ms_hop_normalised_per_utterance():
+    wave = torch.from_numpy(np.random.default_rng(0).normal(size=16000).astype(np.float32))
+    lm = LogMel()
+    m = lm.mel
+    assert (m.n_fft, m.win_length, m.hop_length, m.n_mels, m.sample_rate) == (400, 400, 160, 80, 16000)
+    f = lm(wave * 0.3)  # 1 s -> 101 frames of 80 bins, each bin zero-mean unit-variance over the utterance
+    assert f.shape == (101, 80)
+    assert f.mean(0).abs().max() < 1e-4 and (f.std(0, unbiased=False) - 1).abs().max() < 1e-3
+    assert torch.allclose(lm(wave * 3.0), f, atol=1e-3)  # gain-invariant thanks to the normalisation
+
+
+def test_encoder_and_adapter_ignore_batch_padding():
+    enc = _enc()
+    torch.manual_seed(1)
+    adapter = SpeechAdapter(SpeechAdapterConfig(in_dim=32, dim=24, heads=2, ffn_dim=48, out_dim=40)).eval()
+    short, long = torch.randn(37, 80), torch.randn(90, 80)  # 37 frames: a partial last stack of 4
+    with torch.no_grad():
+        alone, n_alone = enc(short[None], torch.tensor([37]))
+        a_alone, na = adapter(alone, n_alone)
+        feats, lens = pad_features([short, long])
+        feats[0, 37:] = 5.0  # garbage in the padding must not reach the valid frames
+        both, n_both = enc(feats, lens)
+        a_both, nb = adapter(both, n_both)
+    assert n_alone.tolist() == [10] and n_both.tolist() == [10, 23] and na.tolist() == [5] and nb.tolist() == [5, 12]
+    assert torch.allclose(both[0, :10], alone[0], atol=1e-5) and both[0, 10:].abs().max() == 0
+    assert torch.allclose(a_both[0, :5], a_alone[0], atol=1e-5)
+    assert not torch.allclose(both[1, :10], alone[0], atol=1e-2)  # and the outputs do depend on the input
+
+
+def test_paper_1b_shape_has_about_a_billion_parameters():
+    cfg = speech_shape("1b")
+    assert (cfg.layers, cfg.dim, cfg.ffn_dim, cfg.kernel, cfg.heads) == (24, 1536, 4096, 7, 24)
+    assert 0.95e9 < count_speech_params(cfg) < 1.05e9
+
+
+def test_best_rq_targets_masks_and_loss():
+    cfg = BestRQConfig(codebooks=4, codebook_size=64, code_dim=16, mask_prob=0.05, span=8)
+    model = BestRQ(_enc(), cfg, seed=3)
+    assert {n for n, _ in model.named_buffers()} == {"quantizer.proj", "quantizer.codebooks"}
+    assert {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad} == {"encoder", "head"}
+    books = model.quantizer.codebooks
+    assert torch.allclose(books.norm(dim=-1), torch.ones(4, 64))
+    # cosine nearest neighbour over the LAST dim, from the stacked (unmasked) frames
+    x = torch.randn(2, 5, 320)
+    z = torch.nn.functional.normalize((x @ model.quantizer.proj).view(2, 5, 4, 16), dim=-1)
+    want = torch.stack([(z[:, :, k] @ books[k].T).argmax(-1) for k in range(4)], -1)
+    assert torch.equal(model.quantizer(x), want)
+    # spans: 8 frames long, inside the valid frames, at least one per utterance
+    lens = torch.tensor([60, 25])
+    m = span_mask(lens, 60, BestRQConfig(mask_prob=0.0, span=8, min_spans=1), torch.Generator().manual_seed(0))
+    assert m[0].sum() == 8 and m[1].sum() == 8 and not m[1, 25:].any()
+    # the quantiser sees the unmasked features; the loss is over masked encoder frames only; it trains
+    feats, lens = pad_features([torch.randn(64, 80), torch.randn(40, 80)])
+    seen = []
+    model.quantizer.register_forward_hook(lambda mod, inp, out: seen.append(inp[0]))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    before = {k: v.clone() for k, v in model.named_buffers()}
+    losses = []
+    for _ in range(25):
+        loss, stats = model.train()(feats, lens, torch.Generator().manual_seed(7))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert torch.equal(seen[0], model.encoder.stack_frames(feats, lens)[0])
+    assert 0 < stats["masked_frames"] < 26 and losses[-1] < losses[0] - 0.5
+    assert all(torch.equal(v, before[k]) for k, v in model.named_buffers())  # frozen quantiser
+    one = code_stats(torch.zeros(50, 2, dtype=torch.long), 8)
+    flat = code_stats(torch.arange(8).repeat(2)[:, None], 8)
+    assert one == {"code_usage": 1 / 8, "code_perplexity": 1.0} and flat["code_perplexity"] == pytest.approx(8.0)
+
+
+def test_splice_fills_placeholder_runs_and_rejects_mismatches():
+    ids = SpeechTokens(start=90, placeholder=91, end=92)
+    tokens = torch.tensor([[1, 2, *ids.run(3), 3, 0], [1, *ids.run(2), 4, 5, 6, 7]])  # (2, 9)
+    h = torch.randn(2, 9, 6)
+    speech = torch.randn(2, 3, 6)
+    out = splice_speech(h, tokens, speech, torch.tensor([3, 2]), ids)
+    assert torch.equal(out[0, 3:6], speech[0]) and torch.equal(out[1, 2:4], speech[1, :2])
+    keep = tokens != ids.placeholder
+    assert torch.equal(out[keep], h[keep])
+    with pytest.raises(ValueError, match="2 adapter embeddings for a run of 3"):
+        splice_speech(h, tokens, speech, torch.tensor([2, 2]), ids)
+    with pytest.raises(ValueError, match="2 speech placeholder runs in the tokens but 1 speech items"):
+        splice_speech(h, tokens, speech[:1], torch.tensor([3]), ids)
+    bad = tokens.clone()
+    bad[0, 2] = 7  # run without its <|speech_start|>
+    with pytest.raises(ValueError, match="enclosed"):
+        splice_speech(h, bad, speech, torch.tensor([3, 2]), ids)
+    labels = torch.cat([tokens[:, 1:], torch.full((2, 1), -100)], 1)
+    masked = mask_speech_labels(tokens, labels, ids)
+    speechy = (labels >= 90) | (tokens == 91)
+    assert (masked[speechy] == -100).all() and torch.equal(masked[~speechy], labels[~speechy])
+
+
+def test_corpus_wer_normalises_and_aggregates_over_words():
+    from mm.eval_speech import corpus_bleu, corpus_wer, normalise_text
+
+    assert normalise_text("Mr. Smith won't pay twenty-five!") == "mister smith will not pay 25"
+    assert corpus_wer(["Hello, World!"], ["hello world"]) == 0.0
+    # corpus WER = all errors / all reference words (1/5), not a mean of utterance WERs (0.5)
+    assert corpus_wer(["a b c d", "e"], ["a b c d", "x"]) == pytest.approx(0.2)
+    assert corpus_bleu(["el gato es rojo hoy"], ["el gato es rojo hoy"]) == pytest.approx(100.0)
+
+
+# ---- the stages end to end ------------------------------------------------------------------------------------------
+
+def _flac(i: int, seconds: float) -> bytes:
+    t = np.arange(int(16000 * seconds)) / 16000
+    x = 0.3 * np.sin(2 * np.pi * (200 + 60 * (i % 5)) * t) + 0.01 * np.random.default_rng(i).normal(size=t.size)
+    buf = io.BytesIO()
+    sf.write(buf, x.astype(np.float32), 16000, format="FLAC")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> dict:
+    """Tiny audio shards (tones; asr / ast / sqa samples), a tiny LM run."""
+    from llm.model import Llama, LlamaConfig
+    from llm.tokenizer import train_tokenizer
+    from mm.runs import save_lm
+
+    root = tmp_path_factory.mktemp("speech")
+    words = ["red hen", "blue car", "green tree", "yellow sun"]
+    for split, n in (("train", 12), ("val", 4)):
+        with TarWriter(str(root / f"{split}-000000.tar")) as w:
+            for i in range(n):
+                meta = {"language": "en", "voice": f"espeak:v{i % 2}", "engine": "espeak", "task": "asr"}
+                if i % 3 == 1:
+                    meta.update(task="ast", translation={"lang": "es", "text": "la gallina roja"})
+                if i % 3 == 2:
+                    meta.update(task="sqa", question="what is one plus one?", answer="two")
+                w.write({"__key__": f"{split}{i:04d}", "flac": _flac(i, 0.5 + 0.1 * (i % 3)),
+                         "txt": f"a {words[i % 4]}.", "json": json.dumps(meta)})
+    tok = train_tokenizer([" ".join(words) + " la gallina roja what is one plus two"] * 20, 300)
+    cfg = LlamaConfig(vocab_size=tok.vocab_size, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=160)
+    torch.manual_seed(0)
+    save_lm(root / "lm" / "final", Llama(cfg).state_dict(), cfg, tok, {"stage": "lm_pretrain"})
+    return {"root": root, "lm": root / "lm"}
+
+
+def _common(world) -> list[str]:
+    r = world["root"]
+    return [f"data.shards={r}/train-*.tar", f"data.val_shards={r}/val-*.tar", "steps=2", "train.batch_size=4",
+            "train.warmup_steps=1", "train.threads=0", "train.log_every=1", "train.progress=false",
+            "encoder.dim=32", "encoder.layers=2", "encoder.heads=2", "encoder.ffn_dim=64"]
+
+
+def _mm(*argv) -> tuple[int, dict]:
+    from mm.cli import main
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        rc = main(list(map(str, argv)))
+    return rc, json.loads(buf.getvalue().strip().splitlines()[-1])
+
+
+def _sft_overrides(world, tmp, encoder_from) -> list[str]:
+    return [*_common(world), f"lm={world['lm']}", f"encoder_from={encoder_from}", "adapter.dim=16",
+            "adapter.heads=2", "adapter.ffn_dim=32", "seq_len=96", "eval_items=2"]
+
+
+def test_stages_trainable_sets_lm_unchanged_and_cli(world, tmp_path, monkeypatch):
+    from mm.checkpoint import load_tensors
+    from mm.config import load_config
+    from mm.distributed import DistInfo
+    from mm.runs import load_lm
+    from mm.speech import freeze_lm, load_speech_model
+    from mm.stages.speech_sft import build_model
+    from mm.train import Trainer
+
+    monkeypatch.chdir(REPO)
+    rc, pre = _mm("run", "experiments/speech/speech_pretrain_tiny.yaml", "--out", tmp_path / "pre", *_common(world),
+                  "best_rq.codebooks=2", "best_rq.codebook_size=32")
+    assert rc == 0 and pre["final_code_perplexity"] > 1, pre
+    pre_sd = load_tensors(tmp_path / "pre" / "final" / "model.safetensors")
+    assert {k.split(".")[0] for k in pre_sd} == {"encoder", "head", "quantizer"}
+
+    # speech_sft: exactly encoder + adapter trainable; the LM frozen and outside the optimizer
+    cfg = load_config(REPO / "experiments/speech/speech_sft_tiny.yaml", _sft_overrides(world, tmp_path, tmp_path / "pre"))
+    model, tok = build_model(cfg)
+    counts = freeze_lm(model)
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert names == {f"encoder.{n}" for n, _ in model.encoder.named_parameters()} | \
+        {f"adapter.{n}" for n, _ in model.adapter.named_parameters()}
+    assert counts["frozen"] == sum(p.numel() for p in model.lm.parameters())
+    tr = Trainer(model, cfg.train, tmp_path / "probe", loss_fn=None, lr_at=lambda s: 0.0, info=DistInfo())
+    assert {id(p) for g in tr.optimizer.param_groups for p in g["params"]} == \
+        {id(p) for n, p in model.named_parameters() if n in names}
+
+    rc, res = _mm("run", "experiments/speech/speech_sft_tiny.yaml", "--out", tmp_path / "sft",
+                  *_sft_overrides(world, tmp_path, tmp_path / "pre"))
+    assert rc == 0 and res["n_asr"] == 2 and res["wer"] is not None and res["blind_wer"] is not None, res
+    assert res["params_trainable"] == counts["trainable"]
+    # the LM in the step checkpoint is bitwise the LM run's; no-audio logits equal the bare LM's
+    lm, _, _ = load_lm(world["lm"])
+    ck = sorted((tmp_path / "sft" / "checkpoints").glob("step_*"))[-1]
+    c = load_tensors(ck / "model.safetensors")
+    assert all(torch.equal(c[f"lm.{k}"], v) for k, v in lm.state_dict().items())
+    trained, tok = load_speech_model(tmp_path / "sft")
+    toks = torch.randint(0, 280, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(trained(toks), lm(toks))
+        ids = trained.ids
+        wave = torch.randn(2, 3200)
+        feats, lens = pad_features([LogMel()(w) for w in wave])
+        sp = torch.cat([toks[:, :2], torch.tensor([ids.run(3)] * 2), toks[:, :3]], 1)  # 3 = ceil(ceil(21/4)/2)
+        assert not torch.equal(trained(sp, feats, lens), lm(sp))
+        with pytest.raises(ValueError, match="adapter embeddings for a run of"):
+            trained(torch.cat([toks[:, :2], torch.tensor([ids.run(4)] * 2)], 1), feats, lens)
+
+    # mm eval speech on user shards; mm chat --audio; a truncated file is one clear error naming it
+    rc, ev = _mm("eval", "speech", "--ckpt", tmp_path / "sft", "--shards", world["root"] / "val-*.tar",
+                 "--max-items", 3)
+    assert rc == 0 and ev["items"] == 3 and set(ev["wer_by_voice"]) <= {"espeak:v0", "espeak:v1"} and \
+        ev["n_ast"] == 1 and ev["n_sqa"] == 1, ev
+    wav = tmp_path / "a.wav"
+    sf.write(wav, np.zeros(8000, np.float32), 8000)  # another sample rate: resampled to 16 kHz
+    rc, ch = _mm("chat", "--ckpt", tmp_path / "sft", "--audio", wav, "--max-new-tokens", 4)
+    assert rc == 0 and isinstance(ch["text"], str) and ch["system"] == "Repeat after me in English:"
+    bad = tmp_path / "bad.wav"
+    bad.write_bytes(wav.read_bytes()[:-4000])
+    rc, err = _mm("chat", "--ckpt", tmp_path / "sft", "--audio", bad)
+    assert rc == 2 and str(bad) in err["error"] and "truncated" in err["error"]
