@@ -79,6 +79,22 @@ def cmd_chat(args) -> dict:
     from llm.tokenizer import ChatFormat
 
     gen_kw = dict(greedy=args.greedy, temperature=args.temperature, seed=args.seed)
+    if args.audio:  # a speech_sft run; --prompt (else --system, else ASR) is the system prompt it was trained with
+        from mm.chat_speech import DEFAULT_PROMPT, chat_about_audio
+        from mm.speech import load_speech_model
+
+        model, tok = load_speech_model(args.ckpt)
+        system = next((x for x in (args.prompt, args.system) if x is not None), DEFAULT_PROMPT)
+        return {"text": chat_about_audio(model, tok, args.audio, system, args.max_new_tokens), "audio": args.audio,
+                "system": system}
+    if args.video:  # a video-stage run; the video path lives in mm/chat_video.py
+        from mm.chat_video import chat_about_video
+        from mm.stages.video import load_video, saved_num_frames
+
+        fused, vision, tok = load_video(args.ckpt)
+        text = chat_about_video(fused, vision, tok, args.video, args.prompt, num_frames=saved_num_frames(args.ckpt),
+                                system=args.system, max_new_tokens=args.max_new_tokens, **gen_kw)
+        return {"text": text, "video": args.video}
     if _is_image_run(args.ckpt):  # the fused model; the image path lives in mm/chat_image.py
         from mm.chat_image import chat_about_image, chat_reply
         from mm.stages.image_pretrain import load_fused
@@ -160,8 +176,31 @@ def cmd_eval(args) -> dict:
         return {"ckpt": str(args.ckpt), **eval_image_shards(fused, vision, tok, args.shards, args.max_items,
                                                             args.max_new_tokens, blind=not args.no_blind,
                                                             decode_scale=args.decode_scale, seed=args.seed)}
+    if args.modality == "video":
+        from mm.eval_video import eval_video_shards
+        from mm.stages.video import load_video, saved_num_frames
+
+        if args.threads:
+            import torch
+
+            torch.set_num_threads(args.threads)
+        fused, vision, tok = load_video(args.ckpt)
+        return {"ckpt": str(args.ckpt), **eval_video_shards(fused, vision, tok, args.shards,
+                                                            args.frames or saved_num_frames(args.ckpt),
+                                                            args.max_items, args.max_new_tokens, seed=args.seed)}
+    if args.modality == "speech":
+        from mm.eval_speech import eval_speech_shards
+        from mm.speech import load_speech_model
+
+        if args.threads:
+            import torch
+
+            torch.set_num_threads(args.threads)
+        model, tok = load_speech_model(args.ckpt)
+        return {"ckpt": str(args.ckpt), **eval_speech_shards(model, tok, args.shards, args.max_items,
+                                                             max(args.max_new_tokens, 48), blind=not args.no_blind)}
     if args.modality != "text":
-        raise ValueError(f"mm eval {args.modality}: not available yet (text and image only)")
+        raise ValueError(f"mm eval {args.modality}: not available yet (text, image and speech)")
     from data.shards import SkipCounter, expand_shards, iter_text_docs
     from mm.eval_text import bits_per_byte
     from mm.runs import load_lm
@@ -203,6 +242,10 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--raw", action="store_true", help="no chat template, plain continuation")
     c.add_argument("--image", help="a PNG/JPEG file to ask about (image-stage runs); prompt default: "
                                    "'Describe the image.'")
+    c.add_argument("--audio", help="a wav/flac file (speech_sft runs); --prompt is then the system prompt "
+                                   "(default 'Repeat after me in English:'; '' for spoken questions)")
+    c.add_argument("--video", help="an MP4 file to ask about (video-stage runs); prompt default: "
+                                   "'Describe the video.'")
     c.set_defaults(fn=cmd_chat)
     e = sub.add_parser("export", help="export a model")
     e.add_argument("format", choices=["hf"])
@@ -223,7 +266,8 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("--max-new-tokens", type=int, default=8, help="image: answer length")
     v.add_argument("--no-blind", action="store_true", help="image: skip the blind / shuffled-image passes")
     v.add_argument("--decode-scale", type=int, default=1, help="image: decode at this many tile sides")
-    v.add_argument("--seed", type=int, default=0, help="image: sample subset seed")
+    v.add_argument("--seed", type=int, default=0, help="image / video: sample subset seed")
+    v.add_argument("--frames", type=int, default=0, help="video: frames sampled per clip (0: the run's)")
     v.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch default)")
     v.set_defaults(fn=cmd_eval)
     return p

@@ -269,6 +269,146 @@ class ImageDPOConfig(ImageStageConfig):
 
 
 @dataclass
+class SpeechEncoderModelConfig:
+    """Which named speech-encoder shape (encoders.speech.SPEECH_SHAPES) and field overrides (None: keep the shape's)."""
+
+    shape: str = "tiny"
+    dim: int | None = None
+    layers: int | None = None
+    heads: int | None = None
+    ffn_dim: int | None = None
+    kernel: int | None = None
+
+
+@dataclass
+class BestRQConfig:
+    """BEST-RQ quantiser and masking (PAPER.md §9.4; encoders.best_rq); defaults are the paper's."""
+
+    codebooks: int = 16
+    codebook_size: int = 8192
+    code_dim: int = 16
+    mask_prob: float = 0.025  # probability that a mel frame starts a masked span
+    span: int = 32  # mel frames per span
+    noise_std: float = 0.1  # masked frames are replaced by N(0, noise_std) noise
+    min_spans: int = 1  # at least this many spans per utterance
+
+
+@dataclass
+class AudioDataConfig:
+    """Audio-text shards (DESIGN.md format); utterances longer than max_frames mel frames are randomly cropped in
+    speech_pretrain (PAPER.md §9.4: 6K frames) and skipped (counted) in speech_sft when the dialog exceeds seq_len."""
+
+    shards: str = ".cache/shards/audio/train-*.tar"
+    val_shards: str = ".cache/shards/audio/val-*.tar"
+    num_workers: int = 0
+    max_frames: int = 6000
+
+
+@dataclass
+class SpeechPretrainConfig:
+    """Stage `speech_pretrain` (PAPER.md §9.4): BEST-RQ pretraining of the Conformer on audio shards."""
+
+    stage: str = "speech_pretrain"
+    seed: int = 1337
+    steps: int = 300
+    encoder: SpeechEncoderModelConfig = field(default_factory=SpeechEncoderModelConfig)
+    best_rq: BestRQConfig = field(default_factory=BestRQConfig)
+    data: AudioDataConfig = field(default_factory=AudioDataConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-3, weight_decay=0.01))
+
+
+@dataclass
+class SpeechAdapterModelConfig:
+    """Speech adapter width / heads / FFN (PAPER.md §9.5: 3072 / ? / 4096); input and output widths come from the
+    encoder and the LM."""
+
+    dim: int = 128
+    heads: int = 4
+    ffn_dim: int = 256
+
+
+@dataclass
+class SpecAugmentConfig:
+    """SpecAugment masks in speech_sft (torchaudio FrequencyMasking / TimeMasking); 0 masks turn a kind off."""
+
+    freq_masks: int = 2
+    freq_width: int = 15
+    time_masks: int = 2
+    time_ratio: float = 0.05
+
+
+@dataclass
+class SpeechSFTConfig:
+    """Stage `speech_sft` (PAPER.md §9.5; DESIGN.md invariants 4-5): encoder (from `encoder_from`, a speech_pretrain
+    run, or random init when null) + speech adapter trained jointly, the LM (`lm`) frozen, on ASR / AST / spoken-QA
+    dialogs drawn from the audio shards with weights `tasks` among the tasks each sample supports; loss on the
+    assistant answer only."""
+
+    stage: str = "speech_sft"
+    seed: int = 1337
+    steps: int = 300
+    lm: str = MISSING
+    encoder_from: str | None = None
+    encoder: SpeechEncoderModelConfig = field(default_factory=SpeechEncoderModelConfig)  # used without encoder_from
+    adapter: SpeechAdapterModelConfig = field(default_factory=SpeechAdapterModelConfig)
+    tasks: dict[str, float] = field(default_factory=lambda: {"asr": 1.0, "ast": 1.0, "sqa": 1.0})
+    seq_len: int = 192
+    spec_augment: SpecAugmentConfig = field(default_factory=SpecAugmentConfig)
+    eval_items: int = 100  # held-out items scored at the end (mm.eval_speech; 0: skip)
+    data: AudioDataConfig = field(default_factory=AudioDataConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-3, weight_decay=0.01))
+
+
+@dataclass
+class VideoDataConfig:
+    """Video-text shards: num_frames sampled uniformly over each clip by data.decode (decord, PyAV fallback)."""
+
+    shards: str = ".cache/shards/video/train-*.tar"
+    val_shards: str = ".cache/shards/video/val-*.tar"
+    num_workers: int = 0
+    backend: str = "auto"  # auto | decord | pyav
+    image_size: int | None = None  # frame decode side in px (None: the encoder's tile size)
+
+
+@dataclass
+class VideoAggregatorConfig:
+    """The perceiver temporal aggregator (adapters.temporal.AggregatorConfig less `factor`, a stage setting)."""
+
+    width: int = 64
+    n_latents: int = 16
+    depth: int = 2
+    heads: int = 4
+    max_frames: int = 64
+    ff_mult: int = 4
+
+
+@dataclass
+class VideoStageConfig:
+    """Stages `video_pretrain` / `video_sft` (PAPER.md §5, §7.2): the image model frozen, only the perceiver
+    aggregator, the video cross-attention and the `<|video|>` row train. video_pretrain: `init_from` an image run
+    (image_anneal), adapter random init; video_sft: `init_from` a video_pretrain run, the LM hot-swapped to
+    `instruct_lm`, optionally ViT + image adapter from `image_from` (an image_sft run). num_frames / factor: frames
+    sampled per clip and frames merged into one effective frame."""
+
+    stage: str = "video_pretrain"
+    seed: int = 1337
+    steps: int = 300
+    init_from: str = MISSING
+    instruct_lm: str | None = None
+    image_from: str | None = None
+    num_frames: int = 16
+    factor: int = 16
+    video_every: int = 4  # a video block before every `video_every`-th image block
+    aggregator: VideoAggregatorConfig = field(default_factory=VideoAggregatorConfig)
+    seq_len: int = 128
+    caption_prob: float = 0.25  # share of "Describe the video." -> caption samples
+    mc_prob: float = 0.5  # share of questions with options asked in the multiple-choice format
+    eval_items: int = 0  # held-out questions scored at the end into the result (0: skip)
+    data: VideoDataConfig = field(default_factory=VideoDataConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-4, weight_decay=0.01))
+
+
+@dataclass
 class PipelineStep:
     """One entry of a pipeline: a stage YAML, overrides ({run}, {round}, {prev} are substituted), once or per round."""
 
@@ -298,6 +438,10 @@ STAGE_CONFIGS: dict[str, type] = {
     "image_anneal": ImageStageConfig,
     "image_sft": ImageSFTConfig,
     "image_dpo": ImageDPOConfig,
+    "speech_pretrain": SpeechPretrainConfig,
+    "speech_sft": SpeechSFTConfig,
+    "video_pretrain": VideoStageConfig,
+    "video_sft": VideoStageConfig,
     "pipeline": PipelineConfig,
 }
 

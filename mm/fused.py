@@ -1,11 +1,15 @@
-"""The composed model: a frozen Llama plus image cross-attention adapters, without changing the Llama (DESIGN.md
-invariants 1-3 and 6), and generation that computes the media keys/values once.
+"""The composed model: a frozen Llama plus image cross-attention adapters and an optional video adapter, without
+changing the Llama (DESIGN.md invariants 1-3 and 6), and generation that computes the media keys/values once.
 
 `FusedLM` registers the LM's own modules under their own attribute names, so the LM's state-dict keys appear
 unchanged inside it ("tok_embeddings.weight", "layers.0.attention.wqkv.weight", ...); adapter tensors live under
 "image_adapter." (projection + one block per fused layer) and "new_tokens." (trainable rows for new special tokens,
 used instead of the frozen vocabulary's rows, the torchtune FusionEmbedding idea). Without media the forward pass
 is the bare LM's own forward, so text-only logits are bitwise those of the LM whatever the adapters hold.
+The video adapter (PAPER.md §5; `FusedLM.add_video`) lives under "video_adapter.": a perceiver temporal aggregator
+(adapters/temporal.py), its own CrossAttentionAdapter whose blocks run right BEFORE every `video_every`-th image block
+(same LM layer, video first), and the trainable `<|video|>` row. Without video the forward does exactly what the
+image-only model does (bitwise).
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ import torch.nn.functional as F
 
 from adapters.cross_attention import CrossAttentionAdapter, fusion_schedule
 from adapters.masks import ATTEND_MODES, media_attention_mask
+from adapters.temporal import AggregatorConfig, PerceiverResampler
 from llm.generate import _pick
 from llm.loss import linear_cross_entropy
 from llm.model import Llama, document_mask, rope_tables
@@ -76,6 +81,25 @@ class MediaKV:
         return self.valid.shape[1]
 
 
+class VideoAdapter(nn.Module):
+    """Video adapter (PAPER.md §5): perceiver aggregator (frames -> effective frames), gated video cross-attention
+    blocks before LM layers `layer_ids`, and the trainable `<|video|>` embedding row."""
+
+    def __init__(self, lm: Llama, media_dim: int, video_token_id: int, layer_ids: list[int], cfg: AggregatorConfig,
+                 every: int):
+        super().__init__()
+        self.cfg, self.every, self.token_id = cfg, int(every), int(video_token_id)
+        self.aggregator = PerceiverResampler(media_dim, cfg)
+        self.xattn = CrossAttentionAdapter(lm.cfg, cfg.width, layer_ids)
+        self.token = NewTokenEmbedding(lm.tok_embeddings, (video_token_id,))
+
+    def media(self, video: torch.Tensor) -> torch.Tensor:
+        """Frame features (B, M, F, N, media_dim) -> aggregated tokens (B, M, F/factor * n_latents, width)."""
+        B, M = video.shape[:2]
+        agg = self.aggregator(video.flatten(0, 1))  # (B*M, E, L, W)
+        return agg.reshape(B, M, -1, agg.shape[-1])
+
+
 class FusedLM(nn.Module):
     """A Llama with gated image cross-attention blocks before every `every`-th layer; the Llama itself is unchanged.
 
@@ -99,6 +123,24 @@ class FusedLM(nn.Module):
         ids = fusion_schedule(lm.cfg.n_layers, every, schedule, n_xattn)
         w = lm.output.weight
         self.image_adapter = CrossAttentionAdapter(lm.cfg, media_dim, ids).to(device=w.device, dtype=w.dtype)
+        self.video_adapter: VideoAdapter | None = None
+
+    def add_video(self, media_dim: int, video_token_id: int, cfg: AggregatorConfig, every: int = 4) -> VideoAdapter:
+        """Attach a freshly initialised video adapter: its blocks go before every `every`-th image block, counted
+        from the top (fusion_schedule over the image blocks: 8 image blocks, every 4 -> before the 4th and 8th)."""
+        if self.video_adapter is not None:
+            raise ValueError("this FusedLM already has a video adapter")
+        img = self.image_adapter.layer_ids
+        ids = [img[j] for j in fusion_schedule(len(img), every, "from_top")]
+        w = self.output.weight
+        self.video_adapter = VideoAdapter(self.lm, media_dim, video_token_id, ids, cfg, every).to(
+            device=w.device, dtype=w.dtype)
+        return self.video_adapter
+
+    @property
+    def video_token_id(self) -> int | None:
+        """The `<|video|>` id, or None without a video adapter."""
+        return None if self.video_adapter is None else self.video_adapter.token_id
 
     # ---- parameter groups and weights -------------------------------------------------------------------------
     def _lm_names(self) -> set[str]:
@@ -110,7 +152,7 @@ class FusedLM(nn.Module):
         return [p for n, p in self.named_parameters() if n in names]
 
     def adapter_parameters(self) -> list[nn.Parameter]:
-        """Everything that is not the LM: image adapter (projection, blocks) and the new token rows."""
+        """Everything that is not the LM: image adapter (projection, blocks), new token rows, video adapter."""
         names = self._lm_names()
         return [p for n, p in self.named_parameters() if n not in names]
 
@@ -143,42 +185,75 @@ class FusedLM(nn.Module):
         media = media.to(self.image_adapter.projection.weight.dtype)
         return MediaKV(self.image_adapter.media_kv(media), _valid_mask(media, media_mask))
 
+    def video_kv(self, video: torch.Tensor, video_mask: torch.Tensor | None = None) -> MediaKV:
+        """Frame features (B, M, F, N, media_dim) of M videos per sample -> MediaKV of the aggregated tokens for every
+        video block (aggregator + projection run once). video_mask: (B, M) valid videos; default all valid."""
+        if self.video_adapter is None:
+            raise ValueError("video input needs a video adapter (FusedLM.add_video)")
+        if video.dim() != 5:
+            raise ValueError(f"video features must be (B, M, F, N, D), got shape {tuple(video.shape)}")
+        va = self.video_adapter
+        agg = va.media(video.to(va.xattn.projection.weight.dtype))  # (B, M, E*L, W)
+        return MediaKV(va.xattn.media_kv(agg), _valid_mask(agg, video_mask))
+
+    def _token_tables(self) -> list[NewTokenEmbedding]:
+        return [self.new_tokens] + ([self.video_adapter.token] if self.video_adapter is not None else [])
+
     def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
         h = self.tok_embeddings(tokens)  # (B, T, D)
-        return self.new_tokens(tokens, h) if self.new_tokens.present(tokens) else h
+        for table in self._token_tables():
+            if table.present(tokens):
+                h = table(tokens, h)
+        return h
 
-    def _check_markers(self, tokens: torch.Tensor, valid: torch.Tensor) -> None:
+    def _check_markers(self, tokens: torch.Tensor, valid: torch.Tensor, token_id: int | None = None) -> None:
         if torch.compiler.is_compiling():
             return
-        markers = (tokens == self.media_token_id).sum(1)  # (B,)
+        token_id = self.media_token_id if token_id is None else token_id
+        markers = (tokens == token_id).sum(1)  # (B,)
         items = valid.any(-1).sum(1).to(markers.device)  # (B,) from valid (B, M, N)
         bad = (markers > items).nonzero().flatten()
         if len(bad):
             b = int(bad[0])
-            raise ValueError(f"sample {b} has {int(markers[b])} media markers (id {self.media_token_id}) "
+            raise ValueError(f"sample {b} has {int(markers[b])} media markers (id {token_id}) "
                              f"but only {int(items[b])} valid media items")
+
+    def _cross_mask(self, tokens: torch.Tensor, kv: MediaKV, token_id: int, xattn_mask: torch.Tensor | None,
+                    doc_ids: torch.Tensor | None, start_pos: int) -> torch.Tensor:
+        """(B, T, M*N) which media tokens each row sees: from the markers (or xattn_mask (B, T, M)) and validity."""
+        if xattn_mask is None:
+            if start_pos > 0:
+                raise ValueError("a decoding step (start_pos > 0) needs xattn_mask computed from the whole sequence")
+            self._check_markers(tokens, kv.valid, token_id)
+            xattn_mask = media_attention_mask(tokens, token_id, kv.n_media, self.attend, doc_ids)
+        return (xattn_mask[..., None] & kv.valid[:, None]).flatten(2)  # (B, T, M, N) -> (B, T, M*N)
 
     def forward(self, tokens: torch.Tensor, media: torch.Tensor | MediaKV | None = None, *,
                 media_mask: torch.Tensor | None = None, xattn_mask: torch.Tensor | None = None,
+                video: torch.Tensor | MediaKV | None = None, video_mask: torch.Tensor | None = None,
+                video_xattn_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None, start_pos: int = 0,
                 return_hidden: bool = False, ignore_index: int = -100):
-        """tokens (B, T); media: features (B, M, N, media_dim), a precomputed MediaKV, or None (text only: exactly
-        the bare LM, adapters untouched). xattn_mask (B, T, M) overrides the mask derived from the markers in
+        """tokens (B, T); media: image features (B, M, N, media_dim), a precomputed MediaKV, or None; video: frame
+        features (B, M, F, N, media_dim), a MediaKV from video_kv, or None. With neither: exactly the bare LM,
+        adapters untouched. xattn_mask / video_xattn_mask (B, T, M) override the masks derived from the markers in
         tokens (needed when tokens is a decoding step, start_pos > 0). Returns logits (B, T, V), the final-norm
         hidden states with return_hidden, or the mean next-token loss with labels (B, T)."""
         kw = dict(doc_ids=doc_ids, start_pos=start_pos, return_hidden=return_hidden, labels=labels,
                   ignore_index=ignore_index)
-        if media is None:
-            if not self.new_tokens.present(tokens):
+        if media is None and video is None:
+            if not any(t.present(tokens) for t in self._token_tables()):
                 return self.lm(tokens, **kw)
-            return self.lm(embeds=self.new_tokens(tokens, self.tok_embeddings(tokens)), **kw)
-        kv = media if isinstance(media, MediaKV) else self.media_kv(media, media_mask)
-        if xattn_mask is None:
-            if start_pos > 0:
-                raise ValueError("a decoding step (start_pos > 0) needs xattn_mask computed from the whole sequence")
-            self._check_markers(tokens, kv.valid)
-            xattn_mask = media_attention_mask(tokens, self.media_token_id, kv.n_media, self.attend, doc_ids)
-        xmask = (xattn_mask[..., None] & kv.valid[:, None]).flatten(2)  # (B, T, M, N) -> (B, T, M*N)
+            return self.lm(embeds=self._embed(tokens), **kw)
+        streams = []  # (blocks, MediaKV, (B, T, M*N) mask); video first: its blocks run before the image ones
+        if video is not None:
+            vkv = video if isinstance(video, MediaKV) else self.video_kv(video, video_mask)
+            streams.append((self.video_adapter.xattn.blocks, vkv, self._cross_mask(
+                tokens, vkv, self.video_adapter.token_id, video_xattn_mask, doc_ids, start_pos)))
+        if media is not None:
+            kv = media if isinstance(media, MediaKV) else self.media_kv(media, media_mask)
+            streams.append((self.image_adapter.blocks, kv, self._cross_mask(
+                tokens, kv, self.media_token_id, xattn_mask, doc_ids, start_pos)))
         h = self._embed(tokens)  # (B, T, D)
         # from here on the same steps as Llama.forward, with a block before each fused layer
         B, T, _ = h.shape
@@ -193,8 +268,9 @@ class FusedLM(nn.Module):
         elif caches is not None and T > 1:
             mask = torch.ones(T, start_pos + T, dtype=torch.bool, device=h.device).tril(start_pos)
         for i, layer in enumerate(self.layers):
-            if i in kv.kv:
-                h = self.image_adapter.blocks[str(i)](h, kv.kv[i], xmask)
+            for blocks, kv, xmask in streams:
+                if i in kv.kv:
+                    h = blocks[str(i)](h, kv.kv[i], xmask)
             h = layer(h, cos, sin, mask, caches[i] if caches is not None else None, start_pos)
         h = self.norm(h)
         if labels is not None:
@@ -204,15 +280,18 @@ class FusedLM(nn.Module):
 
 @torch.no_grad()
 def generate_fused(fused: FusedLM, prompt: list[int], media: torch.Tensor | None, max_new_tokens: int, *,
-                   media_mask: torch.Tensor | None = None, greedy: bool = True, temperature: float = 0.8,
+                   media_mask: torch.Tensor | None = None, video: torch.Tensor | MediaKV | None = None,
+                   video_mask: torch.Tensor | None = None, greedy: bool = True, temperature: float = 0.8,
                    top_p: float = 0.95, stop_ids: tuple[int, ...] = (), seed: int | None = None,
                    use_cache: bool = True, cache_media: bool = True) -> list[int]:
-    """Continue one prompt (with `<|image|>` markers) given its media (M, N, media_dim) or (1, M, N, media_dim)
-    and an optional validity mask shaped like the media without the feature dim (or without N).
+    """Continue one prompt (with `<|image|>` / `<|video|>` markers) given its images (M, N, media_dim) or
+    (1, M, N, media_dim) with an optional validity mask shaped like them without the feature dim (or without N), and
+    its videos: frame features (M, F, N, media_dim) or (1, M, F, N, media_dim) (mask (M,) or (1, M)), or a MediaKV
+    from fused.video_kv (e.g. one clip asked several questions).
 
     use_cache: text self-attention through the LM's KV cache; cache_media: compute every block's media keys/values
-    once before decoding and reuse them each step (False recomputes them per step, for comparison). Stops after
-    any of stop_ids (not returned).
+    (and the video aggregator) once before decoding and reuse them each step (False recomputes them per step, for
+    comparison). Stops after any of stop_ids (not returned).
     """
     fused.eval()
     device = fused.output.weight.device
@@ -222,19 +301,35 @@ def generate_fused(fused: FusedLM, prompt: list[int], media: torch.Tensor | None
         if media.dim() == 3:  # (M, N, Dm): add the batch dim, to the mask too
             media, media_mask = media[None], (media_mask[None] if media_mask is not None else None)
         media = media.to(device)
+    if video is not None and not isinstance(video, MediaKV):
+        if video.dim() == 4:  # (M, F, N, Dm)
+            video, video_mask = video[None], (video_mask[None] if video_mask is not None else None)
+        video = video.to(device)
     budget = min(max_new_tokens, fused.cfg.max_seq_len - len(prompt))
     gen = torch.Generator(device="cpu").manual_seed(seed) if seed is not None else None
-    cached = fused.media_kv(media, media_mask) if media is not None and cache_media else None
-    if media is not None:  # checked on the prompt only: markers the model itself emits see no item
-        fused._check_markers(torch.tensor([prompt], device=device), _valid_mask(media, media_mask))
+
+    def kvs() -> tuple[MediaKV | None, MediaKV | None]:
+        return (None if media is None else fused.media_kv(media, media_mask),
+                video if video is None or isinstance(video, MediaKV) else fused.video_kv(video, video_mask))
+
+    cached = kvs() if cache_media else None
+    ids0 = torch.tensor([prompt], device=device)  # markers checked on the prompt only: emitted ones see no item
+    if media is not None:
+        fused._check_markers(ids0, _valid_mask(media, media_mask))
+    if video is not None:
+        fused._check_markers(ids0, (cached or kvs())[1].valid, fused.video_token_id)
 
     def step(ids: list[int], start: int):
-        kv = cached if cached is not None or media is None else fused.media_kv(media, media_mask)
-        if kv is None:
+        if media is None and video is None:
             return fused(torch.tensor([ids[start:]], device=device), start_pos=start)[0, -1]
+        ikv, vkv = cached if cached is not None else kvs()
         full = torch.tensor([ids], device=device)
-        xm = media_attention_mask(full, fused.media_token_id, kv.n_media, fused.attend)[:, start:]  # (1, T, M)
-        return fused(full[:, start:], kv, xattn_mask=xm, start_pos=start)[0, -1]
+
+        def xm(kv: MediaKV | None, token_id: int | None):  # (1, T, M) for the positions being run
+            return None if kv is None else media_attention_mask(full, token_id, kv.n_media, fused.attend)[:, start:]
+
+        return fused(full[:, start:], ikv, xattn_mask=xm(ikv, fused.media_token_id), video=vkv,
+                     video_xattn_mask=xm(vkv, fused.video_token_id), start_pos=start)[0, -1]
 
     seq, out = list(prompt), []
     try:

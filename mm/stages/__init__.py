@@ -15,6 +15,10 @@ RUNNERS = {
     "image_anneal": ("mm.stages.image_pretrain", "run"),
     "image_sft": ("mm.stages.image_sft", "run"),
     "image_dpo": ("mm.stages.image_dpo", "run"),
+    "speech_pretrain": ("mm.stages.speech_pretrain", "run"),
+    "speech_sft": ("mm.stages.speech_sft", "run"),
+    "video_pretrain": ("mm.stages.video", "run"),
+    "video_sft": ("mm.stages.video", "run"),
     "pipeline": ("mm.pipeline", "run"),
 }
 

@@ -1,0 +1,303 @@
+"""Stages video_pretrain / video_sft (PAPER.md §5, §6.1, §7.2; DESIGN.md invariants 1, 4, 6): the image model of an
+image run, frozen, plus a video adapter (mm.fused.VideoAdapter: perceiver aggregator, video cross-attention before
+every `video_every`-th image block, the `<|video|>` row). Only "fused.video_adapter.*" trains.
+
+Each clip: num_frames frames sampled uniformly over the whole clip (data.decode.decode_video via the Loader), each
+frame tiled and encoded by the frozen image encoder under no_grad (B, F, N, D), merged `factor` frames at a time by
+the aggregator. Each sample is one Llama 3 dialog: user = `<|video|>` + a question in the paper's evaluation formats
+(multiple choice "Select the correct answer ..." -> option letter, with probability mc_prob when the qa has choices;
+else short answer "Answer the question using a single word or phrase." -> the first reference), or "Describe the
+video." -> caption with probability caption_prob; loss on the assistant tokens only. The draw for a sample is a pure
+function of (seed, loader batch, row), so resume is exact.
+video_pretrain starts from an image run (init_from; adapter random init); video_sft from a video_pretrain run, with
+the LM hot-swapped to `instruct_lm` and optionally ViT + image adapter taken from an image_sft run (`image_from`).
+Final: final/ as an image run's (mm.stages.image_pretrain.save_image_model: "vision.*", "fused.*" incl.
+"fused.video_adapter.*"; meta kind "image", so image tools load its image part unchanged) plus meta "video" (the
+adapter's shape); `load_video(run)` rebuilds the whole model.
+"""
+from __future__ import annotations
+
+import dataclasses
+import random
+import re
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from adapters.temporal import AggregatorConfig
+from data.loader import Loader
+from data.token_stream import IGNORE
+from encoders.vision import VisionConfig, VisionEncoder, supported_grids
+from llm.tokenizer import ChatFormat, Tokenizer
+from mm.checkpoint import CheckpointError, load_meta, load_tensors
+from mm.config import VideoStageConfig
+from mm.distributed import init_distributed, unwrap, wrap_model
+from mm.fused import FusedLM
+from mm.runs import model_dir
+from mm.stages.image_pretrain import (ImageFeed, collate_dialogs, encode_vqa, hot_swap_lm, images_to_pixels, lm_dir,
+                                      load_fused, save_image_model)
+from mm.train import StepOutput, Trainer, warmup_cosine
+
+TRAINABLE_PREFIXES = ("fused.video_adapter.",)  # DESIGN.md invariant 4: the video stages train nothing else
+DESCRIBE = "Describe the video."
+LETTERS = "ABCDEFGH"
+MC_PROMPT = "Select the correct answer from the following options: {question} {options}. " \
+            "Answer with the correct option letter and nothing else."
+SHORT_PROMPT = "Answer the question using a single word or phrase. {question}"
+
+
+# ---- prompts (the paper's evaluation formats, PAPER.md §5) -----------------------------------------------------------
+
+def mc_prompt(question: str, choices: list[str]) -> str:
+    """The multiple-choice prompt: question + "(A) x (B) y ..." options."""
+    if not 2 <= len(choices) <= len(LETTERS):
+        raise ValueError(f"a multiple-choice question needs 2..{len(LETTERS)} options, got {len(choices)}")
+    options = " ".join(f"({L}) {c}" for L, c in zip(LETTERS, choices))
+    return MC_PROMPT.format(question=question.strip(), options=options)
+
+
+def short_prompt(question: str) -> str:
+    """The short-answer prompt."""
+    return SHORT_PROMPT.format(question=question.strip())
+
+
+def gold_letter(qa: dict) -> str | None:
+    """The letter of the first option that matches a reference answer (normalise_answer), or None."""
+    from data.chat_tasks import normalise_answer
+
+    refs = {normalise_answer(a) for a in qa.get("answers") or []}
+    for L, c in zip(LETTERS, qa.get("choices") or []):
+        if normalise_answer(c) in refs:
+            return L
+    return None
+
+
+def parse_letter(pred: str) -> str | None:
+    """The option letter a reply starts with ("B", "(B)", "B. left" -> "B"), or None."""
+    m = re.match(r"^\W*([A-H])(?![A-Za-z])", pred.strip())
+    return m.group(1) if m else None
+
+
+def pick_video_question(meta: dict, caption: str, rng: random.Random, caption_prob: float,
+                        mc_prob: float) -> tuple[str, str]:
+    """(prompt, target) for one training clip: a caption request, or a random qa item in MC / short format."""
+    qas = [q for q in (meta or {}).get("qa") or [] if q.get("answers")]
+    if not qas or rng.random() < caption_prob:
+        return DESCRIBE, caption
+    qa = rng.choice(qas)
+    letter = gold_letter(qa)
+    if letter is not None and rng.random() < mc_prob:
+        return mc_prompt(qa["question"], qa["choices"]), letter
+    return short_prompt(qa["question"]), str(qa["answers"][0])
+
+
+def encode_video_qa(fmt: ChatFormat, question: str, answer: str | None,
+                    video: bool = True) -> tuple[list[int], list[bool]]:
+    """encode_vqa with `<|video|>` (instead of `<|image|>`) opening the user turn; video False: no marker (blind)."""
+    ids, mask = encode_vqa(fmt, question, answer, image=False)
+    if video:
+        at = 1 + len(fmt.encode_header("user"))  # after BOS + the user header
+        ids.insert(at, fmt.tok.special_id("<|video|>"))
+        mask.insert(at, False)
+    return ids, mask
+
+
+# ---- the model ----------------------------------------------------------------------------------------------------
+
+def frames_to_pixels(frames, vcfg: VisionConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 frames (B, F, 3, H, W) -> normalised tiles (B, F, n, 3, t, t) and aspect ids (B, F); n = the most real
+    tiles any frame needs (<= max_tiles; padding tiles are masked by the encoder)."""
+    frames = torch.as_tensor(frames)
+    B, Fr = frames.shape[:2]
+    px, aspect = images_to_pixels(frames.flatten(0, 1), vcfg.image_size, vcfg.max_tiles)  # (B*F, max_tiles, ...)
+    n = max(r * c for r, c in (supported_grids(vcfg.max_tiles)[int(a)] for a in aspect.unique()))
+    return px[:, :n].reshape(B, Fr, n, *px.shape[2:]), aspect.view(B, Fr)
+
+
+class VideoModel(nn.Module):
+    """Image encoder + FusedLM with a video adapter (one optimizer / checkpoint): names "vision.*" and "fused.*"."""
+
+    def __init__(self, vision: VisionEncoder, fused: FusedLM):
+        super().__init__()
+        self.vision, self.fused = vision, fused
+
+    def forward(self, tokens, pixels, aspect, labels=None):
+        """tokens (B, T) with one `<|video|>` each -> logits (B, T, V), or the mean loss with labels (B, T)."""
+        return self.fused(tokens, video=frame_features(self.vision, pixels, aspect), labels=labels)
+
+
+@torch.no_grad()
+def frame_features(vision: VisionEncoder, pixels: torch.Tensor, aspect: torch.Tensor) -> torch.Tensor:
+    """pixels (B, F, n, 3, t, t), aspect (B, F) -> frame features (B, 1, F, n*(P+1), D): one video per sample, each
+    frame through the frozen image encoder without a graph (it never trains in the video stages)."""
+    B, Fr = pixels.shape[:2]
+    feats = vision(pixels.flatten(0, 1), aspect.flatten())  # (B*F, n*(P+1), D)
+    return feats.view(B, 1, Fr, *feats.shape[1:])
+
+
+def aggregator_config(cfg: VideoStageConfig) -> AggregatorConfig:
+    """The stage's aggregator shape with its aggregation factor."""
+    return AggregatorConfig(factor=cfg.factor, **dataclasses.asdict(cfg.aggregator))
+
+
+def load_video(ckpt: str | Path, device: str | torch.device = "cpu",
+               factor: int | None = None) -> tuple[FusedLM, VisionEncoder, Tokenizer]:
+    """Rebuild (FusedLM with its video adapter, VisionEncoder, tokenizer) in eval mode from a video run (image part
+    via load_fused); factor overrides the saved aggregation factor (the weights do not depend on it)."""
+    d = model_dir(ckpt)
+    meta = load_meta(d)
+    if "video" not in meta:
+        raise CheckpointError(f"{d / 'meta.json'}: not a video-stage model (no 'video' entry)")
+    fused, vision, tok = load_fused(d, device)
+    v = dict(meta["video"])
+    acfg = AggregatorConfig(**{**v["aggregator"], **({"factor": factor} if factor else {})})
+    fused.add_video(meta["media_dim"], tok.special_id("<|video|>"), acfg, v["every"])
+    prefix = "fused.video_adapter."
+    sd = {k[len(prefix):]: t for k, t in load_tensors(d / "model.safetensors").items() if k.startswith(prefix)}
+    try:
+        fused.video_adapter.load_state_dict(sd, strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"{d}: video adapter does not fit: {str(e).splitlines()[0]}") from None
+    return fused.to(device).eval(), vision, tok
+
+
+def saved_num_frames(ckpt: str | Path) -> int:
+    """The frames per clip a video run was trained with (its meta)."""
+    d = model_dir(ckpt)
+    meta = load_meta(d)
+    if "video" not in meta:
+        raise CheckpointError(f"{d / 'meta.json'}: not a video-stage model (no 'video' entry)")
+    return int(meta["video"]["num_frames"])
+
+
+def load_image_part(model: VideoModel, ckpt: str | Path) -> None:
+    """Replace the encoder and image adapter (+ `<|image|>` row) by those of another image run (video_sft from the
+    image_sft soup); shapes must match."""
+    d = model_dir(ckpt)
+    sd = load_tensors(d / "model.safetensors")
+    want = {k for k in model.state_dict() if k.startswith(("vision.", "fused.image_adapter.", "fused.new_tokens."))}
+    missing = sorted(want - set(sd))
+    if missing:
+        raise CheckpointError(f"{d}: no {missing[0]!r}: not an image run of this model's shape")
+    model.load_state_dict({k: sd[k] for k in want}, strict=False)
+
+
+def build_model(cfg: VideoStageConfig) -> tuple[VideoModel, Tokenizer, Path, dict]:
+    """(model, tokenizer, LM path, image-run meta) for a video stage (see the module doc)."""
+    d = model_dir(cfg.init_from)
+    meta = load_meta(d)
+    if cfg.stage == "video_pretrain":
+        if "video" in meta:
+            raise CheckpointError(f"{d}: video_pretrain starts from an image run, this is a video run")
+        fused, vision, tok = load_fused(d)
+        torch.manual_seed(cfg.seed)
+        fused.add_video(vision.cfg.out_dim, tok.special_id("<|video|>"), aggregator_config(cfg), cfg.video_every)
+    else:
+        fused, vision, tok = load_video(d, factor=cfg.factor)
+        va, want = fused.video_adapter, aggregator_config(cfg)
+        if va.every != cfg.video_every or va.cfg != want:
+            raise ValueError(f"{d}: its video adapter (every {va.every}, {va.cfg}) differs from the config's "
+                             f"(video_every {cfg.video_every}, {want})")
+    lm_path = Path(meta["lm"])
+    model = VideoModel(vision, fused)
+    if cfg.instruct_lm:  # video_sft: the instruction-tuned LM (invariant 6)
+        hot_swap_lm(fused, tok, cfg.instruct_lm)
+        lm_path = lm_dir(cfg.instruct_lm)
+    if cfg.image_from:
+        load_image_part(model, cfg.image_from)
+    return model, tok, lm_path, meta
+
+
+def freeze_for_video(model: VideoModel) -> dict[str, int]:
+    """requires_grad only on TRAINABLE_PREFIXES (video adapter); returns {"trainable": n, "frozen": n} counts."""
+    counts = {"trainable": 0, "frozen": 0}
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.startswith(TRAINABLE_PREFIXES))
+        counts["trainable" if p.requires_grad else "frozen"] += p.numel()
+    return counts
+
+
+# ---- the stage ----------------------------------------------------------------------------------------------------
+
+class VideoFeed(ImageFeed):
+    """Micro-batches for step s = loader batches [s*accum, (s+1)*accum) turned into video QA dialogs."""
+
+    def make(self, b: int, batch: dict) -> dict:
+        """One micro-batch: {tokens (B, T), labels (B, T), pixels (B, F, n, 3, t, t), aspect (B, F), n}."""
+        dialogs = []
+        for j, (meta, cap) in enumerate(zip(batch["meta"], batch["caption"])):
+            rng = random.Random(f"{self.cfg.seed}:{b}:{j}")
+            q, a = pick_video_question(meta, cap, rng, self.cfg.caption_prob, self.cfg.mc_prob)
+            dialogs.append(encode_video_qa(self.fmt, q, a))
+        mb = collate_dialogs(dialogs, self.pad_id, self.cfg.seq_len)
+        mb["pixels"], mb["aspect"] = frames_to_pixels(batch["frames"], self.vcfg)
+        mb = {k: v.to(self.device) for k, v in mb.items()}
+        mb["n"] = int((mb["labels"] != IGNORE).sum())
+        return mb
+
+
+def video_loss(m, mb: dict) -> StepOutput:
+    """Assistant-token loss of one micro-batch."""
+    return StepOutput(m(mb["tokens"], mb["pixels"], mb["aspect"], labels=mb["labels"]), mb["n"])
+
+
+def run(cfg: VideoStageConfig, run_dir: Path, resume: bool = False) -> dict:
+    """Train the video adapter with everything else frozen; writes checkpoints/, final/, result (+ held-out video
+    QA figures when eval_items > 0)."""
+    t0 = time.perf_counter()
+    if cfg.stage not in ("video_pretrain", "video_sft"):
+        raise ValueError(f"stage {cfg.stage!r} is not a video stage")
+    if cfg.num_frames % cfg.factor:
+        raise ValueError(f"num_frames {cfg.num_frames} must be a multiple of factor {cfg.factor}")
+    info = init_distributed(cfg.train.device)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    torch.manual_seed(cfg.seed)
+    run_dir = Path(run_dir)
+    model, tok, lm_path, base_meta = build_model(cfg)
+    counts = freeze_for_video(model)
+    vcfg = model.vision.cfg
+    net = wrap_model(model.to(info.device), cfg.train.parallel, info)
+    t = cfg.train
+    if t.batch_size % info.world:
+        raise ValueError(f"train.batch_size {t.batch_size} does not divide over {info.world} processes")
+    loader = Loader(cfg.data.shards, "video", t.batch_size // info.world, num_workers=cfg.data.num_workers,
+                    seed=cfg.seed, rank=info.rank, world=info.world, num_frames=cfg.num_frames,
+                    image_size=cfg.data.image_size or vcfg.image_size, backend=cfg.data.backend)
+    feed = VideoFeed(loader, tok, cfg, vcfg, info.device)
+    trainer = Trainer(net, t, run_dir, loss_fn=video_loss, info=info, desc=cfg.stage,
+                      lr_at=lambda s: warmup_cosine(s, t.lr, t.warmup_steps, cfg.steps, t.min_lr_ratio))
+    trainer.meta = {"loader": loader.state_dict()}
+    if resume and trainer.resume():
+        loader.load_state_dict(trainer.meta["loader"])
+    t_fit = time.perf_counter()
+    try:
+        records = trainer.fit(feed, cfg.steps, on_step=lambda s, o: trainer.meta.update(loader=loader.state_dict()))
+    finally:
+        feed.close()
+    base = {"stage": cfg.stage, "steps": cfg.steps, "skipped": loader.skipped}
+    if trainer.stopped_at is not None:
+        return {**base, "stopped_at": trainer.stopped_at, "checkpoint": trainer.last_checkpoint()}
+    result = {**base, **{f"params_{k}": n for k, n in counts.items()}, "train_s": round(time.perf_counter() - t_fit, 1)}
+    losses = [r["loss"] for r in records if "loss" in r]
+    result.update(first_loss=losses[0] if losses else None, final_loss=losses[-1] if losses else None)
+    if info.is_main:
+        m = unwrap(net)
+        keep = {k: base_meta.get(k) for k in ("every", "schedule", "attend")}
+        video = {"aggregator": aggregator_config(cfg).to_dict(), "every": cfg.video_every,
+                 "num_frames": cfg.num_frames}
+        meta = {**keep, "stage": cfg.stage, "step": cfg.steps, "lm": str(lm_path), "init_from": cfg.init_from,
+                "image_from": cfg.image_from, "vision": base_meta.get("vision"), "video": video}
+        save_image_model(run_dir / "final", m, tok, meta)
+        if cfg.eval_items:
+            from mm.eval_video import eval_video_shards
+
+            fused, vision, vtok = load_video(run_dir)
+            ev = eval_video_shards(fused, vision, vtok, cfg.data.val_shards, cfg.num_frames, cfg.eval_items,
+                                   backend=cfg.data.backend, image_size=cfg.data.image_size)
+            result.update({k: ev[k] for k in ("video_acc", "single_frame_acc", "blind_acc", "items")})
+            result["temporal"] = ev.get("temporal")
+        result["total_s"] = round(time.perf_counter() - t0, 1)
+    return result

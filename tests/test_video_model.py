@@ -1,0 +1,158 @@
+"""The video adapter (PAPER.md §5; DESIGN.md invariants 1-3): the perceiver aggregator merges `factor` consecutive
+frames with learned frame positions, video blocks sit before every 4th image block and run before it, zero gates
+change nothing, no-media logits stay bitwise the bare LM's, image-only logits are bitwise unchanged by adding a video
+adapter, most-recent-`<|video|>` masking, and cached generation computes the video keys/values once."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from adapters.temporal import AggregatorConfig, PerceiverResampler
+from llm.model import Llama, LlamaConfig
+from mm.fused import FusedLM, generate_fused
+
+V, IMG, VID, DM, N = 96, 90, 91, 24, 5  # vocab, <|image|>, <|video|>, encoder width, tokens per frame/image
+AGG = AggregatorConfig(factor=4, width=16, n_latents=3, depth=1, heads=2, max_frames=8)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def make_fused(n_layers: int = 4, every: int = 2, video: bool = True, seed: int = 0) -> FusedLM:
+    torch.manual_seed(seed)
+    lm = Llama(LlamaConfig(vocab_size=V, dim=32, n_layers=n_layers, n_heads=4, n_kv_heads=2, max_seq_len=64)).eval()
+    torch.manual_seed(123)
+    fused = FusedLM(lm, DM, IMG, every=every)
+    if video:
+        torch.manual_seed(7)
+        fused.add_video(DM, VID, AGG, every=4)
+    return fused.eval()
+
+
+def open_gates(adapter, value: float = 0.9) -> None:
+    with torch.no_grad():
+        for blk in adapter.blocks.values():
+            blk.gate_attn.fill_(value)
+            blk.gate_ffn.fill_(-value)
+
+
+def feats(*shape, seed: int = 1) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def text(b: int, t: int, seed: int = 2) -> torch.Tensor:
+    return torch.randint(0, 80, (b, t), generator=torch.Generator().manual_seed(seed))
+
+
+def test_aggregator_merges_consecutive_frames_with_positions(one_thread):
+    torch.manual_seed(0)
+    agg = PerceiverResampler(DM, AggregatorConfig(factor=32, width=16, n_latents=4, depth=2, heads=2,
+                                                  max_frames=64)).eval()
+    x = feats(2, 64, N, DM)
+    with torch.no_grad():
+        out = agg(x)
+        assert out.shape == (2, 2, 4, 16)  # 64 frames, factor 32 -> 2 effective frames
+        y = x.clone()
+        y[:, 40] += 1.0  # a frame of the second window changes only the second effective frame
+        out2 = agg(y)
+        assert torch.equal(out2[:, 0], out[:, 0]) and not torch.allclose(out2[:, 1], out[:, 1])
+        z = x.clone()
+        z[:, [3, 7]] = x[:, [7, 3]]  # swapping two frames inside one window: only the frame positions see it
+        assert not torch.allclose(agg(z)[:, 0], out[:, 0])
+        with torch.no_grad():
+            agg.frame_embed.zero_()
+        assert torch.allclose(agg(z)[:, 0], agg(x)[:, 0], atol=1e-5)  # without positions the window is a set
+    with pytest.raises(ValueError, match="multiple of the aggregation factor 32"):
+        agg(x[:, :48])
+
+
+def test_video_blocks_placed_before_every_4th_image_block():
+    big = make_fused(n_layers=32, every=4)
+    assert big.image_adapter.layer_ids == list(range(3, 32, 4))  # 8 image blocks
+    assert big.video_adapter.xattn.layer_ids == [15, 31]  # 8 -> 2 video blocks (PAPER.md §5 derived)
+    tiny = make_fused()
+    assert tiny.image_adapter.layer_ids == [1, 3] and tiny.video_adapter.xattn.layer_ids == [3]
+    order = []
+    for name, blk in [("video", tiny.video_adapter.xattn.blocks["3"]), ("image", tiny.image_adapter.blocks["3"]),
+                      ("layer3", tiny.layers[3])]:
+        blk.register_forward_hook(lambda *a, n=name: order.append(n))
+    toks = text(1, 10)
+    toks[0, 1], toks[0, 5] = IMG, VID
+    with torch.no_grad():
+        tiny(toks, feats(1, 1, N, DM), video=feats(1, 1, 8, N, DM))
+    assert order == ["video", "image", "layer3"]
+    keys = set(tiny.adapter_state_dict())
+    assert {"video_adapter.token.weight", "video_adapter.aggregator.frame_embed",
+            "video_adapter.xattn.blocks.3.gate_attn"} <= keys
+    assert not any(k.startswith("video_adapter.") for k in tiny.lm.state_dict())
+
+
+def test_no_media_bitwise_lm_and_image_only_unchanged_by_video_adapter():
+    plain, fused = make_fused(video=False), make_fused()
+    fused.load_state_dict(plain.state_dict(), strict=False)  # same LM and image adapter
+    open_gates(plain.image_adapter)
+    open_gates(fused.image_adapter)
+    open_gates(fused.video_adapter.xattn)
+    toks = text(2, 12)
+    with torch.no_grad():
+        assert torch.equal(fused(toks), fused.lm(toks))  # no media: the bare LM, bitwise
+        img_toks = toks.clone()
+        img_toks[:, 2] = IMG
+        image = feats(2, 1, N, DM)
+        assert torch.equal(fused(img_toks, image), plain(img_toks, image))  # image-only: bitwise unchanged
+        # gates at init (0): a video changes nothing, bitwise
+        fresh = make_fused()
+        fresh.load_state_dict(plain.state_dict(), strict=False)
+        both = img_toks.clone()
+        both[:, 6] = VID
+        with torch.no_grad():
+            fresh.video_adapter.token.weight.copy_(fresh.tok_embeddings.weight[VID][None])
+        assert torch.equal(fresh(both, image, video=feats(2, 1, 8, N, DM)), plain(both, image))
+        # opened video gates: the video now matters
+        assert not torch.allclose(fused(both, image, video=feats(2, 1, 8, N, DM)), fused(both, image))
+
+
+def test_text_sees_only_the_most_recent_video():
+    fused = make_fused()
+    open_gates(fused.video_adapter.xattn)
+    toks = text(1, 14)
+    toks[0, 3], toks[0, 8] = VID, VID
+    v = feats(1, 2, 8, N, DM)
+    w = v.clone()
+    w[:, 0] += 1.0  # change the first video only
+    outs = []  # the video block's output (its input is the same for v and w: video enters the LM there first)
+    fused.video_adapter.xattn.blocks["3"].register_forward_hook(lambda m, i, o: outs.append(o))
+    with torch.no_grad():
+        a = fused(toks, video=v)
+        fused(toks, video=w)
+        assert torch.equal(a[:, :3], fused.lm(toks)[:, :3])  # before the first marker: exactly the LM
+        assert not torch.allclose(outs[0][:, 3:8], outs[1][:, 3:8])  # between the markers: sees video 0
+        assert torch.equal(outs[0][:, 8:], outs[1][:, 8:])  # after marker 2: only video 1
+        with pytest.raises(ValueError, match="2 media markers .* only 1 valid"):
+            fused(toks, video=v[:, :1])
+        with pytest.raises(ValueError, match="needs a video adapter"):
+            make_fused(video=False)(toks, video=v)
+
+
+def test_cached_generation_with_video_computes_aggregator_once():
+    fused = make_fused()
+    open_gates(fused.video_adapter.xattn, 1.5)
+    open_gates(fused.image_adapter, 1.5)
+    prompt = text(1, 10)[0].tolist()
+    prompt[1], prompt[4] = VID, IMG
+    video, image = feats(1, 8, N, DM), feats(1, N, DM, seed=3)
+    calls = []
+    fused.video_adapter.aggregator.register_forward_hook(lambda *a: calls.append(1))
+    cached = generate_fused(fused, prompt, image, 8, video=video)
+    assert len(calls) == 1
+    calls.clear()
+    assert generate_fused(fused, prompt, image, 8, video=video, cache_media=False) == cached
+    assert len(calls) > 2  # recomputed per step
+    assert generate_fused(fused, prompt, image, 8, video=video, use_cache=False) == cached
+    kv = fused.video_kv(video[None])
+    assert generate_fused(fused, prompt, image, 8, video=kv) == cached  # a precomputed clip, reused
+    seq = prompt + cached
+    with torch.no_grad():
+        full = fused(torch.tensor([seq]), image[None], video=video[None])[0]
+        other = fused(torch.tensor([seq]), image[None], video=feats(1, 1, 8, N, DM, seed=9))[0]
+    assert int(full[len(seq) - 2].argmax()) == cached[-1]  # greedy steps agree with one full forward pass
+    assert not torch.allclose(other, full)  # the video matters

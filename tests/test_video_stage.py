@@ -1,0 +1,220 @@
+"""Stages video_pretrain / video_sft (DESIGN.md invariants 1, 4, 6, 7): the exact trainable set (video adapter
+only, also in the optimizer), image weights bitwise unchanged by video training (so image figures cannot move),
+no-video logits bitwise the bare LM's, exact resume, the instruct-LM hot-swap and factor change of video_sft, the
+benchmark metrics (paper prompts, letter parsing, single-frame control) and `mm eval video` / `mm chat --video`."""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+
+from data.image_kit import make_qa
+from data.video_kit import encode_mp4
+from encoders.vision import VisionConfig, VisionEncoder
+from llm.model import Llama, LlamaConfig
+from llm.tokenizer import train_tokenizer
+from mm.checkpoint import load_tensors, save_weights
+from mm.runs import save_lm
+
+REPO = Path(__file__).resolve().parents[1]
+PRE, SFT = "experiments/video/video_pretrain_tiny.yaml", "experiments/video/video_sft_tiny.yaml"
+VCFG = VisionConfig(image_size=16, patch_size=8, width=32, layers=2, heads=2, mlp_dim=64, taps=[0], n_gated=1,
+                    max_tiles=1)
+DIRS = ["left", "right", "up", "down"]
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _clip(i: int) -> np.ndarray:
+    """8 frames of 16x16: a bright square moving in direction DIRS[i % 4]."""
+    dx, dy = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}[DIRS[i % 4]]
+    frames = np.zeros((8, 16, 16, 3), np.uint8)
+    for t in range(8):
+        x, y = 6 + dx * (t - 4), 6 + dy * (t - 4)
+        frames[t, max(0, y):y + 4, max(0, x):x + 4] = 230
+    return frames
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> dict:
+    """Tiny video shards, a tiny LM + an 'instruct' LM with the same tokenizer, and an image run built at init."""
+    from mm.stages.image_pretrain import ImageModel, build_fused, save_image_model
+
+    root = tmp_path_factory.mktemp("video_stage")
+    for split, n in (("train", 16), ("val", 4)):
+        with wds.TarWriter(str(root / f"{split}-000000.tar")) as w:
+            for i in range(n):
+                d = DIRS[i % 4]
+                meta = {"family": "direction", "fps": 8, "frames": 8,
+                        "qa": [make_qa("In which direction does the square move?", [d], DIRS),
+                               make_qa("Where is the square at the end?", [d])]}
+                w.write({"__key__": f"{split}{i:04d}", "mp4": encode_mp4(_clip(i), 8),
+                         "txt": f"The square moves {d}.", "json": json.dumps(meta)})
+    tok = train_tokenizer(["the square moves left right up down. in which direction does it move? select the "
+                           "correct answer from the following options answer with the correct option letter and "
+                           "nothing else A B C D describe video where is end"] * 20, 400)
+    cfg = LlamaConfig(vocab_size=tok.vocab_size, dim=32, n_layers=4, n_heads=4, n_kv_heads=2, max_seq_len=160)
+    for name, seed in (("lm", 0), ("instruct", 5)):
+        torch.manual_seed(seed)
+        save_lm(root / name / "final", Llama(cfg).state_dict(), cfg, tok, {"stage": "lm_pretrain"})
+    torch.manual_seed(1)
+    vision = VisionEncoder(VCFG)
+    from mm.runs import load_lm
+
+    lm, tok, _ = load_lm(root / "lm")
+    fused = build_fused(lm, tok, VCFG.out_dim, 2, "from_top", "last")
+    with torch.no_grad():
+        for blk in fused.image_adapter.blocks.values():
+            blk.gate_attn.fill_(0.5)  # an image adapter that does something
+    meta = {"stage": "image_anneal", "lm": str(root / "lm" / "final"), "every": 2, "schedule": "from_top",
+            "attend": "last"}
+    save_image_model(root / "image" / "final", ImageModel(vision, fused), tok, meta)
+    return {"root": root, "image": root / "image", "lm": root / "lm", "instruct": root / "instruct"}
+
+
+def _overrides(world: dict, steps: int = 4) -> list[str]:
+    r = world["root"]
+    return [f"init_from={world['image']}", f"data.shards={r}/train-*.tar", f"data.val_shards={r}/val-*.tar",
+            f"steps={steps}", "num_frames=8", "factor=8", "aggregator.width=16", "aggregator.n_latents=4",
+            "aggregator.depth=1", "aggregator.heads=2", "aggregator.max_frames=16", "train.batch_size=4",
+            "train.warmup_steps=1", "train.threads=0", "train.log_every=1", "train.progress=false",
+            "train.ckpt_every=2", "train.lr=1e-2", "seq_len=96"]
+
+
+def _cli(*argv: str) -> tuple[int, dict]:
+    from mm.cli import main
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        rc = main(list(argv))
+    return rc, json.loads(buf.getvalue().strip().splitlines()[-1])
+
+
+def _trainable(model) -> set[str]:
+    return {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_trainable_set_is_the_video_adapter_only(world):
+    from mm.config import load_config
+    from mm.distributed import DistInfo
+    from mm.stages.video import build_model, freeze_for_video
+    from mm.train import Trainer
+
+    cfg = load_config(REPO / PRE, _overrides(world))
+    model, tok, _, _ = build_model(cfg)
+    counts = freeze_for_video(model)
+    video = {f"fused.video_adapter.{n}" for n, _ in model.fused.video_adapter.named_parameters()}
+    assert _trainable(model) == video
+    assert {"fused.video_adapter.token.weight", "fused.video_adapter.aggregator.frame_embed",
+            "fused.video_adapter.aggregator.latents", "fused.video_adapter.xattn.blocks.3.gate_attn",
+            "fused.video_adapter.xattn.projection.weight"} <= video
+    assert counts["trainable"] == sum(p.numel() for p in model.fused.video_adapter.parameters())
+    frozen = [p for n, p in model.named_parameters() if n not in video]
+    assert frozen and not any(p.requires_grad for p in frozen)  # ViT, image adapter, <|image|> row, LM
+    tr = Trainer(model, cfg.train, world["root"] / "opt_probe", loss_fn=None, lr_at=lambda s: 0.0, info=DistInfo())
+    in_opt = {id(p) for g in tr.optimizer.param_groups for p in g["params"]}
+    assert in_opt == {id(p) for n, p in model.named_parameters() if n in video}
+
+
+def test_pretrain_keeps_image_weights_resumes_and_sft_hot_swaps(world, tmp_path, monkeypatch):
+    from mm.runs import load_lm
+    from mm.stages.image_pretrain import load_fused
+    from mm.stages.video import load_video
+
+    monkeypatch.chdir(REPO)
+    rc, full = _cli("run", PRE, "--out", str(tmp_path / "pre"), *_overrides(world))
+    assert rc == 0 and full["stage"] == "video_pretrain" and full["params_trainable"] > 0, full
+    rc, part = _cli("run", PRE, "--out", str(tmp_path / "part"), *_overrides(world), "train.stop_after=2")
+    assert rc == 0 and part["stopped_at"] == 2
+    _cli("run", PRE, "--out", str(tmp_path / "part"), *_overrides(world), "--resume")
+    a = load_tensors(tmp_path / "pre" / "final" / "model.safetensors")
+    b = load_tensors(tmp_path / "part" / "final" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # exact resume
+    # image weights (ViT, image adapter, <|image|> row) bitwise those of the image run; video gates moved
+    img = load_tensors(world["image"] / "final" / "model.safetensors")
+    assert set(img) < set(a) and all(torch.equal(a[k], v) for k, v in img.items())
+    assert any(a[k].abs().item() > 0 for k in a if k.startswith("fused.video_adapter.") and k.endswith("gate_attn"))
+    assert not any(k.startswith(("fused.layers.", "fused.tok_embeddings")) for k in a)  # no LM weights saved
+    # the image part of the video run is the image model: identical image logits; no media: the bare LM
+    fused, vision, tok = load_video(tmp_path / "pre")
+    ifused, ivision, _ = load_fused(world["image"])
+    lm, _, _ = load_lm(world["lm"])
+    toks = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(fused(toks), lm(toks))
+        itoks = toks.clone()
+        itoks[:, 2] = tok.special_id("<|image|>")
+        media = ivision(torch.randn(2, 1, 3, 16, 16, generator=torch.Generator().manual_seed(1)))[:, None]
+        assert torch.equal(fused(itoks, media), ifused(itoks, media))
+        vtoks = toks.clone()
+        vtoks[:, 2] = tok.special_id("<|video|>")
+        video = torch.randn(2, 1, 8, VCFG.tokens_per_tile, VCFG.out_dim)
+        assert not torch.allclose(fused(vtoks, video=video), lm(vtoks))
+    # video_sft: from the pretrain run, instruct LM hot-swapped, a different factor, still only the video adapter
+    from mm.config import load_config
+    from mm.stages.video import build_model, freeze_for_video
+
+    sft_over = [*_overrides(world, steps=2), f"init_from={tmp_path / 'pre'}", f"instruct_lm={world['instruct']}",
+                "factor=4"]
+    cfg = load_config(REPO / SFT, sft_over)
+    model, _, lm_path, _ = build_model(cfg)
+    freeze_for_video(model)
+    assert _trainable(model) == {f"fused.video_adapter.{n}" for n, _ in model.fused.video_adapter.named_parameters()}
+    ilm, _, _ = load_lm(world["instruct"])
+    assert lm_path == (world["instruct"] / "final").resolve()
+    assert all(torch.equal(v, model.fused.lm.state_dict()[k]) for k, v in ilm.state_dict().items())
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in a.items())  # adapters untouched by the swap
+    rc, sft = _cli("run", SFT, "--out", str(tmp_path / "sft"), *sft_over, "eval_items=6")
+    assert rc == 0 and sft["stage"] == "video_sft" and sft["items"] == 6, sft
+    s = load_tensors(tmp_path / "sft" / "final" / "model.safetensors")
+    assert all(torch.equal(s[k], v) for k, v in img.items())  # image weights still untouched
+    fused2, _, _ = load_video(tmp_path / "sft")
+    assert fused2.video_adapter.cfg.factor == 4
+    with torch.no_grad():
+        assert torch.equal(fused2(toks), ilm(toks))  # no video: the bare instruct LM
+    # the CLI on the trained run: eval and chat about a clip
+    rc, ev = _cli("eval", "video", "--ckpt", str(tmp_path / "sft"), "--shards", str(world["root"] / "val-*.tar"),
+                  "--max-items", "5")
+    assert rc == 0 and ev["items"] == 5 and set(ev["by_type"]) == {"direction"}, ev
+    assert set(ev["by_format"]) == {"mc", "short"} and ev["temporal"]["items"] == 5
+    clip = tmp_path / "clip.mp4"
+    clip.write_bytes(encode_mp4(_clip(1), 8))
+    rc, chat = _cli("chat", "--ckpt", str(tmp_path / "sft"), "--video", str(clip), "--prompt", "Where?",
+                    "--max-new-tokens", "3", "--greedy")
+    assert rc == 0 and isinstance(chat["text"], str) and chat["video"] == str(clip)
+    bad = tmp_path / "bad.mp4"
+    bad.write_bytes(b"not a video")
+    rc, err = _cli("chat", "--ckpt", str(tmp_path / "sft"), "--video", str(bad), "--prompt", "Where?")
+    assert rc == 2 and str(bad) in err["error"]
+    rc, err = _cli("chat", "--ckpt", str(world["image"]), "--video", str(clip))
+    assert rc == 2 and "not a video-stage model" in err["error"]
+
+
+def test_video_metrics_prompts_and_controls():
+    from mm.eval_video import item_score, single_frame, video_items
+    from mm.stages.video import parse_letter
+
+    meta = {"family": "order", "qa": [make_qa("Which appeared first, the cat or the dog?", ["the dog", "dog"],
+                                              ["the cat", "the dog"]),
+                                      make_qa("How many?", ["2", "two"])]}
+    items = video_items(meta)
+    assert [(it["format"], it.get("letter")) for it in items] == [("mc", "B"), ("short", None), ("short", None)]
+    assert items[0]["prompt"] == ("Select the correct answer from the following options: Which appeared first, the "
+                                  "cat or the dog? (A) the cat (B) the dog. Answer with the correct option letter "
+                                  "and nothing else.")
+    assert items[1]["prompt"] == ("Answer the question using a single word or phrase. Which appeared first, the "
+                                  "cat or the dog?")
+    assert [parse_letter(p) for p in ("B", "(B)", " B. the dog", "Because", "b", "")] == ["B", "B", "B", None,
+                                                                                          None, None]
+    assert item_score(items[0], "B") == 1.0 and item_score(items[0], "A") == 0.0
+    assert item_score(items[1], "Dog.") == 1.0 and item_score(items[1], "cat") == 0.0
+    assert item_score(items[2], "two") == 1.0
+    frames = torch.arange(5 * 3 * 2 * 2, dtype=torch.uint8).view(5, 3, 2, 2)
+    sf = single_frame(frames)
+    assert sf.shape == frames.shape and all(torch.equal(f, frames[2]) for f in sf)
