@@ -248,7 +248,7 @@ class ImageSFTConfig(ImageStageConfig):
     stage: str = "image_sft"
     instruct_lm: str = MISSING  # run directory of the instruction-tuned LM (same shape and tokenizer as `lm`)
     sweep: list[SweepMember] = field(default_factory=list)
-    soup_top_k: int = 2
+    soup_top_k: int = 2  # the largest K tried: soups of the top 2..soup_top_k members are scored, the best is kept
     eval_items: int = 200  # held-out VQA items per member and for the soup (0: all)
 
 
@@ -399,6 +399,7 @@ class VideoStageConfig:
     num_frames: int = 16
     factor: int = 16
     video_every: int = 4  # a video block before every `video_every`-th image block
+    xattn_init_std: float | None = None  # video cross-attention init std (None: the LM's init_std; gates start at 0)
     aggregator: VideoAggregatorConfig = field(default_factory=VideoAggregatorConfig)
     seq_len: int = 128
     caption_prob: float = 0.25  # share of "Describe the video." -> caption samples

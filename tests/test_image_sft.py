@@ -64,6 +64,7 @@ def test_image_sft_soup_hot_swap_and_reuse(sft_world, tmp_path, monkeypatch):
     assert all(m["vqa_acc"] is not None and m["blind_vqa_acc"] is not None for m in res["members"])
     assert res["soup_vqa_acc"] is not None and sorted(res["soup_members"]) == [0, 1]
     assert res["soup_vs_best"] == pytest.approx(res["soup_vqa_acc"] - res["best_member_vqa_acc"])
+    assert res["soup_k"] == 2 and list(res["soup_candidates"]) == ["2"]
     # the soup = the mean of the two members' trainable (ViT + adapter) tensors; no LM tensors in any final file
     a, b = (load_tensors(out / "members" / str(i) / "final" / "model.safetensors") for i in (0, 1))
     soup = load_tensors(out / "final" / "model.safetensors")
@@ -90,6 +91,20 @@ def test_image_sft_soup_hot_swap_and_reuse(sft_world, tmp_path, monkeypatch):
     assert [m["vqa_acc"] for m in res2["members"]] == [m["vqa_acc"] for m in res["members"]]
     soup2 = load_tensors(out / "final" / "model.safetensors")
     assert all(torch.equal(soup2[k], soup[k]) for k in soup)
+    # a third member: soups of the top 2 and top 3 are both scored and the better one is final/ (PAPER.md §7.2)
+    res3 = _main("run", YAML, "--out", str(out), "--force",
+                 *[o for o in _overrides(sft_world) if not o.startswith(("steps=", "train.ckpt_every=", "train.lr="))],
+                 f"instruct_lm={sft_world['instruct']}", f"init_from={sft_world['img']}", "steps=2",
+                 "train.ckpt_every=2", "sweep=[{seed: 1, lr: 0.01}, {seed: 2, lr: 0.003}, {seed: 3, lr: 0.01}]",
+                 "soup_top_k=3", "eval_items=4")
+    assert [m["reused"] for m in res3["members"]] == [True, True, False]
+    cands = {int(k): v for k, v in res3["soup_candidates"].items()}
+    assert sorted(cands) == [2, 3] and res3["soup_k"] == max(cands, key=lambda k: (cands[k], k))
+    assert res3["soup_vqa_acc"] == cands[res3["soup_k"]] and len(res3["soup_members"]) == res3["soup_k"]
+    parts = [load_tensors(out / "members" / str(i) / "final" / "model.safetensors") for i in res3["soup_members"]]
+    soup3 = load_tensors(out / "final" / "model.safetensors")
+    for k in soup3:
+        torch.testing.assert_close(soup3[k], sum(p[k] for p in parts) / len(parts))
     # a member trained with other settings is not silently reused
     from mm.cli import main
 

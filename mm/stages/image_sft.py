@@ -4,9 +4,10 @@ a model soup.
 Each sweep member i (its own seed and peak LR) trains into members/<i>/ with the image_pretrain runner
 (mm.stages.image_pretrain.run): ViT + image adapter from `init_from`, the LM hot-swapped to `instruct_lm`
 (FusedLM.load_lm_weights; frozen), the same VQA/caption dialogs, assistant-only loss. Each member is then scored on
-held-out VQA (mm.eval_image on data.val_shards, the same seeded items for every run). The top soup_top_k members by
-vqa_acc are averaged (mm.average.average_states over their final ViT + adapter tensors; the LM is not in those files
-and stays the instruct LM) into final/, which is scored the same way.
+held-out VQA (mm.eval_image on data.val_shards, the same seeded items for every run). Members are ranked by vqa_acc;
+the top-K soups (mm.average.average_states over their final ViT + adapter tensors; the LM is not in those files and
+stays the instruct LM) for K = 2..soup_top_k are written to soups/top<K>/ and scored the same way, and the best one
+("K is chosen by evaluating the averages", PAPER.md §7.2) is written to final/.
 
 Reruns continue: a member with members/<i>/result.json is reused (if its seed, LR and setup match the config, else an
 error), one with a final model but no score is only scored, and an interrupted one resumes from its checkpoints.
@@ -109,13 +110,27 @@ def run(cfg: ImageSFTConfig, run_dir: Path, resume: bool = False) -> dict:
                     "checkpoint": res.get("checkpoint")}
         members.append(res)
     ranked = sorted(range(len(members)), key=lambda i: (-(members[i]["vqa_acc"] or 0.0), i))
-    top = ranked[: cfg.soup_top_k]
-    make_soup([mdirs[i] for i in top], run_dir / "final", {"stage": cfg.stage, "soup_top_k": cfg.soup_top_k,
+    # K is chosen by evaluating the averages (PAPER.md §7.2): every top-K soup for K = 2..soup_top_k is scored on the
+    # held-out items, the best (ties: the larger K) becomes final/
+    candidates = {}
+    for k in range(min(2, cfg.soup_top_k), cfg.soup_top_k + 1):
+        kdir, key = run_dir / "soups" / f"top{k}", [[i, members[i]["vqa_acc"]] for i in ranked[:k]]
+        done = json.loads((kdir / "result.json").read_text()) if (kdir / "result.json").exists() else {}
+        if done.get("key") != key:  # new, or its members changed since: (re)build and score it
+            make_soup([mdirs[i] for i in ranked[:k]], kdir / "final", {"stage": cfg.stage, "soup_top_k": k,
+                                                                       "soup_members": ranked[:k]})
+            done = {**score(cfg, kdir), "key": key}
+            (kdir / "result.json").write_text(json.dumps(done, indent=1))
+        candidates[k] = done
+    k_best = max(candidates, key=lambda k: ((candidates[k].get("vqa_acc") or 0.0), k))
+    top = ranked[:k_best]
+    make_soup([mdirs[i] for i in top], run_dir / "final", {"stage": cfg.stage, "soup_top_k": k_best,
                                                            "soup_members": top})
-    ev = score(cfg, run_dir)
+    ev = candidates[k_best]
     best = members[ranked[0]]["vqa_acc"] or 0.0
     soup = ev.get("vqa_acc") or 0.0
-    return {"stage": cfg.stage, "steps": cfg.steps,
+    return {"stage": cfg.stage, "steps": cfg.steps, "soup_k": k_best,
+            "soup_candidates": {str(k): c.get("vqa_acc") for k, c in candidates.items()},
             "members": [{k: r.get(k) for k in ("member", "seed", "lr", "vqa_acc", "blind_vqa_acc", "shuffled_vqa_acc",
                                                 "final_loss", "reused")} for r in members],
             "soup_members": top, "soup_top_k": cfg.soup_top_k,
