@@ -1,13 +1,17 @@
 """The video temporal aggregator (PAPER.md §5): a perceiver resampler that merges every `factor` consecutive frames
-into one "effective frame" of `n_latents` tokens, with learned frame-position embeddings.
+into one "effective frame", with learned frame-position embeddings.
 
 Per video: frame features (F, N, Dm) from the image encoder are projected to the aggregator width and get the
-embedding of their frame index (0..F-1 in the sampled clip, so effective frames differ in position as well as
-content: the cross-attention over their tokens has no order of its own). Frames are grouped into F // factor
-windows; each window's F/factor * N tokens are ONE key/value set (open_flamingo's merge of frames, as Llama 3 does),
-and the latents attend to concat(window tokens, latents) as in Flamingo, `depth` times (attention + FFN, pre-LN).
-64 frames with factor 32 give 2 effective frames; 16 with factor 16 give 1. Written by hand: timm and torchvision
-have no perceiver resampler.
+embedding of their frame index (0..F-1 in the sampled clip) and of their token index within the frame. Frames are
+grouped into F // factor windows; for every token position of a window, `n_latents` latents attend to
+concat(that token in the window's `factor` frames, latents) as in Flamingo, `depth` times (attention + FFN, pre-LN).
+So an effective frame keeps a frame's token layout (N * n_latents tokens, n_latents = 1: exactly N), each token
+summarising its place over time; 64 frames with factor 32 give 2 effective frames, 16 with factor 16 give 1.
+Why per token and not one latent set over all window tokens (open_flamingo's flattening): at our scale the latter
+pools the spatial layout away (measured: a pooled perceiver + linear head stays at chance on the kit's direction
+clips where a per-token summary is linearly decodable), and the paper leaves the perceiver's layout unspecified.
+Positions are N(0, 1) as in open_flamingo / flamingo-pytorch (at 0.02 they drown in the projected features).
+Written by hand: timm and torchvision have no perceiver resampler.
 """
 from __future__ import annotations
 
@@ -20,14 +24,15 @@ import torch.nn.functional as F
 
 @dataclass
 class AggregatorConfig:
-    """Shape of the perceiver resampler: `factor` frames -> one effective frame of `n_latents` tokens of `width`."""
+    """Shape of the perceiver resampler: `factor` frames -> one effective frame of N * n_latents tokens of `width`."""
 
     factor: int = 16
     width: int = 64
-    n_latents: int = 16
+    n_latents: int = 1  # latents per token position of an effective frame
     depth: int = 2
     heads: int = 4
     max_frames: int = 64
+    max_tokens: int = 4 * 1025  # tokens per frame the position table covers (4 tiles of 448 px)
     ff_mult: int = 4
 
     def to_dict(self) -> dict:
@@ -63,7 +68,7 @@ class PerceiverLayer(nn.Module):
 
 
 class PerceiverResampler(nn.Module):
-    """(B, F, N, media_dim) frame features -> (B, F // factor, n_latents, width) effective frames (module doc)."""
+    """(B, F, N, media_dim) frame features -> (B, F // factor, N * n_latents, width) effective frames (module doc)."""
 
     def __init__(self, media_dim: int, cfg: AggregatorConfig):
         super().__init__()
@@ -71,23 +76,25 @@ class PerceiverResampler(nn.Module):
             raise ValueError(f"aggregator factor {cfg.factor} must be >= 1 and divide max_frames {cfg.max_frames}")
         self.cfg = cfg
         self.proj = nn.Linear(media_dim, cfg.width)
-        # learned frame positions and latents, N(0, 1) as in open_flamingo / flamingo-pytorch: at 0.02 the positions
-        # drown in the projected features (std ~2 with the tiny ViT) and the clip looks like a set of frames
-        self.frame_embed = nn.Parameter(torch.randn(cfg.max_frames, cfg.width))
+        self.frame_embed = nn.Parameter(torch.randn(cfg.max_frames, cfg.width))  # learned frame positions
+        self.token_embed = nn.Parameter(torch.randn(cfg.max_tokens, cfg.width))  # learned token positions
         self.latents = nn.Parameter(torch.randn(cfg.n_latents, cfg.width))
         self.layers = nn.ModuleList(PerceiverLayer(cfg.width, cfg.heads, cfg.ff_mult) for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(cfg.width)
 
     def forward(self, frames: torch.Tensor) -> torch.Tensor:
-        """frames (B, F, N, media_dim), F a multiple of factor and <= max_frames -> (B, F/factor, n_latents, W)."""
+        """frames (B, F, N, media_dim), F a multiple of factor and <= max_frames, N <= max_tokens
+        -> (B, F/factor, N * n_latents, W)."""
         B, Fr, N, _ = frames.shape
-        k = self.cfg.factor
+        k, L = self.cfg.factor, self.cfg.n_latents
         if Fr % k or Fr > self.cfg.max_frames:
             raise ValueError(f"{Fr} frames: need a multiple of the aggregation factor {k} and <= {self.cfg.max_frames}")
-        x = self.proj(frames) + self.frame_embed[:Fr, None]  # (B, F, N, W)
+        if N > self.cfg.max_tokens:
+            raise ValueError(f"{N} tokens per frame > the aggregator's max_tokens {self.cfg.max_tokens}")
+        x = self.proj(frames) + self.frame_embed[:Fr, None] + self.token_embed[:N]  # (B, F, N, W)
         E = Fr // k
-        x = x.reshape(B * E, k * N, -1)  # (B*E, k*N, W): `factor` consecutive frames, one key/value set
-        lat = self.latents.expand(B * E, -1, -1).to(x.dtype)  # (B*E, L, W)
+        x = x.view(B, E, k, N, -1).transpose(2, 3).reshape(B * E * N, k, -1)  # one token's `factor` frames each
+        lat = self.latents.expand(B * E * N, -1, -1).to(x.dtype)  # (B*E*N, L, W)
         for layer in self.layers:
             lat = layer(x, lat)
-        return self.norm(lat).view(B, E, self.cfg.n_latents, -1)
+        return self.norm(lat).view(B, E, N * L, -1)

@@ -325,6 +325,7 @@ class SpeechAdapterModelConfig:
     dim: int = 128
     heads: int = 4
     ffn_dim: int = 256
+    match_embed_scale: bool = True  # final RMSNorm, gain initialised to the LM's token-embedding RMS (False: paper)
 
 
 @dataclass
@@ -354,6 +355,10 @@ class SpeechSFTConfig:
     tasks: dict[str, float] = field(default_factory=lambda: {"asr": 1.0, "ast": 1.0, "sqa": 1.0})
     seq_len: int = 192
     spec_augment: SpecAugmentConfig = field(default_factory=SpecAugmentConfig)
+    # auxiliary token CTC on the transcript (adapters.speech.token_ctc_loss; beyond the paper): weight, annealed
+    # linearly to ctc_weight_end by the last step; 0: off (the paper-faithful setting)
+    ctc_weight: float = 0.0
+    ctc_weight_end: float = 0.0
     eval_items: int = 100  # held-out items scored at the end (mm.eval_speech; 0: skip)
     data: AudioDataConfig = field(default_factory=AudioDataConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-3, weight_decay=0.01))
@@ -375,10 +380,11 @@ class VideoAggregatorConfig:
     """The perceiver temporal aggregator (adapters.temporal.AggregatorConfig less `factor`, a stage setting)."""
 
     width: int = 64
-    n_latents: int = 16
+    n_latents: int = 1  # latents per token position of an effective frame
     depth: int = 2
     heads: int = 4
     max_frames: int = 64
+    max_tokens: int | None = None  # tokens per frame the position table covers (None: the image encoder's)
     ff_mult: int = 4
 
 

@@ -13,6 +13,7 @@ image-only model does (bitwise).
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,15 +87,16 @@ class VideoAdapter(nn.Module):
     blocks before LM layers `layer_ids`, and the trainable `<|video|>` embedding row."""
 
     def __init__(self, lm: Llama, media_dim: int, video_token_id: int, layer_ids: list[int], cfg: AggregatorConfig,
-                 every: int):
+                 every: int, init_std: float | None = None):
         super().__init__()
         self.cfg, self.every, self.token_id = cfg, int(every), int(video_token_id)
         self.aggregator = PerceiverResampler(media_dim, cfg)
-        self.xattn = CrossAttentionAdapter(lm.cfg, cfg.width, layer_ids)
+        xcfg = dataclasses.replace(lm.cfg, init_std=init_std) if init_std else lm.cfg  # gates stay 0 either way
+        self.xattn = CrossAttentionAdapter(xcfg, cfg.width, layer_ids)
         self.token = NewTokenEmbedding(lm.tok_embeddings, (video_token_id,))
 
     def media(self, video: torch.Tensor) -> torch.Tensor:
-        """Frame features (B, M, F, N, media_dim) -> aggregated tokens (B, M, F/factor * n_latents, width)."""
+        """Frame features (B, M, F, N, media_dim) -> aggregated tokens (B, M, F/factor * N * n_latents, width)."""
         B, M = video.shape[:2]
         agg = self.aggregator(video.flatten(0, 1))  # (B*M, E, L, W)
         return agg.reshape(B, M, -1, agg.shape[-1])
@@ -125,15 +127,17 @@ class FusedLM(nn.Module):
         self.image_adapter = CrossAttentionAdapter(lm.cfg, media_dim, ids).to(device=w.device, dtype=w.dtype)
         self.video_adapter: VideoAdapter | None = None
 
-    def add_video(self, media_dim: int, video_token_id: int, cfg: AggregatorConfig, every: int = 4) -> VideoAdapter:
+    def add_video(self, media_dim: int, video_token_id: int, cfg: AggregatorConfig, every: int = 4,
+                  init_std: float | None = None) -> VideoAdapter:
         """Attach a freshly initialised video adapter: its blocks go before every `every`-th image block, counted
-        from the top (fusion_schedule over the image blocks: 8 image blocks, every 4 -> before the 4th and 8th)."""
+        from the top (fusion_schedule over the image blocks: 8 image blocks, every 4 -> before the 4th and 8th).
+        init_std: std of the video cross-attention matrices (None: the LM's init_std); its gates start at 0."""
         if self.video_adapter is not None:
             raise ValueError("this FusedLM already has a video adapter")
         img = self.image_adapter.layer_ids
         ids = [img[j] for j in fusion_schedule(len(img), every, "from_top")]
         w = self.output.weight
-        self.video_adapter = VideoAdapter(self.lm, media_dim, video_token_id, ids, cfg, every).to(
+        self.video_adapter = VideoAdapter(self.lm, media_dim, video_token_id, ids, cfg, every, init_std).to(
             device=w.device, dtype=w.dtype)
         return self.video_adapter
 

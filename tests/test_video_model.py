@@ -12,19 +12,20 @@ from llm.model import Llama, LlamaConfig
 from mm.fused import FusedLM, generate_fused
 
 V, IMG, VID, DM, N = 96, 90, 91, 24, 5  # vocab, <|image|>, <|video|>, encoder width, tokens per frame/image
-AGG = AggregatorConfig(factor=4, width=16, n_latents=3, depth=1, heads=2, max_frames=8)
+AGG = AggregatorConfig(factor=4, width=16, n_latents=2, depth=1, heads=2, max_frames=8, max_tokens=N)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def make_fused(n_layers: int = 4, every: int = 2, video: bool = True, seed: int = 0) -> FusedLM:
+def make_fused(n_layers: int = 4, every: int = 2, video: bool = True, seed: int = 0,
+               init_std: float | None = None) -> FusedLM:
     torch.manual_seed(seed)
     lm = Llama(LlamaConfig(vocab_size=V, dim=32, n_layers=n_layers, n_heads=4, n_kv_heads=2, max_seq_len=64)).eval()
     torch.manual_seed(123)
     fused = FusedLM(lm, DM, IMG, every=every)
     if video:
         torch.manual_seed(7)
-        fused.add_video(DM, VID, AGG, every=4)
+        fused.add_video(DM, VID, AGG, every=4, init_std=init_std)
     return fused.eval()
 
 
@@ -45,24 +46,26 @@ def text(b: int, t: int, seed: int = 2) -> torch.Tensor:
 
 def test_aggregator_merges_consecutive_frames_with_positions(one_thread):
     torch.manual_seed(0)
-    agg = PerceiverResampler(DM, AggregatorConfig(factor=32, width=16, n_latents=4, depth=2, heads=2,
-                                                  max_frames=64)).eval()
+    agg = PerceiverResampler(DM, AggregatorConfig(factor=32, width=16, n_latents=2, depth=2, heads=2,
+                                                  max_frames=64, max_tokens=N)).eval()
     x = feats(2, 64, N, DM)
     with torch.no_grad():
         out = agg(x)
-        assert out.shape == (2, 2, 4, 16)  # 64 frames, factor 32 -> 2 effective frames
+        assert out.shape == (2, 2, N * 2, 16)  # 64 frames, factor 32 -> 2 effective frames of N tokens x 2 latents
         y = x.clone()
-        y[:, 40] += 1.0  # a frame of the second window changes only the second effective frame
+        y[:, 40, 1] += 1.0  # token 1 of a frame in the second window: only that effective frame's token-1 latents
         out2 = agg(y)
-        assert torch.equal(out2[:, 0], out[:, 0]) and not torch.allclose(out2[:, 1], out[:, 1])
+        changed = (out2 - out).abs().amax(dim=(0, 3))  # (E, N*L)
+        assert changed[0].max() == 0 and changed[1, 2:4].min() > 0 and changed[1, [0, 1, 4, 5]].max() == 0
         z = x.clone()
         z[:, [3, 7]] = x[:, [7, 3]]  # swapping two frames inside one window: only the frame positions see it
         assert not torch.allclose(agg(z)[:, 0], out[:, 0])
-        with torch.no_grad():
-            agg.frame_embed.zero_()
+        agg.frame_embed.zero_()
         assert torch.allclose(agg(z)[:, 0], agg(x)[:, 0], atol=1e-5)  # without positions the window is a set
     with pytest.raises(ValueError, match="multiple of the aggregation factor 32"):
         agg(x[:, :48])
+    with pytest.raises(ValueError, match="max_tokens"):
+        agg(feats(1, 32, N + 1, DM))
 
 
 def test_video_blocks_placed_before_every_4th_image_block():
@@ -99,8 +102,10 @@ def test_no_media_bitwise_lm_and_image_only_unchanged_by_video_adapter():
         img_toks[:, 2] = IMG
         image = feats(2, 1, N, DM)
         assert torch.equal(fused(img_toks, image), plain(img_toks, image))  # image-only: bitwise unchanged
-        # gates at init (0): a video changes nothing, bitwise
-        fresh = make_fused()
+        # gates at init (0), whatever the video blocks' init scale: a video changes nothing, bitwise
+        fresh = make_fused(init_std=0.5)
+        blk = fresh.video_adapter.xattn.blocks["3"]
+        assert blk.gate_attn.item() == blk.gate_ffn.item() == 0.0 and 0.4 < blk.wq.weight.std().item() < 0.6
         fresh.load_state_dict(plain.state_dict(), strict=False)
         both = img_toks.clone()
         both[:, 6] = VID

@@ -137,9 +137,12 @@ def frame_features(vision: VisionEncoder, pixels: torch.Tensor, aspect: torch.Te
     return feats.view(B, 1, Fr, *feats.shape[1:])
 
 
-def aggregator_config(cfg: VideoStageConfig) -> AggregatorConfig:
-    """The stage's aggregator shape with its aggregation factor."""
-    return AggregatorConfig(factor=cfg.factor, **dataclasses.asdict(cfg.aggregator))
+def aggregator_config(cfg: VideoStageConfig, vcfg: VisionConfig) -> AggregatorConfig:
+    """The stage's aggregator shape with its aggregation factor; max_tokens defaults to the encoder's tokens per
+    frame (all tiles)."""
+    shape = dataclasses.asdict(cfg.aggregator)
+    shape["max_tokens"] = shape["max_tokens"] or vcfg.tokens_per_tile * vcfg.max_tiles
+    return AggregatorConfig(factor=cfg.factor, **shape)
 
 
 def load_video(ckpt: str | Path, device: str | torch.device = "cpu",
@@ -193,10 +196,11 @@ def build_model(cfg: VideoStageConfig) -> tuple[VideoModel, Tokenizer, Path, dic
             raise CheckpointError(f"{d}: video_pretrain starts from an image run, this is a video run")
         fused, vision, tok = load_fused(d)
         torch.manual_seed(cfg.seed)
-        fused.add_video(vision.cfg.out_dim, tok.special_id("<|video|>"), aggregator_config(cfg), cfg.video_every)
+        fused.add_video(vision.cfg.out_dim, tok.special_id("<|video|>"), aggregator_config(cfg, vision.cfg),
+                        cfg.video_every, cfg.xattn_init_std)
     else:
         fused, vision, tok = load_video(d, factor=cfg.factor)
-        va, want = fused.video_adapter, aggregator_config(cfg)
+        va, want = fused.video_adapter, aggregator_config(cfg, vision.cfg)
         if va.every != cfg.video_every or va.cfg != want:
             raise ValueError(f"{d}: its video adapter (every {va.every}, {va.cfg}) differs from the config's "
                              f"(video_every {cfg.video_every}, {want})")
@@ -286,7 +290,7 @@ def run(cfg: VideoStageConfig, run_dir: Path, resume: bool = False) -> dict:
     if info.is_main:
         m = unwrap(net)
         keep = {k: base_meta.get(k) for k in ("every", "schedule", "attend")}
-        video = {"aggregator": aggregator_config(cfg).to_dict(), "every": cfg.video_every,
+        video = {"aggregator": m.fused.video_adapter.cfg.to_dict(), "every": cfg.video_every,
                  "num_frames": cfg.num_frames}
         meta = {**keep, "stage": cfg.stage, "step": cfg.steps, "lm": str(lm_path), "init_from": cfg.init_from,
                 "image_from": cfg.image_from, "vision": base_meta.get("vision"), "video": video}
