@@ -5,6 +5,10 @@ outputs enter the frozen LM as input embeddings: a dialog holds `<|speech_start|
 `<|speech_end|>` and `splice_speech` writes the N adapter embeddings over the N placeholder positions (a count that
 differs is an error). `mask_speech_labels` makes the loss ignore speech positions. Both are plain functions so any
 composed model (e.g. mm.fused) can call them on its own token embeddings.
+
+Two tiny-scale aids beyond the paper (both optional): `out_rms` ends the adapter with an RMSNorm whose gain starts at
+the RMS of the LM's token embeddings, and `token_ctc_loss` is an auxiliary CTC from the adapter outputs onto the
+transcript's LM token ids, scored against the frozen token-embedding matrix.
 """
 from __future__ import annotations
 
@@ -23,7 +27,7 @@ SPEECH_START, SPEECH, SPEECH_END = "<|speech_start|>", "<|speech|>", "<|speech_e
 @dataclass
 class SpeechAdapterConfig:
     """Adapter shape: conv/Transformer width `dim` (paper 3072), FFN `ffn_dim` (paper 4096), output `out_dim` = the LM
-    width (set from the LM)."""
+    width (set from the LM); `out_rms` > 0 adds a final RMSNorm with that initial gain (0: the paper's plain Linear)."""
 
     in_dim: int = 96
     dim: int = 128
@@ -32,6 +36,7 @@ class SpeechAdapterConfig:
     out_dim: int = 128
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
+    out_rms: float = 0.0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -54,6 +59,10 @@ class SpeechAdapter(nn.Module):
         self.attn = rotary_attention(cfg.dim, cfg.heads)
         self.ffn = MacaronFFN(cfg.dim, cfg.ffn_dim, cfg.norm_eps)
         self.out = nn.Linear(cfg.dim, cfg.out_dim)
+        # a frozen LM only reads inputs on its embedding scale (an unnormalised Linear started ~7x larger at tiny scale)
+        self.out_norm = nn.RMSNorm(cfg.out_dim, eps=cfg.norm_eps) if cfg.out_rms > 0 else None
+        if self.out_norm is not None:
+            nn.init.constant_(self.out_norm.weight, cfg.out_rms)
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = x * length_mask(lengths, x.shape[1])[..., None].to(x.dtype)
@@ -64,7 +73,28 @@ class SpeechAdapter(nn.Module):
                                self.cfg.rope_theta)
         h = h + self.attn(self.attn_norm(h), cos.to(h.dtype), sin.to(h.dtype), key_padding_mask(valid))
         h = h + self.ffn(h)
-        return self.out(h) * valid[..., None].to(h.dtype), n
+        y = self.out(h)  # (B, N, out_dim)
+        if self.out_norm is not None:
+            y = self.out_norm(y)
+        return y * valid[..., None].to(h.dtype), n
+
+
+def embedding_rms(weight: torch.Tensor) -> float:
+    """RMS of a token-embedding matrix (V, D): the per-coordinate scale the LM's first layer is used to."""
+    return float(weight.detach().float().pow(2).mean().sqrt())
+
+
+def token_ctc_loss(speech: torch.Tensor, speech_lens: torch.Tensor, emb: torch.Tensor, targets: torch.Tensor,
+                   target_lens: torch.Tensor, blank: int, temperature: float = 0.1) -> torch.Tensor:
+    """Auxiliary CTC (beyond the paper): speech (B, N, D) scored against the LM's token embeddings emb (V, D) by cosine
+    / temperature -> (B, N, V) logits, aligned to the transcript's token ids targets (B, L) (valid target_lens);
+    `blank` is a token id never in a transcript (the `<|speech|>` placeholder). Pulls each adapter output towards the
+    direction of the token it carries, a form the frozen LM already reads. Mean over items of the per-token loss."""
+    # cosine, not a raw dot product: embeddings of RMS ~0.06 give logits < 0.5, a near-uniform softmax over the vocab
+    sim = F.normalize(speech.float(), dim=-1) @ F.normalize(emb.detach().float(), dim=-1).T  # (B, N, V)
+    logp = (sim / temperature).log_softmax(-1)
+    return F.ctc_loss(logp.transpose(0, 1), targets, speech_lens, target_lens, blank=blank, reduction="mean",
+                      zero_infinity=True)
 
 
 @dataclass(frozen=True)

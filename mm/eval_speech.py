@@ -14,6 +14,7 @@ import sacrebleu
 import torch
 
 from data.audio import iter_audio_samples
+from data.token_stream import IGNORE
 from data.shards import SkipCounter, expand_shards
 from llm.tokenizer import ChatFormat
 from mm.speech import Featurizer, SpeechLM, generate_speech, n_speech_tokens, speech_dialog, task_choices
@@ -77,15 +78,34 @@ def respond(model: SpeechLM, fmt: ChatFormat, system: str | None, audio, max_new
 
 
 @torch.no_grad()
+def answer_loss(model: SpeechLM, fmt: ChatFormat, system: str | None, audio, answer: str,
+                featurize: Featurizer | None = None) -> tuple[float, int]:
+    """Teacher-forced (summed NLL, tokens) of the answer to one system prompt + audio (None: blind, no speech run):
+    the training loss of one item, so held-out audio vs blind losses show whether the model uses the audio."""
+    dev = model.lm.output.weight.device
+    n = n_speech_tokens(len(audio), model.encoder.cfg) if audio is not None else 0
+    ids, mask = speech_dialog(fmt, model.ids, n, system, answer)
+    tokens = torch.tensor([ids[:-1]], device=dev)
+    labels = torch.tensor([[t if m else IGNORE for t, m in zip(ids[1:], mask[1:])]], device=dev)
+    feats, lens = (featurize or Featurizer())([audio]) if audio is not None else (None, None)
+    loss = model(tokens, None if feats is None else feats.to(dev), None if lens is None else lens.to(dev),
+                 labels=labels)
+    k = int((labels != IGNORE).sum())
+    return float(loss) * k, k
+
+
+@torch.no_grad()
 def speech_eval(model: SpeechLM, tok, items: list[dict], max_new_tokens: int = 48, blind: bool = True) -> dict:
     """Every item is transcribed (ASR); items with a translation are also translated (AST), items with an answer
     answered (spoken QA). Returns {"wer", "wer_by_engine", "wer_by_voice", "blind_wer"(_by_voice), "bleu",
-    "bleu_by_lang", "blind_bleu", "qa_em", "blind_qa_em", "n_asr", "n_ast", "n_sqa", "examples"}."""
+    "bleu_by_lang", "blind_bleu", "qa_em", "blind_qa_em", "n_asr", "n_ast", "n_sqa", "examples"} and, with blind,
+    the teacher-forced per-token ASR loss with and without the audio ("asr_loss", "blind_asr_loss")."""
     model.eval()
     fmt, featurize = ChatFormat(tok), Featurizer()
     asr: dict[str, list] = defaultdict(list)  # key -> [(ref, hyp, blind_hyp, engine, voice)]
     ast, sqa, examples = [], [], []
     blind_cache: dict = {}
+    nll = {"asr_loss": [0.0, 0], "blind_asr_loss": [0.0, 0]}  # summed NLL, tokens
 
     def blind_reply(system: str | None) -> str:  # greedy + no audio: one reply per system prompt
         if not blind:
@@ -101,6 +121,11 @@ def speech_eval(model: SpeechLM, tok, items: list[dict], max_new_tokens: int = 4
         hyp = respond(model, fmt, system, it["audio"], max_new_tokens, featurize)
         bl = blind_reply(system)
         asr["all"].append((ref, hyp, bl, meta.get("engine", "?"), meta.get("voice", "?")))
+        if blind:
+            for key, audio in (("asr_loss", it["audio"]), ("blind_asr_loss", None)):
+                s, k = answer_loss(model, fmt, system, audio, ref, featurize)
+                nll[key][0] += s
+                nll[key][1] += k
         if len(examples) < 6:
             examples.append({"task": "asr", "ref": ref, "hyp": hyp, "blind": bl})
         if "ast" in tasks:
@@ -139,6 +164,7 @@ def speech_eval(model: SpeechLM, tok, items: list[dict], max_new_tokens: int = 4
         out["blind_wer"] = corpus_wer([r[0] for r in rows], [r[2] for r in rows])
         out["blind_bleu"] = corpus_bleu([a[0] for a in ast], [a[2] for a in ast])
         out["blind_qa_em"] = sum(em(r, b) for r, _, b in sqa) / len(sqa) if sqa else None
+        out.update({key: s / k if k else None for key, (s, k) in nll.items()})
     out["examples"] = examples
     return out
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 
 from adapters.speech import SpeechAdapter, SpeechAdapterConfig, SpeechTokens, adapter_frames, mask_speech_labels, \
-    splice_speech
+    splice_speech, token_ctc_loss
 from encoders.speech import ConformerConfig, ConformerEncoder, LogMel, SpecAugment, frames_for, pad_features
 from llm.generate import _pick
 from llm.model import Llama
@@ -42,7 +42,8 @@ def language_name(code: str) -> str:
 
 class SpeechLM(nn.Module):
     """encoder.* + adapter.* + lm.* (frozen). forward(tokens (B, T), feats (B, F, 80) | None, feat_lens (B,),
-    labels (B, T) | None) -> logits (B, T, V) or the mean loss; one audio item per placeholder run, in order."""
+    labels (B, T) | None) -> logits (B, T, V) or the mean loss; one audio item per placeholder run, in order. With
+    ctc_targets (B, L) / ctc_lens (B,) (one transcript per audio item) it returns (loss, auxiliary token CTC loss)."""
 
     def __init__(self, encoder: ConformerEncoder, adapter: SpeechAdapter, lm: Llama, ids: SpeechTokens):
         super().__init__()
@@ -58,15 +59,23 @@ class SpeechLM(nn.Module):
 
     def embed(self, tokens: torch.Tensor, feats: torch.Tensor, feat_lens: torch.Tensor) -> torch.Tensor:
         """Token embeddings (B, T, D) with the speech spliced in."""
-        sp, n = self.speech_embeds(feats, feat_lens)
-        return splice_speech(self.lm.tok_embeddings(tokens), tokens, sp, n, self.ids)
+        return self._embed(tokens, feats, feat_lens)[0]
 
-    def forward(self, tokens, feats=None, feat_lens=None, labels=None):
+    def _embed(self, tokens, feats, feat_lens):
+        """(spliced embeddings (B, T, D), adapter outputs (B, N, D), their counts (B,))."""
+        sp, n = self.speech_embeds(feats, feat_lens)
+        return splice_speech(self.lm.tok_embeddings(tokens), tokens, sp, n, self.ids), sp, n
+
+    def forward(self, tokens, feats=None, feat_lens=None, labels=None, ctc_targets=None, ctc_lens=None):
         if feats is None:  # no audio: the bare LM (DESIGN.md invariant 1)
             return self.lm(tokens, labels=labels)
         if labels is not None:
             labels = mask_speech_labels(tokens, labels, self.ids)
-        return self.lm(embeds=self.embed(tokens, feats, feat_lens), labels=labels)
+        h, sp, n = self._embed(tokens, feats, feat_lens)
+        out = self.lm(embeds=h, labels=labels)
+        if ctc_targets is None:
+            return out
+        return out, token_ctc_loss(sp, n, self.lm.tok_embeddings.weight, ctc_targets, ctc_lens, self.ids.placeholder)
 
 
 def n_speech_tokens(n_samples: int, enc_cfg: ConformerConfig) -> int:

@@ -15,7 +15,8 @@ import soundfile as sf
 import torch
 from webdataset import TarWriter
 
-from adapters.speech import SpeechAdapter, SpeechAdapterConfig, SpeechTokens, mask_speech_labels, splice_speech
+from adapters.speech import SpeechAdapter, SpeechAdapterConfig, SpeechTokens, embedding_rms, mask_speech_labels, \
+    splice_speech, token_ctc_loss
 from encoders.best_rq import BestRQ, code_stats, span_mask
 from encoders.speech import ConformerEncoder, LogMel, count_speech_params, pad_features, speech_shape
 from mm.config import BestRQConfig
@@ -125,6 +126,44 @@ def test_splice_fills_placeholder_runs_and_rejects_mismatches():
     assert (masked[speechy] == -100).all() and torch.equal(masked[~speechy], labels[~speechy])
 
 
+def test_adapter_output_starts_on_the_lm_embedding_scale():
+    emb = torch.randn(300, 40) * 0.07  # an LM's token embeddings, RMS ~0.07
+    rms = embedding_rms(emb)
+    assert rms == pytest.approx(0.07, rel=0.05)
+    enc, _ = _enc()(torch.randn(2, 90, 80), torch.tensor([90, 60]))
+    kw = dict(in_dim=32, dim=24, heads=2, ffn_dim=48, out_dim=40)
+    torch.manual_seed(0)
+    scaled = SpeechAdapter(SpeechAdapterConfig(**kw, out_rms=rms))
+    torch.manual_seed(0)
+    plain = SpeechAdapter(SpeechAdapterConfig(**kw))  # the paper's plain Linear: no norm, a different scale
+    with torch.no_grad():
+        (y, n), (y0, _) = scaled(enc, torch.tensor([23, 15])), plain(enc, torch.tensor([23, 15]))
+    valid = y[0, :12]  # (12, 40)
+    assert valid.pow(2).mean(-1).sqrt().sub(rms).abs().max() < 1e-3 * rms + 1e-6  # every frame at the LM's RMS
+    assert y[1, 8:].abs().max() == 0 and plain.out_norm is None
+    assert abs(float(y0[0, :12].pow(2).mean().sqrt()) - rms) > 0.5 * rms
+
+
+def test_token_ctc_loss_is_finite_and_trains_the_adapter_towards_token_embeddings():
+    torch.manual_seed(0)
+    emb = torch.randn(50, 16) * 0.1  # frozen token embeddings; id 49 is the blank (the <|speech|> placeholder)
+    adapter = SpeechAdapter(SpeechAdapterConfig(in_dim=32, dim=24, heads=2, ffn_dim=48, out_dim=16,
+                                                out_rms=embedding_rms(emb)))
+    with torch.no_grad():
+        enc, lens = _enc()(torch.randn(2, 120, 80), torch.tensor([120, 100]))  # -> 15 / 13 adapter frames
+    targets, tlens = torch.tensor([[3, 7, 7, 12], [5, 9, 0, 0]]), torch.tensor([4, 2])
+    opt = torch.optim.Adam(adapter.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(30):
+        sp, n = adapter(enc, lens)
+        loss = token_ctc_loss(sp, n, emb, targets, tlens, blank=49)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert all(np.isfinite(losses)) and losses[-1] < 0.3 * losses[0], losses
+
+
 def test_corpus_wer_normalises_and_aggregates_over_words():
     from mm.eval_speech import corpus_bleu, corpus_wer, normalise_text
 
@@ -224,6 +263,9 @@ def test_stages_trainable_sets_lm_unchanged_and_cli(world, tmp_path, monkeypatch
                   *_sft_overrides(world, tmp_path, tmp_path / "pre"))
     assert rc == 0 and res["n_asr"] == 2 and res["wer"] is not None and res["blind_wer"] is not None, res
     assert res["params_trainable"] == counts["trainable"]
+    # the YAML's auxiliary CTC and the teacher-forced held-out losses (with vs without audio) are reported
+    assert np.isfinite(res["final_ctc"]) and np.isfinite(res["final_lm_loss"]) and res["asr_loss"] > 0 and \
+        res["blind_asr_loss"] > 0, res
     # the LM in the step checkpoint is bitwise the LM run's; no-audio logits equal the bare LM's
     lm, _, _ = load_lm(world["lm"])
     ck = sorted((tmp_path / "sft" / "checkpoints").glob("step_*"))[-1]

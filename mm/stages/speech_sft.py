@@ -7,7 +7,9 @@ Each audio sample becomes one Llama 3 dialog for a task it supports, drawn with 
 system prompt, answer = json answer). The user turn is `<|speech_start|>` + one `<|speech|>` per adapter embedding +
 `<|speech_end|>`; the loss is on the assistant answer only. Dialogs longer than seq_len are skipped and counted
 (cutting one would cut its speech run). Features get SpecAugment masks. At the end the model is scored on
-`eval_items` held-out items (mm.eval_speech). Final: final/{model.safetensors ("encoder.*", "adapter.*"), meta.json,
+`eval_items` held-out items (mm.eval_speech). Optional, beyond the paper: ctc_weight > 0 adds the auxiliary token
+CTC of each sample's transcript (annealed linearly to ctc_weight_end); the adapter's final RMSNorm on the LM's
+embedding scale is adapter.match_embed_scale. Final: final/{model.safetensors ("encoder.*", "adapter.*"), meta.json,
 tokenizer.json}; mm.speech.load_speech_model rebuilds it.
 """
 from __future__ import annotations
@@ -20,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from adapters.speech import SpeechAdapter, SpeechAdapterConfig, SpeechTokens
+from adapters.speech import SpeechAdapter, SpeechAdapterConfig, SpeechTokens, embedding_rms
 from data.loader import Loader, StepFeed
 from data.token_stream import IGNORE
 from encoders.speech import ConformerEncoder, SpecAugment
@@ -46,8 +48,9 @@ def build_model(cfg: SpeechSFTConfig) -> tuple[SpeechLM, Tokenizer]:
     else:
         enc = ConformerEncoder(encoder_config(cfg.encoder))
     a = cfg.adapter
+    out_rms = embedding_rms(lm.tok_embeddings.weight) if a.match_embed_scale else 0.0
     adapter = SpeechAdapter(SpeechAdapterConfig(in_dim=enc.cfg.dim, dim=a.dim, heads=a.heads, ffn_dim=a.ffn_dim,
-                                                out_dim=lm.cfg.dim))
+                                                out_dim=lm.cfg.dim, out_rms=out_rms))
     return SpeechLM(enc, adapter, lm, SpeechTokens.of(tok)), tok
 
 
@@ -61,12 +64,19 @@ def pick_task(text: str, meta: dict, weights: dict[str, float], rng: random.Rand
     return (task, *options[task])
 
 
+def ctc_weight_at(cfg: SpeechSFTConfig, b: int) -> float:
+    """The auxiliary CTC weight for loader batch b: ctc_weight -> ctc_weight_end linearly over the run."""
+    frac = min(1.0, b / max(1, cfg.steps * cfg.train.grad_accum - 1))
+    return cfg.ctc_weight + (cfg.ctc_weight_end - cfg.ctc_weight) * frac
+
+
 class SpeechFeed(StepFeed):
-    """Micro-batches {tokens (B, T), labels (B, T), feats (B, F, 80), feat_lens (B,), n} (see the module doc)."""
+    """Micro-batches {tokens (B, T), labels (B, T), feats (B, F, 80), feat_lens (B,), n} (see the module doc), plus
+    {ctc_targets (B, L), ctc_lens (B,), ctc_w} (transcript token ids) when the auxiliary CTC is on."""
 
     def __init__(self, loader: Loader, tok: Tokenizer, cfg: SpeechSFTConfig, model: SpeechLM, device: torch.device):
         super().__init__(loader, cfg.train.grad_accum)
-        self.fmt, self.cfg, self.device, self.pad_id = ChatFormat(tok), cfg, device, tok.pad_id
+        self.fmt, self.cfg, self.device, self.pad_id, self.tok = ChatFormat(tok), cfg, device, tok.pad_id, tok
         self.ids, self.enc_cfg = model.ids, model.encoder.cfg
         s = cfg.spec_augment
         self.featurize = Featurizer(SpecAugment(s.freq_masks, s.freq_width, s.time_masks, s.time_ratio))
@@ -74,7 +84,7 @@ class SpeechFeed(StepFeed):
         self.tasks: Counter = Counter()
 
     def make(self, b: int, batch: dict) -> dict:
-        dialogs, waves = [], []
+        dialogs, waves, texts = [], [], []
         for j, (audio, text, meta) in enumerate(zip(batch["audio"], batch["text"], batch["meta"])):
             task, system, answer = pick_task(text, meta, self.cfg.tasks, random.Random(f"{self.cfg.seed}:{b}:{j}"))
             ids, mask = speech_dialog(self.fmt, self.ids, n_speech_tokens(len(audio), self.enc_cfg), system, answer)
@@ -83,19 +93,31 @@ class SpeechFeed(StepFeed):
                 continue
             dialogs.append((ids, mask))
             waves.append(audio)
+            texts.append(text)
             self.tasks[task] += 1
         if not dialogs:
             raise ValueError(f"loader batch {b}: every dialog is longer than seq_len {self.cfg.seq_len}")
         mb = collate_dialogs(dialogs, self.pad_id, self.cfg.seq_len)
         mb["feats"], mb["feat_lens"] = self.featurize(waves)
+        if self.cfg.ctc_weight > 0 or self.cfg.ctc_weight_end > 0:
+            ids = [torch.tensor(self.tok.encode(t.strip()), dtype=torch.long) for t in texts]
+            mb["ctc_lens"] = torch.tensor([len(i) for i in ids])
+            mb["ctc_targets"] = torch.nn.utils.rnn.pad_sequence(ids, batch_first=True)  # (B, L)
         mb = {k: v.to(self.device) for k, v in mb.items()}
+        if "ctc_targets" in mb:
+            mb["ctc_w"] = ctc_weight_at(self.cfg, b)
         mb["n"] = int((mb["labels"] != IGNORE).sum())
         return mb
 
 
 def speech_loss(m, mb: dict) -> StepOutput:
-    """Assistant-token loss of one micro-batch (mean over its labelled tokens)."""
-    return StepOutput(m(mb["tokens"], mb["feats"], mb["feat_lens"], labels=mb["labels"]), mb["n"])
+    """Assistant-token loss of one micro-batch (mean over its labelled tokens), + ctc_w x the auxiliary CTC when on
+    (then "lm_loss" and "ctc" are logged apart)."""
+    if "ctc_targets" not in mb:
+        return StepOutput(m(mb["tokens"], mb["feats"], mb["feat_lens"], labels=mb["labels"]), mb["n"])
+    lm_loss, ctc = m(mb["tokens"], mb["feats"], mb["feat_lens"], labels=mb["labels"], ctc_targets=mb["ctc_targets"],
+                     ctc_lens=mb["ctc_lens"])
+    return StepOutput(lm_loss + mb["ctc_w"] * ctc, mb["n"], {"lm_loss": lm_loss.detach(), "ctc": ctc.detach()})
 
 
 def run(cfg: SpeechSFTConfig, run_dir: Path, resume: bool = False) -> dict:
@@ -118,6 +140,10 @@ def run(cfg: SpeechSFTConfig, run_dir: Path, resume: bool = False) -> dict:
     result = {**base, **{f"params_{k}": n for k, n in counts.items()}, "tasks": dict(feed.tasks),
               "encoder_from": cfg.encoder_from, "train_s": train_s,
               "first_loss": logs[0] if logs else None, "final_loss": logs[-1] if logs else None}
+    for k in ("lm_loss", "ctc"):
+        vals = [r[k] for r in records if k in r]
+        if vals:
+            result[f"final_{k}"] = vals[-1]
     if info.is_main:
         meta = {"stage": cfg.stage, "step": cfg.steps, "lm": str(model_dir(cfg.lm).resolve()),
                 "encoder_from": cfg.encoder_from}
