@@ -416,6 +416,24 @@ class VideoStageConfig:
 
 
 @dataclass
+class HerdReportConfig:
+    """Stage `herd_report`: benchmark every trained part against its baseline and write report.md (mm.report).
+    Paths are run directories; an empty one skips that modality (its row says so)."""
+
+    stage: str = "herd_report"
+    lm: str = MISSING  # the pretrained LM run
+    chat: str = ""  # the post-trained (chat) LM run: exact match against the pretrained LM's
+    image: str = ""  # an image-stage run (image_sft / image_dpo)
+    video: str = ""  # a video-stage run
+    speech: str = ""  # a speech_sft run
+    stages: dict[str, str] = field(default_factory=dict)  # {stage name: run dir} for the loss / gate plots
+    max_items: int = 200  # held-out items per benchmark
+    chat_shards: str = ".cache/shards/chat/val-*.tar"  # held-out chat items (exact match)
+    pref_shards: str = ".cache/shards/pref/val-*.tar"  # held-out preference pairs (chosen_frac)
+    threads: int = 1
+
+
+@dataclass
 class PipelineStep:
     """One entry of a pipeline: a stage YAML, overrides ({run}, {round}, {prev} are substituted), once or per round."""
 
@@ -450,6 +468,7 @@ STAGE_CONFIGS: dict[str, type] = {
     "video_pretrain": VideoStageConfig,
     "video_sft": VideoStageConfig,
     "pipeline": PipelineConfig,
+    "herd_report": HerdReportConfig,
 }
 
 

@@ -110,7 +110,9 @@ def write_report(run_dir: Path, stages: dict[str, Path], benchmarks: list[dict],
     md = [f"# {title}\n"]
     md += [f"- {n}" for n in notes] + ([""] if notes else [])
     md.append("## Benchmarks\n")
-    md.append(table(benchmarks, ["modality", "metric", "model", "baseline", "baseline_name"]) if benchmarks
+    cols = ["modality", "metric", "model", "baseline", "baseline_name"]
+    cols += ["beats"] if any("beats" in b for b in benchmarks) else []
+    md.append(table(benchmarks, cols) if benchmarks
               else "_no benchmark rows_\n")
     loss_png = plot_losses(stages, plots / "losses.png")
     md.append("## Loss curves\n")

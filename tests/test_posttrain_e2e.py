@@ -1,4 +1,5 @@
-"""A whole post-training round through the real CLI on tiny shards: pretrain -> SFT0 -> RM -> RS -> SFT -> DPO."""
+"""A whole post-training round through the real CLI on tiny shards: pretrain -> SFT0 -> RM -> RS -> SFT -> DPO, then
+the herd report over its LM and policy."""
 import json
 import random
 from pathlib import Path
@@ -54,7 +55,7 @@ def run(capsys, *args):
     return json.loads(out)
 
 
-def test_round_runs_from_one_yaml_and_learns(shards, tmp_path, capsys):
+def test_round_runs_from_one_yaml_and_learns(shards, tmp_path, capsys, monkeypatch):
     torch.set_num_threads(1)
     d = shards
     tiny = ["model.dim=32", "model.n_layers=2", "model.n_heads=2", "model.n_kv_heads=1", "train.progress=false",
@@ -105,3 +106,25 @@ def test_round_runs_from_one_yaml_and_learns(shards, tmp_path, capsys):
     # a second run reuses every completed step
     again = run(capsys, "run", str(pipe), "--out", str(out))
     assert again["reused"] is True
+    # the herd report scores the LM and the chat policy against their baselines and reuses its benchmark lines
+    rep = tmp_path / "report"
+    res = run(capsys, "run", str(REPO / "experiments/herd/report.yaml"), "--out", str(rep), f"lm={out}/pretrain",
+              f"chat={out}/r1/dpo", f"chat_shards={d}/chat/val-*.tar", f"pref_shards={d}/pref/val-*.tar",
+              "max_items=20", f"stages={{pretrain: '{out}/pretrain', dpo: '{out}/r1/dpo'}}")
+    rows = {(r["modality"], r["metric"]): r for r in res["rows"]}
+    bpb = rows[("text", "val_bpb")]  # 20 pretraining steps: no claim on the value, only on the comparison's direction
+    assert bpb["baseline_name"] == "unigram model" and bpb["beats"] is (bpb["model"] < bpb["baseline"])
+    em = rows[("chat", "exact_match")]
+    assert em["beats"] is (em["model"] > em["baseline"]) and em["model"] > em["baseline"]
+    md = (rep / "report.md").read_text()
+    assert "| chat | exact_match |" in md and "plots/losses.png" in md and (rep / "plots" / "losses.png").exists()
+    assert sorted(p.name for p in (rep / "benchmarks").iterdir()) == ["chat.json", "chat_pretrained.json",
+                                                                      "text_lm.json"]
+    import subprocess
+    def no_subprocess(*a, **k):
+        raise AssertionError("benchmarks rerun although their JSON lines were kept")
+    monkeypatch.setattr(subprocess, "run", no_subprocess)
+    (rep / "result.json").unlink()
+    again = run(capsys, "run", str(REPO / "experiments/herd/report.yaml"), "--out", str(rep), f"lm={out}/pretrain",
+                f"chat={out}/r1/dpo", "max_items=20")
+    assert again["rows"] == res["rows"]

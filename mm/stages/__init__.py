@@ -20,6 +20,7 @@ RUNNERS = {
     "video_pretrain": ("mm.stages.video", "run"),
     "video_sft": ("mm.stages.video", "run"),
     "pipeline": ("mm.pipeline", "run"),
+    "herd_report": ("mm.stages.herd_report", "run"),
 }
 
 

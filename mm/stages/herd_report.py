@@ -1,0 +1,131 @@
+"""Stage `herd_report`: score every trained part of a herd run against its baseline and write report.md.
+
+Each benchmark script (benchmarks/text.py, image.py, video.py, speech.py) runs as a subprocess, so the stage measures
+exactly what a user's command line would print and frees each model's memory when it ends; its JSON line is kept in
+benchmarks/<name>.json. Rows compare a model with its baseline (bare-LM unigram, the pretrained LM, the blind model,
+the single middle frame) and say whether it beats it; mm.report draws the plots and writes the markdown.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from mm.config import HerdReportConfig
+from mm.report import write_report
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+class BenchmarkError(RuntimeError):
+    """A benchmark script failed; the message holds its error line."""
+
+
+def run_benchmark(script: str, args: list[str], out: Path, threads: int) -> dict:
+    """Run benchmarks/<script> with args, keep its JSON line in `out`, return it (reused when `out` exists)."""
+    if out.exists():
+        return json.loads(out.read_text())
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    cmd = [sys.executable, str(REPO / "benchmarks" / script), *args]
+    print(f"[herd_report] {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
+    proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, text=True)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    res = json.loads(lines[-1]) if lines else {"ok": False, "error": f"no JSON line (exit {proc.returncode})"}
+    if not res.get("ok", proc.returncode == 0):
+        raise BenchmarkError(f"benchmarks/{script} {' '.join(args)}: {res.get('error')}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=1))
+    return res
+
+
+def row(modality: str, metric: str, model, baseline, baseline_name: str, lower_is_better: bool = False) -> dict:
+    """One benchmark-table row; "beats" says whether the model is strictly better than its baseline."""
+    beats = None
+    if isinstance(model, (int, float)) and isinstance(baseline, (int, float)):
+        beats = model < baseline if lower_is_better else model > baseline
+    return {"modality": modality, "metric": metric, "model": model, "baseline": baseline,
+            "baseline_name": baseline_name, "beats": beats}
+
+
+def text_rows(cfg: HerdReportConfig, bench: Path) -> tuple[list[dict], list[dict]]:
+    """LM bits per byte against the unigram model; the chat model's exact match against the pretrained LM's."""
+    n = str(cfg.max_items)
+    held = ["--chat-shards", cfg.chat_shards, "--pref-shards", cfg.pref_shards, "--max-items", n, "--no-progress"]
+    lm = run_benchmark("text.py", ["--ckpt", cfg.lm, "--no-progress"], bench / "text_lm.json", cfg.threads)
+    rows = [row("text", "val_bpb", lm["val_bpb"], lm["unigram_bpb"], "unigram model", lower_is_better=True)]
+    examples: list[dict] = []
+    if cfg.chat:
+        base = run_benchmark("text.py", ["--ckpt", cfg.lm, "--chat", *held],
+                             bench / "chat_pretrained.json", cfg.threads)
+        chat = run_benchmark("text.py", ["--ckpt", cfg.chat, *held],
+                             bench / "chat.json", cfg.threads)
+        rows.append(row("chat", "exact_match", chat["exact_match"]["overall"], base["exact_match"]["overall"],
+                        "pretrained LM"))
+        if "chosen_frac" in chat:
+            rows.append(row("chat", "chosen_frac", chat["chosen_frac"], 0.5, "chance"))
+    return rows, examples
+
+
+def image_rows(cfg: HerdReportConfig, bench: Path) -> tuple[list[dict], list[dict]]:
+    """VQA accuracy against the blind model; text bits per byte of the fused model without media against the LM."""
+    r = run_benchmark("image.py", ["--ckpt", cfg.image, "--max-items", str(cfg.max_items)], bench / "image.json",
+                      cfg.threads)
+    rows = [row("image", "vqa_acc", r["vqa_acc"], r["blind_vqa_acc"], "blind (no image)")]
+    if "text_bpb" in r:
+        rows.append(row("image", "text_bpb (no image)", r["text_bpb"], r["lm_text_bpb"], "bare LM (must be equal)"))
+        rows[-1]["beats"] = r["text_bpb"] == r["lm_text_bpb"]  # preservation: equal is the pass
+    ex = [{"modality": "image", "input": "held-out image", "prompt": e["q"], "output": e["pred"],
+           "reference": " / ".join(e["answers"][:3])} for e in r.get("examples", [])[:3]]
+    return rows, ex
+
+
+def video_rows(cfg: HerdReportConfig, bench: Path) -> tuple[list[dict], list[dict]]:
+    """Video QA accuracy against the blind model; the temporal families against the single middle frame."""
+    r = run_benchmark("video.py", ["--ckpt", cfg.video, "--max-items", str(cfg.max_items)], bench / "video.json",
+                      cfg.threads)
+    rows = [row("video", "video_acc", r["video_acc"], r["blind_acc"], "blind (no video)")]
+    t = r.get("temporal") or {}
+    if t.get("video_acc") is not None:
+        rows.append(row("video", "temporal video_acc", t["video_acc"], t["single_frame_acc"], "single middle frame"))
+    ex = [{"modality": "video", "input": "held-out clip", "prompt": e["q"].splitlines()[0], "output": e["video"],
+           "reference": e["gold"]} for e in r.get("examples", [])[:3]]
+    return rows, ex
+
+
+def speech_rows(cfg: HerdReportConfig, bench: Path) -> tuple[list[dict], list[dict]]:
+    """WER against the blind model (lower is better); BLEU and spoken-QA exact match against blind."""
+    r = run_benchmark("speech.py", ["--ckpt", cfg.speech, "--max-items", str(cfg.max_items)], bench / "speech.json",
+                      cfg.threads)
+    rows = [row("speech", "wer", r["wer"], r.get("blind_wer"), "blind (no audio)", lower_is_better=True)]
+    if r.get("bleu") is not None:
+        rows.append(row("speech", "bleu", r["bleu"], r.get("blind_bleu"), "blind (no audio)"))
+    if r.get("qa_em") is not None:
+        rows.append(row("speech", "qa_em", r["qa_em"], r.get("blind_qa_em"), "blind (no audio)"))
+    ex = [{"modality": f"speech ({e['task']})", "input": "held-out utterance", "prompt": e["task"],
+           "output": e["hyp"], "reference": e["ref"]} for e in r.get("examples", [])[:3]]
+    return rows, ex
+
+
+def run(cfg: HerdReportConfig, run_dir: Path, resume: bool = False) -> dict:
+    """Benchmarks (reused from run_dir/benchmarks/ when present), then report.md; returns the table."""
+    run_dir = Path(run_dir)
+    bench = run_dir / "benchmarks"
+    rows, examples, notes = [], [], []
+    parts = [(text_rows, cfg.lm), (image_rows, cfg.image), (video_rows, cfg.video), (speech_rows, cfg.speech)]
+    for fn, path in parts:
+        if not path:
+            notes.append(f"{fn.__name__.split('_')[0]}: no run given, not scored")
+            continue
+        if not Path(path).exists():
+            raise FileNotFoundError(f"herd_report: {path}: no such run directory")
+        r, ex = fn(cfg, bench)
+        rows += r
+        examples += ex
+    stages = {k: Path(v) for k, v in cfg.stages.items()}
+    beaten = [r for r in rows if r["beats"] is not None]
+    notes.append(f"{sum(r['beats'] for r in beaten)} of {len(beaten)} benchmark rows beat their baseline")
+    path = write_report(run_dir, stages, rows, examples, notes=notes)
+    return {"stage": "herd_report", "report": str(path), "rows": rows,
+            "beats_all": all(r["beats"] for r in beaten)}
