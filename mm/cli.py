@@ -1,4 +1,4 @@
-"""The `mm` command: run stages, fetch/build/inspect data, chat, export, evaluate. Each ends with one JSON line."""
+"""The `mm` command: run stages, data, compose, chat, export, evaluate. Each ends with one JSON line."""
 from __future__ import annotations
 
 import argparse
@@ -67,11 +67,23 @@ def cmd_data(args) -> dict:
     return res
 
 
-def _is_image_run(ckpt) -> bool:
+def _run_kind(ckpt) -> str | None:
     from mm.checkpoint import load_meta
     from mm.runs import model_dir
 
-    return load_meta(model_dir(ckpt)).get("kind") == "image"
+    return load_meta(model_dir(ckpt)).get("kind")
+
+
+def _chat_herd(args, gen_kw: dict) -> dict:
+    """A `mm compose` run: every given medium (--image, --video, --audio) in one user turn, then --prompt."""
+    from mm.herd import chat_herd, load_herd
+
+    herd, tok, meta = load_herd(args.ckpt)
+    frames = (meta.get("video") or {}).get("num_frames", 16)
+    text = chat_herd(herd, tok, args.prompt, image=args.image, video=args.video, audio=args.audio,
+                     num_frames=frames, system=args.system, max_new_tokens=args.max_new_tokens, **gen_kw)
+    given = {k: getattr(args, k) for k in ("image", "video", "audio") if getattr(args, k)}
+    return {"text": text, **given}
 
 
 def cmd_chat(args) -> dict:
@@ -79,6 +91,13 @@ def cmd_chat(args) -> dict:
     from llm.tokenizer import ChatFormat
 
     gen_kw = dict(greedy=args.greedy, temperature=args.temperature, seed=args.seed)
+    kind = _run_kind(args.ckpt)
+    if kind == "herd":
+        return _chat_herd(args, gen_kw)
+    given = [f"--{k}" for k in ("image", "video", "audio") if getattr(args, k)]
+    if len(given) > 1:
+        raise ValueError(f"{' with '.join(given)} needs a composed run (mm compose); {args.ckpt} is a "
+                         f"{kind or 'text'} run")
     if args.audio:  # a speech_sft run; --prompt (else --system, else ASR) is the system prompt it was trained with
         from mm.chat_speech import DEFAULT_PROMPT, chat_about_audio
         from mm.speech import load_speech_model
@@ -95,7 +114,7 @@ def cmd_chat(args) -> dict:
         text = chat_about_video(fused, vision, tok, args.video, args.prompt, num_frames=saved_num_frames(args.ckpt),
                                 system=args.system, max_new_tokens=args.max_new_tokens, **gen_kw)
         return {"text": text, "video": args.video}
-    if _is_image_run(args.ckpt):  # the fused model; the image path lives in mm/chat_image.py
+    if kind == "image":  # the fused model; the image path lives in mm/chat_image.py
         from mm.chat_image import chat_about_image, chat_reply
         from mm.stages.image_pretrain import load_fused
 
@@ -144,6 +163,12 @@ def cmd_chat(args) -> dict:
         history += [{"role": "user", "content": line}, {"role": "assistant", "content": answer}]
         turns += 1
     return {"turns": turns}
+
+
+def cmd_compose(args) -> dict:
+    from mm.herd import compose
+
+    return compose(args.speech, Path(args.out), video=args.video, image=args.image)
 
 
 def cmd_export(args) -> dict:
@@ -241,12 +266,23 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--raw", action="store_true", help="no chat template, plain continuation")
     c.add_argument("--image", help="a PNG/JPEG file to ask about (image-stage runs); prompt default: "
-                                   "'Describe the image.'")
+                                   "'Describe the image.'. On a composed run (mm compose) --image, --video and "
+                                   "--audio go together into one user turn, followed by --prompt")
     c.add_argument("--audio", help="a wav/flac file (speech_sft runs); --prompt is then the system prompt "
-                                   "(default 'Repeat after me in English:'; '' for spoken questions)")
+                                   "(default 'Repeat after me in English:'; '' for spoken questions). On a "
+                                   "composed run --prompt is the user text after the media and --system the system "
+                                   "prompt")
     c.add_argument("--video", help="an MP4 file to ask about (video-stage runs); prompt default: "
                                    "'Describe the video.'")
     c.set_defaults(fn=cmd_chat)
+    h = sub.add_parser("compose", help="one model: a video (or image) run's adapters + a speech run's, on their "
+                                       "shared frozen LM")
+    src = h.add_mutually_exclusive_group(required=True)
+    src.add_argument("--video", help="a video-stage run (holds the image adapter and encoder too)")
+    src.add_argument("--image", help="an image-stage run (no video adapter)")
+    h.add_argument("--speech", required=True, help="a speech_sft run on the same LM")
+    h.add_argument("--out", required=True, help="the composed run directory (for mm chat --ckpt)")
+    h.set_defaults(fn=cmd_compose)
     e = sub.add_parser("export", help="export a model")
     e.add_argument("format", choices=["hf"])
     e.add_argument("--ckpt", required=True)

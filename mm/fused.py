@@ -237,15 +237,21 @@ class FusedLM(nn.Module):
                 video: torch.Tensor | MediaKV | None = None, video_mask: torch.Tensor | None = None,
                 video_xattn_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None, start_pos: int = 0,
-                return_hidden: bool = False, ignore_index: int = -100):
+                return_hidden: bool = False, ignore_index: int = -100, embeds: torch.Tensor | None = None):
         """tokens (B, T); media: image features (B, M, N, media_dim), a precomputed MediaKV, or None; video: frame
         features (B, M, F, N, media_dim), a MediaKV from video_kv, or None. With neither: exactly the bare LM,
         adapters untouched. xattn_mask / video_xattn_mask (B, T, M) override the masks derived from the markers in
-        tokens (needed when tokens is a decoding step, start_pos > 0). Returns logits (B, T, V), the final-norm
-        hidden states with return_hidden, or the mean next-token loss with labels (B, T)."""
+        tokens (needed when tokens is a decoding step, start_pos > 0). embeds (B, T, D): input embeddings used
+        instead of the tokens' own (e.g. speech spliced in by mm.herd); tokens still place the media markers.
+        Returns logits (B, T, V), the final-norm hidden states with return_hidden, or the mean next-token loss with
+        labels (B, T)."""
         kw = dict(doc_ids=doc_ids, start_pos=start_pos, return_hidden=return_hidden, labels=labels,
                   ignore_index=ignore_index)
+        if embeds is not None and embeds.shape[:2] != tokens.shape:
+            raise ValueError(f"embeds {tuple(embeds.shape)} do not match tokens {tuple(tokens.shape)}")
         if media is None and video is None:
+            if embeds is not None:
+                return self.lm(embeds=embeds, **kw)
             if not any(t.present(tokens) for t in self._token_tables()):
                 return self.lm(tokens, **kw)
             return self.lm(embeds=self._embed(tokens), **kw)
@@ -258,7 +264,7 @@ class FusedLM(nn.Module):
             kv = media if isinstance(media, MediaKV) else self.media_kv(media, media_mask)
             streams.append((self.image_adapter.blocks, kv, self._cross_mask(
                 tokens, kv, self.media_token_id, xattn_mask, doc_ids, start_pos)))
-        h = self._embed(tokens)  # (B, T, D)
+        h = self._embed(tokens) if embeds is None else embeds  # (B, T, D)
         # from here on the same steps as Llama.forward, with a block before each fused layer
         B, T, _ = h.shape
         pos = torch.arange(start_pos, start_pos + T, device=h.device)
@@ -287,7 +293,8 @@ def generate_fused(fused: FusedLM, prompt: list[int], media: torch.Tensor | None
                    media_mask: torch.Tensor | None = None, video: torch.Tensor | MediaKV | None = None,
                    video_mask: torch.Tensor | None = None, greedy: bool = True, temperature: float = 0.8,
                    top_p: float = 0.95, stop_ids: tuple[int, ...] = (), seed: int | None = None,
-                   use_cache: bool = True, cache_media: bool = True) -> list[int]:
+                   use_cache: bool = True, cache_media: bool = True,
+                   prompt_embeds: torch.Tensor | None = None) -> list[int]:
     """Continue one prompt (with `<|image|>` / `<|video|>` markers) given its images (M, N, media_dim) or
     (1, M, N, media_dim) with an optional validity mask shaped like them without the feature dim (or without N), and
     its videos: frame features (M, F, N, media_dim) or (1, M, F, N, media_dim) (mask (M,) or (1, M)), or a MediaKV
@@ -295,7 +302,9 @@ def generate_fused(fused: FusedLM, prompt: list[int], media: torch.Tensor | None
 
     use_cache: text self-attention through the LM's KV cache; cache_media: compute every block's media keys/values
     (and the video aggregator) once before decoding and reuse them each step (False recomputes them per step, for
-    comparison). Stops after any of stop_ids (not returned).
+    comparison). prompt_embeds (1, len(prompt), D): the prompt's input embeddings, used instead of its token
+    embeddings (speech spliced in once, mm.herd); generated tokens are embedded as usual. Stops after any of stop_ids
+    (not returned).
     """
     fused.eval()
     device = fused.output.weight.device
@@ -323,9 +332,22 @@ def generate_fused(fused: FusedLM, prompt: list[int], media: torch.Tensor | None
     if video is not None:
         fused._check_markers(ids0, (cached or kvs())[1].valid, fused.video_token_id)
 
+    if prompt_embeds is not None and tuple(prompt_embeds.shape[:2]) != (1, len(prompt)):
+        raise ValueError(f"prompt_embeds {tuple(prompt_embeds.shape)} do not match a prompt of {len(prompt)} tokens")
+
+    def embeds(ids: list[int], start: int) -> torch.Tensor | None:  # (1, len(ids) - start, D) or None
+        if prompt_embeds is None:
+            return None
+        P = len(prompt)
+        parts = [prompt_embeds[:, start:].to(device)] if start < P else []
+        if len(ids) > max(start, P):
+            parts.append(fused._embed(torch.tensor([ids[max(start, P):]], device=device)))
+        return torch.cat(parts, 1) if len(parts) > 1 else parts[0]
+
     def step(ids: list[int], start: int):
         if media is None and video is None:
-            return fused(torch.tensor([ids[start:]], device=device), start_pos=start)[0, -1]
+            return fused(torch.tensor([ids[start:]], device=device), start_pos=start,
+                         embeds=embeds(ids, start))[0, -1]
         ikv, vkv = cached if cached is not None else kvs()
         full = torch.tensor([ids], device=device)
 
@@ -333,7 +355,8 @@ def generate_fused(fused: FusedLM, prompt: list[int], media: torch.Tensor | None
             return None if kv is None else media_attention_mask(full, token_id, kv.n_media, fused.attend)[:, start:]
 
         return fused(full[:, start:], ikv, xattn_mask=xm(ikv, fused.media_token_id), video=vkv,
-                     video_xattn_mask=xm(vkv, fused.video_token_id), start_pos=start)[0, -1]
+                     video_xattn_mask=xm(vkv, fused.video_token_id), start_pos=start,
+                     embeds=embeds(ids, start))[0, -1]
 
     seq, out = list(prompt), []
     try:
