@@ -84,7 +84,7 @@ def posttrain_metrics(args, model, tok, meta: dict, run_dir: Path) -> dict:
     if meta.get("chat") or args.chat:
         out["exact_match"] = exact_match_by_family(model, tok, chat_val)
     pairs, _ = encode_pairs(list(iter_chat(expand_shards(args.pref_shards)))[:args.max_items], ChatFormat(tok), 512)
-    init = meta.get("init_from")
+    init = args.reference or meta.get("init_from")
     if init and meta.get("kind") != "reward_model":
         ref, _, _ = load_lm(init)
         out["chosen_frac"] = implicit_reward_accuracy(model, ref, tok, pairs)
@@ -168,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--chat", action="store_true", help="score exact match even if the model is not chat-tuned")
     p.add_argument("--chat-shards", default=".cache/shards/chat/val-*.tar", help="held-out chat items (exact match)")
     p.add_argument("--pref-shards", default=".cache/shards/pref/val-*.tar", help="held-out preference pairs")
+    p.add_argument("--reference", help="reference LM run for chosen_frac (default: the run's init_from); give the "
+                   "pretrained run to compare SFT and DPO policies against one reference")
     p.add_argument("--rm", help="reward model run: rm_pref_acc, and the judge for --vs")
     p.add_argument("--vs", help="another policy: rm_win_rate_vs of this one against it")
     p.add_argument("--max-items", type=int, default=600, help="cap on held-out chat items / pairs")

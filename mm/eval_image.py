@@ -3,6 +3,7 @@ held-out text bits per byte of the fused model without media next to the bare LM
 from __future__ import annotations
 
 from collections import defaultdict
+from pathlib import Path
 
 import torch
 
@@ -88,8 +89,9 @@ def vqa_eval(fused: FusedLM, vision, tok, samples: list[dict], max_items: int = 
             other = media((i + 1 + len(samples) // 2) % len(samples))
             scores["shuffled"][it["family"]].append(vqa_score(answer(fused, fmt, it["question"], other,
                                                                      max_new_tokens), it["answers"]))
-        if len(examples) < 8:
-            examples.append({"q": it["question"], "pred": pred, "answers": it["answers"]})
+        if len(examples) < 8 and sum(e["family"] == it["family"] for e in examples) < 2:  # spread over families
+            examples.append({"q": it["question"], "pred": pred, "answers": it["answers"], "family": it["family"],
+                             "sample": i})
 
     def summary(d: dict) -> tuple[float | None, dict]:
         allv = [v for vs in d.values() for v in vs]
@@ -106,12 +108,24 @@ def vqa_eval(fused: FusedLM, vision, tok, samples: list[dict], max_items: int = 
     return out
 
 
+def save_example_images(samples: list[dict], examples: list[dict], out_dir: Path) -> None:
+    """Write each example's image as out_dir/example_<k>.png and record its path under "image"."""
+    from PIL import Image
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for k, ex in enumerate(examples):
+        path = out_dir / f"example_{k}.png"
+        Image.fromarray(torch.as_tensor(samples[ex["sample"]]["image"]).permute(1, 2, 0).numpy()).save(path)
+        ex["image"] = str(path)
+
+
 def eval_image_shards(fused: FusedLM, vision, tok, shards: str, max_items: int = 400, max_new_tokens: int = 8,
-                      blind: bool = True, decode_scale: int = 1, seed: int = 0) -> dict:
+                      blind: bool = True, decode_scale: int = 1, seed: int = 0,
+                      examples_dir: str | Path | None = None) -> dict:
     """VQA metrics of a loaded image model on any image-text shards (DESIGN.md format): samples decoded at
     decode_scale tile sides (a seeded subset of max_items // 2 samples, all when max_items is 0), then vqa_eval.
     Returns {"shards", "image_samples", "skipped" ({reason: n}), "skipped_total", **vqa_eval(...)}; the one
-    implementation behind `mm eval image` and benchmarks/image.py."""
+    implementation behind `mm eval image` and benchmarks/image.py. examples_dir: save the examples' images there."""
     from mm.stages.clip_pretrain import load_image_samples
 
     size = vision.cfg.image_size * (decode_scale or 1)
@@ -122,4 +136,6 @@ def eval_image_shards(fused: FusedLM, vision, tok, shards: str, max_items: int =
     if not samples:
         raise ValueError(f"{shards}: no readable image samples (skipped: {skips})")
     out.update(vqa_eval(fused, vision, tok, samples, max_items, max_new_tokens, blind=blind))
+    if examples_dir:
+        save_example_images(samples, out["examples"], Path(examples_dir))
     return out

@@ -6,6 +6,7 @@ latest output of a step named in `policy_steps`, i.e. the current best policy).
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 from mm.config import PipelineConfig
@@ -28,10 +29,16 @@ def run(cfg: PipelineConfig, run_dir: Path, resume: bool = False) -> dict:
     each = [s for s in cfg.steps if s.per_round]
     plan = [(s, 0, run_dir / s.name) for s in once]
     plan += [(s, r, run_dir / f"r{r}" / s.name) for r in range(1, cfg.rounds + 1) for s in each]
-    for step, r, out in plan:
+    t_all = time.perf_counter()
+    for i, (step, r, out) in enumerate(plan, 1):
         overrides = [_fill(o, run_dir, r, policy) for o in step.overrides]
-        print(f"[pipeline] {out.relative_to(run_dir)}: {step.config}", file=sys.stderr)
+        print(f"[pipeline {i}/{len(plan)}] {out.relative_to(run_dir)}: {step.config}", file=sys.stderr, flush=True)
+        t0 = time.perf_counter()
         res = run_config(step.config, overrides, out, resume=resume)
+        res["wall_s"] = round(time.perf_counter() - t0, 1)
+        print(f"[pipeline {i}/{len(plan)}] {out.relative_to(run_dir)}: "
+              f"{'reused' if res.get('reused') else 'done'} in {res['wall_s']} s "
+              f"({time.perf_counter() - t_all:.0f} s so far)", file=sys.stderr, flush=True)
         if res.get("stopped_at") is not None:
             return {"stage": "pipeline", "stopped_at": str(out), "steps": results}
         results[str(out.relative_to(run_dir))] = {k: v for k, v in res.items() if not isinstance(v, (dict, list))}

@@ -129,7 +129,11 @@ def test_eval_image_scores_and_counts_skips(image_run, world, tmp_path):  # noqa
     spec.loader.exec_module(mod)
     b = mod.evaluate(mod.argparse.Namespace(ckpt=str(image_run), shards=str(shard), max_items=0, max_new_tokens=2,
                                             no_blind=False, text_shards="", text_docs=0, seq_len=64,
-                                            decode_scale=1, threads=1, seed=0))
+                                            decode_scale=1, threads=1, seed=0, examples_dir=str(tmp_path / "ex")))
     assert {k: b[k] for k in ("vqa_acc", "blind_vqa_acc", "skipped", "items")} == \
         {k: res[k] for k in ("vqa_acc", "blind_vqa_acc", "skipped", "items")}
+    # the examples' images are saved for the report: one RGB PNG per example, at the decode size
+    from PIL import Image
+    size = Image.open(b["examples"][0]["image"]).size
+    assert size[0] == size[1] > 0 and all(Image.open(e["image"]).mode == "RGB" for e in b["examples"])
     torch.set_num_threads(1)  # evaluate() set it; keep the shared CPU at one thread

@@ -70,15 +70,27 @@ def text_rows(cfg: HerdReportConfig, bench: Path) -> tuple[list[dict], list[dict
 
 def image_rows(cfg: HerdReportConfig, bench: Path) -> tuple[list[dict], list[dict]]:
     """VQA accuracy against the blind model; text bits per byte of the fused model without media against the LM."""
-    r = run_benchmark("image.py", ["--ckpt", cfg.image, "--max-items", str(cfg.max_items)], bench / "image.json",
-                      cfg.threads)
+    r = run_benchmark("image.py", ["--ckpt", cfg.image, "--max-items", str(cfg.max_items), "--examples-dir",
+                                   str(bench.parent / "examples")], bench / "image.json", cfg.threads)
     rows = [row("image", "vqa_acc", r["vqa_acc"], r["blind_vqa_acc"], "blind (no image)")]
     if "text_bpb" in r:
         rows.append(row("image", "text_bpb (no image)", r["text_bpb"], r["lm_text_bpb"], "bare LM (must be equal)"))
         rows[-1]["beats"] = r["text_bpb"] == r["lm_text_bpb"]  # preservation: equal is the pass
-    ex = [{"modality": "image", "input": "held-out image", "prompt": e["q"], "output": e["pred"],
-           "reference": " / ".join(e["answers"][:3])} for e in r.get("examples", [])[:3]]
+    ex = [{"modality": f"image ({e.get('family', '?')})", "input": image_link(e, bench.parent), "prompt": e["q"],
+           "output": e["pred"], "reference": " / ".join(e["answers"][:3])}
+          for e in {e.get("family"): e for e in reversed(r.get("examples", []))}.values()]  # first of each family
     return rows, ex
+
+
+def image_link(example: dict, report_dir: Path) -> str:
+    """The example's saved image relative to report.md (so the markdown embeds it), else a placeholder."""
+    path = example.get("image")
+    if not path:
+        return "held-out image"
+    try:
+        return str(Path(path).resolve().relative_to(report_dir.resolve()))
+    except ValueError:
+        return str(path)
 
 
 def video_rows(cfg: HerdReportConfig, bench: Path) -> tuple[list[dict], list[dict]]:
