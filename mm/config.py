@@ -416,6 +416,16 @@ class VideoStageConfig:
 
 
 @dataclass
+class ComposeConfig:
+    """Stage `compose` (mm.herd.compose as a pipeline step): a video (or image) run's adapters + a speech run's."""
+
+    stage: str = "compose"
+    speech: str = MISSING  # a speech_sft run
+    video: str = ""  # a video-stage run (holds the image adapter too); or
+    image: str = ""  # an image-stage run (a herd without video)
+
+
+@dataclass
 class HerdReportConfig:
     """Stage `herd_report`: benchmark every trained part against its baseline and write report.md (mm.report).
     Paths are run directories; an empty one skips that modality (its row says so)."""
@@ -426,6 +436,8 @@ class HerdReportConfig:
     image: str = ""  # an image-stage run (image_sft / image_dpo)
     video: str = ""  # a video-stage run
     speech: str = ""  # a speech_sft run
+    herd: str = ""  # a composed run (stage compose): its text bits per byte with no media against the bare LM's
+    text_shards: str = ".cache/shards/text/val-*.tar"  # held-out text for the herd's no-media check
     stages: dict[str, str] = field(default_factory=dict)  # {stage name: run dir} for the loss / gate plots
     max_items: int = 200  # held-out items per benchmark
     chat_shards: str = ".cache/shards/chat/val-*.tar"  # held-out chat items (exact match)
@@ -469,6 +481,7 @@ STAGE_CONFIGS: dict[str, type] = {
     "video_sft": VideoStageConfig,
     "pipeline": PipelineConfig,
     "herd_report": HerdReportConfig,
+    "compose": ComposeConfig,
 }
 
 

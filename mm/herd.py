@@ -228,6 +228,11 @@ def compose(speech: str | Path, out: str | Path, *, video: str | Path | None = N
             "params": n}
 
 
+def run_compose(cfg, run_dir: Path, resume: bool = False) -> dict:
+    """Stage `compose` (mm.config.ComposeConfig): compose(...) into run_dir, so a pipeline can chain it."""
+    return {"stage": "compose", **compose(cfg.speech, run_dir, video=cfg.video or None, image=cfg.image or None)}
+
+
 def load_herd(ckpt: str | Path, device: str | torch.device = "cpu") -> tuple[HerdLM, Tokenizer, dict]:
     """(HerdLM in eval mode, tokenizer, meta) from a `mm compose` run; CheckpointError when the LM folder's weights
     are no longer those the herd was composed on, or the tensors do not fit."""

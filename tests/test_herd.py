@@ -282,3 +282,30 @@ def test_chat_takes_image_video_and_audio_together(world, parts):
     assert rc == 0 and res["system"] == "Repeat after me in English:", res
     rc, err = _cli("chat", "--ckpt", world["video"], "--video", files["video"], "--audio", files["audio"])
     assert rc == 2 and "needs a composed run" in err["error"], err
+
+
+def test_compose_stage_and_report_row(world, tmp_path):
+    """`compose` as a pipeline stage gives the same herd as `mm compose`; the report's herd row checks that the herd
+    with no media scores held-out text exactly like the bare LM, and flags a herd whose LM was swapped."""
+    from data.text_kit import pydoc_documents, write_text_shards
+    from mm.config import HerdReportConfig
+    from mm.runner import run_config
+    from mm.stages.herd_report import herd_rows
+
+    res = run_config(Path(__file__).resolve().parents[1] / "experiments/herd/compose.yaml",
+                     [f"video={world['video']}", f"speech={world['speech']}"], tmp_path / "herd")
+    assert res["video"] and res["lm_sha256"] == lm_fingerprint(load_lm(world["lm"])[0])
+    a = load_tensors(tmp_path / "herd" / "final" / "model.safetensors")
+    b = load_tensors(world["herd"] / "final" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    write_text_shards(list(pydoc_documents())[:4], tmp_path / "text", "val")
+    cfg = HerdReportConfig(lm=str(world["lm"]), herd=str(tmp_path / "herd"),
+                           text_shards=str(tmp_path / "text" / "val-*.tar"))
+    (row,), _ = herd_rows(cfg, tmp_path / "bench")
+    assert row["beats"] is True and row["model"] == row["baseline"] and row["model"] > 0
+    # the kept JSON line is what a rerun reads: a herd whose numbers differ from the LM's is reported as failing
+    kept = tmp_path / "bench" / "herd.json"
+    numbers = json.loads(kept.read_text())
+    kept.write_text(json.dumps({**numbers, "herd_text_bpb": numbers["herd_text_bpb"] * (1 + 1e-9)}))
+    (row,), _ = herd_rows(cfg, tmp_path / "bench")
+    assert row["beats"] is False

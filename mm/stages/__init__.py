@@ -21,6 +21,7 @@ RUNNERS = {
     "video_sft": ("mm.stages.video", "run"),
     "pipeline": ("mm.pipeline", "run"),
     "herd_report": ("mm.stages.herd_report", "run"),
+    "compose": ("mm.herd", "run_compose"),
 }
 
 

@@ -120,12 +120,37 @@ def speech_rows(cfg: HerdReportConfig, bench: Path) -> tuple[list[dict], list[di
     return rows, ex
 
 
+def herd_rows(cfg: HerdReportConfig, bench: Path) -> tuple[list[dict], list[dict]]:
+    """The composed model with no media against the bare LM on held-out text: bits per byte must be equal."""
+    from data.shards import SkipCounter, expand_shards, iter_text_docs
+    from mm.eval_text import bits_per_byte
+    from mm.herd import load_herd
+    from mm.runs import load_lm
+
+    out = bench / "herd.json"
+    if not out.exists():
+        herd, tok, meta = load_herd(cfg.herd)
+        lm, _, _ = load_lm(meta["lm"])
+        texts = [d["text"] for d in iter_text_docs(expand_shards(cfg.text_shards), SkipCounter())][:16]
+        if not texts:
+            raise ValueError(f"{cfg.text_shards}: no readable text documents")
+        seq = min(256, lm.cfg.max_seq_len)
+        res = {"herd_text_bpb": bits_per_byte(herd, tok, texts, seq), "lm_text_bpb": bits_per_byte(lm, tok, texts, seq)}
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(res, indent=1))
+    res = json.loads(out.read_text())
+    r = row("herd", "text_bpb (no media)", res["herd_text_bpb"], res["lm_text_bpb"], "bare LM (must be equal)")
+    r["beats"] = res["herd_text_bpb"] == res["lm_text_bpb"]
+    return [r], []
+
+
 def run(cfg: HerdReportConfig, run_dir: Path, resume: bool = False) -> dict:
     """Benchmarks (reused from run_dir/benchmarks/ when present), then report.md; returns the table."""
     run_dir = Path(run_dir)
     bench = run_dir / "benchmarks"
     rows, examples, notes = [], [], []
-    parts = [(text_rows, cfg.lm), (image_rows, cfg.image), (video_rows, cfg.video), (speech_rows, cfg.speech)]
+    parts = [(text_rows, cfg.lm), (image_rows, cfg.image), (video_rows, cfg.video), (speech_rows, cfg.speech),
+             (herd_rows, cfg.herd)]
     for fn, path in parts:
         if not path:
             notes.append(f"{fn.__name__.split('_')[0]}: no run given, not scored")
