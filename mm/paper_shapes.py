@@ -26,7 +26,7 @@ class VideoShape:
     width: int = 2560
     depth: int = 2
     heads: int = 20
-    n_latents: int = 64
+    n_latents: int = 1  # latents per token position of an effective frame (adapters.temporal)
     factor: int = 32
     max_frames: int = 64
     every: int = 4  # a video block before every 4th image block
