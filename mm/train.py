@@ -37,13 +37,33 @@ def linear_to_zero(step: int, start_lr: float, begin: int, length: int) -> float
     return start_lr * max(0.0, 1.0 - (step - begin + 1) / max(1, length))
 
 
+def is_gate(name: str) -> bool:
+    """Is this parameter a scalar tanh gate (cross-attention gate_attn / gate_ffn, the ViT's gated layers' gate_*,
+    *_gate)? Matched on the last name component, so DDP/FSDP prefixes do not matter."""
+    last = name.rsplit(".", 1)[-1]
+    return last.startswith("gate_") or last.endswith("_gate")
+
+
 def build_optimizer(params, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only (norm gains and other vectors are not decayed)."""
-    params = [p for p in params if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    other = [p for p in params if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": other, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), fused=device.type == "cuda")
+    """AdamW with weight decay on matrices only (norm gains and other vectors are not decayed).
+
+    params: parameters, or (name, parameter) pairs (model.named_parameters()). With cfg.gate_lr_mult != 1 and names,
+    the tanh gates (is_gate) form a third group, not decayed, whose "lr_mult" makes Trainer.train_step run them at
+    lr * gate_lr_mult: a gate that starts at 0 scales the gradient of everything behind it, so a slow gate starves
+    its block (the video stages, measured). With mult 1 the two groups are exactly the previous ones (old optimizer
+    states still load)."""
+    named = [item if isinstance(item, tuple) else ("", item) for item in params]
+    named = [(n, p) for n, p in named if p.requires_grad]
+    split = cfg.gate_lr_mult != 1.0
+    if split and any(not n for n, _ in named):
+        raise ValueError("train.gate_lr_mult needs parameter names: pass model.named_parameters()")
+    gates = [p for n, p in named if split and is_gate(n)]
+    rest = [p for n, p in named if not (split and is_gate(n))]
+    groups = [{"params": [p for p in rest if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}]
+    if split:
+        groups.append({"params": gates, "weight_decay": 0.0, "lr_mult": float(cfg.gate_lr_mult)})
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.adam_eps, fused=device.type == "cuda")
 
 
 def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
@@ -84,7 +104,7 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.ckpt_root = self.run_dir / "checkpoints"
         self.loss_fn, self.lr_at, self.flops_per_token, self.desc = loss_fn, lr_at, flops_per_token, desc
-        self.optimizer = build_optimizer(model.parameters(), cfg, info.device)
+        self.optimizer = build_optimizer(model.named_parameters(), cfg, info.device)
         self.amp = autocast_dtype(cfg, info.device)
         self.logger = MetricsLogger(self.run_dir, enabled=info.is_main)
         self.peak = peak_flops(info.device)
@@ -130,7 +150,7 @@ class Trainer:
         """Forward/backward over the micro-batches, NaN guard, clip, optimizer step. Returns the step's figures."""
         lr = self.lr_at(self.step)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_mult", 1.0)  # lr_mult: the gate group (train.gate_lr_mult)
         self.model.train()
         loss_sum, tokens, extra = torch.zeros((), dtype=torch.float64, device=self.info.device), 0, {}
         n = len(micro_batches)

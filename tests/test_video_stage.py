@@ -130,6 +130,8 @@ def test_pretrain_keeps_image_weights_resumes_and_sft_hot_swaps(world, tmp_path,
     monkeypatch.chdir(REPO)
     rc, full = _cli("run", PRE, "--out", str(tmp_path / "pre"), *_overrides(world))
     assert rc == 0 and full["stage"] == "video_pretrain" and full["params_trainable"] > 0, full
+    logged = [json.loads(x) for x in (tmp_path / "pre" / "metrics.jsonl").read_text().splitlines()]
+    assert all({"gate_video/3.attn", "gate_video/3.ffn"} <= set(r) for r in logged if "loss" in r)  # gate plots
     rc, part = _cli("run", PRE, "--out", str(tmp_path / "part"), *_overrides(world), "train.stop_after=2")
     assert rc == 0 and part["stopped_at"] == 2
     _cli("run", PRE, "--out", str(tmp_path / "part"), *_overrides(world), "--resume")

@@ -276,9 +276,15 @@ def run(cfg: VideoStageConfig, run_dir: Path, resume: bool = False) -> dict:
     trainer.meta = {"loader": loader.state_dict()}
     if resume and trainer.resume():
         loader.load_state_dict(trainer.meta["loader"])
+
+    def on_step(step: int, out: dict) -> None:
+        trainer.meta["loader"] = loader.state_dict()
+        if step % t.log_every == 0 or step == cfg.steps:  # video gates over training (report plots, diagnosis)
+            out.update(unwrap(net).fused.video_adapter.xattn.gate_values("gate_video"))
+
     t_fit = time.perf_counter()
     try:
-        records = trainer.fit(feed, cfg.steps, on_step=lambda s, o: trainer.meta.update(loader=loader.state_dict()))
+        records = trainer.fit(feed, cfg.steps, on_step=on_step)
     finally:
         feed.close()
     base = {"stage": cfg.stage, "steps": cfg.steps, "skipped": loader.skipped}
