@@ -60,13 +60,14 @@ def load_audio_items(shards: str, max_items: int = 0) -> tuple[list[dict], dict]
 
 @torch.no_grad()
 def respond(model: SpeechLM, fmt: ChatFormat, system: str | None, audio, max_new_tokens: int = 48,
-            featurize: Featurizer | None = None) -> str:
-    """Greedy reply to one system prompt + audio (a float 16 kHz waveform; None: the blind prompt without speech).
-    With audio the reply gets at most one token per speech embedding (12.5 tokens per second of speech, above any
-    speaking rate), so a greedy repetition loop cannot add unbounded insertions."""
+            featurize: Featurizer | None = None, text: str = "") -> str:
+    """Greedy reply to one system prompt + audio (a float 16 kHz waveform; None: the blind prompt without speech) +
+    optional typed user `text` (with audio None and text = the transcript: the text oracle). With audio the reply
+    gets at most one token per speech embedding (12.5 tokens per second of speech, above any speaking rate), so a
+    greedy repetition loop cannot add unbounded insertions."""
     tok = fmt.tok
     if audio is None:
-        ids, _ = speech_dialog(fmt, model.ids, 0, system, None)
+        ids, _ = speech_dialog(fmt, model.ids, 0, system, None, text)
         feats = lens = None
     else:
         n = n_speech_tokens(len(audio), model.encoder.cfg)
@@ -79,12 +80,13 @@ def respond(model: SpeechLM, fmt: ChatFormat, system: str | None, audio, max_new
 
 @torch.no_grad()
 def answer_loss(model: SpeechLM, fmt: ChatFormat, system: str | None, audio, answer: str,
-                featurize: Featurizer | None = None) -> tuple[float, int]:
-    """Teacher-forced (summed NLL, tokens) of the answer to one system prompt + audio (None: blind, no speech run):
-    the training loss of one item, so held-out audio vs blind losses show whether the model uses the audio."""
+                featurize: Featurizer | None = None, text: str = "") -> tuple[float, int]:
+    """Teacher-forced (summed NLL, tokens) of the answer to one system prompt + audio (None: blind, no speech run)
+    + optional typed user `text`: the training loss of one item, so held-out audio vs blind losses show whether the
+    model uses the audio, and audio vs text-oracle losses how much of what the LM can use it gets."""
     dev = model.lm.output.weight.device
     n = n_speech_tokens(len(audio), model.encoder.cfg) if audio is not None else 0
-    ids, mask = speech_dialog(fmt, model.ids, n, system, answer)
+    ids, mask = speech_dialog(fmt, model.ids, n, system, answer, text)
     tokens = torch.tensor([ids[:-1]], device=dev)
     labels = torch.tensor([[t if m else IGNORE for t, m in zip(ids[1:], mask[1:])]], device=dev)
     feats, lens = (featurize or Featurizer())([audio]) if audio is not None else (None, None)
@@ -99,13 +101,17 @@ def speech_eval(model: SpeechLM, tok, items: list[dict], max_new_tokens: int = 4
     """Every item is transcribed (ASR); items with a translation are also translated (AST), items with an answer
     answered (spoken QA). Returns {"wer", "wer_by_engine", "wer_by_voice", "blind_wer"(_by_voice), "bleu",
     "bleu_by_lang", "blind_bleu", "qa_em", "blind_qa_em", "n_asr", "n_ast", "n_sqa", "examples"} and, with blind,
-    the teacher-forced per-token ASR loss with and without the audio ("asr_loss", "blind_asr_loss")."""
+    the teacher-forced per-token ASR loss with and without the audio ("asr_loss", "blind_asr_loss"), and the TEXT
+    ORACLE: the same frozen LM given the reference transcript typed in the user turn instead of the audio
+    ("text_wer", "text_asr_loss"). No adapter can beat much what the LM does with the exact text, so these are the
+    ceiling of the speech path: a tiny LM that cannot copy text cannot transcribe speech either (issue 7)."""
     model.eval()
     fmt, featurize = ChatFormat(tok), Featurizer()
     asr: dict[str, list] = defaultdict(list)  # key -> [(ref, hyp, blind_hyp, engine, voice)]
     ast, sqa, examples = [], [], []
     blind_cache: dict = {}
-    nll = {"asr_loss": [0.0, 0], "blind_asr_loss": [0.0, 0]}  # summed NLL, tokens
+    nll = {"asr_loss": [0.0, 0], "blind_asr_loss": [0.0, 0], "text_asr_loss": [0.0, 0]}  # summed NLL, tokens
+    oracle: list[str] = []  # greedy replies to the transcript typed in the user turn
 
     def blind_reply(system: str | None) -> str:  # greedy + no audio: one reply per system prompt
         if not blind:
@@ -122,10 +128,12 @@ def speech_eval(model: SpeechLM, tok, items: list[dict], max_new_tokens: int = 4
         bl = blind_reply(system)
         asr["all"].append((ref, hyp, bl, meta.get("engine", "?"), meta.get("voice", "?")))
         if blind:
-            for key, audio in (("asr_loss", it["audio"]), ("blind_asr_loss", None)):
-                s, k = answer_loss(model, fmt, system, audio, ref, featurize)
+            for key, audio, text in (("asr_loss", it["audio"], ""), ("blind_asr_loss", None, ""),
+                                     ("text_asr_loss", None, ref)):
+                s, k = answer_loss(model, fmt, system, audio, ref, featurize, text)
                 nll[key][0] += s
                 nll[key][1] += k
+            oracle.append(respond(model, fmt, system, None, max_new_tokens, text=ref))
         if len(examples) < 6:
             examples.append({"task": "asr", "ref": ref, "hyp": hyp, "blind": bl})
         if "ast" in tasks:
@@ -162,6 +170,7 @@ def speech_eval(model: SpeechLM, tok, items: list[dict], max_new_tokens: int = 4
     out["qa_em"] = sum(em(r, h) for r, h, _ in sqa) / len(sqa) if sqa else None
     if blind:
         out["blind_wer"] = corpus_wer([r[0] for r in rows], [r[2] for r in rows])
+        out["text_wer"] = corpus_wer([r[0] for r in rows], oracle)
         out["blind_bleu"] = corpus_bleu([a[0] for a in ast], [a[2] for a in ast])
         out["blind_qa_em"] = sum(em(r, b) for r, _, b in sqa) / len(sqa) if sqa else None
         out.update({key: s / k if k else None for key, (s, k) in nll.items()})

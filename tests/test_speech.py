@@ -231,6 +231,36 @@ def _sft_overrides(world, tmp, encoder_from) -> list[str]:
             "adapter.heads=2", "adapter.ffn_dim=32", "seq_len=96", "eval_items=2"]
 
 
+def test_speech_eval_reports_the_text_oracle_ceiling(world):
+    """Issue 7: the speech path can at best do what the frozen LM does with the transcript typed in the user turn;
+    the eval reports that ceiling (text_wer, text_asr_loss) next to the audio and blind figures."""
+    from data.token_stream import IGNORE
+    from llm.tokenizer import ChatFormat
+    from mm.eval_speech import speech_eval
+    from mm.runs import load_lm
+    from mm.speech import ASR_PROMPT, SpeechLM, speech_dialog
+
+    lm, tok, _ = load_lm(world["lm"])
+    torch.manual_seed(0)
+    adapter = SpeechAdapter(SpeechAdapterConfig(in_dim=32, dim=16, heads=2, ffn_dim=32, out_dim=lm.cfg.dim))
+    model = SpeechLM(_enc(), adapter, lm, SpeechTokens.of(tok)).eval()
+    rng = np.random.default_rng(0)
+    items = [{"audio": rng.normal(size=8000).astype(np.float32) * 0.1, "text": t, "meta": {"language": "en"}}
+             for t in ("a red hen.", "a blue car.")]
+    out = speech_eval(model, tok, items, max_new_tokens=4)
+    assert out["text_wer"] is not None and np.isfinite(out["text_asr_loss"]), out
+    fmt, system = ChatFormat(tok), ASR_PROMPT.format(language="English")
+    nll, n = 0.0, 0
+    with torch.no_grad():  # the oracle is the bare LM's loss on the answer with the transcript as the user's text
+        for it in items:
+            ids, mask = speech_dialog(fmt, model.ids, 0, system, it["text"], it["text"])
+            labels = torch.tensor([[t if m else IGNORE for t, m in zip(ids[1:], mask[1:])]])
+            k = int((labels != IGNORE).sum())
+            nll, n = nll + float(lm(torch.tensor([ids[:-1]]), labels=labels)) * k, n + k
+    assert out["text_asr_loss"] == pytest.approx(nll / n, rel=1e-5)
+    assert out["text_asr_loss"] != pytest.approx(out["blind_asr_loss"], rel=1e-4)  # the transcript is really there
+
+
 def test_stages_trainable_sets_lm_unchanged_and_cli(world, tmp_path, monkeypatch):
     from mm.checkpoint import load_tensors
     from mm.config import load_config
