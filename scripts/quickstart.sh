@@ -1,11 +1,18 @@
 #!/usr/bin/env bash
-# The main job on CPU: set up, fetch + build the real text kit, pretrain the tiny Llama 3, score it, sample from it.
-# (The whole multimodal kit: `mm data fetch && mm data build`; post-training: experiments/lm/posttrain_tiny.yaml.)
+# The main job on CPU: set up, fetch + build the real data kit, then the whole herd at tiny scale
+# (experiments/quickstart.yaml: LM pretraining, chat SFT + DPO, CLIP, image pretrain/anneal/SFT soup/DPO, video
+# pretrain/SFT, BEST-RQ speech pretrain/SFT, the benchmarks) and its report: $RUN/report/report.md.
+# A second run reuses the kit and every completed stage. Extra arguments go to `mm run` (e.g. --resume).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-RUN=${RUN:-runs/quickstart}
-.venv/bin/mm data fetch --only text
-.venv/bin/mm run experiments/lm/pretrain_tiny.yaml --out "$RUN" "$@"
-.venv/bin/python benchmarks/text.py --ckpt "$RUN"
-.venv/bin/mm chat --ckpt "$RUN" --prompt "The old man said" --greedy --max-new-tokens 40
+RUN=${RUN:-runs/herd}
+SHARDS=.cache/shards  # every stage YAML reads its shards here
+.venv/bin/mm data fetch
+if [ -f "$SHARDS/manifest.json" ]; then
+  echo "[quickstart] data kit: reusing $SHARDS (remove it to rebuild)" >&2
+else
+  .venv/bin/mm data build --out "$SHARDS"
+fi
+.venv/bin/mm run experiments/quickstart.yaml --out "$RUN" "$@"
+echo "[quickstart] report: $RUN/report/report.md" >&2
