@@ -21,6 +21,7 @@ from data.chat_sources import chatterbot_dialogs, evals_examples, wordnet_exampl
 from data.chat_tasks import brown_sentences, brown_words, fill_splits, preference_pairs, synthetic_family
 from data.fetch import PINS, cached_dirs, fetch_many, fetch_text
 from data.shards import BadSample, SkipCounter, iter_samples
+from data.speech_kit import held_out_text
 from data.text_kit import brown_documents
 
 CHAT_KEYS = ("chatterbot", "evals", "wordnet")
@@ -31,12 +32,13 @@ DEFAULT_CFG = {
     "max_chars": 360,  # whole-dialog characters (about 96 tokens at a tiny BPE's ~3.8 bytes per token)
     "shard_size": 5000,
     "n_copy": 4000, "n_puzzle": 4000, "n_arith": 4000, "n_format": 4000,  # train examples per family
+    "n_repeat": 12000,  # verbatim repeats under the ASR prompt (the copying speech SFT needs from the frozen LM)
     "n_define": 4000, "n_example": 1500,  # WordNet families
     "evals_cap": 2000,  # train examples per evals set at most
     "chatterbot_cap": 5000,
     "pref_fraction": 0.5,  # share of chat examples that also get a preference pair
 }
-SYNTHETIC = ("copy", "puzzle", "format", "arith")
+SYNTHETIC = ("copy", "repeat", "puzzle", "format", "arith")
 
 
 def fetch_chat(cache_dir, progress: bool = True) -> dict:
@@ -84,7 +86,8 @@ def collect_examples(dirs: dict, cfg: dict | None = None) -> dict[str, list[dict
         if fam != "arith" and not (sentences and words):
             continue
         n = cfg[f"n_{fam}"]
-        parts.append(synthetic_family(fam, sentences, words, n, _n_val(n, vm), vm, seed))
+        pool = [t for t in sentences if not held_out_text(t)] if fam == "repeat" else sentences
+        parts.append(synthetic_family(fam, pool, words, n, _n_val(n, vm), vm, seed))
     if dirs.get("chatterbot"):
         parts.append(_real_split(chatterbot_dialogs(dirs["chatterbot"], cfg["max_chars"]), cfg["chatterbot_cap"],
                                  cfg, "chatterbot", one_per_item=False))

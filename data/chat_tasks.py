@@ -139,6 +139,20 @@ def copy_task(sentence: str, rng: random.Random) -> dict:
                [("corrupted", dropped)], match="strict")
 
 
+REPEAT_PROMPT = "Repeat after me in English:"  # the speech ASR system prompt (mm.speech.ASR_PROMPT, English)
+
+
+def repeat_task(sentence: str, rng: random.Random) -> dict:
+    """Repeat the user's sentence verbatim under the speech ASR system prompt. A frozen LM fed speech embeddings can
+    only transcribe if it can copy its input; the tiny LM could not (text-oracle WER 0.99, issue 7)."""
+    toks = sentence.split()
+    i = rng.randrange(1, len(toks) - 1) if len(toks) > 2 else 0
+    ex = _ex("repeat", "repeat", "repeat:" + sentence, sentence, sentence,
+             [("corrupted", " ".join(toks[:i] + toks[i + 1:]))], match="strict")
+    ex["messages"].insert(0, {"role": "system", "content": REPEAT_PROMPT})
+    return ex
+
+
 def _other_letter(c: str) -> str:
     return "b" if c == "a" else chr(ord(c) - 1)
 
@@ -231,11 +245,12 @@ def fill_splits(candidates: Iterator[dict], n_train: int, n_val: int, val_mod: i
 
 def synthetic_family(family: str, sentences: list[str], words: list[str], n_train: int, n_val: int,
                      val_mod: int, seed: int) -> dict[str, list[dict]]:
-    """Examples of one synthetic family (copy, puzzle, arith or format) split by underlying item."""
+    """Examples of one synthetic family (copy, repeat, puzzle, arith or format) split by underlying item."""
     rng = random.Random(f"{seed}:{family}")
     pairs = [(a, b) for a in range(100) for b in range(a, 100)]
     pools: dict[str, tuple[list, Callable]] = {
         "copy": (sentences, copy_task),
+        "repeat": (sentences, repeat_task),
         "puzzle": (words, puzzle_task),
         "arith": (pairs, lambda p, r: arith_task(p[0], p[1], r)),
     }
@@ -248,7 +263,7 @@ def synthetic_family(family: str, sentences: list[str], words: list[str], n_trai
                 yield format_task(pools[k][1](x, rng), rng)
             return
         if family not in pools:
-            raise ValueError(f"unknown synthetic family {family!r}; expected format, copy, puzzle or arith")
+            raise ValueError(f"unknown synthetic family {family!r}; expected format, copy, repeat, puzzle or arith")
         items = list(pools[family][0])
         rng.shuffle(items)
         for x in items:

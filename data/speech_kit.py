@@ -57,9 +57,14 @@ def number_word(n: int) -> str:
     return _WORDS[n] if n <= 20 else _TENS[n // 10] + ("" if n % 10 == 0 else "-" + _WORDS[n % 10])
 
 
-def _text_split(text: str, val_frac: float, seed: int) -> str:
+def _text_split(text: str, val_frac: float = DEFAULTS["val_frac"], seed: int = DEFAULTS["seed"]) -> str:
     h = int.from_bytes(hashlib.sha1(f"{seed}:{text.lower()}".encode()).digest()[:8], "big")
     return "val" if h / 2 ** 64 < val_frac else "train"
+
+
+def held_out_text(text: str) -> bool:
+    """Would the speech kit (default split) hold this text out for val? Other kits keep such texts out of training."""
+    return _text_split(_clean(text) or " ".join(text.split())) == "val"
 
 
 def _clean(text: str) -> str | None:

@@ -342,3 +342,25 @@ def test_build_chat_kit_on_real_cache(tmp_path):
     assert len(val_rows) == val["examples"] and not skips.total()
     train_items = {r["item_id"] for r in iter_chat(expand_shards(tmp_path / "chat" / "train-*.tar"))}
     assert not train_items & {r["item_id"] for r in val_rows}
+
+
+def test_repeat_family_copies_under_the_asr_prompt_and_skips_held_out_transcripts():
+    from data.chat_tasks import REPEAT_PROMPT, synthetic_family
+    from data.speech_kit import held_out_text
+    from mm.speech import ASR_PROMPT
+
+    assert REPEAT_PROMPT == ASR_PROMPT.format(language="English")  # the prompt speech_sft trains ASR under
+    sentences = [f"The {w} farmer carried {n} small baskets home." for w in ("old", "young", "tall", "kind")
+                 for n in ("two", "three", "four", "five", "six")]
+    held = [s for s in sentences if held_out_text(s)]
+    assert held and len(held) < len(sentences)  # the hash splits this pool both ways
+    pool = [s for s in sentences if not held_out_text(s)]
+    out = synthetic_family("repeat", pool, [], len(pool), 0, 1000, 0)
+    exs = out["train"] + out["val"]
+    assert len(exs) == len(pool)
+    for ex in exs:
+        sys_msg, user, reply = ex["messages"]
+        assert sys_msg == {"role": "system", "content": REPEAT_PROMPT} and reply["content"] == user["content"]
+        assert ex["answer"] == user["content"] and ex["match"] == "strict" and not held_out_text(ex["answer"])
+        (kind, wrong), = ex["_wrong"]  # the rejected answer drops one word
+        assert kind == "corrupted" and len(wrong.split()) == len(ex["answer"].split()) - 1
