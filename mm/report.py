@@ -43,16 +43,25 @@ def plot_losses(stages: dict[str, Path], out: Path) -> Path | None:
     curves = {k: v for k, v in curves.items() if v[0]}
     if not curves:
         return None
-    n = len(curves)
-    cols = min(3, n)
-    rows = (n + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.0 * rows), squeeze=False)
+    fig, axes = _grid(len(curves), 4.2, 3.0)
     for ax, (name, (x, y)) in zip(axes.flat, curves.items()):
         ax.plot(x, y, lw=1.2)
         ax.set_title(name, fontsize=9)
         ax.set_xlabel("step", fontsize=8)
         ax.set_ylabel("loss", fontsize=8)
         ax.grid(alpha=0.3)
+    return _save(fig, axes, len(curves), out)
+
+
+def _grid(n: int, w: float, h: float):
+    """A figure with n panels, at most 3 per row."""
+    cols = min(3, n)
+    rows = (n + cols - 1) // cols
+    return plt.subplots(rows, cols, figsize=(w * cols, h * rows), squeeze=False)
+
+
+def _save(fig, axes, n: int, out: Path) -> Path:
+    """Blank the unused panels, write the PNG, close the figure."""
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
     fig.tight_layout()
@@ -71,7 +80,7 @@ def plot_gates(stages: dict[str, Path], out: Path) -> Path | None:
             panels[name] = {k: series(recs, k) for k in keys}
     if not panels:
         return None
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.2), squeeze=False)
+    fig, axes = _grid(len(panels), 4.6, 3.2)
     for ax, (name, gs) in zip(axes.flat, panels.items()):
         for k, (x, y) in gs.items():
             ax.plot(x, y, lw=1.0, label=k.split("/", 1)[-1] + (" (" + k.split("/")[0][5:] + ")"))
@@ -79,10 +88,7 @@ def plot_gates(stages: dict[str, Path], out: Path) -> Path | None:
         ax.set_xlabel("step", fontsize=8)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6, ncol=2)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save(fig, axes, len(panels), out)
 
 
 def _cell(v) -> str:
