@@ -332,9 +332,10 @@ def test_build_chat_kit_on_real_cache(tmp_path):
 
     m = build_chat_kit(cache, tmp_path)
     train, val = m["chat"]["train"], m["chat"]["val"]
-    assert 20000 <= train["examples"] <= 40000 and 1000 <= val["examples"] <= 2500
-    assert {"copy", "puzzle", "arith", "format", "dialogue", "define", "example", "sarcasm", "quartz"} <= \
+    assert 30000 <= train["examples"] <= 50000 and 1000 <= val["examples"] <= 3000
+    assert {"copy", "repeat", "puzzle", "arith", "format", "dialogue", "define", "example", "sarcasm", "quartz"} <= \
         set(train["by_family"])
+    assert 8000 <= train["by_family"]["repeat"] <= 12000  # the pool less the speech kit's held-out texts
     assert train["share_le_360_chars"] == 1.0 and m["pref"]["train"]["examples"] > 10000
     assert set(m["pref"]["train"]["by_rejection_kind"]) <= KINDS
     skips = SkipCounter()
