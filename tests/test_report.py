@@ -33,3 +33,17 @@ def test_report_plots_table_and_examples(tmp_path):
     # no gates logged anywhere: no gate plot, and the report says so
     path = write_report(tmp_path / "r2", {"lm": a}, [], [])
     assert not (tmp_path / "r2" / "plots" / "gates.png").exists() and "no stage logged gate values" in path.read_text()
+
+
+def test_failed_benchmark_is_one_error_line_and_nothing_kept(tmp_path):
+    """A benchmark that fails (here: no such run) raises with the script and its own error line; no JSON is kept."""
+    import pytest
+
+    from mm.stages.herd_report import BenchmarkError, run_benchmark
+
+    out = tmp_path / "bench" / "image.json"
+    with pytest.raises(BenchmarkError) as err:
+        run_benchmark("image.py", ["--ckpt", str(tmp_path / "no_run")], out, threads=1)
+    msg = str(err.value)
+    assert msg.startswith("benchmarks/image.py --ckpt") and str(tmp_path / "no_run") in msg.split(": ", 1)[1]
+    assert "\n" not in msg and not out.exists()

@@ -30,7 +30,7 @@ def run_benchmark(script: str, args: list[str], out: Path, threads: int) -> dict
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     cmd = [sys.executable, str(REPO / "benchmarks" / script), *args]
     print(f"[herd_report] {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
-    proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, text=True)
+    proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, text=True)  # the caller's cwd: its relative paths
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     res = json.loads(lines[-1]) if lines else {"ok": False, "error": f"no JSON line (exit {proc.returncode})"}
     if not res.get("ok", proc.returncode == 0):
