@@ -240,3 +240,25 @@ class Trainer:
                 break
         bar.close()
         return records
+
+
+
+def fit_stage(trainer: Trainer, feed, steps: int, base: Callable[[], dict], **fit_kw
+              ) -> tuple[list[dict], float, dict | None]:
+    """The stages' fit: trainer.fit(feed, steps, **fit_kw), the feed closed afterwards. Returns (records, training
+    seconds, {**base(), stopped_at, checkpoint} when train.stop_after ended the run early, else None)."""
+    t0 = time.perf_counter()
+    try:
+        records = trainer.fit(feed, steps, **fit_kw)
+    finally:
+        feed.close()
+    train_s = round(time.perf_counter() - t0, 1)
+    if trainer.stopped_at is None:
+        return records, train_s, None
+    return records, train_s, {**base(), "stopped_at": trainer.stopped_at, "checkpoint": trainer.last_checkpoint()}
+
+
+def loss_ends(records: list[dict]) -> dict:
+    """{"first_loss", "final_loss"} of the logged records (None when none logged a loss)."""
+    losses = [r["loss"] for r in records if "loss" in r]
+    return {"first_loss": losses[0] if losses else None, "final_loss": losses[-1] if losses else None}

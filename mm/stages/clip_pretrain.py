@@ -26,7 +26,7 @@ from mm.checkpoint import save_weights
 from mm.config import ClipPretrainConfig
 from mm.distributed import full_state, init_distributed, unwrap, wrap_model
 from mm.stages.lm_pretrain import get_tokenizer
-from mm.train import StepOutput, Trainer, warmup_cosine
+from mm.train import StepOutput, Trainer, fit_stage, warmup_cosine
 
 # what clip_pretrain trains (DESIGN.md invariant 4); everything else in ClipModel is frozen
 TRAINABLE_PREFIXES = ("vision.vit.", "visual_proj.", "text.", "logit_scale")
@@ -140,17 +140,14 @@ def run(cfg: ClipPretrainConfig, run_dir: Path, resume: bool = False) -> dict:
     def on_step(step: int, out: dict) -> None:
         trainer.meta["loader"] = loader.state_dict()
 
-    t_fit = time.perf_counter()
-    try:
-        records = trainer.fit(feed, cfg.steps, on_step=on_step, evaluate=evaluate)
-    finally:
-        feed.close()
-    train_s = time.perf_counter() - t_fit
-    base = {"stage": "clip_pretrain", "steps": cfg.steps, "skipped": loader.skipped}
-    if trainer.stopped_at is not None:
-        return {**base, "stopped_at": trainer.stopped_at, "checkpoint": trainer.last_checkpoint()}
+    def base() -> dict:
+        return {"stage": "clip_pretrain", "steps": cfg.steps, "skipped": loader.skipped}
+
+    records, train_s, stopped = fit_stage(trainer, feed, cfg.steps, base, on_step=on_step, evaluate=evaluate)
+    if stopped:
+        return stopped
     state, _ = full_state(model)
-    result = {**base, "params": sum(counts.values()), **{f"params_{k}": n for k, n in counts.items()},
+    result = {**base(), "params": sum(counts.values()), **{f"params_{k}": n for k, n in counts.items()},
               "val_samples": len(val), "val_skipped": val_skips}
     if info.is_main:
         result.update(zero_shot_suite(unwrap(model), tok, val))
@@ -158,7 +155,7 @@ def run(cfg: ClipPretrainConfig, run_dir: Path, resume: bool = False) -> dict:
         result["pairs_per_s"] = float(np.median(pps)) if pps else None
         result["final_loss"] = next((r["loss"] for r in reversed(records) if "loss" in r), None)
         result["logit_scale"] = float(unwrap(model).scale().detach())
-        result["train_s"] = round(train_s, 1)
+        result["train_s"] = train_s
         result["total_s"] = round(time.perf_counter() - t0, 1)
         meta = {k: v for k, v in trainer.meta.items() if k != "loader"}
         out = save_weights(run_dir / "final", {"model": state}, {**meta, "stage": "clip_pretrain", "step": cfg.steps})

@@ -32,7 +32,7 @@ from mm.config import ImageStageConfig
 from mm.distributed import init_distributed, unwrap, wrap_model
 from mm.fused import FusedLM
 from mm.runs import load_lm, model_dir
-from mm.train import StepOutput, Trainer, warmup_cosine
+from mm.train import StepOutput, Trainer, fit_stage, loss_ends, warmup_cosine
 
 TRAINABLE_PREFIXES = ("vision.", "fused.image_adapter.", "fused.new_tokens.")  # DESIGN.md invariant 4
 DESCRIBE = "Describe the image."
@@ -304,17 +304,13 @@ def run(cfg: ImageStageConfig, run_dir: Path, resume: bool = False, objective: I
         if step % t.log_every == 0 or step == cfg.steps:  # gate values over training (report plots)
             out.update(unwrap(net).fused.image_adapter.gate_values("gate_image"))
 
-    t_fit = time.perf_counter()
-    try:
-        records = trainer.fit(feed, cfg.steps, on_step=on_step)
-    finally:
-        feed.close()
-    base = {"stage": cfg.stage, "steps": cfg.steps, "skipped": loader.skipped}
-    if trainer.stopped_at is not None:
-        return {**base, "stopped_at": trainer.stopped_at, "checkpoint": trainer.last_checkpoint()}
-    result = {**base, **{f"params_{k}": n for k, n in counts.items()}, "train_s": round(time.perf_counter() - t_fit, 1)}
-    losses = [r["loss"] for r in records if "loss" in r]
-    result.update(first_loss=losses[0] if losses else None, final_loss=losses[-1] if losses else None)
+    def base() -> dict:
+        return {"stage": cfg.stage, "steps": cfg.steps, "skipped": loader.skipped}
+
+    records, train_s, stopped = fit_stage(trainer, feed, cfg.steps, base, on_step=on_step)
+    if stopped:
+        return stopped
+    result = {**base(), **{f"params_{k}": n for k, n in counts.items()}, "train_s": train_s, **loss_ends(records)}
     if info.is_main:
         result.update(objective.finish(unwrap(net)))
         meta = {"stage": cfg.stage, "step": cfg.steps, "lm": str(lm_path), "every": cfg.every,

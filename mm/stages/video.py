@@ -38,7 +38,7 @@ from mm.fused import FusedLM
 from mm.runs import model_dir
 from mm.stages.image_pretrain import (ImageFeed, collate_dialogs, encode_vqa, hot_swap_lm, images_to_pixels, lm_dir,
                                       load_fused, save_image_model)
-from mm.train import StepOutput, Trainer, warmup_cosine
+from mm.train import StepOutput, Trainer, fit_stage, loss_ends, warmup_cosine
 
 TRAINABLE_PREFIXES = ("fused.video_adapter.",)  # DESIGN.md invariant 4: the video stages train nothing else
 DESCRIBE = "Describe the video."
@@ -282,17 +282,13 @@ def run(cfg: VideoStageConfig, run_dir: Path, resume: bool = False) -> dict:
         if step % t.log_every == 0 or step == cfg.steps:  # video gates over training (report plots, diagnosis)
             out.update(unwrap(net).fused.video_adapter.xattn.gate_values("gate_video"))
 
-    t_fit = time.perf_counter()
-    try:
-        records = trainer.fit(feed, cfg.steps, on_step=on_step)
-    finally:
-        feed.close()
-    base = {"stage": cfg.stage, "steps": cfg.steps, "skipped": loader.skipped}
-    if trainer.stopped_at is not None:
-        return {**base, "stopped_at": trainer.stopped_at, "checkpoint": trainer.last_checkpoint()}
-    result = {**base, **{f"params_{k}": n for k, n in counts.items()}, "train_s": round(time.perf_counter() - t_fit, 1)}
-    losses = [r["loss"] for r in records if "loss" in r]
-    result.update(first_loss=losses[0] if losses else None, final_loss=losses[-1] if losses else None)
+    def base() -> dict:
+        return {"stage": cfg.stage, "steps": cfg.steps, "skipped": loader.skipped}
+
+    records, train_s, stopped = fit_stage(trainer, feed, cfg.steps, base, on_step=on_step)
+    if stopped:
+        return stopped
+    result = {**base(), **{f"params_{k}": n for k, n in counts.items()}, "train_s": train_s, **loss_ends(records)}
     if info.is_main:
         m = unwrap(net)
         keep = {k: base_meta.get(k) for k in ("every", "schedule", "attend")}
