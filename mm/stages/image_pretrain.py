@@ -268,6 +268,18 @@ class ImageObjective:
         return {}
 
 
+def fit_adapter_stage(trainer: Trainer, feed, cfg, loader, counts: dict, on_step) -> tuple[dict, bool]:
+    """fit_stage for the adapter stages (image_*, video_*): (the result so far: stage, steps, skips, parameter counts,
+    train_s, first/final loss; or the stop_after early result) and whether the run stopped early."""
+    def base() -> dict:
+        return {"stage": cfg.stage, "steps": cfg.steps, "skipped": loader.skipped}
+
+    records, train_s, stopped = fit_stage(trainer, feed, cfg.steps, base, on_step=on_step)
+    if stopped:
+        return stopped, True
+    return {**base(), **{f"params_{k}": n for k, n in counts.items()}, "train_s": train_s, **loss_ends(records)}, False
+
+
 def run(cfg: ImageStageConfig, run_dir: Path, resume: bool = False, objective: ImageObjective | None = None) -> dict:
     """Train ViT + image adapter with the LM frozen (VQA/caption NLL unless another objective is given); writes
     checkpoints/, final/, result."""
@@ -304,13 +316,9 @@ def run(cfg: ImageStageConfig, run_dir: Path, resume: bool = False, objective: I
         if step % t.log_every == 0 or step == cfg.steps:  # gate values over training (report plots)
             out.update(unwrap(net).fused.image_adapter.gate_values("gate_image"))
 
-    def base() -> dict:
-        return {"stage": cfg.stage, "steps": cfg.steps, "skipped": loader.skipped}
-
-    records, train_s, stopped = fit_stage(trainer, feed, cfg.steps, base, on_step=on_step)
+    result, stopped = fit_adapter_stage(trainer, feed, cfg, loader, counts, on_step)
     if stopped:
-        return stopped
-    result = {**base(), **{f"params_{k}": n for k, n in counts.items()}, "train_s": train_s, **loss_ends(records)}
+        return result
     if info.is_main:
         result.update(objective.finish(unwrap(net)))
         meta = {"stage": cfg.stage, "step": cfg.steps, "lm": str(lm_path), "every": cfg.every,

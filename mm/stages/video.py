@@ -36,9 +36,9 @@ from mm.config import VideoStageConfig
 from mm.distributed import init_distributed, unwrap, wrap_model
 from mm.fused import FusedLM
 from mm.runs import model_dir
-from mm.stages.image_pretrain import (ImageFeed, collate_dialogs, encode_vqa, hot_swap_lm, images_to_pixels, lm_dir,
-                                      load_fused, save_image_model)
-from mm.train import StepOutput, Trainer, fit_stage, loss_ends, warmup_cosine
+from mm.stages.image_pretrain import (ImageFeed, collate_dialogs, encode_vqa, fit_adapter_stage, hot_swap_lm,
+                                      images_to_pixels, lm_dir, load_fused, save_image_model)
+from mm.train import StepOutput, Trainer, warmup_cosine
 
 TRAINABLE_PREFIXES = ("fused.video_adapter.",)  # DESIGN.md invariant 4: the video stages train nothing else
 DESCRIBE = "Describe the video."
@@ -282,13 +282,9 @@ def run(cfg: VideoStageConfig, run_dir: Path, resume: bool = False) -> dict:
         if step % t.log_every == 0 or step == cfg.steps:  # video gates over training (report plots, diagnosis)
             out.update(unwrap(net).fused.video_adapter.xattn.gate_values("gate_video"))
 
-    def base() -> dict:
-        return {"stage": cfg.stage, "steps": cfg.steps, "skipped": loader.skipped}
-
-    records, train_s, stopped = fit_stage(trainer, feed, cfg.steps, base, on_step=on_step)
+    result, stopped = fit_adapter_stage(trainer, feed, cfg, loader, counts, on_step)
     if stopped:
-        return stopped
-    result = {**base(), **{f"params_{k}": n for k, n in counts.items()}, "train_s": train_s, **loss_ends(records)}
+        return result
     if info.is_main:
         m = unwrap(net)
         keep = {k: base_meta.get(k) for k in ("every", "schedule", "attend")}
