@@ -171,11 +171,9 @@ def _lm_file(meta: dict) -> Path:
     return model_dir(meta["lm"]).resolve() / "model.safetensors"
 
 
-def _same_tokenizer(a: Tokenizer, b: Tokenizer) -> bool:
-    probe = "Describe the image. Repeat after me in English: 0123 yes no"
-    names = ("<|image|>", "<|video|>", "<|speech_start|>", "<|speech|>", "<|speech_end|>", "<|eot_id|>")
-    return (a.vocab_size, a.encode(probe), [a.special_id(s) for s in names]) == \
-        (b.vocab_size, b.encode(probe), [b.special_id(s) for s in names])
+def same_tokenizer(a: Tokenizer, b: Tokenizer) -> bool:
+    """Identical tokenizers: the same serialized vocabulary, merges and special tokens."""
+    return a.hf.to_str() == b.hf.to_str()
 
 
 def save_herd(directory: Path, herd: HerdLM, tok: Tokenizer, meta: dict, num_frames: int | None = None) -> Path:
@@ -214,7 +212,7 @@ def compose(speech: str | Path, out: str | Path, *, video: str | Path | None = N
     if a != b:
         raise ValueError(f"cannot compose: the LMs differ: {_lm_file(vmeta)} (sha256 {a[:12]}, LM of {vdir}) vs "
                          f"{_lm_file(smeta)} (sha256 {b[:12]}, LM of {sdir}); both runs must be on one frozen LM")
-    if not _same_tokenizer(tok, stok):
+    if not same_tokenizer(tok, stok):
         raise ValueError(f"cannot compose: {vdir / 'tokenizer.json'} and {sdir / 'tokenizer.json'} differ")
     herd = HerdLM(fused, vision, sp.encoder, sp.adapter, sp.ids).eval()
     frames = (vmeta.get("video") or {}).get("num_frames")

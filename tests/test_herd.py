@@ -309,3 +309,15 @@ def test_compose_stage_and_report_row(world, tmp_path):
     kept.write_text(json.dumps({**numbers, "herd_text_bpb": numbers["herd_text_bpb"] * (1 + 1e-9)}))
     (row,), _ = herd_rows(cfg, tmp_path / "bench")
     assert row["beats"] is False
+
+
+def test_same_tokenizer_compares_the_whole_tokenizer(world, tmp_path):
+    from mm.herd import same_tokenizer
+
+    _, tok, _ = load_lm(world["lm"])
+    assert same_tokenizer(tok, load_lm(world["root"] / "lm_copy")[1])  # read from another folder
+    tok.save(tmp_path / "tok.json")
+    from llm.tokenizer import Tokenizer
+    assert same_tokenizer(tok, Tokenizer.load(tmp_path / "tok.json"))
+    other = train_tokenizer(["a completely different corpus of words for merges"] * 20, 300)
+    assert not same_tokenizer(tok, other)
