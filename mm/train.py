@@ -242,7 +242,6 @@ class Trainer:
         return records
 
 
-
 def fit_stage(trainer: Trainer, feed, steps: int, base: Callable[[], dict], **fit_kw
               ) -> tuple[list[dict], float, dict | None]:
     """The stages' fit: trainer.fit(feed, steps, **fit_kw), the feed closed afterwards. Returns (records, training
