@@ -7,6 +7,9 @@ grouped into F // factor windows; for every token position of a window, `n_laten
 concat(that token in the window's `factor` frames, latents) as in Flamingo, `depth` times (attention + FFN, pre-LN).
 So an effective frame keeps a frame's token layout (N * n_latents tokens, n_latents = 1: exactly N), each token
 summarising its place over time; 64 frames with factor 32 give 2 effective frames, 16 with factor 16 give 1.
+`spatial_depth` self-attention layers across an effective frame's tokens then let every token see the whole frame, so
+a global motion feature (the direction of a mover: where it was early vs late) can be written into every token,
+one cross-attention read for the LM instead of a compare-across-places it has to learn behind a near-0 gate.
 Why per token and not one latent set over all window tokens (open_flamingo's flattening): at our scale the latter
 pools the spatial layout away (measured: a pooled perceiver + linear head stays at chance on the kit's direction
 clips where a per-token summary is linearly decodable), and the paper leaves the perceiver's layout unspecified.
@@ -34,6 +37,7 @@ class AggregatorConfig:
     max_frames: int = 64
     max_tokens: int = 4 * 1025  # tokens per frame the position table covers (4 tiles of 448 px)
     ff_mult: int = 4
+    spatial_depth: int = 0  # self-attention layers across an effective frame's tokens after the temporal merge
 
     def to_dict(self) -> dict:
         """Plain dict (meta.json)."""
@@ -55,11 +59,11 @@ class PerceiverLayer(nn.Module):
         self.ff = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, ff_mult * width, bias=False), nn.GELU(),
                                 nn.Linear(ff_mult * width, width, bias=False))
 
-    def forward(self, x: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
-        """x (B, S, W) window tokens, latents (B, L, W) -> latents (B, L, W)."""
+    def forward(self, x: torch.Tensor | None, latents: torch.Tensor) -> torch.Tensor:
+        """x (B, S, W) window tokens, latents (B, L, W) -> latents (B, L, W); x None: self-attention over latents."""
         B, L, W = latents.shape
         lat = self.norm_latents(latents)
-        kv_in = torch.cat([self.norm_media(x), lat], dim=1)  # (B, S+L, W)
+        kv_in = lat if x is None else torch.cat([self.norm_media(x), lat], dim=1)  # (B, S+L, W)
         q = self.wq(lat).view(B, L, self.heads, -1).transpose(1, 2)  # (B, H, L, W/H)
         k, v = (t.view(B, kv_in.shape[1], self.heads, -1).transpose(1, 2) for t in self.wkv(kv_in).chunk(2, dim=-1))
         out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, L, W)
@@ -80,6 +84,8 @@ class PerceiverResampler(nn.Module):
         self.token_embed = nn.Parameter(torch.randn(cfg.max_tokens, cfg.width))  # learned token positions
         self.latents = nn.Parameter(torch.randn(cfg.n_latents, cfg.width))
         self.layers = nn.ModuleList(PerceiverLayer(cfg.width, cfg.heads, cfg.ff_mult) for _ in range(cfg.depth))
+        self.spatial = nn.ModuleList(PerceiverLayer(cfg.width, cfg.heads, cfg.ff_mult)
+                                     for _ in range(cfg.spatial_depth))
         self.norm = nn.LayerNorm(cfg.width)
 
     def forward(self, frames: torch.Tensor) -> torch.Tensor:
@@ -97,4 +103,7 @@ class PerceiverResampler(nn.Module):
         lat = self.latents.expand(B * E * N, -1, -1).to(x.dtype)  # (B*E*N, L, W)
         for layer in self.layers:
             lat = layer(x, lat)
+        lat = lat.reshape(B * E, N * L, -1)  # an effective frame's tokens, each summarising its place over time
+        for layer in self.spatial:
+            lat = layer(None, lat)
         return self.norm(lat).view(B, E, N * L, -1)

@@ -388,6 +388,7 @@ class VideoAggregatorConfig:
     max_frames: int = 64
     max_tokens: int | None = None  # tokens per frame the position table covers (None: the image encoder's)
     ff_mult: int = 4
+    spatial_depth: int = 0  # self-attention layers across each effective frame's tokens after the temporal merge
 
 
 @dataclass

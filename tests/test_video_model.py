@@ -68,6 +68,22 @@ def test_aggregator_merges_consecutive_frames_with_positions(one_thread):
         agg(feats(1, 32, N + 1, DM))
 
 
+def test_spatial_layers_mix_an_effective_frames_tokens_only(one_thread):
+    torch.manual_seed(0)
+    agg = PerceiverResampler(DM, AggregatorConfig(factor=4, width=16, n_latents=1, depth=1, heads=2, max_frames=8,
+                                                  max_tokens=N, spatial_depth=1)).eval()
+    x = feats(2, 8, N, DM)
+    with torch.no_grad():
+        out = agg(x)
+        assert out.shape == (2, 2, N, 16)
+        y = x.clone()
+        y[0, 5, 1] += 1.0  # one token of one frame of the second window of video 0
+        changed = (agg(y) - out).abs().amax(dim=3)  # (B, E, N)
+    assert changed[0, 1].min() > 0  # every token of that effective frame sees it (spatial self-attention)
+    assert changed[0, 0].max() == 0 and changed[1].max() == 0  # not the other window, not the other video
+    assert len(agg.spatial) == 1 and len(PerceiverResampler(DM, AGG).spatial) == 0  # default: no spatial layers
+
+
 def test_video_blocks_placed_before_every_4th_image_block():
     big = make_fused(n_layers=32, every=4)
     assert big.image_adapter.layer_ids == list(range(3, 32, 4))  # 8 image blocks
