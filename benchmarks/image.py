@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--text-docs", type=int, default=32, help="held-out text documents for text_bpb (0: skip)")
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--decode-scale", type=int, default=1, help="decode images at this many tile sides (tiling)")
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default, OMP_NUM_THREADS)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--examples-dir", help="save the example images here (their paths go into the examples)")
     args = p.parse_args(argv)

@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-items", type=int, default=0, help="cap on utterances (0: all)")
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--no-blind", action="store_true", help="skip the blind (no audio) pass")
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default, OMP_NUM_THREADS)")
     return run_reporting(evaluate, p.parse_args(argv))
 
 

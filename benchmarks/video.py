@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--frames", type=int, default=0, help="frames sampled per clip (0: the run's)")
     p.add_argument("--max-new-tokens", type=int, default=8)
     p.add_argument("--backend", default="auto", choices=["auto", "decord", "pyav"])
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default, OMP_NUM_THREADS)")
     p.add_argument("--seed", type=int, default=0, help="clip order seed")
     return run_reporting(evaluate, p.parse_args(argv))
 

@@ -23,16 +23,11 @@ class BenchmarkError(RuntimeError):
     """A benchmark script failed; the message holds its error line."""
 
 
-THREADS_FLAG = ("image.py", "video.py", "speech.py")
-
-
 def run_benchmark(script: str, args: list[str], out: Path, threads: int) -> dict:
     """Run benchmarks/<script> with args, keep its JSON line in `out`, return it (reused when `out` exists)."""
     if out.exists():
         return json.loads(out.read_text())
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    if script in THREADS_FLAG:  # these set torch's thread count from --threads (default 1), not from the env
-        args = [*args, "--threads", str(threads)]
     cmd = [sys.executable, str(REPO / "benchmarks" / script), *args]
     print(f"[herd_report] {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
     proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, text=True)  # the caller's cwd: its relative paths
