@@ -212,10 +212,14 @@ class Llama(nn.Module):
             h = layer(h, cos, sin, mask, cache, start_pos)
         h = self.norm(h)
         if labels is not None:  # training: mean next-token loss
-            if h.is_cuda:  # one large matmul + cuDNN-fused CE is faster on GPUs (benchmarks/speed_lm.py, H100)
-                return F.cross_entropy(self.output(h).float().flatten(0, 1), labels.flatten(), ignore_index=ignore_index)
-            return linear_cross_entropy(h, self.output.weight, labels, ignore_index)  # CPU: no full logits tensor
+            return self.hidden_loss(h, labels, ignore_index)
         return h if return_hidden else self.output(h)
+
+    def hidden_loss(self, h: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+        """Mean next-token cross-entropy of final hidden states h (B, T, D) against labels (B, T)."""
+        if h.is_cuda:  # one large matmul + cuDNN-fused CE is faster on GPUs (benchmarks/speed_lm.py, H100)
+            return F.cross_entropy(self.output(h).float().flatten(0, 1), labels.flatten(), ignore_index=ignore_index)
+        return linear_cross_entropy(h, self.output.weight, labels, ignore_index)  # CPU: no full logits tensor
 
 
 def count_params(cfg: LlamaConfig) -> dict[str, int]:

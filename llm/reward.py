@@ -18,9 +18,20 @@ class RewardModel(nn.Module):
         nn.init.normal_(self.head.weight, std=lm.cfg.dim ** -0.5)
         nn.init.zeros_(self.head.bias)
 
-    def forward(self, tokens: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, last: torch.Tensor, labels: torch.Tensor | None = None):
+        """Rewards (N,); with `labels` (M, L) for the first M rows, also their mean next-token loss (the trunk's
+        auxiliary LM objective, which keeps the reward features tied to what the answer says)."""
         h = self.lm(tokens, return_hidden=True)  # (N, L, D)
-        return self.head(h[torch.arange(len(last), device=h.device), last]).squeeze(-1).float()  # (N,)
+        r = self.head(h[torch.arange(len(last), device=h.device), last]).squeeze(-1).float()  # (N,)
+        return r if labels is None else (r, self.lm.hidden_loss(h[:len(labels)], labels))
+
+
+def answer_labels(tokens: torch.Tensor, resp: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Next-token labels (N, L) that train only on response positions: label t is token t+1 where that is a response
+    token, else ignore_index (the last position never has a target)."""
+    labels = torch.full_like(tokens, ignore_index)
+    labels[:, :-1] = torch.where(resp[:, 1:], tokens[:, 1:], ignore_index)
+    return labels
 
 
 def pairwise_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> torch.Tensor:

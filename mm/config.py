@@ -133,6 +133,8 @@ class PostTrainConfig:
     reference: str = "frozen"  # frozen | ema
     ema_decay: float = 0.9
     ema_every: int = 10
+    # RM: weight of an auxiliary next-token loss on the chosen answer (0 = the plain pairwise objective)
+    rm_nll_weight: float = 0.0
     # chat flag written into the final model's meta (mm chat then uses the template)
     chat: bool = True
 

@@ -7,7 +7,7 @@ from data.chat_stream import ChatPacker, PairSampler, encode_dialogs, encode_pai
 from data.text_kit import pydoc_documents
 from data.token_stream import IGNORE
 from llm.model import Llama, LlamaConfig
-from llm.reward import RewardModel, dpo_loss, pairwise_loss, sequence_logps
+from llm.reward import RewardModel, answer_labels, dpo_loss, pairwise_loss, sequence_logps
 from llm.tokenizer import SPECIAL_TOKENS, ChatFormat, train_tokenizer
 from mm.average import average_states
 from mm.checkpoint import CheckpointError
@@ -82,6 +82,12 @@ def test_reward_model_reads_last_token_and_logps_sum_masked_positions():
     full = torch.log_softmax(lm(t[:, :-1]).float(), -1).gather(-1, t[:, 1:, None]).squeeze(-1)
     torch.testing.assert_close(lp, full[:, 5:].sum(-1))
     assert n.tolist() == [4.0, 4.0]
+    # the RM's auxiliary LM loss on the first rows is the mean -log p over exactly those rows' response tokens
+    r_aux, nll = rm(t, torch.tensor([4, 9]), answer_labels(t[:1], resp[:1]))
+    torch.testing.assert_close(r_aux, r)
+    torch.testing.assert_close(nll, -lp[0] / n[0])
+    nll.backward()
+    assert lm.output.weight.grad is not None and rm.head.weight.grad is None  # it trains the trunk, not the head
 
 
 def test_averaging_copies_is_identity_and_mismatch_is_an_error():

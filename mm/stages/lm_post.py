@@ -1,5 +1,6 @@
 """Post-training stages (PAPER.md §1.5): lm_sft (assistant-only loss, packed dialogs), lm_rm (pairwise reward model
-from the pretrained checkpoint), lm_dpo (beta 0.1, formatting tokens masked, NLL 0.2, frozen or EMA reference)."""
+from the pretrained checkpoint; optional LM loss on chosen), lm_dpo (beta 0.1, formatting tokens masked, NLL 0.2,
+frozen or EMA reference)."""
 from __future__ import annotations
 
 import copy
@@ -12,7 +13,7 @@ import torch
 from data.chat_stream import ChatPacker, PairSampler, encode_dialogs, encode_pairs
 from data.fetch import default_cache_dir
 from data.shards import SkipCounter, expand_shards
-from llm.reward import RewardModel, dpo_loss, pairwise_loss, sequence_logps
+from llm.reward import RewardModel, answer_labels, dpo_loss, pairwise_loss, sequence_logps
 from llm.tokenizer import SPECIAL_TOKENS, ChatFormat
 from mm.config import PostTrainConfig
 from mm.distributed import full_state, init_distributed, rank_slice, unwrap, wrap_model
@@ -119,9 +120,14 @@ def run_rm(cfg: PostTrainConfig, run_dir: Path, resume: bool = False) -> dict:
                 for i in range(cfg.train.grad_accum)]
 
     def loss_fn(model, mb):
-        r = model(mb["tokens"], mb["last"])
-        n = len(r) // 2
-        return StepOutput(pairwise_loss(r[:n], r[n:]), n, {"pair_acc": (r[:n] > r[n:]).float().mean().item()})
+        n = len(mb["tokens"]) // 2
+        if not cfg.rm_nll_weight:
+            r = model(mb["tokens"], mb["last"])
+            return StepOutput(pairwise_loss(r[:n], r[n:]), n, {"pair_acc": (r[:n] > r[n:]).float().mean().item()})
+        r, nll = model(mb["tokens"], mb["last"], answer_labels(mb["tokens"][:n], mb["resp"][:n]))
+        pair = pairwise_loss(r[:n], r[n:])
+        return StepOutput(pair + cfg.rm_nll_weight * nll, n,
+                          {"pair_acc": (r[:n] > r[n:]).float().mean().item(), "pair_loss": pair.item(), "nll": nll.item()})
 
     val_eval = val_pairs[:300]
     trainer = Trainer(rm, cfg.train, run_dir, loss_fn=loss_fn, lr_at=_lr(cfg), info=info, desc="lm_rm")
