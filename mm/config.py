@@ -363,6 +363,9 @@ class SpeechSFTConfig:
     # linearly to ctc_weight_end by the last step; 0: off (the paper-faithful setting)
     ctc_weight: float = 0.0
     ctc_weight_end: float = 0.0
+    # auxiliary character CTC straight on the encoder's 40 ms frames (mm.speech.char_ctc_loss; beyond the paper): a
+    # dense acoustic signal for the Conformer, constant weight; 0: off
+    char_ctc_weight: float = 0.0
     eval_items: int = 100  # held-out items scored at the end (mm.eval_speech; 0: skip)
     data: AudioDataConfig = field(default_factory=AudioDataConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-3, weight_decay=0.01))

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from adapters.speech import SpeechAdapter, SpeechAdapterConfig, SpeechTokens, adapter_frames, mask_speech_labels, \
     splice_speech, token_ctc_loss
@@ -40,17 +41,37 @@ def language_name(code: str) -> str:
 
 # ---- the model ------------------------------------------------------------------------------------------------------
 
+CHARS = " 'abcdefghijklmnopqrstuvwxyz"  # the character CTC's symbols; id 0 is the blank, so CHARS[i] has id i + 1
+
+
+def char_ids(text: str) -> list[int]:
+    """Transcript -> character CTC targets: lower-cased, other characters dropped, runs of spaces collapsed."""
+    kept = " ".join("".join(c for c in text.lower() if c in CHARS).split())
+    return [CHARS.index(c) + 1 for c in kept]
+
+
+def char_ctc_loss(logits: torch.Tensor, lens: torch.Tensor, targets: torch.Tensor, target_lens: torch.Tensor):
+    """CTC of encoder-frame character logits (B, F, len(CHARS) + 1) against targets (B, L) (blank 0); mean over items
+    of the per-character loss; an utterance with more characters than frames contributes 0 (zero_infinity)."""
+    logp = logits.float().log_softmax(-1).transpose(0, 1)  # (F, B, C)
+    return F.ctc_loss(logp, targets, lens, target_lens, blank=0, reduction="mean", zero_infinity=True)
+
+
 class SpeechLM(nn.Module):
     """encoder.* + adapter.* + lm.* (frozen). forward(tokens (B, T), feats (B, F, 80) | None, feat_lens (B,),
-    labels (B, T) | None) -> logits (B, T, V) or the mean loss; one audio item per placeholder run, in order. With
-    ctc_targets (B, L) / ctc_lens (B,) (one transcript per audio item) it returns (loss, auxiliary token CTC loss)."""
+    labels (B, T) | None) -> logits (B, T, V) or the mean loss; one audio item per placeholder run, in order.
+    Auxiliary targets (one transcript per audio item): `ctc` = (token ids (B, L), lens (B,)) for the adapter's token
+    CTC, `chars` = (char_ids (B, L), lens (B,)) for the character CTC on encoder frames (needs `char_head`); with
+    either it returns (loss, {"ctc": ..., "char_ctc": ...})."""
 
-    def __init__(self, encoder: ConformerEncoder, adapter: SpeechAdapter, lm: Llama, ids: SpeechTokens):
+    def __init__(self, encoder: ConformerEncoder, adapter: SpeechAdapter, lm: Llama, ids: SpeechTokens,
+                 char_head: nn.Linear | None = None):
         super().__init__()
         if adapter.cfg.in_dim != encoder.cfg.dim or adapter.cfg.out_dim != lm.cfg.dim:
             raise ValueError(f"adapter {adapter.cfg.in_dim}->{adapter.cfg.out_dim} does not join encoder width "
                              f"{encoder.cfg.dim} to LM width {lm.cfg.dim}")
         self.encoder, self.adapter, self.lm, self.ids = encoder, adapter, lm, ids
+        self.char_head = char_head  # training aid only: not saved with the model
 
     def speech_embeds(self, feats: torch.Tensor, feat_lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, F, 80), (B,) -> adapter embeddings (B, N, D_lm) and their counts (B,)."""
@@ -59,23 +80,26 @@ class SpeechLM(nn.Module):
 
     def embed(self, tokens: torch.Tensor, feats: torch.Tensor, feat_lens: torch.Tensor) -> torch.Tensor:
         """Token embeddings (B, T, D) with the speech spliced in."""
-        return self._embed(tokens, feats, feat_lens)[0]
+        return splice_speech(self.lm.tok_embeddings(tokens), tokens, *self.speech_embeds(feats, feat_lens), self.ids)
 
-    def _embed(self, tokens, feats, feat_lens):
-        """(spliced embeddings (B, T, D), adapter outputs (B, N, D), their counts (B,))."""
-        sp, n = self.speech_embeds(feats, feat_lens)
-        return splice_speech(self.lm.tok_embeddings(tokens), tokens, sp, n, self.ids), sp, n
-
-    def forward(self, tokens, feats=None, feat_lens=None, labels=None, ctc_targets=None, ctc_lens=None):
+    def forward(self, tokens, feats=None, feat_lens=None, labels=None, ctc=None, chars=None):
         if feats is None:  # no audio: the bare LM (DESIGN.md invariant 1)
             return self.lm(tokens, labels=labels)
         if labels is not None:
             labels = mask_speech_labels(tokens, labels, self.ids)
-        h, sp, n = self._embed(tokens, feats, feat_lens)
-        out = self.lm(embeds=h, labels=labels)
-        if ctc_targets is None:
+        enc, enc_lens = self.encoder(feats, feat_lens)  # (B, F', D_enc), 40 ms frames
+        sp, n = self.adapter(enc, enc_lens)  # (B, N, D_lm), 80 ms
+        out = self.lm(embeds=splice_speech(self.lm.tok_embeddings(tokens), tokens, sp, n, self.ids), labels=labels)
+        if ctc is None and chars is None:
             return out
-        return out, token_ctc_loss(sp, n, self.lm.tok_embeddings.weight, ctc_targets, ctc_lens, self.ids.placeholder)
+        aux = {}
+        if ctc is not None:
+            aux["ctc"] = token_ctc_loss(sp, n, self.lm.tok_embeddings.weight, *ctc, self.ids.placeholder)
+        if chars is not None:
+            if self.char_head is None:
+                raise ValueError("character CTC targets given but the model has no char_head")
+            aux["char_ctc"] = char_ctc_loss(self.char_head(enc), enc_lens, *chars)
+        return out, aux
 
 
 def n_speech_tokens(n_samples: int, enc_cfg: ConformerConfig) -> int:

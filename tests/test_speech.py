@@ -164,6 +164,35 @@ def test_token_ctc_loss_is_finite_and_trains_the_adapter_towards_token_embedding
     assert all(np.isfinite(losses)) and losses[-1] < 0.3 * losses[0], losses
 
 
+def test_char_ctc_targets_and_head_train_the_encoder_not_the_lm():
+    from llm.model import Llama, LlamaConfig
+    from mm.speech import CHARS, SpeechLM, char_ids
+
+    assert char_ids("Don't  STOP, 42!") == [CHARS.index(c) + 1 for c in "don't stop"]  # blank 0 never a target
+    torch.manual_seed(0)
+    lm = Llama(LlamaConfig(vocab_size=60, dim=16, n_layers=1, n_heads=2, n_kv_heads=1, max_seq_len=64))
+    ids = SpeechTokens(57, 58, 59)
+    adapter = SpeechAdapter(SpeechAdapterConfig(in_dim=32, dim=24, heads=2, ffn_dim=48, out_dim=16))
+    model = SpeechLM(_enc(), adapter, lm, ids, torch.nn.Linear(32, len(CHARS) + 1))
+    feats, lens = torch.randn(2, 120, 80), torch.tensor([120, 100])  # -> 30 / 25 encoder frames
+    with torch.no_grad():
+        n = model.speech_embeds(feats, lens)[1].tolist()  # placeholders per utterance
+    rows = [[1] + ids.run(k) + [5, 6] for k in n]
+    tokens = torch.tensor([r + [0] * (len(rows[0]) - len(r)) for r in rows])
+    chars = [torch.tensor(char_ids(t)) for t in ("cat sat", "dog")]
+    targets = torch.nn.utils.rnn.pad_sequence(chars, batch_first=True)
+    opt = torch.optim.Adam([p for n_, p in model.named_parameters() if not n_.startswith("lm.")], lr=3e-3)
+    losses = []
+    for _ in range(25):
+        _, aux = model(tokens, feats, lens, chars=(targets, torch.tensor([7, 3])))
+        opt.zero_grad()
+        aux["char_ctc"].backward()
+        assert all(p.grad is None for p in lm.parameters()) and model.encoder.proj.weight.grad.abs().sum() > 0
+        opt.step()
+        losses.append(aux["char_ctc"].item())
+    assert set(aux) == {"char_ctc"} and np.isfinite(losses).all() and losses[-1] < 0.5 * losses[0], losses
+
+
 def test_corpus_wer_normalises_and_aggregates_over_words():
     from mm.eval_speech import corpus_bleu, corpus_wer, normalise_text
 

@@ -8,12 +8,14 @@ system prompt, answer = json answer). The user turn is `<|speech_start|>` + one 
 `<|speech_end|>`; the loss is on the assistant answer only. Dialogs longer than seq_len are skipped and counted
 (cutting one would cut its speech run). Features get SpecAugment masks. At the end the model is scored on
 `eval_items` held-out items (mm.eval_speech). Optional, beyond the paper: ctc_weight > 0 adds the auxiliary token
-CTC of each sample's transcript (annealed linearly to ctc_weight_end); the adapter's final RMSNorm on the LM's
+CTC of each sample's transcript (annealed linearly to ctc_weight_end); char_ctc_weight > 0 a character CTC head on the
+encoder's frames (dropped at save); the adapter's final RMSNorm on the LM's
 embedding scale is adapter.match_embed_scale. Final: final/{model.safetensors ("encoder.*", "adapter.*"), meta.json,
 tokenizer.json}; mm.speech.load_speech_model rebuilds it.
 """
 from __future__ import annotations
 
+import functools
 import json
 import random
 import time
@@ -21,6 +23,7 @@ from collections import Counter
 from pathlib import Path
 
 import torch
+import torch.nn as nn
 
 from adapters.speech import SpeechAdapter, SpeechAdapterConfig, SpeechTokens, embedding_rms
 from data.loader import Loader, StepFeed
@@ -30,8 +33,8 @@ from llm.tokenizer import ChatFormat, Tokenizer
 from mm.config import SpeechSFTConfig
 from mm.distributed import init_distributed, unwrap, wrap_model
 from mm.runs import load_lm, model_dir
-from mm.speech import Featurizer, SpeechLM, freeze_lm, load_encoder, n_speech_tokens, save_speech_model, \
-    speech_dialog, task_choices
+from mm.speech import CHARS, Featurizer, SpeechLM, char_ids, freeze_lm, load_encoder, n_speech_tokens, \
+    save_speech_model, speech_dialog, task_choices
 from mm.stages.image_pretrain import collate_dialogs
 from mm.stages.speech_pretrain import encoder_config, train_on_audio
 from mm.train import StepOutput
@@ -51,7 +54,8 @@ def build_model(cfg: SpeechSFTConfig) -> tuple[SpeechLM, Tokenizer]:
     out_rms = embedding_rms(lm.tok_embeddings.weight) if a.match_embed_scale else 0.0
     adapter = SpeechAdapter(SpeechAdapterConfig(in_dim=enc.cfg.dim, dim=a.dim, heads=a.heads, ffn_dim=a.ffn_dim,
                                                 out_dim=lm.cfg.dim, out_rms=out_rms))
-    return SpeechLM(enc, adapter, lm, SpeechTokens.of(tok)), tok
+    head = nn.Linear(enc.cfg.dim, len(CHARS) + 1) if cfg.char_ctc_weight > 0 else None
+    return SpeechLM(enc, adapter, lm, SpeechTokens.of(tok), head), tok
 
 
 def pick_task(text: str, meta: dict, weights: dict[str, float], rng: random.Random) -> tuple[str, str | None, str]:
@@ -72,7 +76,8 @@ def ctc_weight_at(cfg: SpeechSFTConfig, b: int) -> float:
 
 class SpeechFeed(StepFeed):
     """Micro-batches {tokens (B, T), labels (B, T), feats (B, F, 80), feat_lens (B,), n} (see the module doc), plus
-    {ctc_targets (B, L), ctc_lens (B,), ctc_w} (transcript token ids) when the auxiliary CTC is on."""
+    {ctc_targets (B, L), ctc_lens (B,), ctc_w} (transcript token ids) when the auxiliary CTC is on, and
+    {char_targets (B, L), char_lens (B,)} (mm.speech.char_ids) when the character CTC is."""
 
     def __init__(self, loader: Loader, tok: Tokenizer, cfg: SpeechSFTConfig, model: SpeechLM, device: torch.device):
         super().__init__(loader, cfg.train.grad_accum)
@@ -103,6 +108,10 @@ class SpeechFeed(StepFeed):
             ids = [torch.tensor(self.tok.encode(t.strip()), dtype=torch.long) for t in texts]
             mb["ctc_lens"] = torch.tensor([len(i) for i in ids])
             mb["ctc_targets"] = torch.nn.utils.rnn.pad_sequence(ids, batch_first=True)  # (B, L)
+        if self.cfg.char_ctc_weight > 0:
+            ids = [torch.tensor(char_ids(t), dtype=torch.long) for t in texts]
+            mb["char_lens"] = torch.tensor([len(i) for i in ids])
+            mb["char_targets"] = torch.nn.utils.rnn.pad_sequence(ids, batch_first=True)  # (B, L)
         mb = {k: v.to(self.device) for k, v in mb.items()}
         if "ctc_targets" in mb:
             mb["ctc_w"] = ctc_weight_at(self.cfg, b)
@@ -110,14 +119,17 @@ class SpeechFeed(StepFeed):
         return mb
 
 
-def speech_loss(m, mb: dict) -> StepOutput:
-    """Assistant-token loss of one micro-batch (mean over its labelled tokens), + ctc_w x the auxiliary CTC when on
-    (then "lm_loss" and "ctc" are logged apart)."""
-    if "ctc_targets" not in mb:
+def speech_loss(m, mb: dict, char_weight: float = 0.0) -> StepOutput:
+    """Assistant-token loss of one micro-batch (mean over its labelled tokens), + ctc_w x the auxiliary token CTC and
+    char_weight x the character CTC when on (then "lm_loss", "ctc" and "char_ctc" are logged apart)."""
+    ctc = (mb["ctc_targets"], mb["ctc_lens"]) if "ctc_targets" in mb else None
+    chars = (mb["char_targets"], mb["char_lens"]) if "char_targets" in mb else None
+    if ctc is None and chars is None:
         return StepOutput(m(mb["tokens"], mb["feats"], mb["feat_lens"], labels=mb["labels"]), mb["n"])
-    lm_loss, ctc = m(mb["tokens"], mb["feats"], mb["feat_lens"], labels=mb["labels"], ctc_targets=mb["ctc_targets"],
-                     ctc_lens=mb["ctc_lens"])
-    return StepOutput(lm_loss + mb["ctc_w"] * ctc, mb["n"], {"lm_loss": lm_loss.detach(), "ctc": ctc.detach()})
+    lm_loss, aux = m(mb["tokens"], mb["feats"], mb["feat_lens"], labels=mb["labels"], ctc=ctc, chars=chars)
+    weights = {"ctc": mb.get("ctc_w", 0.0), "char_ctc": char_weight}
+    total = lm_loss + sum(weights[k] * v for k, v in aux.items())
+    return StepOutput(total, mb["n"], {"lm_loss": lm_loss.detach(), **{k: v.detach() for k, v in aux.items()}})
 
 
 def run(cfg: SpeechSFTConfig, run_dir: Path, resume: bool = False) -> dict:
@@ -131,7 +143,8 @@ def run(cfg: SpeechSFTConfig, run_dir: Path, resume: bool = False) -> dict:
     model, tok = build_model(cfg)
     counts = freeze_lm(model)
     net = wrap_model(model.to(info.device), cfg.train.parallel, info)
-    records, loader, feed, trainer, train_s = train_on_audio(cfg, net, info, run_dir, speech_loss, resume,
+    loss_fn = functools.partial(speech_loss, char_weight=cfg.char_ctc_weight)
+    records, loader, feed, trainer, train_s = train_on_audio(cfg, net, info, run_dir, loss_fn, resume,
                                                              lambda ld: SpeechFeed(ld, tok, cfg, model, info.device))
     base = {"stage": cfg.stage, "steps": cfg.steps, "skipped": {**loader.skipped, **feed.skipped}}
     if trainer.stopped_at is not None:
@@ -140,7 +153,7 @@ def run(cfg: SpeechSFTConfig, run_dir: Path, resume: bool = False) -> dict:
     result = {**base, **{f"params_{k}": n for k, n in counts.items()}, "tasks": dict(feed.tasks),
               "encoder_from": cfg.encoder_from, "train_s": train_s,
               "first_loss": logs[0] if logs else None, "final_loss": logs[-1] if logs else None}
-    for k in ("lm_loss", "ctc"):
+    for k in ("lm_loss", "ctc", "char_ctc"):
         vals = [r[k] for r in records if k in r]
         if vals:
             result[f"final_{k}"] = vals[-1]
