@@ -418,6 +418,9 @@ class VideoStageConfig:
     seq_len: int = 128
     caption_prob: float = 0.25  # share of "Describe the video." -> caption samples
     mc_prob: float = 0.5  # share of questions with options asked in the multiple-choice format
+    # auxiliary bag-of-words loss (beyond the paper): the mean aggregated video token predicts its caption's tokens
+    # through a linear head (dropped at save), a signal for the aggregator that does not pass the near-0 gates; 0: off
+    bow_weight: float = 0.0
     eval_items: int = 0  # held-out questions scored at the end into the result (0: skip)
     data: VideoDataConfig = field(default_factory=VideoDataConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-4, weight_decay=0.01))

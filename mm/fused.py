@@ -197,8 +197,11 @@ class FusedLM(nn.Module):
         if video.dim() != 5:
             raise ValueError(f"video features must be (B, M, F, N, D), got shape {tuple(video.shape)}")
         va = self.video_adapter
-        agg = va.media(video.to(va.xattn.projection.weight.dtype))  # (B, M, E*L, W)
-        return MediaKV(va.xattn.media_kv(agg), _valid_mask(agg, video_mask))
+        return self.aggregated_kv(va.media(video.to(va.xattn.projection.weight.dtype)), video_mask)
+
+    def aggregated_kv(self, agg: torch.Tensor, video_mask: torch.Tensor | None = None) -> MediaKV:
+        """The aggregator's output (B, M, E*L, W) -> MediaKV for every video block (video_kv's second half)."""
+        return MediaKV(self.video_adapter.xattn.media_kv(agg), _valid_mask(agg, video_mask))
 
     def _token_tables(self) -> list[NewTokenEmbedding]:
         return [self.new_tokens] + ([self.video_adapter.token] if self.video_adapter is not None else [])

@@ -122,6 +122,35 @@ def test_trainable_set_is_the_video_adapter_only(world):
     assert in_opt == {id(p) for n, p in model.named_parameters() if n in video}
 
 
+def test_caption_bag_of_words_trains_only_the_aggregator_side(world):
+    from mm.config import load_config
+    from mm.stages.video import build_model, caption_bow, freeze_for_video
+
+    cfg = load_config(REPO / PRE, _overrides(world) + ["bow_weight=1.0"])
+    model, tok, _, _ = build_model(cfg)
+    freeze_for_video(model)
+    assert {n for n in _trainable(model) if not n.startswith("fused.video_adapter.")} == {"bow_head.weight",
+                                                                                          "bow_head.bias"}
+    bow = caption_bow(tok, ["A red ball moves to the left.", ""])
+    assert torch.allclose(bow[0].sum(), torch.tensor(1.0)) and bow[1].sum() == 0  # uniform over distinct tokens
+    assert set(bow[0].nonzero().flatten().tolist()) == set(tok.encode("A red ball moves to the left."))
+    torch.manual_seed(0)
+    t = model.vision.cfg.image_size
+    pixels, aspect = torch.randn(2, 8, 1, 3, t, t), torch.zeros(2, 8, dtype=torch.long)  # 8 frames, one tile each
+    toks = torch.full((2, 6), 5)
+    toks[:, 1] = tok.special_id("<|video|>")
+    labels = toks.clone()
+    with torch.no_grad():
+        for blk in model.fused.video_adapter.xattn.blocks.values():  # open the gates: the video reaches the loss
+            blk.gate_attn.fill_(0.5)
+    loss, bow_loss = model(toks, pixels, aspect, labels=labels, bow=bow)
+    assert torch.equal(loss, model(toks, pixels, aspect, labels=labels))  # the same LM loss as without the head
+    bow_loss.backward()
+    agg_grad = model.fused.video_adapter.aggregator.latents.grad
+    assert agg_grad is not None and agg_grad.abs().sum() > 0 and model.bow_head.weight.grad.abs().sum() > 0
+    assert all(b.wq.weight.grad is None for b in model.fused.video_adapter.xattn.blocks.values())  # no read involved
+
+
 def test_pretrain_keeps_image_weights_resumes_and_sft_hot_swaps(world, tmp_path, monkeypatch):
     from mm.runs import load_lm
     from mm.stages.image_pretrain import load_fused

@@ -18,6 +18,7 @@ adapter's shape); `load_video(run)` rebuilds the whole model.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import random
 import re
 import time
@@ -40,7 +41,8 @@ from mm.stages.image_pretrain import (ImageFeed, collate_dialogs, encode_vqa, fi
                                       images_to_pixels, lm_dir, load_fused, save_image_model)
 from mm.train import StepOutput, Trainer, warmup_cosine
 
-TRAINABLE_PREFIXES = ("fused.video_adapter.",)  # DESIGN.md invariant 4: the video stages train nothing else
+TRAINABLE_PREFIXES = ("fused.video_adapter.", "bow_head.")  # DESIGN.md invariant 4: the video stages train nothing
+# else (bow_head: the optional auxiliary head, never saved)
 DESCRIBE = "Describe the video."
 LETTERS = "ABCDEFGH"
 MC_PROMPT = "Select the correct answer from the following options: {question} {options}. " \
@@ -117,15 +119,34 @@ def frames_to_pixels(frames, vcfg: VisionConfig) -> tuple[torch.Tensor, torch.Te
 
 
 class VideoModel(nn.Module):
-    """Image encoder + FusedLM with a video adapter (one optimizer / checkpoint): names "vision.*" and "fused.*"."""
+    """Image encoder + FusedLM with a video adapter (one optimizer / checkpoint): names "vision.*" and "fused.*";
+    with bow_vocab > 0 also "bow_head.*", the auxiliary caption bag-of-words head on the aggregated tokens."""
 
-    def __init__(self, vision: VisionEncoder, fused: FusedLM):
+    def __init__(self, vision: VisionEncoder, fused: FusedLM, bow_vocab: int = 0):
         super().__init__()
         self.vision, self.fused = vision, fused
+        self.bow_head = nn.Linear(fused.video_adapter.cfg.width, bow_vocab) if bow_vocab else None
 
-    def forward(self, tokens, pixels, aspect, labels=None):
-        """tokens (B, T) with one `<|video|>` each -> logits (B, T, V), or the mean loss with labels (B, T)."""
-        return self.fused(tokens, video=frame_features(self.vision, pixels, aspect), labels=labels)
+    def forward(self, tokens, pixels, aspect, labels=None, bow=None):
+        """tokens (B, T) with one `<|video|>` each -> logits (B, T, V), or the mean loss with labels (B, T); with
+        bow (B, V) caption token distributions also the bag-of-words cross-entropy: (loss, bow_loss)."""
+        video = frame_features(self.vision, pixels, aspect)  # (B, 1, F, N, D)
+        if bow is None:
+            return self.fused(tokens, video=video, labels=labels)
+        agg = self.fused.video_adapter.media(video)  # (B, 1, E*L, W)
+        out = self.fused(tokens, video=self.fused.aggregated_kv(agg), labels=labels)
+        logp = self.bow_head(agg.mean(dim=2)[:, 0]).float().log_softmax(-1)  # (B, V)
+        return out, -(bow * logp).sum(-1).mean()
+
+
+def caption_bow(tok: Tokenizer, captions: list[str]) -> torch.Tensor:
+    """(B, V): each caption's distinct token ids, uniform (the bag-of-words target)."""
+    out = torch.zeros(len(captions), tok.vocab_size)
+    for i, c in enumerate(captions):
+        ids = sorted(set(tok.encode(c.strip())))
+        if ids:
+            out[i, ids] = 1.0 / len(ids)
+    return out
 
 
 @torch.no_grad()
@@ -205,7 +226,7 @@ def build_model(cfg: VideoStageConfig) -> tuple[VideoModel, Tokenizer, Path, dic
             raise ValueError(f"{d}: its video adapter (every {va.every}, {va.cfg}) differs from the config's "
                              f"(video_every {cfg.video_every}, {want})")
     lm_path = Path(meta["lm"])
-    model = VideoModel(vision, fused)
+    model = VideoModel(vision, fused, tok.vocab_size if cfg.bow_weight > 0 else 0)
     if cfg.instruct_lm:  # video_sft: the instruction-tuned LM (invariant 6)
         hot_swap_lm(fused, tok, cfg.instruct_lm)
         lm_path = lm_dir(cfg.instruct_lm)
@@ -237,14 +258,19 @@ class VideoFeed(ImageFeed):
             dialogs.append(encode_video_qa(self.fmt, q, a))
         mb = collate_dialogs(dialogs, self.pad_id, self.cfg.seq_len)
         mb["pixels"], mb["aspect"] = frames_to_pixels(batch["frames"], self.vcfg)
+        if self.cfg.bow_weight > 0:
+            mb["bow"] = caption_bow(self.fmt.tok, list(batch["caption"]))
         mb = {k: v.to(self.device) for k, v in mb.items()}
         mb["n"] = int((mb["labels"] != IGNORE).sum())
         return mb
 
 
-def video_loss(m, mb: dict) -> StepOutput:
-    """Assistant-token loss of one micro-batch."""
-    return StepOutput(m(mb["tokens"], mb["pixels"], mb["aspect"], labels=mb["labels"]), mb["n"])
+def video_loss(m, mb: dict, bow_weight: float = 0.0) -> StepOutput:
+    """Assistant-token loss of one micro-batch (+ bow_weight x the caption bag-of-words loss when on)."""
+    if "bow" not in mb:
+        return StepOutput(m(mb["tokens"], mb["pixels"], mb["aspect"], labels=mb["labels"]), mb["n"])
+    lm_loss, bow = m(mb["tokens"], mb["pixels"], mb["aspect"], labels=mb["labels"], bow=mb["bow"])
+    return StepOutput(lm_loss + bow_weight * bow, mb["n"], {"lm_loss": lm_loss.detach(), "bow": bow.detach()})
 
 
 def run(cfg: VideoStageConfig, run_dir: Path, resume: bool = False) -> dict:
@@ -271,7 +297,8 @@ def run(cfg: VideoStageConfig, run_dir: Path, resume: bool = False) -> dict:
                     seed=cfg.seed, rank=info.rank, world=info.world, num_frames=cfg.num_frames,
                     image_size=cfg.data.image_size or vcfg.image_size, backend=cfg.data.backend)
     feed = VideoFeed(loader, tok, cfg, vcfg, info.device)
-    trainer = Trainer(net, t, run_dir, loss_fn=video_loss, info=info, desc=cfg.stage,
+    trainer = Trainer(net, t, run_dir, loss_fn=functools.partial(video_loss, bow_weight=cfg.bow_weight), info=info,
+                      desc=cfg.stage,
                       lr_at=lambda s: warmup_cosine(s, t.lr, t.warmup_steps, cfg.steps, t.min_lr_ratio))
     trainer.meta = {"loader": loader.state_dict()}
     if resume and trainer.resume():
