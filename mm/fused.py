@@ -196,8 +196,12 @@ class FusedLM(nn.Module):
             raise ValueError("video input needs a video adapter (FusedLM.add_video)")
         if video.dim() != 5:
             raise ValueError(f"video features must be (B, M, F, N, D), got shape {tuple(video.shape)}")
+        return self.aggregated_kv(self.aggregate(video), video_mask)
+
+    def aggregate(self, video: torch.Tensor) -> torch.Tensor:
+        """Frame features (B, M, F, N, media_dim) -> the aggregator's tokens (B, M, E*L, W), in the adapter's dtype."""
         va = self.video_adapter
-        return self.aggregated_kv(va.media(video.to(va.xattn.projection.weight.dtype)), video_mask)
+        return va.media(video.to(va.xattn.projection.weight.dtype))
 
     def aggregated_kv(self, agg: torch.Tensor, video_mask: torch.Tensor | None = None) -> MediaKV:
         """The aggregator's output (B, M, E*L, W) -> MediaKV for every video block (video_kv's second half)."""

@@ -133,7 +133,7 @@ class VideoModel(nn.Module):
         video = frame_features(self.vision, pixels, aspect)  # (B, 1, F, N, D)
         if bow is None:
             return self.fused(tokens, video=video, labels=labels)
-        agg = self.fused.video_adapter.media(video)  # (B, 1, E*L, W)
+        agg = self.fused.aggregate(video)  # (B, 1, E*L, W)
         out = self.fused(tokens, video=self.fused.aggregated_kv(agg), labels=labels)
         logp = self.bow_head(agg.mean(dim=2)[:, 0]).float().log_softmax(-1)  # (B, V)
         return out, -(bow * logp).sum(-1).mean()
