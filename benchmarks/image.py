@@ -49,7 +49,8 @@ def evaluate(args) -> dict:
     out = {"ckpt": str(args.ckpt)}
     out.update(eval_image_shards(fused, vision, tok, args.shards, args.max_items, args.max_new_tokens,
                                  blind=not args.no_blind, decode_scale=args.decode_scale, seed=args.seed,
-                                 examples_dir=args.examples_dir))
+                                 examples_dir=args.examples_dir,
+                                 families=tuple(f for f in args.families.split(",") if f)))
     out["vqa_s"] = round(time.perf_counter() - t0, 1)
     if args.text_shards and args.text_docs:
         lm, _, _ = load_lm(meta["lm"])
@@ -71,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--decode-scale", type=int, default=1, help="decode images at this many tile sides (tiling)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default, OMP_NUM_THREADS)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--families", default="", help="comma-separated task families to score (default: all)")
     p.add_argument("--examples-dir", help="save the example images here (their paths go into the examples)")
     args = p.parse_args(argv)
     return run_reporting(evaluate, args)

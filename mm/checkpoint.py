@@ -4,6 +4,7 @@ Every write goes to a temporary folder that is renamed into place, so a crash ne
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -67,6 +68,16 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
         return load_file(str(path))
     except Exception as e:
         raise CheckpointError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0]})") from None
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 hex digest of a file's bytes (read in 1 MiB blocks), e.g. to tell a retrained checkpoint from the one a
+    result was computed with when both sit at the same path."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def load_meta(directory: Path) -> dict:

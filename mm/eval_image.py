@@ -121,16 +121,27 @@ def save_example_images(samples: list[dict], examples: list[dict], out_dir: Path
 
 def eval_image_shards(fused: FusedLM, vision, tok, shards: str, max_items: int = 400, max_new_tokens: int = 8,
                       blind: bool = True, decode_scale: int = 1, seed: int = 0,
-                      examples_dir: str | Path | None = None) -> dict:
+                      examples_dir: str | Path | None = None, families: tuple[str, ...] = ()) -> dict:
     """VQA metrics of a loaded image model on any image-text shards (DESIGN.md format): samples decoded at
     decode_scale tile sides (a seeded subset of max_items // 2 samples, all when max_items is 0), then vqa_eval.
     Returns {"shards", "image_samples", "skipped" ({reason: n}), "skipped_total", **vqa_eval(...)}; the one
-    implementation behind `mm eval image` and benchmarks/image.py. examples_dir: save the examples' images there."""
+    implementation behind `mm eval image` and benchmarks/image.py. examples_dir: save the examples' images there;
+    families: keep only samples of these task families (all when empty)."""
+    import random
+
     from mm.stages.clip_pretrain import load_image_samples
 
     size = vision.cfg.image_size * (decode_scale or 1)
-    samples, skips = load_image_samples(shards, size, max_samples=max(1, max_items // 2) if max_items else 0,
-                                        seed=seed)
+    cap = max(1, max_items // 2) if max_items else 0
+    samples, skips = load_image_samples(shards, size, max_samples=0 if families else cap, seed=seed)
+    if families:
+        unknown = set(families) - set(FAMILIES)
+        if unknown:
+            raise ValueError(f"unknown image families {sorted(unknown)}; known: {list(FAMILIES)}")
+        samples = [s for s in samples if (s.get("meta") or {}).get("family") in families]
+        if 0 < cap < len(samples):
+            keep = sorted(random.Random(seed).sample(range(len(samples)), cap))
+            samples = [samples[k] for k in keep]
     out = {"shards": shards, "image_samples": len(samples), "skipped": skips,
            "skipped_total": sum(skips.values())}
     if not samples:

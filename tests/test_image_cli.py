@@ -109,17 +109,18 @@ def test_chat_text_only_on_image_run_equals_lm(image_run, world):  # noqa: F811
 def test_eval_image_scores_and_counts_skips(image_run, world, tmp_path):  # noqa: F811
     shard = tmp_path / "mine-000000.tar"
     with wds.TarWriter(str(shard)) as w:
-        for i in range(3):
-            meta = {"source": "mine", "family": "counting", "qa": [{"question": "How many?", "answers": ["2"]}]}
+        for i in range(4):
+            meta = {"source": "mine", "family": "counting" if i < 3 else "ocr",
+                    "qa": [{"question": "How many?", "answers": ["2"]}]}
             png = encode_image(_image(i), "png")
             w.write({"__key__": f"s{i}", "png": png if i != 1 else png[:40], "txt": "a thing.",
                      "json": json.dumps(meta)})
     rc, res, err = _cli(["eval", "image", "--ckpt", str(image_run), "--shards", str(shard), "--max-items", "0",
                          "--max-new-tokens", "2"])
     assert rc == 0, (res, err)
-    assert {"vqa_acc", "blind_vqa_acc", "vqa_acc_by_family"} <= res.keys() and res["items"] == 2
-    assert res["skipped"] == {"bad_image": 1} and res["skipped_total"] == 1 and res["image_samples"] == 2
-    assert set(res["vqa_acc_by_family"]) == {"counting"}
+    assert {"vqa_acc", "blind_vqa_acc", "vqa_acc_by_family"} <= res.keys() and res["items"] == 3
+    assert res["skipped"] == {"bad_image": 1} and res["skipped_total"] == 1 and res["image_samples"] == 3
+    assert set(res["vqa_acc_by_family"]) == {"counting", "ocr"}
     # the same numbers as the benchmark script's evaluate (one implementation)
     import importlib.util
 
@@ -129,9 +130,20 @@ def test_eval_image_scores_and_counts_skips(image_run, world, tmp_path):  # noqa
     spec.loader.exec_module(mod)
     b = mod.evaluate(mod.argparse.Namespace(ckpt=str(image_run), shards=str(shard), max_items=0, max_new_tokens=2,
                                             no_blind=False, text_shards="", text_docs=0, seq_len=64,
-                                            decode_scale=1, threads=1, seed=0, examples_dir=str(tmp_path / "ex")))
+                                            decode_scale=1, threads=1, seed=0, examples_dir=str(tmp_path / "ex"),
+                                            families=""))
     assert {k: b[k] for k in ("vqa_acc", "blind_vqa_acc", "skipped", "items")} == \
         {k: res[k] for k in ("vqa_acc", "blind_vqa_acc", "skipped", "items")}
+    # --families keeps one task family's samples (all of them: the cap does not cut them before the filter)
+    from mm.eval_image import eval_image_shards
+    from mm.stages.image_pretrain import load_fused
+
+    fused, vision, tok = load_fused(image_run)
+    one = eval_image_shards(fused, vision, tok, str(shard), max_items=2, max_new_tokens=2, blind=False,
+                            families=("ocr",))
+    assert one["items"] == 1 and set(one["vqa_acc_by_family"]) == {"ocr"}
+    with pytest.raises(ValueError, match="unknown image families"):
+        eval_image_shards(fused, vision, tok, str(shard), max_items=2, families=("ocrr",))
     # the examples' images are saved for the report: one RGB PNG per example, at the decode size
     from PIL import Image
     size = Image.open(b["examples"][0]["image"]).size

@@ -140,3 +140,30 @@ def test_member_trains_vit_and_adapter_only_over_the_instruct_lm(sft_world):
     sd = model.state_dict()
     assert all(torch.equal(sd[f"fused.{k}"], v) for k, v in inst.items())  # LM = instruct (hot-swapped)
     assert all(torch.equal(sd[k], v) for k, v in init.items())  # ViT + adapter = init_from, untouched by the swap
+
+
+def test_member_of_a_retrained_instruct_lm_is_not_reused(sft_world, tmp_path, monkeypatch):
+    """The same instruct_lm path with other weights (the LM retrained since): the member is refused, not reused."""
+    import shutil
+
+    from mm.cli import main
+
+    monkeypatch.chdir(REPO)
+    inst = tmp_path / "instruct"
+    shutil.copytree(sft_world["instruct"], inst)
+    w, out = {**sft_world, "instruct": inst}, tmp_path / "sft"
+    one = ("sweep=[{seed: 1, lr: 0.01}]", "soup_top_k=1")
+    assert _sft(w, out, *one)["members"][0]["reused"] is False
+    assert _sft(w, out, "--force", *one)["members"][0]["reused"] is True  # same weights: reused
+    _, tok, meta = load_lm(inst)
+    cfg = LlamaConfig(**meta["model_config"])
+    torch.manual_seed(8)
+    shutil.rmtree(inst / "final")
+    save_lm(inst / "final", Llama(cfg).state_dict(), cfg, tok, {"stage": "lm_dpo"})  # retrained at the same path
+    buf = io.StringIO()
+    ov = [o for o in _overrides(w) if not o.startswith(("steps=", "train.ckpt_every=", "train.lr="))]
+    with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(io.StringIO()):
+        rc = main(["run", YAML, "--out", str(out), "--force", *ov, f"instruct_lm={inst}", f"init_from={w['img']}",
+                   "steps=2", "train.ckpt_every=2", "eval_items=4", *one])
+    err = json.loads(buf.getvalue().strip().splitlines()[-1])["error"]
+    assert rc == 2 and "member 0 was trained with instruct_lm_sha256=" in err, err

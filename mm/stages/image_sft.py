@@ -9,8 +9,8 @@ the top-K soups (mm.average.average_states over their final ViT + adapter tensor
 stays the instruct LM) for K = 2..soup_top_k are written to soups/top<K>/ and scored the same way, and the best one
 ("K is chosen by evaluating the averages", PAPER.md §7.2) is written to final/.
 
-Reruns continue: a member with members/<i>/result.json is reused (if its seed, LR and setup match the config, else an
-error), one with a final model but no score is only scored, and an interrupted one resumes from its checkpoints.
+Reruns continue: a member with members/<i>/result.json is reused (if its seed, LR, setup and the init / instruct-LM
+weights it was trained from match, else an error), one with a final model but no score is only scored, and an interrupted one resumes from its checkpoints.
 Files: members/<i>/{checkpoints, final, train.json, result.json}; final/ (loadable with load_fused; meta "soup_of").
 """
 from __future__ import annotations
@@ -21,13 +21,20 @@ import time
 from pathlib import Path
 
 from mm.average import average_states
-from mm.checkpoint import CheckpointError, load_meta, load_tensors, save_weights
+from mm.checkpoint import CheckpointError, file_sha256, load_meta, load_tensors, save_weights
 from mm.config import ImageSFTConfig, SweepMember
 from mm.runs import model_dir
 from mm.stages import image_pretrain
 from mm.stages.image_pretrain import TRAINABLE_PREFIXES, load_fused
 
-MEMBER_KEYS = ("seed", "lr", "steps", "init_from", "instruct_lm", "lm")  # what must match for a member to be reused
+# what must match for a member to be reused: settings, and the weights behind the paths (a retrained LM at the same
+# path must not reuse members trained over the old one)
+MEMBER_KEYS = ("seed", "lr", "steps", "init_from", "instruct_lm", "lm", "init_sha256", "instruct_lm_sha256")
+
+
+def weights_sha256(ckpt) -> str:
+    """sha256 of a run's final model file (model_dir(ckpt)/model.safetensors), first 16 hex digits."""
+    return file_sha256(model_dir(ckpt) / "model.safetensors")[:16]
 
 
 def member_config(cfg: ImageSFTConfig, m: SweepMember) -> ImageSFTConfig:
@@ -52,7 +59,8 @@ def _figures(ev: dict) -> dict:
 def run_member(cfg: ImageSFTConfig, i: int, m: SweepMember, mdir: Path) -> dict:
     """Train (or resume / reuse) member i into mdir and score it; returns its result (also mdir/result.json)."""
     key = {"seed": m.seed, "lr": m.lr, "steps": cfg.steps, "init_from": str(cfg.init_from),
-           "instruct_lm": str(cfg.instruct_lm), "lm": str(cfg.lm)}
+           "instruct_lm": str(cfg.instruct_lm), "lm": str(cfg.lm), "init_sha256": weights_sha256(cfg.init_from),
+           "instruct_lm_sha256": weights_sha256(cfg.instruct_lm)}
     done = mdir / "result.json"
     if done.exists():
         old = json.loads(done.read_text())
