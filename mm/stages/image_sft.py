@@ -42,13 +42,14 @@ def member_config(cfg: ImageSFTConfig, m: SweepMember) -> ImageSFTConfig:
     return dataclasses.replace(cfg, seed=m.seed, train=dataclasses.replace(cfg.train, lr=m.lr))
 
 
-def score(cfg: ImageSFTConfig, ckpt: Path) -> dict:
-    """Held-out VQA metrics (with blind / shuffled-image controls) of an image model on data.val_shards."""
+def score(cfg: ImageSFTConfig, ckpt: Path, controls: bool = False) -> dict:
+    """Held-out VQA metrics of an image model on data.val_shards (eval_items items); controls: also the blind /
+    shuffled-image passes (3x the time; only the final soup needs them, ranking uses vqa_acc)."""
     from mm.eval_image import eval_image_shards
 
     fused, vision, tok = load_fused(ckpt)
     scale = max(1, (cfg.data.image_size or vision.cfg.image_size) // vision.cfg.image_size)
-    return eval_image_shards(fused, vision, tok, cfg.data.val_shards, max_items=cfg.eval_items, blind=True,
+    return eval_image_shards(fused, vision, tok, cfg.data.val_shards, max_items=cfg.eval_items, blind=controls,
                              decode_scale=scale, seed=0)
 
 
@@ -68,7 +69,8 @@ def run_member(cfg: ImageSFTConfig, i: int, m: SweepMember, mdir: Path) -> dict:
         if diff:
             raise ValueError(f"{done}: member {i} was trained with {diff[0]}={old.get(diff[0])!r}, the config says "
                              f"{key[diff[0]]!r}; remove {mdir} to retrain it")
-        return {**old, "reused": True}
+        if old.get("eval_items") == cfg.eval_items:
+            return {**old, "reused": True}  # else: scored on other items, so only scored again below
     trained = mdir / "train.json"
     if not trained.exists():
         res = image_pretrain.run(member_config(cfg, m), mdir, resume=True)  # resume: a no-op without checkpoints
@@ -77,7 +79,7 @@ def run_member(cfg: ImageSFTConfig, i: int, m: SweepMember, mdir: Path) -> dict:
         trained.write_text(json.dumps(res, indent=1))
     res = json.loads(trained.read_text())
     ev = score(cfg, mdir)
-    out = {"member": i, **key, **_figures(ev), "final_loss": res.get("final_loss"), "train_s": res.get("train_s"),
+    out = {"member": i, **key, **_figures(ev), "eval_items": cfg.eval_items, "final_loss": res.get("final_loss"), "train_s": res.get("train_s"),
            "examples": ev.get("examples", [])[:3]}
     done.write_text(json.dumps(out, indent=1))
     return {**out, "reused": False}
@@ -134,13 +136,16 @@ def run(cfg: ImageSFTConfig, run_dir: Path, resume: bool = False) -> dict:
     top = ranked[:k_best]
     make_soup([mdirs[i] for i in top], run_dir / "final", {"stage": cfg.stage, "soup_top_k": k_best,
                                                            "soup_members": top})
-    ev = candidates[k_best]
+    ev, kdir = candidates[k_best], run_dir / "soups" / f"top{k_best}"
+    if ev.get("blind_vqa_acc") is None:  # the blind / shuffled-image controls, for the chosen soup only
+        ev = {**score(cfg, kdir, controls=True), "key": ev["key"]}
+        (kdir / "result.json").write_text(json.dumps(ev, indent=1))
     best = members[ranked[0]]["vqa_acc"] or 0.0
     soup = ev.get("vqa_acc") or 0.0
     return {"stage": cfg.stage, "steps": cfg.steps, "soup_k": k_best,
             "soup_candidates": {str(k): c.get("vqa_acc") for k, c in candidates.items()},
-            "members": [{k: r.get(k) for k in ("member", "seed", "lr", "vqa_acc", "blind_vqa_acc", "shuffled_vqa_acc",
-                                                "final_loss", "reused")} for r in members],
+            "members": [{k: r.get(k) for k in ("member", "seed", "lr", "vqa_acc", "exact_match", "final_loss", "reused")}
+                        for r in members],
             "soup_members": top, "soup_top_k": cfg.soup_top_k,
             "soup_vqa_acc": ev.get("vqa_acc"), "soup_blind_vqa_acc": ev.get("blind_vqa_acc"),
             "soup_shuffled_vqa_acc": ev.get("shuffled_vqa_acc"), "best_member_vqa_acc": best,
