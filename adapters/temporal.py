@@ -10,6 +10,10 @@ summarising its place over time; 64 frames with factor 32 give 2 effective frame
 `spatial_depth` self-attention layers across an effective frame's tokens then let every token see the whole frame, so
 a global motion feature (the direction of a mover: where it was early vs late) can be written into every token,
 one cross-attention read for the LM instead of a compare-across-places it has to learn behind a near-0 gate.
+`summary_tokens` G > 0 appends G learned tokens to each effective frame before the spatial layers (which must exist):
+they attend over the frame and are returned after its N * n_latents tokens, a place for whole-clip features that
+no single spatial token has to carry (measured: the mean of the per-place tokens keeps little of the direction a
+linear probe reads from all of them together).
 Why per token and not one latent set over all window tokens (open_flamingo's flattening): at our scale the latter
 pools the spatial layout away (measured: a pooled perceiver + linear head stays at chance on the kit's direction
 clips where a per-token summary is linearly decodable), and the paper leaves the perceiver's layout unspecified.
@@ -38,6 +42,7 @@ class AggregatorConfig:
     max_tokens: int = 4 * 1025  # tokens per frame the position table covers (4 tiles of 448 px)
     ff_mult: int = 4
     spatial_depth: int = 0  # self-attention layers across an effective frame's tokens after the temporal merge
+    summary_tokens: int = 0  # learned tokens joining each effective frame in the spatial layers (0: none)
 
     def to_dict(self) -> dict:
         """Plain dict (meta.json)."""
@@ -86,11 +91,15 @@ class PerceiverResampler(nn.Module):
         self.layers = nn.ModuleList(PerceiverLayer(cfg.width, cfg.heads, cfg.ff_mult) for _ in range(cfg.depth))
         self.spatial = nn.ModuleList(PerceiverLayer(cfg.width, cfg.heads, cfg.ff_mult)
                                      for _ in range(cfg.spatial_depth))
+        if cfg.summary_tokens and not cfg.spatial_depth:
+            raise ValueError(f"aggregator summary_tokens {cfg.summary_tokens} need spatial_depth >= 1 (only the "
+                             "spatial layers write into them)")
+        self.summary = nn.Parameter(torch.randn(cfg.summary_tokens, cfg.width)) if cfg.summary_tokens else None
         self.norm = nn.LayerNorm(cfg.width)
 
     def forward(self, frames: torch.Tensor) -> torch.Tensor:
         """frames (B, F, N, media_dim), F a multiple of factor and <= max_frames, N <= max_tokens
-        -> (B, F/factor, N * n_latents, W)."""
+        -> (B, F/factor, N * n_latents + summary_tokens, W)."""
         B, Fr, N, _ = frames.shape
         k, L = self.cfg.factor, self.cfg.n_latents
         if Fr % k or Fr > self.cfg.max_frames:
@@ -104,6 +113,18 @@ class PerceiverResampler(nn.Module):
         for layer in self.layers:
             lat = layer(x, lat)
         lat = lat.reshape(B * E, N * L, -1)  # an effective frame's tokens, each summarising its place over time
+        if self.summary is not None:  # (B*E, N*L + G, W)
+            lat = torch.cat([lat, self.summary.expand(B * E, -1, -1).to(lat.dtype)], dim=1)
         for layer in self.spatial:
             lat = layer(None, lat)
-        return self.norm(lat).view(B, E, N * L, -1)
+        return self.norm(lat).view(B, E, lat.shape[1], -1)
+
+    def pooled(self, agg: torch.Tensor, num_frames: int) -> torch.Tensor:
+        """This aggregator's output for num_frames-frame videos (B, M, E * (N * n_latents + G), W) -> one vector per
+        video (B, M, W): the mean of the summary tokens when there are any, else of all tokens."""
+        G = self.cfg.summary_tokens
+        if not G:
+            return agg.mean(dim=2)
+        B, M, S, W = agg.shape
+        E = num_frames // self.cfg.factor
+        return agg.view(B, M, E, S // E, W)[:, :, :, -G:].mean(dim=(2, 3))

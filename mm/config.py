@@ -394,6 +394,7 @@ class VideoAggregatorConfig:
     max_tokens: int | None = None  # tokens per frame the position table covers (None: the image encoder's)
     ff_mult: int = 4
     spatial_depth: int = 0  # self-attention layers across each effective frame's tokens after the temporal merge
+    summary_tokens: int = 0  # learned tokens appended to each effective frame for the spatial layers (needs >= 1)
 
 
 @dataclass

@@ -84,6 +84,27 @@ def test_spatial_layers_mix_an_effective_frames_tokens_only(one_thread):
     assert len(agg.spatial) == 1 and len(PerceiverResampler(DM, AGG).spatial) == 0  # default: no spatial layers
 
 
+def test_summary_tokens_follow_each_effective_frame_and_pool(one_thread):
+    torch.manual_seed(0)
+    cfg = AggregatorConfig(factor=4, width=16, n_latents=1, depth=1, heads=2, max_frames=8, max_tokens=N,
+                           spatial_depth=1, summary_tokens=2)
+    agg = PerceiverResampler(DM, cfg).eval()
+    x = feats(2, 8, N, DM)
+    with torch.no_grad():
+        out = agg(x)
+        assert out.shape == (2, 2, N + 2, 16)  # each effective frame: N place tokens, then 2 summary tokens
+        y = x.clone()
+        y[0, 5, 1] += 1.0  # one token of one frame of the second window of video 0
+        changed = (agg(y) - out).abs().amax(dim=3)  # (B, E, N + 2)
+        assert changed[0, 1, N:].min() > 0 and changed[0, 0].max() == 0 and changed[1].max() == 0
+        flat = out.reshape(2, 1, -1, 16)  # as VideoAdapter.media returns it: (B, M, E*(N+2), W)
+        torch.testing.assert_close(agg.pooled(flat, 8), out[:, :, N:].mean(dim=(1, 2))[:, None])
+        plain = PerceiverResampler(DM, AGG)
+        torch.testing.assert_close(plain.pooled(flat, 8), flat.mean(dim=2))  # no summary tokens: all tokens
+    with pytest.raises(ValueError, match="summary_tokens 2 need spatial_depth"):
+        PerceiverResampler(DM, AggregatorConfig(factor=4, width=16, max_frames=8, max_tokens=N, summary_tokens=2))
+
+
 def test_video_blocks_placed_before_every_4th_image_block():
     big = make_fused(n_layers=32, every=4)
     assert big.image_adapter.layer_ids == list(range(3, 32, 4))  # 8 image blocks

@@ -120,7 +120,8 @@ def frames_to_pixels(frames, vcfg: VisionConfig) -> tuple[torch.Tensor, torch.Te
 
 class VideoModel(nn.Module):
     """Image encoder + FusedLM with a video adapter (one optimizer / checkpoint): names "vision.*" and "fused.*";
-    with bow_vocab > 0 also "bow_head.*", the auxiliary caption bag-of-words head on the aggregated tokens."""
+    with bow_vocab > 0 also "bow_head.*", the auxiliary caption bag-of-words head on the pooled aggregated tokens
+    (their mean, or the summary tokens' mean when the aggregator has them)."""
 
     def __init__(self, vision: VisionEncoder, fused: FusedLM, bow_vocab: int = 0):
         super().__init__()
@@ -135,7 +136,8 @@ class VideoModel(nn.Module):
             return self.fused(tokens, video=video, labels=labels)
         agg = self.fused.aggregate(video)  # (B, 1, E*L, W)
         out = self.fused(tokens, video=self.fused.aggregated_kv(agg), labels=labels)
-        logp = self.bow_head(agg.mean(dim=2)[:, 0]).float().log_softmax(-1)  # (B, V)
+        pooled = self.fused.video_adapter.aggregator.pooled(agg, video.shape[2])[:, 0]  # (B, W)
+        logp = self.bow_head(pooled).float().log_softmax(-1)  # (B, V)
         return out, -(bow * logp).sum(-1).mean()
 
 
