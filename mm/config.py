@@ -366,6 +366,9 @@ class SpeechSFTConfig:
     # auxiliary character CTC straight on the encoder's 40 ms frames (mm.speech.char_ctc_loss; beyond the paper): a
     # dense acoustic signal for the Conformer, constant weight; 0: off
     char_ctc_weight: float = 0.0
+    # train the encoder on the character CTC alone (no adapter, no LM forward: several times cheaper per step): an
+    # acoustic stage whose encoder a later speech_sft loads with encoder_from; needs char_ctc_weight > 0, no eval
+    acoustic_only: bool = False
     eval_items: int = 100  # held-out items scored at the end (mm.eval_speech; 0: skip)
     data: AudioDataConfig = field(default_factory=AudioDataConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-3, weight_decay=0.01))

@@ -82,6 +82,16 @@ class SpeechLM(nn.Module):
         """Token embeddings (B, T, D) with the speech spliced in."""
         return splice_speech(self.lm.tok_embeddings(tokens), tokens, *self.speech_embeds(feats, feat_lens), self.ids)
 
+    def char_loss(self, feats: torch.Tensor, feat_lens: torch.Tensor, chars: tuple) -> torch.Tensor:
+        """The character CTC of the encoder alone, feats (B, F, 80) -> scalar (no adapter, no LM): the acoustic
+        stage's loss (speech_sft acoustic_only)."""
+        return self._char_ctc(*self.encoder(feats, feat_lens), chars)  # encoder: (B, F', D_enc), lengths
+
+    def _char_ctc(self, enc: torch.Tensor, enc_lens: torch.Tensor, chars: tuple) -> torch.Tensor:
+        if self.char_head is None:
+            raise ValueError("character CTC targets given but the model has no char_head")
+        return char_ctc_loss(self.char_head(enc), enc_lens, *chars)
+
     def forward(self, tokens, feats=None, feat_lens=None, labels=None, ctc=None, chars=None):
         if feats is None:  # no audio: the bare LM (DESIGN.md invariant 1)
             return self.lm(tokens, labels=labels)
@@ -96,9 +106,7 @@ class SpeechLM(nn.Module):
         if ctc is not None:
             aux["ctc"] = token_ctc_loss(sp, n, self.lm.tok_embeddings.weight, *ctc, self.ids.placeholder)
         if chars is not None:
-            if self.char_head is None:
-                raise ValueError("character CTC targets given but the model has no char_head")
-            aux["char_ctc"] = char_ctc_loss(self.char_head(enc), enc_lens, *chars)
+            aux["char_ctc"] = self._char_ctc(enc, enc_lens, chars)
         return out, aux
 
 

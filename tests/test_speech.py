@@ -355,3 +355,32 @@ def test_stages_trainable_sets_lm_unchanged_and_cli(world, tmp_path, monkeypatch
     bad.write_bytes(wav.read_bytes()[:-4000])
     rc, err = _mm("chat", "--ckpt", tmp_path / "sft", "--audio", bad)
     assert rc == 2 and str(bad) in err["error"] and "truncated" in err["error"]
+
+
+def test_acoustic_stage_trains_only_the_encoder_and_feeds_speech_sft(world, tmp_path, monkeypatch):
+    """speech_sft acoustic_only: the character CTC alone moves the encoder; the adapter stays at its seeded init, the
+    LM is untouched, no WER is claimed; a later speech_sft starts from exactly that encoder (encoder_from)."""
+    from mm.checkpoint import load_tensors
+    from mm.config import load_config
+    from mm.speech import load_encoder
+    from mm.stages.speech_sft import build_model
+
+    monkeypatch.chdir(REPO)
+    base = [*_common(world), f"lm={world['lm']}", "encoder_from=null", "adapter.dim=16", "adapter.heads=2",
+            "adapter.ffn_dim=32", "seq_len=96", "eval_items=2", "ctc_weight=0", "ctc_weight_end=0"]
+    rc, err = _mm("run", "experiments/speech/speech_sft_tiny.yaml", "--out", tmp_path / "bad", *base,
+                  "acoustic_only=true")
+    assert rc == 2 and "char_ctc_weight > 0" in err["error"], err
+    ov = [*base, "acoustic_only=true", "char_ctc_weight=1.0", "steps=3"]
+    rc, res = _mm("run", "experiments/speech/speech_sft_tiny.yaml", "--out", tmp_path / "ac", *ov)
+    assert rc == 0 and np.isfinite(res["final_char_ctc"]) and "wer" not in res and "final_lm_loss" not in res, res
+    fresh, _ = build_model(load_config(REPO / "experiments/speech/speech_sft_tiny.yaml", ov))  # same seed: the init
+    sd = load_tensors(tmp_path / "ac" / "final" / "model.safetensors")
+    assert all(torch.equal(sd[f"adapter.{k}"], v) for k, v in fresh.adapter.state_dict().items())
+    assert any(not torch.equal(sd[f"encoder.{k}"], v) for k, v in fresh.encoder.state_dict().items())
+    assert res["params_trainable"] == sum(p.numel() for p in fresh.encoder.parameters()) + \
+        sum(p.numel() for p in fresh.char_head.parameters())
+    enc = load_encoder(tmp_path / "ac")
+    nxt, _ = build_model(load_config(REPO / "experiments/speech/speech_sft_tiny.yaml",
+                                     [*base, f"encoder_from={tmp_path / 'ac'}"]))
+    assert all(torch.equal(a, b) for a, b in zip(enc.state_dict().values(), nxt.encoder.state_dict().values()))

@@ -9,7 +9,8 @@ system prompt, answer = json answer). The user turn is `<|speech_start|>` + one 
 (cutting one would cut its speech run). Features get SpecAugment masks. At the end the model is scored on
 `eval_items` held-out items (mm.eval_speech). Optional, beyond the paper: ctc_weight > 0 adds the auxiliary token
 CTC of each sample's transcript (annealed linearly to ctc_weight_end); char_ctc_weight > 0 a character CTC head on the
-encoder's frames (dropped at save); the adapter's final RMSNorm on the LM's
+encoder's frames (dropped at save), and acoustic_only trains the encoder on it alone (an acoustic stage for a later
+speech_sft's encoder_from); the adapter's final RMSNorm on the LM's
 embedding scale is adapter.match_embed_scale. Final: final/{model.safetensors ("encoder.*", "adapter.*"), meta.json,
 tokenizer.json}; mm.speech.load_speech_model rebuilds it.
 """
@@ -119,9 +120,13 @@ class SpeechFeed(StepFeed):
         return mb
 
 
-def speech_loss(m, mb: dict, char_weight: float = 0.0) -> StepOutput:
+def speech_loss(m, mb: dict, char_weight: float = 0.0, acoustic_only: bool = False) -> StepOutput:
     """Assistant-token loss of one micro-batch (mean over its labelled tokens), + ctc_w x the auxiliary token CTC and
-    char_weight x the character CTC when on (then "lm_loss", "ctc" and "char_ctc" are logged apart)."""
+    char_weight x the character CTC when on (then "lm_loss", "ctc" and "char_ctc" are logged apart); acoustic_only:
+    the character CTC alone."""
+    if acoustic_only:
+        loss = m.char_loss(mb["feats"], mb["feat_lens"], (mb["char_targets"], mb["char_lens"]))
+        return StepOutput(loss, int(mb["char_lens"].sum()), {"char_ctc": loss.detach()})
     ctc = (mb["ctc_targets"], mb["ctc_lens"]) if "ctc_targets" in mb else None
     chars = (mb["char_targets"], mb["char_lens"]) if "char_targets" in mb else None
     if ctc is None and chars is None:
@@ -140,10 +145,17 @@ def run(cfg: SpeechSFTConfig, run_dir: Path, resume: bool = False) -> dict:
         torch.set_num_threads(cfg.train.threads)
     torch.manual_seed(cfg.seed)
     run_dir = Path(run_dir)
+    if cfg.acoustic_only and cfg.char_ctc_weight <= 0:
+        raise ValueError("acoustic_only trains the encoder on the character CTC: set char_ctc_weight > 0")
     model, tok = build_model(cfg)
     counts = freeze_lm(model)
+    if cfg.acoustic_only:  # the adapter gets no gradient without the LM: keep it out of the optimizer
+        for p in model.adapter.parameters():
+            p.requires_grad_(False)
+        counts = {"trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+                  "frozen": sum(p.numel() for p in model.parameters() if not p.requires_grad)}
     net = wrap_model(model.to(info.device), cfg.train.parallel, info)
-    loss_fn = functools.partial(speech_loss, char_weight=cfg.char_ctc_weight)
+    loss_fn = functools.partial(speech_loss, char_weight=cfg.char_ctc_weight, acoustic_only=cfg.acoustic_only)
     records, loader, feed, trainer, train_s = train_on_audio(cfg, net, info, run_dir, loss_fn, resume,
                                                              lambda ld: SpeechFeed(ld, tok, cfg, model, info.device))
     base = {"stage": cfg.stage, "steps": cfg.steps, "skipped": {**loader.skipped, **feed.skipped}}
@@ -161,7 +173,7 @@ def run(cfg: SpeechSFTConfig, run_dir: Path, resume: bool = False) -> dict:
         meta = {"stage": cfg.stage, "step": cfg.steps, "lm": str(model_dir(cfg.lm).resolve()),
                 "encoder_from": cfg.encoder_from}
         final = save_speech_model(run_dir / "final", unwrap(net), tok, meta)
-        if cfg.eval_items:
+        if cfg.eval_items and not cfg.acoustic_only:  # an acoustic stage's adapter never trained: no WER
             from mm.eval_speech import eval_speech_shards
 
             t_eval = time.perf_counter()
