@@ -63,6 +63,8 @@ class GatedCrossAttentionBlock(nn.Module):
         self.feed_forward = FeedForward(cfg)
         self.gate_ffn = nn.Parameter(torch.zeros(1))
         self.init_std = cfg.init_std
+        self.keep_read = False  # when set, forward keeps its pre-gate attention output in `read` (auxiliary losses)
+        self.read: tuple[torch.Tensor, torch.Tensor] | None = None
         self.reset_parameters()
 
     @torch.no_grad()
@@ -95,6 +97,8 @@ class GatedCrossAttentionBlock(nn.Module):
         q = self.q_norm(q).transpose(1, 2)  # (B, H, T, hd)
         out = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=safe, enable_gqa=True)
         out = self.wo(out.transpose(1, 2).reshape(B, T, -1)) * row  # (B, T, D), zero on rows without media
+        if self.keep_read:
+            self.read = (out, row)  # (B, T, D), (B, T, 1)
         x = x + (torch.tanh(self.gate_attn) * out).to(x.dtype)
         return x + (torch.tanh(self.gate_ffn) * (self.feed_forward(self.ffn_norm(x)) * row)).to(x.dtype)
 

@@ -425,6 +425,10 @@ class VideoStageConfig:
     # auxiliary bag-of-words loss (beyond the paper): the mean aggregated video token predicts its caption's tokens
     # through a linear head (dropped at save), a signal for the aggregator that does not pass the near-0 gates; 0: off
     bow_weight: float = 0.0
+    # what the bag-of-words head reads: "aggregate" (the pooled aggregator tokens) or "read" (the video cross-attention
+    # blocks' pre-gate outputs averaged over the text rows that see the clip: trains the LM's read of the clip itself,
+    # still without passing the gates)
+    bow_source: str = "aggregate"
     eval_items: int = 0  # held-out questions scored at the end into the result (0: skip)
     data: VideoDataConfig = field(default_factory=VideoDataConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-4, weight_decay=0.01))

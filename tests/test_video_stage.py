@@ -151,6 +151,32 @@ def test_caption_bag_of_words_trains_only_the_aggregator_side(world):
     assert all(b.wq.weight.grad is None for b in model.fused.video_adapter.xattn.blocks.values())  # no read involved
 
 
+def test_bag_of_words_on_the_read_trains_the_cross_attention_not_its_gates(world):
+    from mm.config import load_config
+    from mm.stages.video import build_model, caption_bow, freeze_for_video
+
+    cfg = load_config(REPO / PRE, _overrides(world) + ["bow_weight=1.0", "bow_source=read"])
+    model, tok, _, _ = build_model(cfg)
+    freeze_for_video(model)
+    assert model.bow_head.in_features == model.fused.lm.cfg.dim  # it reads the LM-width cross-attention output
+    torch.manual_seed(0)
+    t = model.vision.cfg.image_size
+    pixels, aspect = torch.randn(2, 8, 1, 3, t, t), torch.zeros(2, 8, dtype=torch.long)
+    toks = torch.full((2, 6), 5)
+    toks[:, 2] = tok.special_id("<|video|>")  # rows 0-1 see no clip (their read is zero and not averaged)
+    bow = caption_bow(tok, ["A red ball moves to the left.", "A cat moves up."])
+    loss, bow_loss = model(toks, pixels, aspect, labels=toks.clone(), bow=bow)
+    blocks = list(model.fused.video_adapter.xattn.blocks.values())
+    assert all(not b.keep_read and b.read is None for b in blocks)  # nothing kept after the step
+    assert torch.equal(loss, model(toks, pixels, aspect, labels=toks.clone()))  # the LM loss is unchanged
+    bow_loss.backward()
+    assert all(b.wq.weight.grad.abs().sum() > 0 and b.wkv.weight.grad.abs().sum() > 0 for b in blocks)
+    assert model.fused.video_adapter.aggregator.latents.grad.abs().sum() > 0
+    assert all(b.gate_attn.grad is None or b.gate_attn.grad.abs().sum() == 0 for b in blocks)  # pre-gate: no gate
+    with pytest.raises(ValueError, match="bow_source must be one of"):
+        build_model(load_config(REPO / PRE, _overrides(world) + ["bow_weight=1.0", "bow_source=reads"]))
+
+
 def test_pretrain_keeps_image_weights_resumes_and_sft_hot_swaps(world, tmp_path, monkeypatch):
     from mm.runs import load_lm
     from mm.stages.image_pretrain import load_fused

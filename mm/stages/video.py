@@ -41,6 +41,7 @@ from mm.stages.image_pretrain import (ImageFeed, collate_dialogs, encode_vqa, fi
                                       images_to_pixels, lm_dir, load_fused, save_image_model)
 from mm.train import StepOutput, Trainer, warmup_cosine
 
+BOW_SOURCES = ("aggregate", "read")  # what the optional bag-of-words head reads (VideoStageConfig.bow_source)
 TRAINABLE_PREFIXES = ("fused.video_adapter.", "bow_head.")  # DESIGN.md invariant 4: the video stages train nothing
 # else (bow_head: the optional auxiliary head, never saved)
 DESCRIBE = "Describe the video."
@@ -121,12 +122,16 @@ def frames_to_pixels(frames, vcfg: VisionConfig) -> tuple[torch.Tensor, torch.Te
 class VideoModel(nn.Module):
     """Image encoder + FusedLM with a video adapter (one optimizer / checkpoint): names "vision.*" and "fused.*";
     with bow_vocab > 0 also "bow_head.*", the auxiliary caption bag-of-words head on the pooled aggregated tokens
-    (their mean, or the summary tokens' mean when the aggregator has them)."""
+    (their mean, or the summary tokens' mean when the aggregator has them) or, bow_source "read", on the video
+    cross-attention blocks' pre-gate outputs averaged over the text rows that see the clip."""
 
-    def __init__(self, vision: VisionEncoder, fused: FusedLM, bow_vocab: int = 0):
+    def __init__(self, vision: VisionEncoder, fused: FusedLM, bow_vocab: int = 0, bow_source: str = "aggregate"):
         super().__init__()
-        self.vision, self.fused = vision, fused
-        self.bow_head = nn.Linear(fused.video_adapter.cfg.width, bow_vocab) if bow_vocab else None
+        if bow_source not in BOW_SOURCES:
+            raise ValueError(f"bow_source must be one of {BOW_SOURCES}, got {bow_source!r}")
+        self.vision, self.fused, self.bow_source = vision, fused, bow_source
+        width = fused.video_adapter.cfg.width if bow_source == "aggregate" else fused.lm.cfg.dim
+        self.bow_head = nn.Linear(width, bow_vocab) if bow_vocab else None
 
     def forward(self, tokens, pixels, aspect, labels=None, bow=None):
         """tokens (B, T) with one `<|video|>` each -> logits (B, T, V), or the mean loss with labels (B, T); with
@@ -135,8 +140,22 @@ class VideoModel(nn.Module):
         if bow is None:
             return self.fused(tokens, video=video, labels=labels)
         agg = self.fused.aggregate(video)  # (B, 1, E*L, W)
-        out = self.fused(tokens, video=self.fused.aggregated_kv(agg), labels=labels)
-        pooled = self.fused.video_adapter.aggregator.pooled(agg, video.shape[2])[:, 0]  # (B, W)
+        blocks = list(self.fused.video_adapter.xattn.blocks.values()) if self.bow_source == "read" else []
+        for blk in blocks:
+            blk.keep_read = True
+        try:
+            out = self.fused(tokens, video=self.fused.aggregated_kv(agg), labels=labels)
+        finally:
+            for blk in blocks:
+                blk.keep_read = False
+        if blocks:  # the blocks' pre-gate reads, averaged over the rows that see the clip: (B, D)
+            read = sum(blk.read[0] for blk in blocks) / len(blocks)  # (B, T, D)
+            rows = blocks[0].read[1]  # (B, T, 1)
+            pooled = (read * rows).sum(1) / rows.sum(1).clamp(min=1)
+            for blk in blocks:
+                blk.read = None
+        else:
+            pooled = self.fused.video_adapter.aggregator.pooled(agg, video.shape[2])[:, 0]  # (B, W)
         logp = self.bow_head(pooled).float().log_softmax(-1)  # (B, V)
         return out, -(bow * logp).sum(-1).mean()
 
@@ -228,7 +247,7 @@ def build_model(cfg: VideoStageConfig) -> tuple[VideoModel, Tokenizer, Path, dic
             raise ValueError(f"{d}: its video adapter (every {va.every}, {va.cfg}) differs from the config's "
                              f"(video_every {cfg.video_every}, {want})")
     lm_path = Path(meta["lm"])
-    model = VideoModel(vision, fused, tok.vocab_size if cfg.bow_weight > 0 else 0)
+    model = VideoModel(vision, fused, tok.vocab_size if cfg.bow_weight > 0 else 0, cfg.bow_source)
     if cfg.instruct_lm:  # video_sft: the instruction-tuned LM (invariant 6)
         hot_swap_lm(fused, tok, cfg.instruct_lm)
         lm_path = lm_dir(cfg.instruct_lm)
