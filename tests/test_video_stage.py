@@ -4,7 +4,9 @@ no-video logits bitwise the bare LM's, exact resume, the instruct-LM hot-swap an
 benchmark metrics (paper prompts, letter parsing, single-frame control) and `mm eval video` / `mm chat --video`."""
 from __future__ import annotations
 
+import argparse
 import contextlib
+import importlib.util
 import io
 import json
 from pathlib import Path
@@ -177,6 +179,24 @@ def test_bag_of_words_on_the_read_trains_the_cross_attention_not_its_gates(world
         build_model(load_config(REPO / PRE, _overrides(world) + ["bow_weight=1.0", "bow_source=reads"]))
 
 
+def _bench(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", REPO / "benchmarks" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_linear_probe_reads_separable_features_and_not_noise():
+    lp = _bench("video_probe").linear_probe
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(200) % 4
+    x = torch.randn(200, 8, generator=g)
+    x[:, :4] += 3.0 * torch.nn.functional.one_hot(y, 4)  # the label written into 4 of 8 dims
+    assert lp(x[:160], y[:160], x[160:], y[160:])["val_acc"] >= 0.95
+    noise = torch.randn(200, 8, generator=g)
+    assert lp(noise[:160], y[:160], noise[160:], y[160:])["val_acc"] <= 0.5
+
+
 def test_pretrain_keeps_image_weights_resumes_and_sft_hot_swaps(world, tmp_path, monkeypatch):
     from mm.runs import load_lm
     from mm.stages.image_pretrain import load_fused
@@ -187,6 +207,14 @@ def test_pretrain_keeps_image_weights_resumes_and_sft_hot_swaps(world, tmp_path,
     assert rc == 0 and full["stage"] == "video_pretrain" and full["params_trainable"] > 0, full
     logged = [json.loads(x) for x in (tmp_path / "pre" / "metrics.jsonl").read_text().splitlines()]
     assert all({"gate_video/3.attn", "gate_video/3.ffn"} <= set(r) for r in logged if "loss" in r)  # gate plots
+    # benchmarks/video_probe.py: every place is probed; the aggregator's tokens of the whole clip separate the
+    # training clips by direction (the frame floor is not asserted: mp4 artifacts make the middle frames differ)
+    probe = _bench("video_probe").evaluate(argparse.Namespace(
+        ckpt=str(tmp_path / "pre"), train_shards=str(world["root"] / "train-*.tar"),
+        shards=str(world["root"] / "val-*.tar"), train_clips=16, val_clips=4, frames=0, weight_decay=1e-3, threads=1))
+    assert probe["train_clips"] == 16 and probe["val_clips"] == 4
+    assert set(probe) >= {"agg_flat", "agg_mean", "lm_state", "lm_state_frame"} and \
+        probe["agg_flat"]["train_acc"] == 1.0, probe
     rc, part = _cli("run", PRE, "--out", str(tmp_path / "part"), *_overrides(world), "train.stop_after=2")
     assert rc == 0 and part["stopped_at"] == 2
     _cli("run", PRE, "--out", str(tmp_path / "part"), *_overrides(world), "--resume")
