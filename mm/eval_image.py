@@ -2,6 +2,7 @@
 held-out text bits per byte of the fused model without media next to the bare LM (equal by DESIGN.md invariant 1)."""
 from __future__ import annotations
 
+import random
 from collections import defaultdict
 from pathlib import Path
 
@@ -127,8 +128,6 @@ def eval_image_shards(fused: FusedLM, vision, tok, shards: str, max_items: int =
     Returns {"shards", "image_samples", "skipped" ({reason: n}), "skipped_total", **vqa_eval(...)}; the one
     implementation behind `mm eval image` and benchmarks/image.py. examples_dir: save the examples' images there;
     families: keep only samples of these task families (all when empty)."""
-    import random
-
     from mm.stages.clip_pretrain import load_image_samples
 
     size = vision.cfg.image_size * (decode_scale or 1)

@@ -115,11 +115,12 @@ def n_speech_tokens(n_samples: int, enc_cfg: ConformerConfig) -> int:
     return int(adapter_frames(enc_cfg.out_frames(frames_for(int(n_samples)))))
 
 
-def freeze_lm(model: SpeechLM) -> dict[str, int]:
-    """requires_grad on encoder.* and adapter.* only (DESIGN.md invariant 4); {"trainable": n, "frozen": n}."""
+def freeze_lm(model: SpeechLM, frozen: tuple[str, ...] = ("lm.",)) -> dict[str, int]:
+    """requires_grad on everything outside the `frozen` prefixes: encoder.* and adapter.* (and a char_head) by default
+    (DESIGN.md invariant 4); {"trainable": n, "frozen": n}."""
     counts = {"trainable": 0, "frozen": 0}
     for name, p in model.named_parameters():
-        p.requires_grad_(not name.startswith("lm."))
+        p.requires_grad_(not name.startswith(frozen))
         counts["trainable" if p.requires_grad else "frozen"] += p.numel()
     return counts
 

@@ -10,7 +10,8 @@ stays the instruct LM) for K = 2..soup_top_k are written to soups/top<K>/ and sc
 ("K is chosen by evaluating the averages", PAPER.md §7.2) is written to final/.
 
 Reruns continue: a member with members/<i>/result.json is reused (if its seed, LR, setup and the init / instruct-LM
-weights it was trained from match, else an error), one with a final model but no score is only scored, and an interrupted one resumes from its checkpoints.
+weights it was trained from match, else an error; re-scored if eval_items changed), one with a final model but no
+score is only scored, and an interrupted one resumes from its checkpoints.
 Files: members/<i>/{checkpoints, final, train.json, result.json}; final/ (loadable with load_fused; meta "soup_of").
 """
 from __future__ import annotations
@@ -79,8 +80,8 @@ def run_member(cfg: ImageSFTConfig, i: int, m: SweepMember, mdir: Path) -> dict:
         trained.write_text(json.dumps(res, indent=1))
     res = json.loads(trained.read_text())
     ev = score(cfg, mdir)
-    out = {"member": i, **key, **_figures(ev), "eval_items": cfg.eval_items, "final_loss": res.get("final_loss"), "train_s": res.get("train_s"),
-           "examples": ev.get("examples", [])[:3]}
+    out = {"member": i, **key, **_figures(ev), "eval_items": cfg.eval_items, "final_loss": res.get("final_loss"),
+           "train_s": res.get("train_s"), "examples": ev.get("examples", [])[:3]}
     done.write_text(json.dumps(out, indent=1))
     return {**out, "reused": False}
 

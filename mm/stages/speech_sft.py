@@ -148,12 +148,8 @@ def run(cfg: SpeechSFTConfig, run_dir: Path, resume: bool = False) -> dict:
     if cfg.acoustic_only and cfg.char_ctc_weight <= 0:
         raise ValueError("acoustic_only trains the encoder on the character CTC: set char_ctc_weight > 0")
     model, tok = build_model(cfg)
-    counts = freeze_lm(model)
-    if cfg.acoustic_only:  # the adapter gets no gradient without the LM: keep it out of the optimizer
-        for p in model.adapter.parameters():
-            p.requires_grad_(False)
-        counts = {"trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
-                  "frozen": sum(p.numel() for p in model.parameters() if not p.requires_grad)}
+    # acoustic_only: the adapter gets no gradient without the LM, so it stays out of the optimizer too
+    counts = freeze_lm(model, ("lm.", "adapter.") if cfg.acoustic_only else ("lm.",))
     net = wrap_model(model.to(info.device), cfg.train.parallel, info)
     loss_fn = functools.partial(speech_loss, char_weight=cfg.char_ctc_weight, acoustic_only=cfg.acoustic_only)
     records, loader, feed, trainer, train_s = train_on_audio(cfg, net, info, run_dir, loss_fn, resume,
