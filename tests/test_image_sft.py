@@ -156,6 +156,11 @@ def test_member_of_a_retrained_instruct_lm_is_not_reused(sft_world, tmp_path, mo
     one = ("sweep=[{seed: 1, lr: 0.01}]", "soup_top_k=1")
     assert _sft(w, out, *one)["members"][0]["reused"] is False
     assert _sft(w, out, "--force", *one)["members"][0]["reused"] is True  # same weights: reused
+    final = out / "members" / "0" / "final" / "model.safetensors"
+    stamp = final.stat().st_mtime_ns
+    again = _sft(w, out, "--force", *one, "eval_items=2")  # other scoring items: scored again, not retrained
+    assert again["members"][0]["reused"] is False and final.stat().st_mtime_ns == stamp
+    assert json.loads((out / "members" / "0" / "result.json").read_text())["eval_items"] == 2
     _, tok, meta = load_lm(inst)
     cfg = LlamaConfig(**meta["model_config"])
     torch.manual_seed(8)
