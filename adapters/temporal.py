@@ -14,10 +14,18 @@ one cross-attention read for the LM instead of a compare-across-places it has to
 they attend over the frame and are returned after its N * n_latents tokens, a place for whole-clip features that
 no single spatial token has to carry (measured: the mean of the per-place tokens keeps little of the direction a
 linear probe reads from all of them together).
+`out_positions` adds learned (effective frame, token place) embeddings, zero at init, to the output after the final
+norm. A cross-attention read is a softmax-weighted set of value vectors: it finds the mover's tokens by content, but
+returns *where* and *when* they are only if the values carry it. Measured on a video_sft run's aggregated tokens (2
+effective frames, 720 train / 80 held-out direction clips): a 4-head attention read with learned queries decodes the
+direction at 0.34 held-out, 0.99 once learned per-token positions are added to its keys and values (0.975 with the
+factorised frame + place tables used here, 0.73 with place only), while a linear probe of all tokens gets 0.99.
 Why per token and not one latent set over all window tokens (open_flamingo's flattening): at our scale the latter
 pools the spatial layout away (measured: a pooled perceiver + linear head stays at chance on the kit's direction
 clips where a per-token summary is linearly decodable), and the paper leaves the perceiver's layout unspecified.
-Positions are N(0, 1) as in open_flamingo / flamingo-pytorch (at 0.02 they drown in the projected features).
+Positions are N(0, 1) as in open_flamingo / flamingo-pytorch (at 0.02 they drown in the projected features), or with
+`positions: sincos` start geometric (1-D sin-cos over frames, 2-D over each tile's patch grid, at the same RMS): "left
+of" and "later than" are then linear in the tables from step 0 instead of being learned from 64 unrelated vectors.
 Written by hand: timm and torchvision have no perceiver resampler.
 """
 from __future__ import annotations
@@ -43,10 +51,43 @@ class AggregatorConfig:
     ff_mult: int = 4
     spatial_depth: int = 0  # self-attention layers across an effective frame's tokens after the temporal merge
     summary_tokens: int = 0  # learned tokens joining each effective frame in the spatial layers (0: none)
+    positions: str = "normal"  # init of the frame / token position tables: "normal" N(0, 1) or "sincos" (geometric)
+    out_positions: bool = False  # add learned (effective frame, token) positions to the output, after the final norm
 
     def to_dict(self) -> dict:
         """Plain dict (meta.json)."""
         return asdict(self)
+
+
+def sincos_1d(n: int, width: int) -> torch.Tensor:
+    """(n, width) sin-cos table of positions 0..n-1 (Transformer style), scaled to unit RMS like an N(0, 1) table.
+    Frequencies run from 1 to ~1 / (4 n) (temperature 4 n, not 10^4: over 8-64 places most 10^4 channels are flat)."""
+    if width % 2:
+        raise ValueError(f"sin-cos positions need an even width, got {width}")
+    omega = float(4 * max(n, 2)) ** (-torch.arange(width // 2, dtype=torch.float64) / (width // 2))  # (width/2,)
+    ang = torch.arange(n, dtype=torch.float64)[:, None] * omega  # (n, width/2)
+    return (torch.cat([ang.sin(), ang.cos()], dim=1) * 2 ** 0.5).float()
+
+
+def tile_grid_positions(n_tokens: int, width: int, init: torch.Tensor) -> torch.Tensor:
+    """(n_tokens, width) position table for tiles of [CLS, g x g patches] (the vision encoder's layout): each patch
+    gets the 2-D sin-cos of its (row, column), half the channels each, the same in every tile, so places that are
+    near or in the same row / column share structure (left of, above) the aggregator need not learn from scratch;
+    CLS rows keep `init` (N(0, 1)). The tile count is the smallest n with n_tokens / n - 1 a square."""
+    if width % 4:
+        raise ValueError(f"2-D sin-cos positions need a width divisible by 4, got {width}")
+    for n in range(1, n_tokens + 1):
+        g = round((n_tokens / n - 1) ** 0.5) if n_tokens % n == 0 and n_tokens // n > 1 else 0
+        if g and g * g + 1 == n_tokens // n:
+            break
+    else:
+        raise ValueError(f"{n_tokens} tokens per frame are not tiles of [CLS, g x g patches]: use positions 'normal'")
+    rows = torch.arange(g).repeat_interleave(g)  # (g*g,) row of each patch, row-major
+    cols = torch.arange(g).repeat(g)
+    grid = torch.cat([sincos_1d(g, width // 2)[rows], sincos_1d(g, width // 2)[cols]], dim=1)  # (g*g, W)
+    table = init.detach().clone().view(n, g * g + 1, width)
+    table[:, 1:] = grid
+    return table.view(n_tokens, width)
 
 
 class PerceiverLayer(nn.Module):
@@ -96,6 +137,16 @@ class PerceiverResampler(nn.Module):
                              "spatial layers write into them)")
         self.summary = nn.Parameter(torch.randn(cfg.summary_tokens, cfg.width)) if cfg.summary_tokens else None
         self.norm = nn.LayerNorm(cfg.width)
+        if cfg.out_positions:  # zero at init: the output starts as without them
+            self.out_frame_embed = nn.Parameter(torch.zeros(cfg.max_frames, 1, cfg.width))  # per effective frame
+            self.out_token_embed = nn.Parameter(torch.zeros(cfg.max_tokens * cfg.n_latents + cfg.summary_tokens,
+                                                            cfg.width))  # per token of an effective frame
+        if cfg.positions == "sincos":
+            with torch.no_grad():
+                self.frame_embed.copy_(sincos_1d(cfg.max_frames, cfg.width))
+                self.token_embed.copy_(tile_grid_positions(cfg.max_tokens, cfg.width, self.token_embed))
+        elif cfg.positions != "normal":
+            raise ValueError(f"aggregator positions must be 'normal' or 'sincos', got {cfg.positions!r}")
 
     def forward(self, frames: torch.Tensor) -> torch.Tensor:
         """frames (B, F, N, media_dim), F a multiple of factor and <= max_frames, N <= max_tokens
@@ -117,7 +168,13 @@ class PerceiverResampler(nn.Module):
             lat = torch.cat([lat, self.summary.expand(B * E, -1, -1).to(lat.dtype)], dim=1)
         for layer in self.spatial:
             lat = layer(None, lat)
-        return self.norm(lat).view(B, E, lat.shape[1], -1)
+        out = self.norm(lat).view(B, E, lat.shape[1], -1)  # (B, E, S, W)
+        if self.cfg.out_positions:
+            S = out.shape[2] - self.cfg.summary_tokens
+            tok = torch.cat([self.out_token_embed[:S], self.out_token_embed[-self.cfg.summary_tokens:]]) \
+                if self.cfg.summary_tokens else self.out_token_embed[:S]
+            out = out + self.out_frame_embed[:E] + tok  # (B, E, S, W)
+        return out
 
     def pooled(self, agg: torch.Tensor, num_frames: int) -> torch.Tensor:
         """This aggregator's output for num_frames-frame videos (B, M, E * (N * n_latents + G), W) -> one vector per

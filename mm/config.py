@@ -398,6 +398,8 @@ class VideoAggregatorConfig:
     ff_mult: int = 4
     spatial_depth: int = 0  # self-attention layers across each effective frame's tokens after the temporal merge
     summary_tokens: int = 0  # learned tokens appended to each effective frame for the spatial layers (needs >= 1)
+    positions: str = "normal"  # frame / token position tables start N(0, 1) ("normal") or geometric ("sincos")
+    out_positions: bool = False  # learned (effective frame, token) positions added to the output (module doc)
 
 
 @dataclass

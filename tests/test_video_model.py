@@ -105,6 +105,55 @@ def test_summary_tokens_follow_each_effective_frame_and_pool(one_thread):
         PerceiverResampler(DM, AggregatorConfig(factor=4, width=16, max_frames=8, max_tokens=N, summary_tokens=2))
 
 
+def test_sincos_positions_are_geometric_and_keep_cls_and_shapes():
+    torch.manual_seed(0)
+    cfg = AggregatorConfig(factor=4, width=16, depth=1, heads=2, max_frames=8, max_tokens=2 * 10, positions="sincos")
+    agg = PerceiverResampler(DM, cfg)  # 2 tiles of [CLS, 3 x 3 patches]
+    te, fe = agg.token_embed.detach(), agg.frame_embed.detach()
+    cos = torch.nn.functional.cosine_similarity
+    # patch (0,0) is closer to its right neighbour than to the far end of its row; both tiles share the grid
+    assert cos(te[1], te[2], dim=0) > cos(te[1], te[3], dim=0) > cos(te[1], te[9], dim=0)
+    torch.testing.assert_close(te[1:10], te[11:20])
+    assert not torch.allclose(te[0], te[10])  # the CLS rows keep their own N(0, 1) init
+    assert cos(fe[0], fe[1], dim=0) > cos(fe[0], fe[3], dim=0) > cos(fe[0], fe[7], dim=0)  # later = farther
+    assert abs(float(fe.pow(2).mean().sqrt()) - 1) < 0.05  # the same scale as the N(0, 1) tables
+    torch.manual_seed(0)
+    plain = PerceiverResampler(DM, AggregatorConfig(**{**cfg.to_dict(), "positions": "normal"}))
+    assert cos(plain.frame_embed[0], plain.frame_embed[1], dim=0) < 0.5  # random tables carry no order
+    assert agg(feats(2, 8, 20, DM)).shape == (2, 2, 20, 16)
+    with pytest.raises(ValueError, match="not tiles of"):
+        PerceiverResampler(DM, AggregatorConfig(**{**cfg.to_dict(), "max_tokens": 7}))
+    with pytest.raises(ValueError, match="positions must be"):
+        PerceiverResampler(DM, AggregatorConfig(**{**cfg.to_dict(), "positions": "rope"}))
+
+
+def test_output_positions_start_at_zero_and_let_a_set_read_see_time_order():
+    cfg = AggregatorConfig(factor=4, width=16, depth=1, heads=2, max_frames=8, max_tokens=N, spatial_depth=1)
+    torch.manual_seed(0)
+    plain = PerceiverResampler(DM, cfg).eval()
+    torch.manual_seed(0)
+    agg = PerceiverResampler(DM, AggregatorConfig(**{**cfg.to_dict(), "out_positions": True})).eval()
+    x = feats(1, 8, N, DM)
+    swapped = torch.cat([x[:, 4:], x[:, :4]], dim=1)  # the two windows' frames in the other order
+    q = torch.randn(16)
+
+    def read(out):  # one softmax attention read over all tokens: a weighted set, blind to token order
+        flat = out.reshape(-1, 16)
+        return (flat @ q).softmax(0) @ flat
+
+    with torch.no_grad():
+        agg.load_state_dict(plain.state_dict(), strict=False)
+        torch.testing.assert_close(agg(x), plain(x))  # zero tables: exactly the aggregator without them
+        for m in (plain, agg):  # frame positions are input-side: swapping windows changes each window's tokens
+            m.frame_embed.zero_()
+        torch.testing.assert_close(read(plain(x)), read(plain(swapped)))  # the set read cannot tell the order
+        agg.out_frame_embed.normal_()
+        agg.out_token_embed.normal_()
+        out = agg(x)
+        torch.testing.assert_close(out - plain(x), (agg.out_frame_embed[:2] + agg.out_token_embed[:N])[None])
+        assert (read(out) - read(agg(swapped))).abs().max() > 1e-3  # with output positions it can
+
+
 def test_video_blocks_placed_before_every_4th_image_block():
     big = make_fused(n_layers=32, every=4)
     assert big.image_adapter.layer_ids == list(range(3, 32, 4))  # 8 image blocks
