@@ -256,6 +256,13 @@ def test_pretrain_keeps_image_weights_resumes_and_sft_hot_swaps(world, tmp_path,
     assert lm_path == (world["instruct"] / "final").resolve()
     assert all(torch.equal(v, model.fused.lm.state_dict()[k]) for k, v in ilm.state_dict().items())
     assert all(torch.equal(model.state_dict()[k], v) for k, v in a.items())  # adapters untouched by the swap
+    # output positions switched on at SFT over a pretraining without them: zero tables, the same function, trained
+    grown, _, _, _ = build_model(load_config(REPO / SFT, [*sft_over, "aggregator.out_positions=true"]))
+    freeze_for_video(grown)
+    agg = grown.fused.video_adapter.aggregator
+    assert agg.out_token_embed.requires_grad and not agg.out_token_embed.any() and not agg.out_frame_embed.any()
+    with torch.no_grad():
+        assert torch.equal(grown.fused(vtoks, video=video), model.fused(vtoks, video=video))
     rc, sft = _cli("run", SFT, "--out", str(tmp_path / "sft"), *sft_over, "eval_items=6")
     assert rc == 0 and sft["stage"] == "video_sft" and sft["items"] == 6, sft
     s = load_tensors(tmp_path / "sft" / "final" / "model.safetensors")

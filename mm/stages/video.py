@@ -187,20 +187,25 @@ def aggregator_config(cfg: VideoStageConfig, vcfg: VisionConfig) -> AggregatorCo
     return AggregatorConfig(factor=cfg.factor, **shape)
 
 
-def load_video(ckpt: str | Path, device: str | torch.device = "cpu",
-               factor: int | None = None) -> tuple[FusedLM, VisionEncoder, Tokenizer]:
+def load_video(ckpt: str | Path, device: str | torch.device = "cpu", factor: int | None = None,
+               out_positions: bool = False) -> tuple[FusedLM, VisionEncoder, Tokenizer]:
     """Rebuild (FusedLM with its video adapter, VisionEncoder, tokenizer) in eval mode from a video run (image part
-    via load_fused); factor overrides the saved aggregation factor (the weights do not depend on it)."""
+    via load_fused); factor overrides the saved aggregation factor (the weights do not depend on it); out_positions
+    adds the aggregator's output-position tables at zero to a run without them (the function is unchanged)."""
     d = model_dir(ckpt)
     meta = load_meta(d)
     if "video" not in meta:
         raise CheckpointError(f"{d / 'meta.json'}: not a video-stage model (no 'video' entry)")
     fused, vision, tok = load_fused(d, device)
     v = dict(meta["video"])
-    acfg = AggregatorConfig(**{**v["aggregator"], **({"factor": factor} if factor else {})})
+    grow = out_positions and not v["aggregator"].get("out_positions", False)
+    acfg = AggregatorConfig(**{**v["aggregator"], **({"factor": factor} if factor else {}),
+                               **({"out_positions": True} if grow else {})})
     fused.add_video(meta["media_dim"], tok.special_id("<|video|>"), acfg, v["every"])
     prefix = "fused.video_adapter."
     sd = {k[len(prefix):]: t for k, t in load_tensors(d / "model.safetensors").items() if k.startswith(prefix)}
+    if grow:  # the new tables as initialised: zero
+        sd.update({k: t for k, t in fused.video_adapter.state_dict().items() if k.startswith("aggregator.out_")})
     try:
         fused.video_adapter.load_state_dict(sd, strict=True)
     except RuntimeError as e:
@@ -241,7 +246,7 @@ def build_model(cfg: VideoStageConfig) -> tuple[VideoModel, Tokenizer, Path, dic
         fused.add_video(vision.cfg.out_dim, tok.special_id("<|video|>"), aggregator_config(cfg, vision.cfg),
                         cfg.video_every, cfg.xattn_init_std)
     else:
-        fused, vision, tok = load_video(d, factor=cfg.factor)
+        fused, vision, tok = load_video(d, factor=cfg.factor, out_positions=cfg.aggregator.out_positions)
         va, want = fused.video_adapter, aggregator_config(cfg, vision.cfg)
         if va.every != cfg.video_every or va.cfg != want:
             raise ValueError(f"{d}: its video adapter (every {va.every}, {va.cfg}) differs from the config's "
