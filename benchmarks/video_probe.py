@@ -5,11 +5,14 @@ kit's `direction` clips) fitted on training clips and scored on held-out ones, f
   agg_mean         their mean (what a uniform cross-attention read would get)
   lm_state         the fused LM's final hidden state at the answer position of the short direction question
   lm_state_frame   the same with the middle frame repeated in place of every frame (no motion: the floor)
+  agg_read         a 4-head softmax attention read with learned queries over the aggregator's tokens, then a linear
+                   layer (the shape of the LM's video cross-attention, trained for this label alone)
+  agg_read_pos     the same read with learned per-token positions added to its keys and values
 
     python benchmarks/video_probe.py --ckpt runs/video_pretrain_tiny [--train-clips 720] [--val-clips 200]
 
 Prints ONE JSON line: {place: {"val_acc", "train_acc"}} per place, clips, chance (0.25). Hand-written softmax
-regression (standardised features, L2, Adam): no scikit-learn in the environment for one linear model.
+regression (standardised features, L2, Adam) and attention read: no scikit-learn here, and it has no attention read.
 """
 from __future__ import annotations
 
@@ -32,6 +35,7 @@ from mm.stages.video import encode_video_qa, frame_features, frames_to_pixels, l
 
 DIRECTIONS = ("left", "right", "up", "down")
 PLACES = ("agg_flat", "agg_mean", "lm_state", "lm_state_frame")
+READS = {"agg_read": False, "agg_read_pos": True}  # attention-read probes of the aggregator's tokens: positions?
 
 
 def linear_probe(x_train: torch.Tensor, y_train: torch.Tensor, x_val: torch.Tensor, y_val: torch.Tensor,
@@ -54,6 +58,47 @@ def linear_probe(x_train: torch.Tensor, y_train: torch.Tensor, x_val: torch.Tens
     return acc
 
 
+class AttentionRead(torch.nn.Module):
+    """`heads` learned queries attend over tokens (n, T, W) (per-head keys / values of width hd; with `positions`, a
+    learned (T, heads*hd) table added to both), the heads' reads concatenated -> logits (n, k)."""
+
+    def __init__(self, tokens: int, width: int, k: int, positions: bool, heads: int = 4, hd: int = 16):
+        super().__init__()
+        self.heads, self.hd = heads, hd
+        self.q = torch.nn.Parameter(torch.randn(heads, hd))
+        self.kv = torch.nn.Linear(width, 2 * heads * hd, bias=False)
+        self.pos = torch.nn.Parameter(torch.zeros(tokens, heads * hd)) if positions else None
+        self.out = torch.nn.Linear(heads * hd, k)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, T, _ = x.shape
+        k, v = self.kv(x).chunk(2, dim=-1)  # (n, T, heads*hd) each
+        if self.pos is not None:
+            k, v = k + self.pos, v + self.pos
+        k, v = (t.view(n, T, self.heads, self.hd) for t in (k, v))
+        att = torch.einsum("hd,nthd->nht", self.q, k).div(self.hd ** 0.5).softmax(-1)  # (n, heads, T)
+        return self.out(torch.einsum("nht,nthd->nhd", att, v).reshape(n, -1))
+
+
+def attention_read_probe(x_train: torch.Tensor, y_train: torch.Tensor, x_val: torch.Tensor, y_val: torch.Tensor,
+                         positions: bool, epochs: int = 150, seed: int = 0) -> dict:
+    """Fit an AttentionRead on token sets (n, T, W) (AdamW, batches of 64) -> {"val_acc", "train_acc"}."""
+    torch.manual_seed(seed)
+    k = int(max(y_train.max(), y_val.max())) + 1
+    m = AttentionRead(x_train.shape[1], x_train.shape[2], k, positions)
+    opt = torch.optim.AdamW(m.parameters(), lr=3e-3, weight_decay=0.05)
+    for _ in range(epochs):
+        perm = torch.randperm(len(y_train))
+        for i in range(0, len(perm), 64):
+            j = perm[i:i + 64]
+            opt.zero_grad()
+            F.cross_entropy(m(x_train[j]), y_train[j]).backward()
+            opt.step()
+    with torch.no_grad():
+        return {s: float((m(x).argmax(1) == y).float().mean()) for s, x, y in
+                (("val_acc", x_val, y_val), ("train_acc", x_train, y_train))}
+
+
 @torch.no_grad()
 def probe_features(fused, vision, tok, spec: str, num_frames: int, n_clips: int) -> tuple[dict, torch.Tensor]:
     """{place: (n, D)} features and (n,) direction labels of the first n_clips direction clips of the shards."""
@@ -62,7 +107,7 @@ def probe_features(fused, vision, tok, spec: str, num_frames: int, n_clips: int)
     samples = [s for s in samples if (s.get("meta") or {}).get("family") == "direction"][:n_clips]
     if not samples:
         raise ValueError(f"{spec}: no direction clips (meta family 'direction')")
-    feats: dict[str, list] = {p: [] for p in PLACES}
+    feats: dict[str, list] = {p: [] for p in (*PLACES, "agg_tokens")}
     labels = []
     for s in samples:
         answer = str(s["meta"]["qa"][0]["answers"][0])  # the kit's first direction question: "In which direction ..."
@@ -74,6 +119,7 @@ def probe_features(fused, vision, tok, spec: str, num_frames: int, n_clips: int)
             px, aspect = frames_to_pixels(torch.as_tensor(frames)[None], vision.cfg)
             agg = fused.aggregate(frame_features(vision, px, aspect))  # (1, 1, E*N, W)
             if place == "lm_state":
+                feats["agg_tokens"].append(agg[0, 0])  # (E*N, W)
                 feats["agg_flat"].append(agg[0, 0].flatten())
                 feats["agg_mean"].append(agg[0, 0].mean(0))
             h = fused(torch.tensor([ids]), video=fused.aggregated_kv(agg), return_hidden=True)  # (1, T, D)
@@ -94,6 +140,9 @@ def evaluate(args) -> dict:
     out = {"ckpt": str(args.ckpt), "train_clips": len(ytr), "val_clips": len(yva), "chance": 1 / len(DIRECTIONS)}
     for p in PLACES:
         out[p] = {k: round(v, 4) for k, v in linear_probe(tr[p], ytr, va[p], yva, args.weight_decay).items()}
+    for p, pos in READS.items():
+        acc = attention_read_probe(tr["agg_tokens"], ytr, va["agg_tokens"], yva, pos, args.read_epochs)
+        out[p] = {k: round(v, 4) for k, v in acc.items()}
     out["total_s"] = round(time.perf_counter() - t0, 1)
     return out
 
@@ -107,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--val-clips", type=int, default=200)
     p.add_argument("--frames", type=int, default=0, help="frames per clip (0: the run's)")
     p.add_argument("--weight-decay", type=float, default=1e-3)
+    p.add_argument("--read-epochs", type=int, default=150, help="epochs of the attention-read probes")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default, OMP_NUM_THREADS)")
     args = p.parse_args(argv)
     return run_reporting(evaluate, args)

@@ -197,6 +197,20 @@ def test_linear_probe_reads_separable_features_and_not_noise():
     assert lp(noise[:160], y[:160], noise[160:], y[160:])["val_acc"] <= 0.5
 
 
+def test_attention_read_probe_needs_positions_when_only_the_place_differs():
+    probe = _bench("video_probe").attention_read_probe
+    g = torch.Generator().manual_seed(0)
+    n, T, W = 240, 6, 8
+    x = 0.3 * torch.randn(n, T, W, generator=g)
+    place = torch.arange(n) % T
+    x[torch.arange(n), place] += 2.0 * torch.nn.functional.one_hot(torch.tensor(0), W).float()  # the same "object"
+    y = (place >= T // 2).long()  # the label is where the object sits: the token set alone does not carry it
+    tr, va = slice(0, 180), slice(180, n)
+    blind = probe(x[tr], y[tr], x[va], y[va], positions=False, epochs=60)
+    seeing = probe(x[tr], y[tr], x[va], y[va], positions=True, epochs=60)
+    assert seeing["val_acc"] >= 0.95 and blind["val_acc"] <= 0.7, (blind, seeing)
+
+
 def test_pretrain_keeps_image_weights_resumes_and_sft_hot_swaps(world, tmp_path, monkeypatch):
     from mm.runs import load_lm
     from mm.stages.image_pretrain import load_fused
@@ -212,9 +226,10 @@ def test_pretrain_keeps_image_weights_resumes_and_sft_hot_swaps(world, tmp_path,
     # clips). The frame floor is not asserted: mp4 artifacts make the middle frames differ slightly.
     probe = _bench("video_probe").evaluate(argparse.Namespace(
         ckpt=str(tmp_path / "pre"), train_shards=str(world["root"] / "train-*.tar"),
-        shards=str(world["root"] / "val-*.tar"), train_clips=16, val_clips=4, frames=0, weight_decay=1e-3, threads=1))
+        shards=str(world["root"] / "val-*.tar"), train_clips=16, val_clips=4, frames=0, weight_decay=1e-3, threads=1,
+        read_epochs=5))
     assert probe["train_clips"] == 16 and probe["val_clips"] == 4
-    assert set(probe) >= {"agg_flat", "agg_mean", "lm_state", "lm_state_frame"} and \
+    assert set(probe) >= {"agg_flat", "agg_mean", "lm_state", "lm_state_frame", "agg_read", "agg_read_pos"} and \
         probe["agg_flat"]["val_acc"] == 1.0, probe
     rc, part = _cli("run", PRE, "--out", str(tmp_path / "part"), *_overrides(world), "train.stop_after=2")
     assert rc == 0 and part["stopped_at"] == 2
