@@ -52,10 +52,15 @@ def linear_probe(x_train: torch.Tensor, y_train: torch.Tensor, x_val: torch.Tens
         opt.zero_grad()
         (F.cross_entropy(xt @ w + b, y_train) + weight_decay * (w ** 2).sum()).backward()
         opt.step()
-    with torch.no_grad():
-        acc = {s: float(((x @ w + b).argmax(1) == y).float().mean()) for s, x, y in
-               (("val_acc", xv, y_val), ("train_acc", xt, y_train))}
-    return acc
+    return accuracies(lambda x: x @ w + b, xv, y_val, xt, y_train)
+
+
+@torch.no_grad()
+def accuracies(logits_of, x_val: torch.Tensor, y_val: torch.Tensor, x_train: torch.Tensor,
+               y_train: torch.Tensor) -> dict:
+    """{"val_acc", "train_acc"} of a fitted classifier `logits_of(x) -> (n, k)`."""
+    return {s: float((logits_of(x).argmax(1) == y).float().mean()) for s, x, y in
+            (("val_acc", x_val, y_val), ("train_acc", x_train, y_train))}
 
 
 class AttentionRead(torch.nn.Module):
@@ -94,20 +99,19 @@ def attention_read_probe(x_train: torch.Tensor, y_train: torch.Tensor, x_val: to
             opt.zero_grad()
             F.cross_entropy(m(x_train[j]), y_train[j]).backward()
             opt.step()
-    with torch.no_grad():
-        return {s: float((m(x).argmax(1) == y).float().mean()) for s, x, y in
-                (("val_acc", x_val, y_val), ("train_acc", x_train, y_train))}
+    return accuracies(m, x_val, y_val, x_train, y_train)
 
 
 @torch.no_grad()
 def probe_features(fused, vision, tok, spec: str, num_frames: int, n_clips: int) -> tuple[dict, torch.Tensor]:
-    """{place: (n, D)} features and (n,) direction labels of the first n_clips direction clips of the shards."""
+    """{place: (n, D)} features (and "agg_tokens" (n, E*N, W)) and (n,) direction labels of the first n_clips
+    direction clips of the shards."""
     fmt = ChatFormat(tok)
     samples, _ = load_video_samples(spec, num_frames, vision.cfg.image_size, 0, 0)
     samples = [s for s in samples if (s.get("meta") or {}).get("family") == "direction"][:n_clips]
     if not samples:
         raise ValueError(f"{spec}: no direction clips (meta family 'direction')")
-    feats: dict[str, list] = {p: [] for p in (*PLACES, "agg_tokens")}
+    feats: dict[str, list] = {p: [] for p in ("agg_tokens", "lm_state", "lm_state_frame")}
     labels = []
     for s in samples:
         answer = str(s["meta"]["qa"][0]["answers"][0])  # the kit's first direction question: "In which direction ..."
@@ -120,11 +124,11 @@ def probe_features(fused, vision, tok, spec: str, num_frames: int, n_clips: int)
             agg = fused.aggregate(frame_features(vision, px, aspect))  # (1, 1, E*N, W)
             if place == "lm_state":
                 feats["agg_tokens"].append(agg[0, 0])  # (E*N, W)
-                feats["agg_flat"].append(agg[0, 0].flatten())
-                feats["agg_mean"].append(agg[0, 0].mean(0))
             h = fused(torch.tensor([ids]), video=fused.aggregated_kv(agg), return_hidden=True)  # (1, T, D)
             feats[place].append(h[0, -1])
-    return {p: torch.stack(v) for p, v in feats.items()}, torch.tensor(labels)
+    out = {p: torch.stack(v) for p, v in feats.items()}
+    out["agg_flat"], out["agg_mean"] = out["agg_tokens"].flatten(1), out["agg_tokens"].mean(1)
+    return out, torch.tensor(labels)
 
 
 def evaluate(args) -> dict:
