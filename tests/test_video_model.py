@@ -143,7 +143,7 @@ def test_output_positions_start_at_zero_and_let_a_set_read_see_time_order():
 
     with torch.no_grad():
         agg.load_state_dict(plain.state_dict(), strict=False)
-        torch.testing.assert_close(agg(x), plain(x))  # zero tables: exactly the aggregator without them
+        assert torch.equal(agg(x), plain(x))  # zero tables: bitwise the aggregator without them
         for m in (plain, agg):  # frame positions are input-side: swapping windows changes each window's tokens
             m.frame_embed.zero_()
         torch.testing.assert_close(read(plain(x)), read(plain(swapped)))  # the set read cannot tell the order
