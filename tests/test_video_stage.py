@@ -80,13 +80,17 @@ def world(tmp_path_factory) -> dict:
     return {"root": root, "image": root / "image", "lm": root / "lm", "instruct": root / "instruct"}
 
 
-def _overrides(world: dict, steps: int = 4) -> list[str]:
+def _overrides(world: dict, steps: int = 4, recipe: bool = False) -> list[str]:
+    """Tiny-world overrides; recipe False pins the paper-faithful adapter (no spatial layers, no output positions,
+    no bag-of-words head), True keeps the tiny YAMLs' beyond-the-paper recipe."""
     r = world["root"]
+    paper = [] if recipe else ["aggregator.spatial_depth=0", "aggregator.out_positions=false", "bow_weight=0",
+                               "bow_source=aggregate"]
     return [f"init_from={world['image']}", f"data.shards={r}/train-*.tar", f"data.val_shards={r}/val-*.tar",
             f"steps={steps}", "num_frames=8", "factor=8", "aggregator.width=16", "aggregator.n_latents=4",
             "aggregator.depth=1", "aggregator.heads=2", "aggregator.max_frames=16", "train.batch_size=4",
             "train.warmup_steps=1", "train.threads=0", "train.log_every=1", "train.progress=false",
-            "train.ckpt_every=2", "train.lr=1e-2", "seq_len=96"]
+            "train.ckpt_every=2", "train.lr=1e-2", "seq_len=96", *paper]
 
 
 def _cli(*argv: str) -> tuple[int, dict]:
@@ -122,6 +126,17 @@ def test_trainable_set_is_the_video_adapter_only(world):
     tr = Trainer(model, cfg.train, world["root"] / "opt_probe", loss_fn=None, lr_at=lambda s: 0.0, info=DistInfo())
     in_opt = {id(p) for g in tr.optimizer.param_groups for p in g["params"]}
     assert in_opt == {id(p) for n, p in model.named_parameters() if n in video}
+    # the tiny YAMLs' recipe: spatial layers and output positions inside the adapter, plus the bag-of-words head on
+    # the read; video_sft must name the same adapter as the pretraining it starts from (else build_model refuses)
+    pre = load_config(REPO / PRE, _overrides(world, recipe=True))
+    model, _, _, _ = build_model(pre)
+    freeze_for_video(model)
+    agg = model.fused.video_adapter.aggregator
+    assert len(agg.spatial) == 2 and agg.cfg.out_positions and model.bow_head.in_features == model.fused.lm.cfg.dim
+    assert _trainable(model) == {f"fused.video_adapter.{n}" for n, _ in model.fused.video_adapter.named_parameters()
+                                 } | {"bow_head.weight", "bow_head.bias"}
+    sft = load_config(REPO / SFT, _overrides(world, recipe=True))
+    assert (sft.aggregator, sft.bow_weight, sft.bow_source) == (pre.aggregator, pre.bow_weight, pre.bow_source)
 
 
 def test_caption_bag_of_words_trains_only_the_aggregator_side(world):
