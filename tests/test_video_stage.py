@@ -106,7 +106,12 @@ def _trainable(model) -> set[str]:
     return {n for n, p in model.named_parameters() if p.requires_grad}
 
 
-def test_trainable_set_is_the_video_adapter_only(world):
+def _video_adapter(model) -> set[str]:
+    """The model-level names of the video adapter's parameters."""
+    return {f"fused.video_adapter.{n}" for n, _ in model.fused.video_adapter.named_parameters()}
+
+
+def test_trainable_set_is_the_video_adapter_and_the_recipe_head(world):
     from mm.config import load_config
     from mm.distributed import DistInfo
     from mm.stages.video import build_model, freeze_for_video
@@ -115,7 +120,7 @@ def test_trainable_set_is_the_video_adapter_only(world):
     cfg = load_config(REPO / PRE, _overrides(world))
     model, tok, _, _ = build_model(cfg)
     counts = freeze_for_video(model)
-    video = {f"fused.video_adapter.{n}" for n, _ in model.fused.video_adapter.named_parameters()}
+    video = _video_adapter(model)
     assert _trainable(model) == video
     assert {"fused.video_adapter.token.weight", "fused.video_adapter.aggregator.frame_embed",
             "fused.video_adapter.aggregator.latents", "fused.video_adapter.xattn.blocks.3.gate_attn",
@@ -133,8 +138,7 @@ def test_trainable_set_is_the_video_adapter_only(world):
     freeze_for_video(model)
     agg = model.fused.video_adapter.aggregator
     assert len(agg.spatial) == 2 and agg.cfg.out_positions and model.bow_head.in_features == model.fused.lm.cfg.dim
-    assert _trainable(model) == {f"fused.video_adapter.{n}" for n, _ in model.fused.video_adapter.named_parameters()
-                                 } | {"bow_head.weight", "bow_head.bias"}
+    assert _trainable(model) == _video_adapter(model) | {"bow_head.weight", "bow_head.bias"}
     sft = load_config(REPO / SFT, _overrides(world, recipe=True))
     assert (sft.aggregator, sft.bow_weight, sft.bow_source) == (pre.aggregator, pre.bow_weight, pre.bow_source)
 
@@ -281,7 +285,7 @@ def test_pretrain_keeps_image_weights_resumes_and_sft_hot_swaps(world, tmp_path,
     cfg = load_config(REPO / SFT, sft_over)
     model, _, lm_path, _ = build_model(cfg)
     freeze_for_video(model)
-    assert _trainable(model) == {f"fused.video_adapter.{n}" for n, _ in model.fused.video_adapter.named_parameters()}
+    assert _trainable(model) == _video_adapter(model)
     ilm, _, _ = load_lm(world["instruct"])
     assert lm_path == (world["instruct"] / "final").resolve()
     assert all(torch.equal(v, model.fused.lm.state_dict()[k]) for k, v in ilm.state_dict().items())
