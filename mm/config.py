@@ -367,7 +367,8 @@ class SpeechSFTConfig:
     # dense acoustic signal for the Conformer, constant weight; 0: off
     char_ctc_weight: float = 0.0
     # train the encoder on the character CTC alone (no adapter, no LM forward: several times cheaper per step): an
-    # acoustic stage whose encoder a later speech_sft loads with encoder_from; needs char_ctc_weight > 0, no eval
+    # acoustic stage whose encoder a later speech_sft loads with encoder_from; needs char_ctc_weight > 0; its eval
+    # is the char head's held-out CER and WER (mm.eval_speech.acoustic_eval)
     acoustic_only: bool = False
     eval_items: int = 100  # held-out items scored at the end (mm.eval_speech; 0: skip)
     data: AudioDataConfig = field(default_factory=AudioDataConfig)

@@ -17,7 +17,8 @@ from data.audio import iter_audio_samples
 from data.token_stream import IGNORE
 from data.shards import SkipCounter, expand_shards
 from llm.tokenizer import ChatFormat
-from mm.speech import Featurizer, SpeechLM, generate_speech, n_speech_tokens, speech_dialog, task_choices
+from mm.speech import CHARS, Featurizer, SpeechLM, char_ids, generate_speech, n_speech_tokens, speech_dialog, \
+    task_choices
 
 
 @lru_cache(maxsize=1)
@@ -176,6 +177,41 @@ def speech_eval(model: SpeechLM, tok, items: list[dict], max_new_tokens: int = 4
         out.update({key: s / k if k else None for key, (s, k) in nll.items()})
     out["examples"] = examples
     return out
+
+
+def ctc_greedy(logits: torch.Tensor, n: int) -> str:
+    """Best-path decoding of one utterance's character logits (F', len(CHARS) + 1) over its first n frames: argmax,
+    repeats merged, blanks (id 0) dropped."""
+    best = logits[:n].argmax(-1).tolist()
+    return "".join(CHARS[c - 1] for i, c in enumerate(best) if c != 0 and (i == 0 or c != best[i - 1]))
+
+
+@torch.no_grad()
+def acoustic_eval(model: SpeechLM, items: list[dict], batch_size: int = 16) -> dict:
+    """The encoder's own transcription of held-out audio through the character CTC head (best path, no LM): the
+    measure of an acoustic stage (speech_sft acoustic_only). {"char_items", "char_cer" (characters, over char_ids'
+    alphabet), "char_wer" (Whisper-normalised words, as "wer"), "char_cer_by_voice", "char_examples"}."""
+    if model.char_head is None:
+        raise ValueError("acoustic_eval needs the model's char_head (char_ctc_weight > 0)")
+    model.eval()
+    featurize, dev = Featurizer(), model.char_head.weight.device
+    refs, hyps, voices = [], [], []
+    for i in range(0, len(items), batch_size):
+        chunk = items[i:i + batch_size]
+        feats, lens = featurize([it["audio"] for it in chunk])
+        enc, enc_lens = model.encoder(feats.to(dev), lens.to(dev))  # (B, F', D_enc)
+        logits = model.char_head(enc)  # (B, F', len(CHARS) + 1)
+        for it, lg, n in zip(chunk, logits, enc_lens.tolist()):
+            refs.append("".join(CHARS[c - 1] for c in char_ids(it["text"])))
+            hyps.append(ctc_greedy(lg, n))
+            voices.append((it.get("meta") or {}).get("voice", "?"))
+    by_voice = defaultdict(list)
+    for r, h, v in zip(refs, hyps, voices):
+        by_voice[v].append((r, h))
+    cer = lambda pairs: float(jiwer.cer([r for r, _ in pairs], [h for _, h in pairs]))  # noqa: E731
+    return {"char_items": len(refs), "char_cer": cer(list(zip(refs, hyps))), "char_wer": corpus_wer(refs, hyps),
+            "char_cer_by_voice": {v: cer(p) for v, p in sorted(by_voice.items())},
+            "char_examples": [{"ref": r, "hyp": h} for r, h in list(zip(refs, hyps))[:6]]}
 
 
 def eval_speech_shards(model: SpeechLM, tok, shards: str, max_items: int = 0, max_new_tokens: int = 48,

@@ -357,6 +357,18 @@ def test_stages_trainable_sets_lm_unchanged_and_cli(world, tmp_path, monkeypatch
     assert rc == 2 and str(bad) in err["error"] and "truncated" in err["error"]
 
 
+def test_ctc_greedy_merges_repeats_and_drops_blanks():
+    """Best-path decoding: repeats merge, a blank between two equal symbols keeps both, frames past n are ignored."""
+    from mm.eval_speech import ctc_greedy
+    from mm.speech import CHARS
+
+    path = "hh_el_llo_" + "zz"  # "_" = blank; the last two frames are padding (n excludes them)
+    ids = [0 if c == "_" else CHARS.index(c) + 1 for c in path]
+    logits = torch.nn.functional.one_hot(torch.tensor(ids), len(CHARS) + 1).float()  # (F', C)
+    assert ctc_greedy(logits, len(path) - 2) == "hello"
+    assert ctc_greedy(logits, len(path)) == "helloz"
+
+
 def test_acoustic_stage_trains_only_the_encoder_and_feeds_speech_sft(world, tmp_path, monkeypatch):
     """speech_sft acoustic_only: the character CTC alone moves the encoder; the adapter stays at its seeded init, the
     LM is untouched, no WER is claimed; a later speech_sft starts from exactly that encoder (encoder_from)."""
@@ -374,6 +386,7 @@ def test_acoustic_stage_trains_only_the_encoder_and_feeds_speech_sft(world, tmp_
     ov = [*base, "acoustic_only=true", "char_ctc_weight=1.0", "steps=3"]
     rc, res = _mm("run", "experiments/speech/speech_sft_tiny.yaml", "--out", tmp_path / "ac", *ov)
     assert rc == 0 and np.isfinite(res["final_char_ctc"]) and "wer" not in res and "final_lm_loss" not in res, res
+    assert res["char_cer"] >= 0 and set(res["char_cer_by_voice"]) and len(res["char_examples"]) == 2, res
     fresh, _ = build_model(load_config(REPO / "experiments/speech/speech_sft_tiny.yaml", ov))  # same seed: the init
     sd = load_tensors(tmp_path / "ac" / "final" / "model.safetensors")
     assert all(torch.equal(sd[f"adapter.{k}"], v) for k, v in fresh.adapter.state_dict().items())

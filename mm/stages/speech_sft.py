@@ -169,11 +169,14 @@ def run(cfg: SpeechSFTConfig, run_dir: Path, resume: bool = False) -> dict:
         meta = {"stage": cfg.stage, "step": cfg.steps, "lm": str(model_dir(cfg.lm).resolve()),
                 "encoder_from": cfg.encoder_from}
         final = save_speech_model(run_dir / "final", unwrap(net), tok, meta)
-        if cfg.eval_items and not cfg.acoustic_only:  # an acoustic stage's adapter never trained: no WER
-            from mm.eval_speech import eval_speech_shards
+        if cfg.eval_items:  # an acoustic stage's adapter never trained: its encoder is scored on the char head
+            from mm.eval_speech import acoustic_eval, eval_speech_shards, load_audio_items
 
             t_eval = time.perf_counter()
-            ev = eval_speech_shards(unwrap(net).eval(), tok, cfg.data.val_shards, cfg.eval_items)
+            if cfg.acoustic_only:
+                ev = acoustic_eval(unwrap(net), load_audio_items(cfg.data.val_shards, cfg.eval_items)[0])
+            else:
+                ev = eval_speech_shards(unwrap(net).eval(), tok, cfg.data.val_shards, cfg.eval_items)
             result.update({k: v for k, v in ev.items() if k != "examples"}, eval_s=round(time.perf_counter() - t_eval, 1))
             (final.parent / "eval.json").write_text(json.dumps(ev, indent=1))
         result["total_s"] = round(time.perf_counter() - t0, 1)
