@@ -17,7 +17,7 @@ from data.audio import iter_audio_samples
 from data.token_stream import IGNORE
 from data.shards import SkipCounter, expand_shards
 from llm.tokenizer import ChatFormat
-from mm.speech import CHARS, Featurizer, SpeechLM, char_ids, generate_speech, n_speech_tokens, speech_dialog, \
+from mm.speech import CHARS, Featurizer, SpeechLM, char_text, generate_speech, n_speech_tokens, speech_dialog, \
     task_choices
 
 
@@ -189,7 +189,7 @@ def ctc_greedy(logits: torch.Tensor, n: int) -> str:
 @torch.no_grad()
 def acoustic_eval(model: SpeechLM, items: list[dict], batch_size: int = 16) -> dict:
     """The encoder's own transcription of held-out audio through the character CTC head (best path, no LM): the
-    measure of an acoustic stage (speech_sft acoustic_only). {"char_items", "char_cer" (characters, over char_ids'
+    measure of an acoustic stage (speech_sft acoustic_only). {"char_items", "char_cer" (characters, over char_text's
     alphabet), "char_wer" (Whisper-normalised words, as "wer"), "char_cer_by_voice", "char_examples"}."""
     if model.char_head is None:
         raise ValueError("acoustic_eval needs the model's char_head (char_ctc_weight > 0)")
@@ -202,7 +202,7 @@ def acoustic_eval(model: SpeechLM, items: list[dict], batch_size: int = 16) -> d
         enc, enc_lens = model.encoder(feats.to(dev), lens.to(dev))  # (B, F', D_enc)
         logits = model.char_head(enc)  # (B, F', len(CHARS) + 1)
         for it, lg, n in zip(chunk, logits, enc_lens.tolist()):
-            refs.append("".join(CHARS[c - 1] for c in char_ids(it["text"])))
+            refs.append(char_text(it["text"]))
             hyps.append(ctc_greedy(lg, n))
             voices.append((it.get("meta") or {}).get("voice", "?"))
     by_voice = defaultdict(list)

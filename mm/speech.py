@@ -44,10 +44,14 @@ def language_name(code: str) -> str:
 CHARS = " 'abcdefghijklmnopqrstuvwxyz"  # the character CTC's symbols; id 0 is the blank, so CHARS[i] has id i + 1
 
 
+def char_text(text: str) -> str:
+    """Transcript -> what the character CTC spells: lower-cased, other characters dropped, runs of spaces collapsed."""
+    return " ".join("".join(c for c in text.lower() if c in CHARS).split())
+
+
 def char_ids(text: str) -> list[int]:
-    """Transcript -> character CTC targets: lower-cased, other characters dropped, runs of spaces collapsed."""
-    kept = " ".join("".join(c for c in text.lower() if c in CHARS).split())
-    return [CHARS.index(c) + 1 for c in kept]
+    """Transcript -> character CTC targets (the ids of char_text's characters)."""
+    return [CHARS.index(c) + 1 for c in char_text(text)]
 
 
 def char_ctc_loss(logits: torch.Tensor, lens: torch.Tensor, targets: torch.Tensor, target_lens: torch.Tensor):

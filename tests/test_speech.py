@@ -371,7 +371,8 @@ def test_ctc_greedy_merges_repeats_and_drops_blanks():
 
 def test_acoustic_stage_trains_only_the_encoder_and_feeds_speech_sft(world, tmp_path, monkeypatch):
     """speech_sft acoustic_only: the character CTC alone moves the encoder; the adapter stays at its seeded init, the
-    LM is untouched, no WER is claimed; a later speech_sft starts from exactly that encoder (encoder_from)."""
+    LM is untouched, no LM WER is claimed (only the char head's held-out CER); a later speech_sft starts from exactly
+    that encoder (encoder_from)."""
     from mm.checkpoint import load_tensors
     from mm.config import load_config
     from mm.speech import load_encoder
