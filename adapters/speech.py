@@ -1,14 +1,17 @@
 """The speech adapter and the splice into the LM input (PAPER.md §9.5, §9.1; DESIGN.md invariant 5).
 
-Adapter: Conv1d (k=3, s=2: 40 ms -> 80 ms frames) -> one rotary Transformer layer -> Linear to the LM width. Its
+Adapter: Conv1d (k=3, s=2: 40 ms -> 80 ms frames; `stride` s > 2 takes k = 2s - 1) -> one rotary Transformer layer ->
+Linear to the LM width. Its
 outputs enter the frozen LM as input embeddings: a dialog holds `<|speech_start|>` + N x `<|speech|>` +
 `<|speech_end|>` and `splice_speech` writes the N adapter embeddings over the N placeholder positions (a count that
 differs is an error). `mask_speech_labels` makes the loss ignore speech positions. Both are plain functions so any
 composed model (e.g. mm.fused) can call them on its own token embeddings.
 
-Two tiny-scale aids beyond the paper (both optional): `out_rms` ends the adapter with an RMSNorm whose gain starts at
-the RMS of the LM's token embeddings, and `token_ctc_loss` is an auxiliary CTC from the adapter outputs onto the
-transcript's LM token ids, scored against the frozen token-embedding matrix.
+Tiny-scale aids beyond the paper (all optional): `out_rms` ends the adapter with an RMSNorm whose gain starts at
+the RMS of the LM's token embeddings; `token_ctc_loss` is an auxiliary CTC from the adapter outputs onto the
+transcript's LM token ids, scored against the frozen token-embedding matrix; `stride` > 2 gives fewer, longer speech
+embeddings; `learn_markers` gives the adapter its own two vectors written over `<|speech_start|>` / `<|speech_end|>`
+(a frozen LM never trained those two rows of its embedding table).
 """
 from __future__ import annotations
 
@@ -37,14 +40,16 @@ class SpeechAdapterConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     out_rms: float = 0.0
+    stride: int = 2  # encoder frames per output (2: the paper's 80 ms)
+    learn_markers: bool = False
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def adapter_frames(enc_frames: torch.Tensor | int):
-    """Adapter outputs for a number of encoder frames: ceil(n / 2) (kernel 3, stride 2, padding 1)."""
-    return (enc_frames + 1) // 2
+def adapter_frames(enc_frames: torch.Tensor | int, stride: int = 2):
+    """Adapter outputs for a number of encoder frames: ceil(n / stride) (kernel 2 stride - 1, padding stride - 1)."""
+    return (enc_frames + stride - 1) // stride
 
 
 class SpeechAdapter(nn.Module):
@@ -54,7 +59,10 @@ class SpeechAdapter(nn.Module):
     def __init__(self, cfg: SpeechAdapterConfig):
         super().__init__()
         self.cfg = cfg
-        self.conv = nn.Conv1d(cfg.in_dim, cfg.dim, kernel_size=3, stride=2, padding=1)
+        if cfg.stride < 1:
+            raise ValueError(f"adapter stride must be >= 1, got {cfg.stride}")
+        self.conv = nn.Conv1d(cfg.in_dim, cfg.dim, kernel_size=2 * cfg.stride - 1, stride=cfg.stride,
+                              padding=cfg.stride - 1)
         self.attn_norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
         self.attn = rotary_attention(cfg.dim, cfg.heads)
         self.ffn = MacaronFFN(cfg.dim, cfg.ffn_dim, cfg.norm_eps)
@@ -63,11 +71,13 @@ class SpeechAdapter(nn.Module):
         self.out_norm = nn.RMSNorm(cfg.out_dim, eps=cfg.norm_eps) if cfg.out_rms > 0 else None
         if self.out_norm is not None:
             nn.init.constant_(self.out_norm.weight, cfg.out_rms)
+        # (2, out_dim): the embeddings of <|speech_start|> and <|speech_end|> (set from the LM by the stage at init)
+        self.markers = nn.Parameter(torch.zeros(2, cfg.out_dim)) if cfg.learn_markers else None
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = x * length_mask(lengths, x.shape[1])[..., None].to(x.dtype)
         h = self.conv(x.transpose(1, 2)).transpose(1, 2)  # (B, N, dim)
-        n = adapter_frames(lengths)
+        n = adapter_frames(lengths, self.cfg.stride)
         valid = length_mask(n, h.shape[1])
         cos, sin = rope_tables(self.cfg.dim // self.cfg.heads, torch.arange(h.shape[1], device=h.device),
                                self.cfg.rope_theta)
@@ -136,10 +146,11 @@ def speech_runs(tokens: torch.Tensor, ids: SpeechTokens) -> tuple[torch.Tensor, 
 
 
 def splice_speech(h: torch.Tensor, tokens: torch.Tensor, speech: torch.Tensor, speech_lens: torch.Tensor,
-                  ids: SpeechTokens) -> torch.Tensor:
+                  ids: SpeechTokens, markers: torch.Tensor | None = None) -> torch.Tensor:
     """Token embeddings h (B, T, D) with the placeholder runs of tokens (B, T) replaced by speech (R, N, D) — one item
-    per run, in row-major order, item r valid for speech_lens[r] frames. Raises ValueError when the number of runs or
-    any run's length differs from the items (DESIGN.md invariant 5)."""
+    per run, in row-major order, item r valid for speech_lens[r] frames — and, with markers (2, D), the start / end
+    tokens' embeddings by markers[0] / markers[1]. Raises ValueError when the number of runs or any run's length
+    differs from the items (DESIGN.md invariant 5)."""
     rows, run_lens = speech_runs(tokens, ids)
     if run_lens.shape[0] != speech.shape[0]:
         raise ValueError(f"{run_lens.shape[0]} speech placeholder runs in the tokens but {speech.shape[0]} speech "
@@ -151,7 +162,11 @@ def splice_speech(h: torch.Tensor, tokens: torch.Tensor, speech: torch.Tensor, s
                          "<|speech|> placeholders")
     valid = length_mask(lens, speech.shape[1]).to(speech.device)
     ph = (tokens == ids.placeholder)[..., None]
-    return h.masked_scatter(ph, speech[valid].to(h.dtype))
+    h = h.masked_scatter(ph, speech[valid].to(h.dtype))
+    if markers is not None:
+        m = markers.to(h.dtype)
+        h = torch.where((tokens == ids.start)[..., None], m[0], torch.where((tokens == ids.end)[..., None], m[1], h))
+    return h
 
 
 def mask_speech_labels(tokens: torch.Tensor, labels: torch.Tensor, ids: SpeechTokens,

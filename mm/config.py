@@ -330,6 +330,10 @@ class SpeechAdapterModelConfig:
     heads: int = 4
     ffn_dim: int = 256
     match_embed_scale: bool = True  # final RMSNorm, gain initialised to the LM's token-embedding RMS (False: paper)
+    stride: int = 2  # encoder frames (40 ms) per adapter embedding: 2 is the paper's 80 ms
+    # the adapter's own <|speech_start|> / <|speech_end|> embeddings, initialised from the LM's embedding of '"' (a
+    # frozen LM never trained the marker rows); False: the LM's rows
+    learn_markers: bool = False
 
 
 @dataclass

@@ -64,17 +64,17 @@ def respond(model: SpeechLM, fmt: ChatFormat, system: str | None, audio, max_new
             featurize: Featurizer | None = None, text: str = "") -> str:
     """Greedy reply to one system prompt + audio (a float 16 kHz waveform; None: the blind prompt without speech) +
     optional typed user `text` (with audio None and text = the transcript: the text oracle). With audio the reply
-    gets at most one token per speech embedding (12.5 tokens per second of speech, above any speaking rate), so a
-    greedy repetition loop cannot add unbounded insertions."""
+    gets at most 12.5 tokens per second of speech (one per 80 ms, above any speaking rate), so a greedy repetition
+    loop cannot add unbounded insertions."""
     tok = fmt.tok
     if audio is None:
         ids, _ = speech_dialog(fmt, model.ids, 0, system, None, text)
         feats = lens = None
     else:
-        n = n_speech_tokens(len(audio), model.encoder.cfg)
-        ids, _ = speech_dialog(fmt, model.ids, n, system, None)
+        ids, _ = speech_dialog(fmt, model.ids, n_speech_tokens(len(audio), model.encoder.cfg, model.adapter.cfg),
+                               system, None)
         feats, lens = (featurize or Featurizer())([audio])
-        max_new_tokens = min(max_new_tokens, n)
+        max_new_tokens = min(max_new_tokens, max(1, round(len(audio) * 12.5 / 16000)))
     out = generate_speech(model, ids, feats, lens, max_new_tokens, stop_ids=(tok.eot_id, tok.eom_id, tok.eos_id))
     return fmt.decode_reply(out).strip()
 
@@ -86,7 +86,7 @@ def answer_loss(model: SpeechLM, fmt: ChatFormat, system: str | None, audio, ans
     + optional typed user `text`: the training loss of one item, so held-out audio vs blind losses show whether the
     model uses the audio, and audio vs text-oracle losses how much of what the LM can use it gets."""
     dev = model.lm.output.weight.device
-    n = n_speech_tokens(len(audio), model.encoder.cfg) if audio is not None else 0
+    n = n_speech_tokens(len(audio), model.encoder.cfg, model.adapter.cfg) if audio is not None else 0
     ids, mask = speech_dialog(fmt, model.ids, n, system, answer, text)
     tokens = torch.tensor([ids[:-1]], device=dev)
     labels = torch.tensor([[t if m else IGNORE for t, m in zip(ids[1:], mask[1:])]], device=dev)
@@ -189,7 +189,7 @@ def ctc_greedy(logits: torch.Tensor, n: int) -> str:
 @torch.no_grad()
 def acoustic_eval(model: SpeechLM, items: list[dict], batch_size: int = 16) -> dict:
     """The encoder's own transcription of held-out audio through the character CTC head (best path, no LM): the
-    measure of an acoustic stage (speech_sft acoustic_only). {"char_items", "char_cer" (characters, over char_text's
+    measure of an acoustic stage (speech_sft acoustic_only), and reported by any speech_sft with a char head. {"char_items", "char_cer" (characters, over char_text's
     alphabet), "char_wer" (Whisper-normalised words, as "wer"), "char_cer_by_voice", "char_examples"}."""
     if model.char_head is None:
         raise ValueError("acoustic_eval needs the model's char_head (char_ctc_weight > 0)")

@@ -76,7 +76,7 @@ class HerdLM(nn.Module):
         """The fused model's token embeddings (B, T, D) with the speech spliced over the placeholder runs (a count
         that differs from the adapter's outputs is an error, DESIGN.md invariant 5)."""
         sp, n = self.speech_embeds(speech, speech_lens)
-        return splice_speech(self.fused._embed(tokens), tokens, sp, n, self.speech_ids)
+        return splice_speech(self.fused._embed(tokens), tokens, sp, n, self.speech_ids, self.speech_adapter.markers)
 
     def forward(self, tokens: torch.Tensor, media: torch.Tensor | MediaKV | None = None, *,
                 video: torch.Tensor | MediaKV | None = None, speech: torch.Tensor | None = None,
@@ -153,7 +153,7 @@ def chat_herd(herd: HerdLM, tok: Tokenizer, text: str | None = None, *, image: s
     n = 0
     if audio is not None:
         wave = read_audio_file(audio)
-        n = n_speech_tokens(len(wave), herd.speech_encoder.cfg)
+        n = n_speech_tokens(len(wave), herd.speech_encoder.cfg, herd.speech_adapter.cfg)
         feats, lens = Featurizer()([wave])
     if text is None:
         text = default_text(image is not None, video is not None, audio is not None)

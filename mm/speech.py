@@ -84,7 +84,8 @@ class SpeechLM(nn.Module):
 
     def embed(self, tokens: torch.Tensor, feats: torch.Tensor, feat_lens: torch.Tensor) -> torch.Tensor:
         """Token embeddings (B, T, D) with the speech spliced in."""
-        return splice_speech(self.lm.tok_embeddings(tokens), tokens, *self.speech_embeds(feats, feat_lens), self.ids)
+        return splice_speech(self.lm.tok_embeddings(tokens), tokens, *self.speech_embeds(feats, feat_lens), self.ids,
+                             self.adapter.markers)
 
     def char_loss(self, feats: torch.Tensor, feat_lens: torch.Tensor, chars: tuple) -> torch.Tensor:
         """The character CTC of the encoder alone, feats (B, F, 80) -> scalar (no adapter, no LM): the acoustic
@@ -103,7 +104,8 @@ class SpeechLM(nn.Module):
             labels = mask_speech_labels(tokens, labels, self.ids)
         enc, enc_lens = self.encoder(feats, feat_lens)  # (B, F', D_enc), 40 ms frames
         sp, n = self.adapter(enc, enc_lens)  # (B, N, D_lm), 80 ms
-        out = self.lm(embeds=splice_speech(self.lm.tok_embeddings(tokens), tokens, sp, n, self.ids), labels=labels)
+        h = splice_speech(self.lm.tok_embeddings(tokens), tokens, sp, n, self.ids, self.adapter.markers)
+        out = self.lm(embeds=h, labels=labels)
         if ctc is None and chars is None:
             return out
         aux = {}
@@ -114,9 +116,10 @@ class SpeechLM(nn.Module):
         return out, aux
 
 
-def n_speech_tokens(n_samples: int, enc_cfg: ConformerConfig) -> int:
-    """Adapter embeddings (= `<|speech|>` placeholders) for an utterance of n_samples at 16 kHz (80 ms each)."""
-    return int(adapter_frames(enc_cfg.out_frames(frames_for(int(n_samples)))))
+def n_speech_tokens(n_samples: int, enc_cfg: ConformerConfig, adapter_cfg: SpeechAdapterConfig) -> int:
+    """Adapter embeddings (= `<|speech|>` placeholders) for an utterance of n_samples at 16 kHz (80 ms each at the
+    paper's adapter stride 2)."""
+    return int(adapter_frames(enc_cfg.out_frames(frames_for(int(n_samples))), adapter_cfg.stride))
 
 
 def freeze_lm(model: SpeechLM, frozen: tuple[str, ...] = ("lm.",)) -> dict[str, int]:

@@ -58,6 +58,14 @@ def test_encoder_and_adapter_ignore_batch_padding():
     assert torch.allclose(both[0, :10], alone[0], atol=1e-5) and both[0, 10:].abs().max() == 0
     assert torch.allclose(a_both[0, :5], a_alone[0], atol=1e-5)
     assert not torch.allclose(both[1, :10], alone[0], atol=1e-2)  # and the outputs do depend on the input
+    # a coarser adapter (stride 4: 160 ms, kernel 7) keeps the count ceil(n / 4) and the padding independence
+    torch.manual_seed(1)
+    coarse = SpeechAdapter(SpeechAdapterConfig(in_dim=32, dim=24, heads=2, ffn_dim=48, out_dim=40, stride=4)).eval()
+    with torch.no_grad():
+        c_alone, nca = coarse(alone, n_alone)
+        c_both, ncb = coarse(both, n_both)
+    assert nca.tolist() == [3] and ncb.tolist() == [3, 6] and c_both.shape[1] == 6
+    assert torch.allclose(c_both[0, :3], c_alone[0], atol=1e-5) and c_both[0, 3:].abs().max() == 0
 
 
 def test_paper_1b_shape_has_about_a_billion_parameters():
@@ -120,6 +128,12 @@ def test_splice_fills_placeholder_runs_and_rejects_mismatches():
     bad[0, 2] = 7  # run without its <|speech_start|>
     with pytest.raises(ValueError, match="enclosed"):
         splice_speech(h, bad, speech, torch.tensor([3, 2]), ids)
+    # the adapter's own marker vectors go over every <|speech_start|> / <|speech_end|>, nothing else changes
+    markers = torch.randn(2, 6)
+    marked = splice_speech(h, tokens, speech, torch.tensor([3, 2]), ids, markers)
+    starts, ends = tokens == ids.start, tokens == ids.end
+    assert (marked[starts] == markers[0]).all() and (marked[ends] == markers[1]).all() and int(starts.sum()) == 2
+    assert torch.equal(marked[~(starts | ends)], out[~(starts | ends)])
     labels = torch.cat([tokens[:, 1:], torch.full((2, 1), -100)], 1)
     masked = mask_speech_labels(tokens, labels, ids)
     speechy = (labels >= 90) | (tokens == 91)
@@ -312,8 +326,12 @@ def test_stages_trainable_sets_lm_unchanged_and_cli(world, tmp_path, monkeypatch
     counts = freeze_lm(model)
     names = {n for n, p in model.named_parameters() if p.requires_grad}
     assert names == {f"encoder.{n}" for n, _ in model.encoder.named_parameters()} | \
-        {f"adapter.{n}" for n, _ in model.adapter.named_parameters()}
+        {f"adapter.{n}" for n, _ in model.adapter.named_parameters()} | \
+        {f"char_head.{n}" for n, _ in model.char_head.named_parameters()}
     assert counts["frozen"] == sum(p.numel() for p in model.lm.parameters())
+    # the YAML's adapter: 160 ms embeddings and its own markers, which start as the LM's embedding of '"'
+    quote = model.lm.tok_embeddings.weight[tok.encode('"')[0]]
+    assert model.adapter.cfg.stride == 4 and torch.equal(model.adapter.markers.detach(), quote.expand(2, -1))
     tr = Trainer(model, cfg.train, tmp_path / "probe", loss_fn=None, lr_at=lambda s: 0.0, info=DistInfo())
     assert {id(p) for g in tr.optimizer.param_groups for p in g["params"]} == \
         {id(p) for n, p in model.named_parameters() if n in names}
@@ -322,9 +340,11 @@ def test_stages_trainable_sets_lm_unchanged_and_cli(world, tmp_path, monkeypatch
                   *_sft_overrides(world, tmp_path, tmp_path / "pre"))
     assert rc == 0 and res["n_asr"] == 2 and res["wer"] is not None and res["blind_wer"] is not None, res
     assert res["params_trainable"] == counts["trainable"]
-    # the YAML's auxiliary CTC and the teacher-forced held-out losses (with vs without audio) are reported
-    assert np.isfinite(res["final_ctc"]) and np.isfinite(res["final_lm_loss"]) and res["asr_loss"] > 0 and \
-        res["blind_asr_loss"] > 0, res
+    # the YAML's character CTC (scored on held-out audio by its head) and the teacher-forced held-out losses (with vs
+    # without audio) are reported; the token CTC is off
+    assert np.isfinite(res["final_char_ctc"]) and np.isfinite(res["final_lm_loss"]) and res["asr_loss"] > 0 and \
+        res["blind_asr_loss"] > 0 and "final_ctc" not in res, res
+    assert 0 <= res["char_cer"] and res["char_items"] == 2 and set(res["char_cer_by_voice"]), res
     # the LM in the step checkpoint is bitwise the LM run's; no-audio logits equal the bare LM's
     lm, _, _ = load_lm(world["lm"])
     ck = sorted((tmp_path / "sft" / "checkpoints").glob("step_*"))[-1]
@@ -337,10 +357,15 @@ def test_stages_trainable_sets_lm_unchanged_and_cli(world, tmp_path, monkeypatch
         ids = trained.ids
         wave = torch.randn(2, 3200)
         feats, lens = pad_features([LogMel()(w) for w in wave])
-        sp = torch.cat([toks[:, :2], torch.tensor([ids.run(3)] * 2), toks[:, :3]], 1)  # 3 = ceil(ceil(21/4)/2)
+        sp = torch.cat([toks[:, :2], torch.tensor([ids.run(2)] * 2), toks[:, :3]], 1)  # 2 = ceil(ceil(21/4)/4)
         assert not torch.equal(trained(sp, feats, lens), lm(sp))
+        # the trained markers (saved with the adapter) sit on the start / end positions
+        h = trained.embed(sp, feats, lens)
+        assert torch.equal(h[:, 2], trained.adapter.markers[0].expand(2, -1)) and \
+            torch.equal(h[:, 5], trained.adapter.markers[1].expand(2, -1))
+        assert not torch.equal(trained.adapter.markers[0], quote)
         with pytest.raises(ValueError, match="adapter embeddings for a run of"):
-            trained(torch.cat([toks[:, :2], torch.tensor([ids.run(4)] * 2)], 1), feats, lens)
+            trained(torch.cat([toks[:, :2], torch.tensor([ids.run(3)] * 2)], 1), feats, lens)
 
     # mm eval speech on user shards; mm chat --audio; a truncated file is one clear error naming it
     rc, ev = _mm("eval", "speech", "--ckpt", tmp_path / "sft", "--shards", world["root"] / "val-*.tar",
@@ -382,7 +407,7 @@ def test_acoustic_stage_trains_only_the_encoder_and_feeds_speech_sft(world, tmp_
     base = [*_common(world), f"lm={world['lm']}", "encoder_from=null", "adapter.dim=16", "adapter.heads=2",
             "adapter.ffn_dim=32", "seq_len=96", "eval_items=2", "ctc_weight=0", "ctc_weight_end=0"]
     rc, err = _mm("run", "experiments/speech/speech_sft_tiny.yaml", "--out", tmp_path / "bad", *base,
-                  "acoustic_only=true")
+                  "acoustic_only=true", "char_ctc_weight=0")
     assert rc == 2 and "char_ctc_weight > 0" in err["error"], err
     ov = [*base, "acoustic_only=true", "char_ctc_weight=1.0", "steps=3"]
     rc, res = _mm("run", "experiments/speech/speech_sft_tiny.yaml", "--out", tmp_path / "ac", *ov)

@@ -54,7 +54,11 @@ def build_model(cfg: SpeechSFTConfig) -> tuple[SpeechLM, Tokenizer]:
     a = cfg.adapter
     out_rms = embedding_rms(lm.tok_embeddings.weight) if a.match_embed_scale else 0.0
     adapter = SpeechAdapter(SpeechAdapterConfig(in_dim=enc.cfg.dim, dim=a.dim, heads=a.heads, ffn_dim=a.ffn_dim,
-                                                out_dim=lm.cfg.dim, out_rms=out_rms))
+                                                out_dim=lm.cfg.dim, out_rms=out_rms, stride=a.stride,
+                                                learn_markers=a.learn_markers))
+    if adapter.markers is not None:  # start from how typed text is quoted: the LM's embedding of '"', twice
+        with torch.no_grad():
+            adapter.markers.copy_(lm.tok_embeddings.weight[tok.encode('"')[0]].expand(2, -1))
     head = nn.Linear(enc.cfg.dim, len(CHARS) + 1) if cfg.char_ctc_weight > 0 else None
     return SpeechLM(enc, adapter, lm, SpeechTokens.of(tok), head), tok
 
@@ -83,7 +87,7 @@ class SpeechFeed(StepFeed):
     def __init__(self, loader: Loader, tok: Tokenizer, cfg: SpeechSFTConfig, model: SpeechLM, device: torch.device):
         super().__init__(loader, cfg.train.grad_accum)
         self.fmt, self.cfg, self.device, self.pad_id, self.tok = ChatFormat(tok), cfg, device, tok.pad_id, tok
-        self.ids, self.enc_cfg = model.ids, model.encoder.cfg
+        self.ids, self.enc_cfg, self.adapter_cfg = model.ids, model.encoder.cfg, model.adapter.cfg
         s = cfg.spec_augment
         self.featurize = Featurizer(SpecAugment(s.freq_masks, s.freq_width, s.time_masks, s.time_ratio))
         self.skipped: Counter = Counter()
@@ -93,7 +97,8 @@ class SpeechFeed(StepFeed):
         dialogs, waves, texts = [], [], []
         for j, (audio, text, meta) in enumerate(zip(batch["audio"], batch["text"], batch["meta"])):
             task, system, answer = pick_task(text, meta, self.cfg.tasks, random.Random(f"{self.cfg.seed}:{b}:{j}"))
-            ids, mask = speech_dialog(self.fmt, self.ids, n_speech_tokens(len(audio), self.enc_cfg), system, answer)
+            n = n_speech_tokens(len(audio), self.enc_cfg, self.adapter_cfg)
+            ids, mask = speech_dialog(self.fmt, self.ids, n, system, answer)
             if len(ids) > self.cfg.seq_len:
                 self.skipped["dialog_too_long"] += 1
                 continue
@@ -169,14 +174,14 @@ def run(cfg: SpeechSFTConfig, run_dir: Path, resume: bool = False) -> dict:
         meta = {"stage": cfg.stage, "step": cfg.steps, "lm": str(model_dir(cfg.lm).resolve()),
                 "encoder_from": cfg.encoder_from}
         final = save_speech_model(run_dir / "final", unwrap(net), tok, meta)
-        if cfg.eval_items:  # an acoustic stage's adapter never trained: its encoder is scored on the char head
+        if cfg.eval_items:  # an acoustic stage's adapter never trained: its encoder is scored on the char head only
             from mm.eval_speech import acoustic_eval, eval_speech_shards, load_audio_items
 
             t_eval = time.perf_counter()
-            if cfg.acoustic_only:
-                ev = acoustic_eval(unwrap(net), load_audio_items(cfg.data.val_shards, cfg.eval_items)[0])
-            else:
-                ev = eval_speech_shards(unwrap(net).eval(), tok, cfg.data.val_shards, cfg.eval_items)
+            ev = {} if cfg.acoustic_only else eval_speech_shards(unwrap(net).eval(), tok, cfg.data.val_shards,
+                                                                 cfg.eval_items)
+            if unwrap(net).char_head is not None:  # the encoder's own transcription: char_cer, char_wer, ...
+                ev.update(acoustic_eval(unwrap(net), load_audio_items(cfg.data.val_shards, cfg.eval_items)[0]))
             result.update({k: v for k, v in ev.items() if k != "examples"}, eval_s=round(time.perf_counter() - t_eval, 1))
             (final.parent / "eval.json").write_text(json.dumps(ev, indent=1))
         result["total_s"] = round(time.perf_counter() - t0, 1)
