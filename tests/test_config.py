@@ -64,3 +64,21 @@ def test_cli_reports_one_error_line_and_json(tmp_path, capsys):
     assert code == 2
     assert err.strip().count("\n") == 0 and "train.lrr" in err and "Traceback" not in err
     assert json.loads(out.strip().splitlines()[-1])["ok"] is False
+
+
+def test_every_shipped_stage_yaml_and_pipeline_step_loads():
+    """Each experiments/ YAML with a stage loads typed, and so does every pipeline step's config under the step's
+    overrides ({run} etc. filled): a typo in a shipped recipe fails here, not an hour into a run."""
+    from mm.config import PipelineConfig
+    from mm.pipeline import _fill
+
+    shipped = sorted(p for p in (REPO / "experiments").rglob("*.yaml") if "\nstage:" in "\n" + p.read_text())
+    assert len(shipped) >= 15
+    steps = 0
+    for path in shipped:
+        cfg = load_config(path)
+        if isinstance(cfg, PipelineConfig):
+            for step in cfg.steps:
+                load_config(REPO / step.config, [_fill(o, Path("runs/x"), 1, "runs/x/sft") for o in step.overrides])
+                steps += 1
+    assert steps >= 20
