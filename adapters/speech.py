@@ -1,10 +1,9 @@
 """The speech adapter and the splice into the LM input (PAPER.md §9.5, §9.1; DESIGN.md invariant 5).
 
-Adapter: Conv1d (k=3, s=2: 40 ms -> 80 ms frames; `stride` s > 2 takes k = 2s - 1) -> one rotary Transformer layer ->
-Linear to the LM width. Its
-outputs enter the frozen LM as input embeddings: a dialog holds `<|speech_start|>` + N x `<|speech|>` +
-`<|speech_end|>` and `splice_speech` writes the N adapter embeddings over the N placeholder positions (a count that
-differs is an error). `mask_speech_labels` makes the loss ignore speech positions. Both are plain functions so any
+Adapter: Conv1d (k=3, s=2: 40 ms -> 80 ms frames; `stride` s > 2 takes k = 2s - 1) -> one rotary Transformer layer
+-> Linear to the LM width. Its outputs enter the frozen LM as input embeddings: a dialog holds `<|speech_start|>` +
+N x `<|speech|>` + `<|speech_end|>` and `splice_speech` writes the N adapter embeddings over the N placeholder
+positions (a count that differs is an error). `mask_speech_labels` makes the loss ignore speech positions. Both are plain functions so any
 composed model (e.g. mm.fused) can call them on its own token embeddings.
 
 Tiny-scale aids beyond the paper (all optional): `out_rms` ends the adapter with an RMSNorm whose gain starts at

@@ -13,12 +13,15 @@ import jiwer
 import sacrebleu
 import torch
 
-from data.audio import iter_audio_samples
+from data.audio import SAMPLE_RATE, iter_audio_samples
 from data.token_stream import IGNORE
 from data.shards import SkipCounter, expand_shards
 from llm.tokenizer import ChatFormat
 from mm.speech import CHARS, Featurizer, SpeechLM, char_text, generate_speech, n_speech_tokens, speech_dialog, \
     task_choices
+
+
+MAX_TOKENS_PER_S = 12.5  # a reply's cap per second of audio: one token per 80 ms, above any speaking rate
 
 
 @lru_cache(maxsize=1)
@@ -64,8 +67,8 @@ def respond(model: SpeechLM, fmt: ChatFormat, system: str | None, audio, max_new
             featurize: Featurizer | None = None, text: str = "") -> str:
     """Greedy reply to one system prompt + audio (a float 16 kHz waveform; None: the blind prompt without speech) +
     optional typed user `text` (with audio None and text = the transcript: the text oracle). With audio the reply
-    gets at most 12.5 tokens per second of speech (one per 80 ms, above any speaking rate), so a greedy repetition
-    loop cannot add unbounded insertions."""
+    gets at most MAX_TOKENS_PER_S tokens per second of speech, so a greedy repetition loop cannot add unbounded
+    insertions."""
     tok = fmt.tok
     if audio is None:
         ids, _ = speech_dialog(fmt, model.ids, 0, system, None, text)
@@ -74,7 +77,7 @@ def respond(model: SpeechLM, fmt: ChatFormat, system: str | None, audio, max_new
         ids, _ = speech_dialog(fmt, model.ids, n_speech_tokens(len(audio), model.encoder.cfg, model.adapter.cfg),
                                system, None)
         feats, lens = (featurize or Featurizer())([audio])
-        max_new_tokens = min(max_new_tokens, max(1, round(len(audio) * 12.5 / 16000)))
+        max_new_tokens = min(max_new_tokens, max(1, round(len(audio) * MAX_TOKENS_PER_S / SAMPLE_RATE)))
     out = generate_speech(model, ids, feats, lens, max_new_tokens, stop_ids=(tok.eot_id, tok.eom_id, tok.eos_id))
     return fmt.decode_reply(out).strip()
 
@@ -189,8 +192,9 @@ def ctc_greedy(logits: torch.Tensor, n: int) -> str:
 @torch.no_grad()
 def acoustic_eval(model: SpeechLM, items: list[dict], batch_size: int = 16) -> dict:
     """The encoder's own transcription of held-out audio through the character CTC head (best path, no LM): the
-    measure of an acoustic stage (speech_sft acoustic_only), and reported by any speech_sft with a char head. {"char_items", "char_cer" (characters, over char_text's
-    alphabet), "char_wer" (Whisper-normalised words, as "wer"), "char_cer_by_voice", "char_examples"}."""
+    measure of an acoustic stage (speech_sft acoustic_only), also reported by any speech_sft with a char head.
+    {"char_items", "char_cer" (characters, over char_text's alphabet), "char_wer" (Whisper-normalised words, as
+    "wer"), "char_cer_by_voice", "char_examples"}."""
     if model.char_head is None:
         raise ValueError("acoustic_eval needs the model's char_head (char_ctc_weight > 0)")
     model.eval()

@@ -103,7 +103,7 @@ class SpeechLM(nn.Module):
         if labels is not None:
             labels = mask_speech_labels(tokens, labels, self.ids)
         enc, enc_lens = self.encoder(feats, feat_lens)  # (B, F', D_enc), 40 ms frames
-        sp, n = self.adapter(enc, enc_lens)  # (B, N, D_lm), 80 ms
+        sp, n = self.adapter(enc, enc_lens)  # (B, N, D_lm), 40 ms x adapter stride
         h = splice_speech(self.lm.tok_embeddings(tokens), tokens, sp, n, self.ids, self.adapter.markers)
         out = self.lm(embeds=h, labels=labels)
         if ctc is None and chars is None:

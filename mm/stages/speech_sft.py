@@ -11,7 +11,8 @@ system prompt, answer = json answer). The user turn is `<|speech_start|>` + one 
 CTC of each sample's transcript (annealed linearly to ctc_weight_end); char_ctc_weight > 0 a character CTC head on the
 encoder's frames (dropped at save), and acoustic_only trains the encoder on it alone (an acoustic stage for a later
 speech_sft's encoder_from); the adapter's final RMSNorm on the LM's
-embedding scale is adapter.match_embed_scale. Final: final/{model.safetensors ("encoder.*", "adapter.*"), meta.json,
+embedding scale is adapter.match_embed_scale, its embedding rate adapter.stride and its own speech markers
+adapter.learn_markers (adapters.speech). Final: final/{model.safetensors ("encoder.*", "adapter.*"), meta.json,
 tokenizer.json}; mm.speech.load_speech_model rebuilds it.
 """
 from __future__ import annotations
