@@ -192,7 +192,7 @@ def ctc_greedy(logits: torch.Tensor, n: int) -> str:
 @torch.no_grad()
 def acoustic_eval(model: SpeechLM, items: list[dict], batch_size: int = 16) -> dict:
     """The encoder's own transcription of held-out audio through the character CTC head (best path, no LM): the
-    measure of an acoustic stage (speech_sft acoustic_only), also reported by any speech_sft with a char head.
+    measure of an acoustic stage (speech_sft acoustic_only), also reported by eval_speech_shards with a char head.
     {"char_items", "char_cer" (characters, over char_text's alphabet), "char_wer" (Whisper-normalised words, as
     "wer"), "char_cer_by_voice", "char_examples"}."""
     if model.char_head is None:
@@ -221,11 +221,14 @@ def acoustic_eval(model: SpeechLM, items: list[dict], batch_size: int = 16) -> d
 def eval_speech_shards(model: SpeechLM, tok, shards: str, max_items: int = 0, max_new_tokens: int = 48,
                        blind: bool = True) -> dict:
     """speech_eval on the first max_items (0: all) samples of any audio-text shards (DESIGN.md format); adds
-    {"shards", "items", "skipped", "skipped_total"}. The one implementation behind `mm eval speech`,
-    benchmarks/speech.py and the end-of-stage evaluation of speech_sft."""
+    {"shards", "items", "skipped", "skipped_total"}, and acoustic_eval's char_* figures on the same items when the
+    model has a char head (a speech_sft in training; saved models drop it). The one implementation behind `mm eval
+    speech`, benchmarks/speech.py and the end-of-stage evaluation of speech_sft."""
     items, skips = load_audio_items(shards, max_items)
     if not items:
         raise ValueError(f"{shards}: no readable audio samples (skipped: {skips})")
     out = {"shards": shards, "items": len(items), "skipped": skips, "skipped_total": sum(skips.values())}
     out.update(speech_eval(model, tok, items, max_new_tokens, blind))
+    if model.char_head is not None:
+        out.update(acoustic_eval(model, items))
     return out

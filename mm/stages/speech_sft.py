@@ -179,10 +179,10 @@ def run(cfg: SpeechSFTConfig, run_dir: Path, resume: bool = False) -> dict:
             from mm.eval_speech import acoustic_eval, eval_speech_shards, load_audio_items
 
             t_eval = time.perf_counter()
-            ev = {} if cfg.acoustic_only else eval_speech_shards(unwrap(net).eval(), tok, cfg.data.val_shards,
-                                                                 cfg.eval_items)
-            if unwrap(net).char_head is not None:  # the encoder's own transcription: char_cer, char_wer, ...
-                ev.update(acoustic_eval(unwrap(net), load_audio_items(cfg.data.val_shards, cfg.eval_items)[0]))
+            if cfg.acoustic_only:
+                ev = acoustic_eval(unwrap(net), load_audio_items(cfg.data.val_shards, cfg.eval_items)[0])
+            else:  # with a char head this also scores the encoder's own transcription (char_cer, char_wer, ...)
+                ev = eval_speech_shards(unwrap(net).eval(), tok, cfg.data.val_shards, cfg.eval_items)
             result.update({k: v for k, v in ev.items() if k != "examples"}, eval_s=round(time.perf_counter() - t_eval, 1))
             (final.parent / "eval.json").write_text(json.dumps(ev, indent=1))
         result["total_s"] = round(time.perf_counter() - t0, 1)
