@@ -3,6 +3,7 @@ Whisper English normalisation of both sides, the same model with the audio remov
 translation and spoken-QA exact match.
 
     python benchmarks/speech.py --ckpt runs/speech_sft_tiny [--shards VAL_SPEC] [--max-items N]
+    python benchmarks/speech.py --ckpt RUN_A --against RUN_B    # paired: WER(A) - WER(B), bootstrap 95% CI
 
 Prints ONE JSON line (metric code: mm/eval_speech.py).
 """
@@ -19,7 +20,7 @@ import time  # noqa: E402
 import torch  # noqa: E402
 
 from mm.cli import run_reporting  # noqa: E402
-from mm.eval_speech import eval_speech_shards  # noqa: E402
+from mm.eval_speech import compare_speech, eval_speech_shards  # noqa: E402
 from mm.speech import load_speech_model  # noqa: E402
 
 
@@ -29,6 +30,12 @@ def evaluate(args) -> dict:
     t0 = time.perf_counter()
     model, tok = load_speech_model(args.ckpt)
     out = {"ckpt": str(args.ckpt)}
+    if args.against:  # the ablation's question: is A's WER lower than B's on the same utterances, beyond noise?
+        out["against"] = str(args.against)
+        out.update(compare_speech((model, tok), load_speech_model(args.against), args.shards, args.max_items,
+                                  args.max_new_tokens))
+        out["total_s"] = round(time.perf_counter() - t0, 1)
+        return out
     out.update(eval_speech_shards(model, tok, args.shards, args.max_items, args.max_new_tokens, blind=not args.no_blind))
     out["total_s"] = round(time.perf_counter() - t0, 1)
     return out
@@ -40,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shards", default=".cache/shards/audio/val-*.tar", help="held-out audio-text shards")
     p.add_argument("--max-items", type=int, default=0, help="cap on utterances (0: all)")
     p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--against", help="a second speech_sft run: paired WER difference with a bootstrap 95%% CI")
     p.add_argument("--no-blind", action="store_true", help="skip the blind (no audio) pass")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default, OMP_NUM_THREADS)")
     return run_reporting(evaluate, p.parse_args(argv))

@@ -10,6 +10,7 @@ from collections import defaultdict
 from functools import lru_cache
 
 import jiwer
+import numpy as np
 import sacrebleu
 import torch
 
@@ -44,6 +45,38 @@ def corpus_wer(refs: list[str], hyps: list[str]) -> float | None:
     if not pairs:
         return None
     return float(jiwer.wer([r for r, _ in pairs], [h for _, h in pairs]))
+
+
+def utterance_errors(refs: list[str], hyps: list[str]) -> list[tuple[int, int]]:
+    """(word errors S + D + I, reference words) per pair after normalising both sides, as corpus_wer counts them;
+    a reference that normalises to nothing gives (0, 0)."""
+    out = []
+    for r, h in zip(refs, hyps):
+        r, h = normalise_text(r), normalise_text(h)
+        if not r.strip():
+            out.append((0, 0))
+            continue
+        m = jiwer.process_words(r, h)
+        out.append((m.substitutions + m.deletions + m.insertions, m.substitutions + m.deletions + m.hits))
+    return out
+
+
+def paired_wer_delta(refs: list[str], hyps_a: list[str], hyps_b: list[str], n_boot: int = 2000,
+                     seed: int = 0) -> dict:
+    """Corpus WER of system a minus that of b on the same utterances, with a paired bootstrap over utterances
+    (Bisani & Ney 2004): {"wer_a", "wer_b", "delta", "ci95": [lo, hi], "p_a_better" (share of resamples where a's
+    WER is lower), "n"}. Hand-written: jiwer gives the per-utterance counts, not the resampling."""
+    ea = np.array(utterance_errors(refs, hyps_a), dtype=np.float64)  # (N, 2)
+    eb = np.array(utterance_errors(refs, hyps_b), dtype=np.float64)
+    if len(ea) == 0 or ea[:, 1].sum() == 0:
+        raise ValueError("paired_wer_delta: no utterance with reference words")
+    idx = np.random.default_rng(seed).integers(0, len(ea), (n_boot, len(ea)))  # (n_boot, N) resampled utterances
+    words = ea[idx, 1].sum(1).clip(min=1)
+    deltas = (ea[idx, 0].sum(1) - eb[idx, 0].sum(1)) / words
+    wa, wb = ea[:, 0].sum() / ea[:, 1].sum(), eb[:, 0].sum() / ea[:, 1].sum()
+    lo, hi = np.quantile(deltas, [0.025, 0.975])
+    return {"wer_a": float(wa), "wer_b": float(wb), "delta": float(wa - wb), "ci95": [float(lo), float(hi)],
+            "p_a_better": float((deltas < 0).mean()), "n": len(ea)}
 
 
 def corpus_bleu(refs: list[str], hyps: list[str]) -> float | None:
@@ -232,3 +265,30 @@ def eval_speech_shards(model: SpeechLM, tok, shards: str, max_items: int = 0, ma
     if model.char_head is not None:
         out.update(acoustic_eval(model, items))
     return out
+
+
+@torch.no_grad()
+def compare_speech(a: tuple[SpeechLM, object], b: tuple[SpeechLM, object], shards: str, max_items: int = 0,
+                   max_new_tokens: int = 48, n_boot: int = 2000) -> dict:
+    """Greedy ASR of the same held-out utterances by two (model, tokenizer) pairs, e.g. the BEST-RQ and random-init
+    arms of the ablation, and paired_wer_delta (a minus b) over all of them and per voice:
+    {"items", "skipped", **overall, "by_voice": {voice: {...}}}. Whether a WER gap is more than resampling noise."""
+    items, skips = load_audio_items(shards, max_items)
+    if not items:
+        raise ValueError(f"{shards}: no readable audio samples (skipped: {skips})")
+    featurize = Featurizer()
+    refs, voices, hyps = [], [], ([], [])
+    for it in items:
+        meta = it.get("meta") or {}
+        system, ref = task_choices(it["text"], meta)["asr"]
+        refs.append(ref)
+        voices.append(meta.get("voice", "?"))
+        for (model, tok), out in zip((a, b), hyps):
+            out.append(respond(model.eval(), ChatFormat(tok), system, it["audio"], max_new_tokens, featurize))
+    res = {"items": len(items), "skipped": skips, **paired_wer_delta(refs, *hyps, n_boot)}
+    res["by_voice"] = {}
+    for v in sorted(set(voices)):
+        pick = [i for i, x in enumerate(voices) if x == v]
+        sel = lambda xs: [xs[i] for i in pick]  # noqa: E731
+        res["by_voice"][v] = paired_wer_delta(sel(refs), sel(hyps[0]), sel(hyps[1]), n_boot)
+    return res

@@ -5,6 +5,7 @@ bare LM, mm eval speech / mm chat --audio)."""
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import io
 import json
 from pathlib import Path
@@ -217,6 +218,29 @@ def test_corpus_wer_normalises_and_aggregates_over_words():
     assert corpus_bleu(["el gato es rojo hoy"], ["el gato es rojo hoy"]) == pytest.approx(100.0)
 
 
+def test_paired_wer_delta_matches_corpus_wer_and_resolves_real_gaps():
+    """The ablation's comparison: a minus b on the same utterances equals the corpus WERs' difference; identical
+    systems give exactly 0 with a zero-width interval; a system better on every utterance has an interval below 0."""
+    from mm.eval_speech import corpus_wer, paired_wer_delta
+
+    rng = np.random.default_rng(0)
+    vocab = "the a red hen blue car sun tree sat on".split()
+    refs = [" ".join(rng.choice(vocab, 6)) for _ in range(60)]
+    good = [" ".join(r.split()[:5] + ["x"]) for r in refs]  # one substitution each
+    bad = [" ".join(["x", "y"] + r.split()[2:]) for r in refs]  # two each
+    d = paired_wer_delta(refs, good, bad, n_boot=500)
+    assert d["wer_a"] == pytest.approx(corpus_wer(refs, good)) and d["wer_b"] == pytest.approx(corpus_wer(refs, bad))
+    assert d["delta"] == pytest.approx(1 / 6 - 2 / 6) and d["ci95"][1] < 0 and d["p_a_better"] == 1.0, d
+    same = paired_wer_delta(refs, bad, bad, n_boot=200)
+    assert same["delta"] == 0 and same["ci95"] == [0.0, 0.0] and same["p_a_better"] == 0.0
+    mixed = [g if i % 2 else b for i, (g, b) in enumerate(zip(good, bad))]  # better on half: a gap the CI still sees
+    m = paired_wer_delta(refs, mixed, bad, n_boot=500)
+    assert m["ci95"][0] < m["delta"] < m["ci95"][1] < 0
+    noisy = [b if i % 2 else g for i, (g, b) in enumerate(zip(good, bad))]
+    coin = paired_wer_delta(refs, mixed, noisy, n_boot=500)  # same totals, different utterances: CI spans 0
+    assert coin["delta"] == 0 and coin["ci95"][0] < 0 < coin["ci95"][1]
+
+
 # ---- the stages end to end ------------------------------------------------------------------------------------------
 
 def _flac(i: int, seconds: float) -> bytes:
@@ -372,6 +396,17 @@ def test_stages_trainable_sets_lm_unchanged_and_cli(world, tmp_path, monkeypatch
                  "--max-items", 3)
     assert rc == 0 and ev["items"] == 3 and set(ev["wer_by_voice"]) <= {"espeak:v0", "espeak:v1"} and \
         ev["n_ast"] == 1 and ev["n_sqa"] == 1, ev
+    # the ablation's paired comparison (benchmarks/speech.py --against): a run against itself differs by exactly 0
+    spec = importlib.util.spec_from_file_location("bench_speech", REPO / "benchmarks" / "speech.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert bench.main(["--ckpt", str(tmp_path / "sft"), "--against", str(tmp_path / "sft"), "--shards",
+                           str(world["root"] / "val-*.tar"), "--max-items", "3"]) == 0
+    cmp = json.loads(buf.getvalue().strip().splitlines()[-1])
+    assert cmp["items"] == 3 and cmp["wer_a"] == pytest.approx(ev["wer"]) and cmp["delta"] == 0 and \
+        cmp["ci95"] == [0.0, 0.0] and set(cmp["by_voice"]) == set(ev["wer_by_voice"]), cmp
     wav = tmp_path / "a.wav"
     sf.write(wav, np.zeros(8000, np.float32), 8000)  # another sample rate: resampled to 16 kHz
     rc, ch = _mm("chat", "--ckpt", tmp_path / "sft", "--audio", wav, "--max-new-tokens", 4)
