@@ -82,3 +82,23 @@ def test_every_shipped_stage_yaml_and_pipeline_step_loads():
                 load_config(REPO / step.config, [_fill(o, Path("runs/x"), 1, "runs/x/sft") for o in step.overrides])
                 steps += 1
     assert steps >= 20
+
+
+def test_every_shipped_data_kit_yaml_names_known_keys_and_voices():
+    """experiments/data/*.yaml: top-level kit keys, the speech part's keys and its voice ids are all known (the same
+    checks `mm data build` makes before any synthesis), so a typo fails here rather than minutes into a build."""
+    from data import speech_kit, tts
+    from data.kit import load_kit_config
+
+    kits = sorted((REPO / "experiments/data").glob("*.yaml"))
+    assert len(kits) >= 4
+    for path in kits:
+        speech = load_kit_config(path).get("speech")
+        if isinstance(speech, dict):
+            assert not set(speech) - set(speech_kit.DEFAULTS), path
+            pools = speech_kit.voice_pools({**speech_kit.DEFAULTS, **speech}, list(tts.ENGINES))
+            if speech.get("voices"):
+                assert {v for p in pools["train"].values() for v in p} | \
+                    {v for p in pools["val"].values() for v in p} >= set(speech["voices"]), path
+    with pytest.raises(ValueError, match="unknown voice 'espeak:en-xx'"):
+        speech_kit.voice_pools({**speech_kit.DEFAULTS, "voices": ["espeak:en-xx"]}, list(tts.ENGINES))
