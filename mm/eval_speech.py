@@ -276,15 +276,15 @@ def compare_speech(a: tuple[SpeechLM, object], b: tuple[SpeechLM, object], shard
     items, skips = load_audio_items(shards, max_items)
     if not items:
         raise ValueError(f"{shards}: no readable audio samples (skipped: {skips})")
-    featurize = Featurizer()
+    featurize, pairs = Featurizer(), [(model.eval(), ChatFormat(tok)) for model, tok in (a, b)]
     refs, voices, hyps = [], [], ([], [])
     for it in items:
         meta = it.get("meta") or {}
         system, ref = task_choices(it["text"], meta)["asr"]
         refs.append(ref)
         voices.append(meta.get("voice", "?"))
-        for (model, tok), out in zip((a, b), hyps):
-            out.append(respond(model.eval(), ChatFormat(tok), system, it["audio"], max_new_tokens, featurize))
+        for (model, fmt), out in zip(pairs, hyps):
+            out.append(respond(model, fmt, system, it["audio"], max_new_tokens, featurize))
     res = {"items": len(items), "skipped": skips, **paired_wer_delta(refs, *hyps, n_boot)}
     res["by_voice"] = {}
     for v in sorted(set(voices)):
