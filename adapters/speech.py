@@ -3,8 +3,8 @@
 Adapter: Conv1d (k=3, s=2: 40 ms -> 80 ms frames; `stride` s > 2 takes k = 2s - 1) -> one rotary Transformer layer
 -> Linear to the LM width. Its outputs enter the frozen LM as input embeddings: a dialog holds `<|speech_start|>` +
 N x `<|speech|>` + `<|speech_end|>` and `splice_speech` writes the N adapter embeddings over the N placeholder
-positions (a count that differs is an error). `mask_speech_labels` makes the loss ignore speech positions. Both are plain functions so any
-composed model (e.g. mm.fused) can call them on its own token embeddings.
+positions (a count that differs is an error). `mask_speech_labels` makes the loss ignore speech positions. Both are
+plain functions so any composed model (e.g. mm.fused) can call them on its own token embeddings.
 
 Tiny-scale aids beyond the paper (all optional): `out_rms` ends the adapter with an RMSNorm whose gain starts at
 the RMS of the LM's token embeddings; `token_ctc_loss` is an auxiliary CTC from the adapter outputs onto the

@@ -37,19 +37,9 @@ def normalise_text(s: str) -> str:
     return _normaliser()(str(s))
 
 
-def corpus_wer(refs: list[str], hyps: list[str]) -> float | None:
-    """Corpus WER = sum(S + D + I) / sum(N_ref) after normalising both sides; pairs whose reference normalises to
-    nothing are dropped; None when none is left."""
-    pairs = [(normalise_text(r), normalise_text(h)) for r, h in zip(refs, hyps)]
-    pairs = [(r, h) for r, h in pairs if r.strip()]
-    if not pairs:
-        return None
-    return float(jiwer.wer([r for r, _ in pairs], [h for _, h in pairs]))
-
-
 def utterance_errors(refs: list[str], hyps: list[str]) -> list[tuple[int, int]]:
-    """(word errors S + D + I, reference words) per pair after normalising both sides, as corpus_wer counts them;
-    a reference that normalises to nothing gives (0, 0)."""
+    """(word errors S + D + I, reference words) per pair after normalising both sides (jiwer's alignment); a
+    reference that normalises to nothing gives (0, 0)."""
     out = []
     for r, h in zip(refs, hyps):
         r, h = normalise_text(r), normalise_text(h)
@@ -61,6 +51,14 @@ def utterance_errors(refs: list[str], hyps: list[str]) -> list[tuple[int, int]]:
     return out
 
 
+def corpus_wer(refs: list[str], hyps: list[str]) -> float | None:
+    """Corpus WER = sum(S + D + I) / sum(N_ref) over utterance_errors (pairs whose reference normalises to nothing
+    count nothing); None when no reference word is left."""
+    counts = utterance_errors(refs, hyps)
+    words = sum(n for _, n in counts)
+    return sum(e for e, _ in counts) / words if words else None
+
+
 def paired_wer_delta(refs: list[str], hyps_a: list[str], hyps_b: list[str], n_boot: int = 2000,
                      seed: int = 0) -> dict:
     """Corpus WER of system a minus that of b on the same utterances, with a paired bootstrap over utterances
@@ -68,12 +66,13 @@ def paired_wer_delta(refs: list[str], hyps_a: list[str], hyps_b: list[str], n_bo
     WER is lower), "n"}. Hand-written: jiwer gives the per-utterance counts, not the resampling."""
     ea = np.array(utterance_errors(refs, hyps_a), dtype=np.float64)  # (N, 2)
     eb = np.array(utterance_errors(refs, hyps_b), dtype=np.float64)
-    if len(ea) == 0 or ea[:, 1].sum() == 0:
+    if len(ea) == 0 or not ea[:, 1].any():
         raise ValueError("paired_wer_delta: no utterance with reference words")
     idx = np.random.default_rng(seed).integers(0, len(ea), (n_boot, len(ea)))  # (n_boot, N) resampled utterances
     words = ea[idx, 1].sum(1).clip(min=1)
     deltas = (ea[idx, 0].sum(1) - eb[idx, 0].sum(1)) / words
-    wa, wb = ea[:, 0].sum() / ea[:, 1].sum(), eb[:, 0].sum() / ea[:, 1].sum()
+    n_words = ea[:, 1].sum()  # the same references on both sides
+    wa, wb = ea[:, 0].sum() / n_words, eb[:, 0].sum() / n_words
     lo, hi = np.quantile(deltas, [0.025, 0.975])
     return {"wer_a": float(wa), "wer_b": float(wb), "delta": float(wa - wb), "ci95": [float(lo), float(hi)],
             "p_a_better": float((deltas < 0).mean()), "n": len(ea)}
@@ -85,13 +84,16 @@ def corpus_bleu(refs: list[str], hyps: list[str]) -> float | None:
 
 
 def load_audio_items(shards: str, max_items: int = 0) -> tuple[list[dict], dict]:
-    """The first max_items (0: all) decodable samples of audio shards, and the skip counts by reason."""
+    """The first max_items (0: all) decodable samples of audio shards, and the skip counts by reason; none readable is
+    an error naming the shards."""
     skips = SkipCounter()
     items = []
     for s in iter_audio_samples(expand_shards(shards), skips):
         items.append(s)
         if max_items and len(items) >= max_items:
             break
+    if not items:
+        raise ValueError(f"{shards}: no readable audio samples (skipped: {skips.as_dict()})")
     return items, skips.as_dict()
 
 
@@ -258,8 +260,6 @@ def eval_speech_shards(model: SpeechLM, tok, shards: str, max_items: int = 0, ma
     model has a char head (a speech_sft in training; saved models drop it). The one implementation behind `mm eval
     speech`, benchmarks/speech.py and the end-of-stage evaluation of speech_sft."""
     items, skips = load_audio_items(shards, max_items)
-    if not items:
-        raise ValueError(f"{shards}: no readable audio samples (skipped: {skips})")
     out = {"shards": shards, "items": len(items), "skipped": skips, "skipped_total": sum(skips.values())}
     out.update(speech_eval(model, tok, items, max_new_tokens, blind))
     if model.char_head is not None:
@@ -274,8 +274,6 @@ def compare_speech(a: tuple[SpeechLM, object], b: tuple[SpeechLM, object], shard
     arms of the ablation, and paired_wer_delta (a minus b) over all of them and per voice:
     {"items", "skipped", **overall, "by_voice": {voice: {...}}}. Whether a WER gap is more than resampling noise."""
     items, skips = load_audio_items(shards, max_items)
-    if not items:
-        raise ValueError(f"{shards}: no readable audio samples (skipped: {skips})")
     featurize, pairs = Featurizer(), [(model.eval(), ChatFormat(tok)) for model, tok in (a, b)]
     refs, voices, hyps = [], [], ([], [])
     for it in items:
