@@ -53,10 +53,60 @@ def save_weights(directory: Path, tensors: dict[str, dict[str, torch.Tensor]], m
         for name, sd in tensors.items():
             save_file(_contiguous(sd), str(tmp / f"{name}.safetensors"))
         if state is not None:
-            torch.save(state, tmp / "state.pt")
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+            with open(tmp / "state.pt", "wb") as f:  # a file object: a failed write surfaces its OSError
+                torch.save(state, f)
+        files = {f.name: {"size": f.stat().st_size, "sha256": file_sha256(f)} for f in sorted(tmp.iterdir())}
+        (tmp / "meta.json").write_text(json.dumps({**meta, "files": files}, indent=1))
+        for f in tmp.iterdir():  # on disk before the rename makes the checkpoint visible
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
 
-    return _atomic_dir_write(Path(directory), write)
+    directory = Path(directory)
+    try:
+        return _atomic_dir_write(directory, write)
+    except Exception as e:  # ENOSPC / EFBIG / EIO part-way: the temp folder is gone, older checkpoints untouched
+        raise CheckpointError(f"{directory}: checkpoint write failed, nothing replaced ({_os_reason(e)})") from None
+
+
+def _os_reason(e: BaseException) -> str:
+    """The OS error behind a failed write (torch.save and safetensors wrap it in their own exception types)."""
+    seen, cur = set(), e
+    while cur is not None and id(cur) not in seen:  # torch.save keeps the OSError as the context of its own error
+        if isinstance(cur, OSError) and cur.strerror:
+            return f"{cur.strerror} [errno {cur.errno}]"
+        seen.add(id(cur))
+        cur = cur.__cause__ or cur.__context__
+    return str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+
+
+def verify_checkpoint(directory: Path) -> str | None:
+    """Why a checkpoint folder cannot be trusted (meta.json unreadable, a file missing, or its size / sha256 not
+    what the writer recorded), or None when it verifies. Folders written before sizes were recorded are checked
+    by reading their tensors and state."""
+    directory = Path(directory)
+    try:
+        meta = load_meta(directory)
+    except CheckpointError as e:
+        return str(e)
+    files = meta.get("files")
+    if not isinstance(files, dict):
+        try:
+            for f in directory.glob("*.safetensors"):
+                load_tensors(f)
+            if (directory / "state.pt").exists():
+                load_state(directory)
+        except CheckpointError as e:
+            return str(e)
+        return None
+    for name, rec in files.items():
+        f = directory / name
+        if not f.is_file():
+            return f"{f}: missing"
+        if f.stat().st_size != rec.get("size"):
+            return f"{f}: {f.stat().st_size} bytes, the writer recorded {rec.get('size')}"
+        if file_sha256(f) != rec.get("sha256"):
+            return f"{f}: sha256 differs from the one the writer recorded"
+    return None
 
 
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:

@@ -4,11 +4,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 
 from mm.checkpoint import CheckpointError
 from mm.config import ConfigError
+from mm.train import Preempted
+
+PREEMPTED_EXIT = 75  # EX_TEMPFAIL: stopped by SIGTERM / SIGINT after a checkpoint; re-run with --resume
 
 USER_ERRORS = (ConfigError, CheckpointError, FileNotFoundError, ValueError, KeyError, RuntimeError)
 
@@ -23,7 +27,8 @@ def cmd_run(args) -> dict:
     from mm.runner import run_config
 
     run_dir = Path(args.out or Path("runs") / Path(args.config).stem)
-    return run_config(args.config, args.overrides, run_dir, resume=args.resume, force=args.force)
+    return run_config(args.config, args.overrides, run_dir, resume=args.resume, force=args.force,
+                      break_lock=args.break_lock)
 
 
 FETCHERS = {  # `mm data fetch --only ...` groups -> (module, function)
@@ -246,7 +251,10 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("overrides", nargs="*", help="key=value overrides")
     r.add_argument("--out", help="run directory (default runs/<config name>)")
     r.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
-    r.add_argument("--force", action="store_true", help="rerun even if the run directory holds a result")
+    r.add_argument("--force", action="store_true", help="retrain even if the run directory holds a result or an "
+                   "interrupted run (a pipeline: retrain only the steps whose config or inputs changed)")
+    r.add_argument("--break-lock", action="store_true", help="take the run directory's lock even if another host "
+                   "holds it (only when that run is known to be gone)")
     r.set_defaults(fn=cmd_run)
     d = sub.add_parser("data", help="fetch / build / inspect the real data kit")
     d.add_argument("action", choices=["fetch", "build", "inspect"])
@@ -323,6 +331,12 @@ def run_reporting(fn, args) -> int:
     """Run fn(args) and end with the one JSON line: results (exit 0) or one error line on stderr (exit 2)."""
     try:
         result = fn(args)
+    except Preempted as e:
+        again = shlex.join(["mm", "run", args.config, "--out", str(args.out or Path("runs") / Path(args.config).stem),
+                          *args.overrides, "--resume"]) if args.cmd == "run" else "the same command with --resume"
+        print(f"preempted: {e}; continue with: {again}", file=sys.stderr)
+        emit({"ok": False, "preempted": True, "step": e.step, "checkpoint": e.checkpoint})
+        return PREEMPTED_EXIT
     except USER_ERRORS as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"error: {msg}", file=sys.stderr)

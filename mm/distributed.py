@@ -71,6 +71,12 @@ def wrap_model(model: torch.nn.Module, mode: str, info: DistInfo) -> torch.nn.Mo
     raise ValueError(f"train.parallel must be none|ddp|fsdp, got {mode!r}")
 
 
+def barrier(info: DistInfo) -> None:
+    """Wait for every rank (a no-op on one process): readers pass only after the writer (rank 0) is done."""
+    if info.enabled:
+        dist.barrier()
+
+
 def rank_slice(n: int, info: DistInfo) -> slice:
     """This rank's contiguous share of n global rows (n must divide evenly)."""
     if n % info.world:

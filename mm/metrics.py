@@ -7,6 +7,8 @@ from pathlib import Path
 
 import torch
 
+from data.atomic import atomic_write_text
+
 # Dense bf16 peak FLOP/s per device (vendor datasheets, no sparsity).
 PEAK_BF16_FLOPS: dict[str, float] = {
     "H200": 989e12,
@@ -65,6 +67,22 @@ class MetricsLogger:
             for k, v in record.items():
                 if k != "step" and isinstance(v, (int, float)) and v is not None:
                     self.tb.add_scalar(k, v, record["step"])
+
+    def drop_after(self, step: int, stage: str) -> None:
+        """Remove `stage`'s records past `step` (a resume repeats those steps; they are logged again)."""
+        if not self.enabled or not self.path.exists():
+            return
+        lines = self.path.read_text().splitlines()
+        keep = []
+        for line in lines:
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue  # a line cut short by a crash
+            if not (rec.get("stage") == stage and isinstance(rec.get("step"), int) and rec["step"] > step):
+                keep.append(line)
+        if len(keep) != len(lines):
+            atomic_write_text(self.path, "".join(f"{line}\n" for line in keep))
 
     def close(self) -> None:
         if self.tb is not None:

@@ -22,8 +22,10 @@ def _fill(text: str, run_dir: Path, r: int, policy: str | None) -> str:
             .replace("{policy}", policy or ""))
 
 
-def run(cfg: PipelineConfig, run_dir: Path, resume: bool = False) -> dict:
-    """Run every step; returns {step_dir: result} plus the final policy."""
+def run(cfg: PipelineConfig, run_dir: Path, resume: bool = False, redo_changed: bool = False,
+        break_lock: bool = False) -> dict:
+    """Run every step (each reused when its config and inputs match; with redo_changed, `mm run --force`, retrained
+    when they do not); returns {step_dir: result} plus the final policy."""
     results, policy = {}, None
     once = [s for s in cfg.steps if not s.per_round]
     each = [s for s in cfg.steps if s.per_round]
@@ -34,7 +36,7 @@ def run(cfg: PipelineConfig, run_dir: Path, resume: bool = False) -> dict:
         overrides = [_fill(o, run_dir, r, policy) for o in step.overrides]
         print(f"[pipeline {i}/{len(plan)}] {out.relative_to(run_dir)}: {step.config}", file=sys.stderr, flush=True)
         t0 = time.perf_counter()
-        res = run_config(step.config, overrides, out, resume=resume)
+        res = run_config(step.config, overrides, out, resume=resume, redo_changed=redo_changed, break_lock=break_lock)
         res["wall_s"] = round(time.perf_counter() - t0, 1)
         print(f"[pipeline {i}/{len(plan)}] {out.relative_to(run_dir)}: "
               f"{'reused' if res.get('reused') else 'done'} in {res['wall_s']} s "

@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import contextlib
 import math
+import signal
+import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,7 +14,8 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-from mm.checkpoint import list_checkpoints, load_meta, load_state, load_tensors, prune, save_weights, step_dir
+from mm.checkpoint import (CheckpointError, list_checkpoints, load_meta, load_state, load_tensors, prune, save_weights,
+                           step_dir, verify_checkpoint)
 from mm.config import TrainConfig
 from mm.distributed import DistInfo, full_state, load_full_state
 from mm.metrics import MetricsLogger, mfu, peak_flops
@@ -22,6 +26,42 @@ class TrainingDiverged(RuntimeError):
 
     The step it names is 1-based, as in metrics.jsonl and the progress bar (step k = the k-th optimizer update).
     """
+
+
+class Preempted(RuntimeError):
+    """SIGTERM / SIGINT stopped training at a step boundary, after writing a checkpoint there (resume with --resume)."""
+
+    def __init__(self, signame: str, step: int, checkpoint: str):
+        super().__init__(f"{signame} at step {step}: checkpoint {checkpoint}")
+        self.signame, self.step, self.checkpoint = signame, step, checkpoint
+
+
+PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+@contextlib.contextmanager
+def preemption_flag():
+    """While active, SIGTERM / SIGINT only set flag["signal"] (a second one aborts at once); handlers restored after.
+    Outside the main thread (no signal handlers there) the flag never fires."""
+    flag: dict = {"signal": None}
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+
+    def handler(signum, frame):
+        if flag["signal"] is not None:  # the second signal: stop now
+            signal.signal(signum, signal.SIG_DFL)
+            raise KeyboardInterrupt
+        flag["signal"] = signal.Signals(signum).name
+        print(f"[mm] {flag['signal']}: checkpointing at the next step boundary, then stopping (again to abort)",
+              file=sys.stderr, flush=True)
+
+    old = {s: signal.signal(s, handler) for s in PREEMPT_SIGNALS}
+    try:
+        yield flag
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
 
 
 def warmup_cosine(step: int, peak: float, warmup: int, total: int, min_ratio: float) -> float:
@@ -112,6 +152,8 @@ class Trainer:
         self.meta: dict = {}
         self.step = 0
         self.stopped_at: int | None = None  # set by fit() when train.stop_after ended it before total_steps
+        self._flag: dict | None = None  # preemption_flag() while fit() runs
+        self._stop_requested = False  # a rank got SIGTERM / SIGINT: checkpoint after this step and stop
 
     # -- checkpoints -------------------------------------------------------------------------------------------
     def save(self) -> Path | None:
@@ -130,15 +172,27 @@ class Trainer:
         found = list_checkpoints(self.ckpt_root)
         if not found:
             return 0
-        latest = found[-1]
-        meta, state = load_meta(latest), load_state(latest)
-        msd = load_tensors(latest / "model.safetensors")
-        load_full_state(self.model, msd, self.optimizer, state["optimizer"])
+        reasons = []
+        for ckpt in reversed(found):  # the newest one that verifies; a corrupt newer one is skipped, with a warning
+            why = verify_checkpoint(ckpt)
+            if why is None:
+                try:
+                    meta, state = load_meta(ckpt), load_state(ckpt)
+                    tensors = {name: load_tensors(ckpt / f"{name}.safetensors") for name in ("model", *self.extras)}
+                    break
+                except CheckpointError as e:
+                    why = str(e)
+            reasons.append(why)
+            if self.info.is_main:
+                print(f"[{self.desc}] skipping checkpoint {ckpt.name}: {why}", file=sys.stderr, flush=True)
+        else:
+            raise CheckpointError(f"no checkpoint in {self.ckpt_root} verifies; the newest: {reasons[0]}")
+        load_full_state(self.model, tensors.pop("model"), self.optimizer, state["optimizer"])
         torch.set_rng_state(state["torch_rng"])
-        for name in self.extras:
-            self.extras[name] = load_tensors(latest / f"{name}.safetensors")
+        self.extras.update(tensors)
         self.step = int(meta["step"])
-        self.meta = {k: v for k, v in meta.items() if k != "step"}
+        self.meta = {k: v for k, v in meta.items() if k not in ("step", "files")}
+        self.logger.drop_after(self.step, self.desc)  # records past the checkpoint are logged again as training repeats them
         return self.step
 
     # -- the loop ----------------------------------------------------------------------------------------------
@@ -163,10 +217,13 @@ class Trainer:
             tokens += out.tokens
             for k, v in out.extra.items():
                 extra[k] = extra.get(k, 0.0) + float(v) / n
-        totals = torch.stack([loss_sum, torch.tensor(float(tokens), dtype=torch.float64, device=loss_sum.device)])
+        signalled = float(self._flag is not None and self._flag["signal"] is not None)
+        totals = torch.cat([loss_sum[None], torch.tensor([float(tokens), signalled], dtype=torch.float64,
+                                                         device=loss_sum.device)])  # (3,): loss sum, tokens, signal
         if self.info.enabled:
-            torch.distributed.all_reduce(totals)
+            torch.distributed.all_reduce(totals)  # the signal flag too: every rank stops after the same step
         totals = totals.cpu()
+        self._stop_requested = bool(totals[2] > 0)
         global_tokens = float(totals[1])
         loss = totals[0] / max(global_tokens, 1.0)
         # DDP / FSDP averaged the per-rank sums over `world`; rescale so the gradient is the global-batch mean
@@ -201,7 +258,7 @@ class Trainer:
         With train.stop_after = S (0 < S < total_steps) it stops once the step reaches S, after writing a checkpoint
         there, and sets `self.stopped_at`; the run is then continued with resume() (e.g. for preemptible jobs).
         """
-        records, window_t, window_tok = [], time.perf_counter(), 0
+        records = []
         stop = self.cfg.stop_after if 0 < self.cfg.stop_after < total_steps else None
         self.stopped_at = None
         if stop is not None and self.step >= stop:  # already there (e.g. a resumed run that kept the override)
@@ -209,6 +266,16 @@ class Trainer:
             return records
         bar = tqdm(total=total_steps, initial=self.step, desc=self.desc, disable=not (self.cfg.progress and self.info.is_main),
                    dynamic_ncols=True, leave=False)
+        with preemption_flag() as self._flag:
+            try:
+                self._loop(batches, total_steps, stop, bar, records, on_step, evaluate, seq_len_at)
+            finally:
+                self._flag = None
+                bar.close()
+        return records
+
+    def _loop(self, batches, total_steps, stop, bar, records, on_step, evaluate, seq_len_at) -> None:
+        window_t, window_tok = time.perf_counter(), 0
         while self.step < total_steps:
             out = self.train_step(batches(self.step))
             window_tok += out["tokens"]
@@ -232,14 +299,18 @@ class Trainer:
                 ev = {"step": self.step, "stage": self.desc, **evaluate(self.step)}
                 self.logger.log(ev)
                 records.append(ev)
-            if self.step % self.cfg.ckpt_every == 0 or self.step == total_steps or self.step == stop:
+            due = self.step % self.cfg.ckpt_every == 0 or self.step == total_steps or self.step == stop
+            if due:
                 self.save()
             window_t += time.perf_counter() - paused
             if self.step == stop:
                 self.stopped_at = self.step
                 break
-        bar.close()
-        return records
+            if self._stop_requested and self.step < total_steps:  # SIGTERM / SIGINT on some rank during this step
+                if not due:
+                    self.save()
+                raise Preempted(self._flag["signal"] or "a signal on another rank", self.step,
+                                str(step_dir(self.ckpt_root, self.step)))
 
 
 def fit_stage(trainer: Trainer, feed, steps: int, base: Callable[[], dict], **fit_kw

@@ -159,16 +159,44 @@ def test_checkpoints_pruned_atomic_and_tmp_ignored(tmp_path):
     assert all(torch.equal(v, saved[k]) for k, v in fresh.model.state_dict().items())
 
 
-@pytest.mark.parametrize("damage", ["garbage", "truncated"])
-def test_corrupt_latest_checkpoint_is_a_one_line_error(tmp_path, damage):
+DAMAGE = {
+    "garbage": lambda f: f.write_bytes(b"\x00not a safetensors file" * 4),
+    "truncated": lambda f: f.write_bytes(f.read_bytes()[: f.stat().st_size // 2]),
+    "one_byte_flipped": lambda f: f.write_bytes((lambda b: b[:-9] + bytes([b[-9] ^ 1]) + b[-8:])(f.read_bytes())),
+    "missing": lambda f: f.unlink(),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGE))
+def test_corrupt_newest_checkpoint_is_skipped_and_resume_is_still_exact(tmp_path, damage, capfd):
+    straight = _trainer(tmp_path / "straight")
+    straight.fit(_batches, 6)
+    _trainer(tmp_path / "cut").fit(_batches, 4)  # step_3 and step_4 kept
+    bad = tmp_path / "cut" / "checkpoints" / "step_0000004" / "model.safetensors"
+    DAMAGE[damage](bad)
+    fresh = _trainer(tmp_path / "cut")
+    assert fresh.resume() == 3  # the newest that verifies
+    warning = capfd.readouterr().err.strip().splitlines()
+    assert len(warning) == 1 and "step_0000004" in warning[0] and str(bad) in warning[0]
+    fresh.fit(_batches, 6)
+    want = straight.model.state_dict()
+    assert all(torch.equal(v, want[k]) for k, v in fresh.model.state_dict().items())  # bitwise, as if uninterrupted
+
+
+def test_corrupt_meta_json_is_skipped(tmp_path):
+    _trainer(tmp_path).fit(_batches, 4)
+    (tmp_path / "checkpoints" / "step_0000004" / "meta.json").write_text('{"step": 4, "fi')
+    assert _trainer(tmp_path).resume() == 3
+
+
+def test_no_checkpoint_verifies_is_a_one_line_error(tmp_path):
     _trainer(tmp_path).fit(_batches, 2)
-    bad = tmp_path / "checkpoints" / "step_0000002" / "model.safetensors"
-    data = bad.read_bytes()
-    bad.write_bytes(b"\x00not a safetensors file" * 4 if damage == "garbage" else data[:len(data) // 2])
+    for step in (1, 2):
+        DAMAGE["truncated"](tmp_path / "checkpoints" / f"step_{step:07d}" / "model.safetensors")
     with pytest.raises(CheckpointError) as e:
         _trainer(tmp_path).resume()
     msg = str(e.value)
-    assert str(bad) in msg and "\n" not in msg
+    assert str(tmp_path / "checkpoints" / "step_0000002" / "model.safetensors") in msg and "\n" not in msg
 
 
 def test_nan_guard_names_step_and_keeps_last_good_checkpoint(tmp_path):

@@ -13,11 +13,12 @@ import torch
 from data.fetch import default_cache_dir, fetch_text
 from data.shards import SkipCounter, expand_shards, iter_text_docs
 from data.text_kit import build_text_kit
+from data.atomic import atomic_write, atomic_write_text
 from data.token_stream import IGNORE, PackedSampler, TokenSource, tokenize_docs
 from llm.model import Llama, flops_per_token, shape_config
 from llm.tokenizer import Tokenizer, train_tokenizer
 from mm.config import LMPretrainConfig, TokenizerConfig
-from mm.distributed import DistInfo, full_state, init_distributed, rank_slice, unwrap, wrap_model
+from mm.distributed import DistInfo, barrier, full_state, init_distributed, rank_slice, unwrap, wrap_model
 from mm.eval_text import bits_per_byte, unigram_bits_per_byte
 from mm.runs import save_lm
 from mm.train import StepOutput, Trainer, linear_to_zero, warmup_cosine
@@ -86,7 +87,7 @@ def get_tokenizer(tcfg: TokenizerConfig, run_dir: Path, texts: Iterable[str], in
     if tcfg.path:
         tok = Tokenizer.load(tcfg.path)
         if info.is_main:
-            tok.save(own)
+            atomic_write(own, tok.save)
         return tok
     if not own.exists() and info.is_main:
         budget, sample = tcfg.train_bytes, []
@@ -95,24 +96,23 @@ def get_tokenizer(tcfg: TokenizerConfig, run_dir: Path, texts: Iterable[str], in
             budget -= len(t)
             if budget <= 0:
                 break
-        train_tokenizer(sample, tcfg.vocab_size, own)
-    if info.enabled:
-        torch.distributed.barrier()
+        atomic_write(own, lambda tmp: train_tokenizer(sample, tcfg.vocab_size, tmp))
+    barrier(info)
     return Tokenizer.load(own)
 
 
-def token_sources(docs: list[dict], tok: Tokenizer, cache: Path, tag: str) -> dict[str, TokenSource]:
-    """Per-source token arrays, cached as .npz in the run directory (no pickle)."""
-    cache.mkdir(parents=True, exist_ok=True)
+def token_sources(docs: list[dict], tok: Tokenizer, cache: Path, tag: str, info: DistInfo) -> dict[str, TokenSource]:
+    """Per-source token arrays, cached as .npz in the run directory (no pickle). Rank 0 writes each missing cache
+    atomically; every rank reads them only after a barrier (a reader never sees a half-written file)."""
+    paths = {src: cache / f"{tag}-{src}.npz" for src in sorted({d["source"] for d in docs})}
     out = {}
-    for src in sorted({d["source"] for d in docs}):
-        path = cache / f"{tag}-{src}.npz"
-        if path.exists():
-            out[src] = TokenSource.load(path)
-        else:
-            out[src] = tokenize_docs([d["text"] for d in docs if d["source"] == src], tok)
-            out[src].save(path)
-    return out
+    if info.is_main:
+        for src, path in paths.items():
+            if not path.exists():
+                out[src] = tokenize_docs([d["text"] for d in docs if d["source"] == src], tok)
+                atomic_write(path, out[src].save)
+    barrier(info)
+    return {src: out[src] if src in out else TokenSource.load(path) for src, path in paths.items()}
 
 
 def high_quality(docs: list[dict], top_frac: float) -> list[dict]:
@@ -153,10 +153,10 @@ def run(cfg: LMPretrainConfig, run_dir: Path, resume: bool = False) -> dict:
     if not train_docs or not val_docs:
         raise ValueError(f"no readable documents in {cfg.data.shards!r} / {cfg.data.val_shards!r}; skipped: {skips.as_dict()}")
     tok = get_tokenizer(cfg.tokenizer, run_dir, (d["text"] for d in train_docs), info)
-    sources = token_sources(train_docs, tok, run_dir / "tokens", "train")
+    sources = token_sources(train_docs, tok, run_dir / "tokens", "train", info)
     sampler = PackedSampler(sources, cfg.data.mix, cfg.seed)
     hq_docs = high_quality(train_docs, cfg.anneal.quality_top_frac)
-    anneal_sampler = PackedSampler(token_sources(hq_docs, tok, run_dir / "tokens", "hq"),
+    anneal_sampler = PackedSampler(token_sources(hq_docs, tok, run_dir / "tokens", "hq", info),
                                    cfg.anneal.mix, cfg.seed + 1) if cfg.anneal.steps else None
 
     m = cfg.model
@@ -166,7 +166,7 @@ def run(cfg: LMPretrainConfig, run_dir: Path, resume: bool = False) -> dict:
     if max(p.seq_len for p in cfg.phases) > mcfg.max_seq_len:
         raise ValueError(f"a phase's seq_len exceeds model max_seq_len={mcfg.max_seq_len}")
     if info.is_main:
-        (run_dir / "model_config.json").write_text(json.dumps(mcfg.to_dict(), indent=1))
+        atomic_write_text(run_dir / "model_config.json", json.dumps(mcfg.to_dict(), indent=1))
     model = Llama(mcfg)
     model.reset_parameters(seed=cfg.seed)
     model = wrap_model(model.to(info.device), cfg.train.parallel, info)
