@@ -12,10 +12,10 @@ import soundfile as sf
 import torch
 import torchaudio.functional as AF
 
+from data.decode import CAPS
 from data.shards import MAX_MEMBER_BYTES, BadSample, SkipCounter, iter_samples
 
 SAMPLE_RATE = 16000
-MAX_SECONDS = 60.0
 AUDIO_EXTS = ("flac", "wav")
 
 
@@ -27,8 +27,10 @@ def _wav_truncated(raw: bytes) -> bool:
     return riff_size not in (0, 0xFFFFFFFF) and riff_size + 8 > len(raw)
 
 
-def _decode_audio(raw: bytes, max_seconds: float) -> np.ndarray:
-    """Bytes of a flac/wav file -> 16 kHz mono float32 (T,); BadSample("bad_audio" | "audio_too_long")."""
+def _decode_audio(raw: bytes, max_seconds: float | None = None) -> np.ndarray:
+    """Bytes of a flac/wav file -> 16 kHz mono float32 (T,); BadSample("bad_audio" | "audio_too_long").
+    max_seconds None: CAPS.max_audio_seconds."""
+    max_seconds = max_seconds or CAPS.max_audio_seconds
     if _wav_truncated(raw):
         raise BadSample("bad_audio", "truncated WAV (RIFF size exceeds the data)")
     try:
@@ -56,7 +58,7 @@ def _decode_audio(raw: bytes, max_seconds: float) -> np.ndarray:
     return np.ascontiguousarray(mono, dtype=np.float32)
 
 
-def decode_audio_sample(sample: dict, max_seconds: float = MAX_SECONDS) -> dict:
+def decode_audio_sample(sample: dict, max_seconds: float | None = None) -> dict:
     """Decode a raw audio-text sample to {"key", "audio": float32 (T,) at 16 kHz, "sr", "text", "meta"}.
 
     Reasons for BadSample: "missing_audio", "missing_txt", "bad_utf8", "bad_json" (unparsable or not an object),
@@ -81,7 +83,7 @@ def decode_audio_sample(sample: dict, max_seconds: float = MAX_SECONDS) -> dict:
     return {"key": key, "audio": audio, "sr": SAMPLE_RATE, "text": text.strip(), "meta": meta}
 
 
-def iter_audio_samples(paths: Iterable, skips: SkipCounter | None = None, *, max_seconds: float = MAX_SECONDS,
+def iter_audio_samples(paths: Iterable, skips: SkipCounter | None = None, *, max_seconds: float | None = None,
                        max_member_bytes: int = MAX_MEMBER_BYTES) -> Iterator[dict]:
     """Yield decoded audio-text samples from shards, skipping and counting bad tars, members and samples."""
     skips = skips if skips is not None else SkipCounter()

@@ -12,6 +12,7 @@ import json
 import struct
 import warnings
 import zlib
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageFile
@@ -20,7 +21,31 @@ from data.shards import BadSample
 
 MAX_IMAGE_PIXELS = 4096 * 4096  # the cap; PIL's own bomb check (2x its MAX_IMAGE_PIXELS) stays on behind it
 MAX_VIDEO_PIXELS = 1920 * 1080  # per frame
-MAX_VIDEO_FRAMES = 100_000
+MAX_VIDEO_FRAMES = 18_000  # frames in a clip (10 min at 30 fps); a decoder never decodes more
+MAX_AUDIO_SECONDS = 60.0
+
+
+@dataclass
+class MediaCaps:
+    """What one media file may cost before it is refused: image pixels, video frame pixels, video frames (from the
+    header; no decoder goes past it), seconds of audio. Set per process by stage configs (`media:`) and by the
+    `mm chat` / `mm eval` flags; the decoders read CAPS when no explicit cap is given."""
+
+    max_pixels: int = MAX_IMAGE_PIXELS
+    max_frame_pixels: int = MAX_VIDEO_PIXELS
+    max_frames: int = MAX_VIDEO_FRAMES
+    max_audio_seconds: float = MAX_AUDIO_SECONDS
+
+
+CAPS = MediaCaps()
+
+
+def set_media_caps(caps: MediaCaps) -> MediaCaps:
+    """Make `caps` the process's caps (CAPS is updated in place, so every importer sees them); returns the old ones."""
+    old = MediaCaps(**vars(CAPS))
+    for k, v in vars(caps).items():
+        setattr(CAPS, k, v)
+    return old
 IMAGE_EXTS = ("jpg", "jpeg", "png")
 VIDEO_EXTS = ("mp4",)
 _IMAGE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, zlib.error, struct.error)
@@ -53,13 +78,14 @@ def decode_npy(data: bytes) -> np.ndarray:
         raise BadSample("bad_npy", str(e)) from None
 
 
-def decode_image(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS, size: int | None = None) -> np.ndarray:
+def decode_image(data: bytes, max_pixels: int | None = None, size: int | None = None) -> np.ndarray:
     """PNG/JPEG bytes -> (H, W, 3) uint8 RGB (alpha over white); resized to size x size when given.
 
     Raises BadSample("image_too_large") from the header size before decoding, or ("bad_image") for anything
     PIL cannot fully decode, truncated files included (ImageFile.LOAD_TRUNCATED_IMAGES is forced off).
     """
     ImageFile.LOAD_TRUNCATED_IMAGES = False
+    max_pixels = max_pixels or CAPS.max_pixels
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -97,10 +123,33 @@ def _resize_frames(frames: np.ndarray, size: int | None) -> np.ndarray:
 
 
 def _check_video(w: int, h: int, total: int) -> None:
-    if w * h > MAX_VIDEO_PIXELS or total > MAX_VIDEO_FRAMES:
-        raise BadSample("video_too_large", f"{w}x{h}, {total} frames")
+    if w * h > CAPS.max_frame_pixels:
+        raise BadSample("video_too_large", f"{w}x{h} frames > {CAPS.max_frame_pixels} pixels")
+    if total > CAPS.max_frames:
+        raise BadSample("video_too_large", f"{total} frames > {CAPS.max_frames}")
     if total <= 0:
         raise BadSample("bad_video", "no frames")
+
+
+def _probe(data: bytes) -> None:
+    """The container (MP4 only: ffmpeg would also open a PNG or a WAV renamed .mp4), frame size and frame count
+    from the header (PyAV, no frame decoded): what exceeds CAPS is refused before any backend allocates a frame."""
+    try:
+        import av
+    except ImportError:
+        return  # decode_video reports the missing backend
+    try:
+        with av.open(io.BytesIO(data), mode="r") as container:
+            if "mp4" not in container.format.name.split(","):
+                raise BadSample("bad_video", f"not an MP4 container ({container.format.name})")
+            if not container.streams.video:
+                raise BadSample("bad_video", "no video stream")
+            stream = container.streams.video[0]
+            _check_video(stream.codec_context.width, stream.codec_context.height, max(1, stream.frames))
+    except BadSample:
+        raise
+    except Exception as e:  # av.error.* for a file ffmpeg cannot open
+        raise BadSample("bad_video", f"{type(e).__name__}: {str(e)[:200]}") from None
 
 
 def _decord_frames(data: bytes, n: int) -> tuple[np.ndarray, float, int, list[int]]:
@@ -108,29 +157,56 @@ def _decord_frames(data: bytes, n: int) -> tuple[np.ndarray, float, int, list[in
 
     vr = decord.VideoReader(io.BytesIO(data), num_threads=1)  # a fresh reader per clip (decord#208 leaks)
     total = len(vr)
-    h, w = vr[0].shape[:2] if total else (0, 0)
+    _check_video(1, 1, total)  # the count from decord's index, before any frame is decoded
+    h, w = vr[0].shape[:2]
     _check_video(w, h, total)
     idx = uniform_indices(total, n)
     return vr.get_batch(idx).asnumpy(), float(vr.get_avg_fps()), total, idx
 
 
 def _pyav_frames(data: bytes, n: int) -> tuple[np.ndarray, float, int, list[int]]:
-    """Decode every frame in order (short clips: cheaper than seeking to keyframes) and keep the sampled ones."""
+    """Decode frames in order (short clips: cheaper than seeking to keyframes), keeping only the sampled ones when the
+    header gives the count (else every frame, up to CAPS.max_frames)."""
     import av
 
     with av.open(io.BytesIO(data), mode="r") as container:
         stream = container.streams.video[0]
-        _check_video(stream.codec_context.width, stream.codec_context.height, max(1, stream.frames))
+        declared = stream.frames
+        _check_video(stream.codec_context.width, stream.codec_context.height, max(1, declared))
         fps = float(stream.average_rate or 0)
-        frames = []
+        want = set(uniform_indices(declared, n)) if declared > 0 else None
+        frames: dict[int, np.ndarray] = {}
+        count = 0
         for frame in container.decode(stream):
-            frames.append(frame.to_ndarray(format="rgb24"))
-            if len(frames) > MAX_VIDEO_FRAMES:
-                raise BadSample("video_too_large", "too many frames")
-    total = len(frames)
-    _check_video(1, 1, total)
-    idx = uniform_indices(total, n)
-    return np.stack([frames[i] for i in idx]), fps, total, idx
+            if want is None or count in want:
+                frames[count] = frame.to_ndarray(format="rgb24")
+            count += 1
+            if count > CAPS.max_frames:
+                raise BadSample("video_too_large", f"more than {CAPS.max_frames} frames")
+    _check_video(1, 1, count)
+    idx = uniform_indices(count, n)
+    if any(i not in frames for i in idx):  # the header's count was wrong: decode again keeping the right ones
+        if want is None:
+            raise BadSample("bad_video", "sampled frame missing")
+        return _pyav_frames_all(data, n)
+    return np.stack([frames[i] for i in idx]), fps, count, idx
+
+
+def _pyav_frames_all(data: bytes, n: int) -> tuple[np.ndarray, float, int, list[int]]:
+    """_pyav_frames for a header whose frame count is wrong: count first, then keep the sampled frames."""
+    import av
+
+    with av.open(io.BytesIO(data), mode="r") as container:
+        stream = container.streams.video[0]
+        count = sum(1 for _ in container.decode(stream))
+        fps = float(stream.average_rate or 0)
+    idx = uniform_indices(count, n)
+    keep, frames = set(idx), {}
+    with av.open(io.BytesIO(data), mode="r") as container:
+        for i, frame in enumerate(container.decode(container.streams.video[0])):
+            if i in keep:
+                frames[i] = frame.to_ndarray(format="rgb24")
+    return np.stack([frames[i] for i in idx]), fps, count, idx
 
 
 def decode_video(data: bytes, num_frames: int = 8, size: int | None = None, backend: str = "auto") -> dict:
@@ -140,6 +216,7 @@ def decode_video(data: bytes, num_frames: int = 8, size: int | None = None, back
     "decord" / "pyav" force one. Raises BadSample("bad_video" | "video_too_large").
     """
     order = {"auto": ("decord", "pyav"), "decord": ("decord",), "pyav": ("pyav",)}[backend]
+    _probe(bytes(data))
     last: Exception | None = None
     for name in order:
         try:
@@ -174,7 +251,7 @@ def _caption_meta(sample: dict) -> tuple[str, dict]:
     return decode_text(sample["txt"]), (decode_json(sample["json"]) if "json" in sample else {})
 
 
-def decode_image_sample(sample: dict, size: int | None = None, max_pixels: int = MAX_IMAGE_PIXELS) -> dict:
+def decode_image_sample(sample: dict, size: int | None = None, max_pixels: int | None = None) -> dict:
     """An image-text sample of raw members -> {"key", "image": (H, W, 3) uint8, "caption", "meta"}.
 
     Raises BadSample: missing_image, missing_caption, bad_utf8, bad_json, bad_image, image_too_large.

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data.decode import MAX_IMAGE_PIXELS, decode_image
+from data.decode import decode_image
 from data.shards import BadSample
 from llm.tokenizer import ChatFormat
 from mm.eval_image import image_media
@@ -17,7 +17,7 @@ from mm.fused import generate_fused
 DESCRIBE = "Describe the image."
 
 
-def read_image_file(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS, size: int | None = None) -> np.ndarray:
+def read_image_file(path: str | Path, max_pixels: int | None = None, size: int | None = None) -> np.ndarray:
     """A PNG/JPEG file -> (3, H, W) uint8 via data.decode.decode_image (resized to size x size when given).
     FileNotFoundError / ValueError, both naming the file, for a missing, unreadable, truncated or non-image file."""
     p = Path(path)

@@ -7,7 +7,10 @@ from pathlib import Path
 
 import numpy as np
 
-from data.audio import MAX_SECONDS, _decode_audio
+import soundfile as sf
+
+from data.audio import _decode_audio
+from data.decode import CAPS
 from data.shards import BadSample
 from llm.tokenizer import ChatFormat
 from mm.eval_speech import respond
@@ -16,11 +19,20 @@ from mm.speech import ASR_PROMPT, SpeechLM
 DEFAULT_PROMPT = ASR_PROMPT.format(language="English")
 
 
-def read_audio_file(path: str | Path, max_seconds: float = MAX_SECONDS) -> np.ndarray:
-    """A wav/flac file -> float32 (N,) at 16 kHz; FileNotFoundError / ValueError naming the file otherwise."""
+def read_audio_file(path: str | Path, max_seconds: float | None = None) -> np.ndarray:
+    """A wav/flac file -> float32 (N,) at 16 kHz; FileNotFoundError / ValueError naming the file otherwise. A file
+    longer than max_seconds (None: CAPS.max_audio_seconds) is refused from its header, before it is read."""
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"{p}: no such audio file")
+    max_seconds = max_seconds or CAPS.max_audio_seconds
+    try:
+        info = sf.info(str(p))
+    except (sf.LibsndfileError, RuntimeError, TypeError, ValueError):
+        info = None  # not a sound file: _decode_audio names why
+    if info is not None and info.samplerate > 0 and info.frames / info.samplerate > max_seconds:
+        raise ValueError(f"{p}: {info.frames / info.samplerate:.0f} s of audio > the {max_seconds:g} s cap "
+                         f"(--max-audio-seconds)")
     try:
         return _decode_audio(p.read_bytes(), max_seconds)
     except BadSample as e:

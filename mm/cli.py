@@ -91,9 +91,32 @@ def _chat_herd(args, gen_kw: dict) -> dict:
     return {"text": text, **given}
 
 
+def add_media_caps(p: argparse.ArgumentParser) -> None:
+    """The per-file media caps as flags (defaults: data.decode.MediaCaps)."""
+    from data.decode import MediaCaps
+
+    d = MediaCaps()
+    p.add_argument("--max-pixels", type=int, default=d.max_pixels, help=f"image: refuse more pixels (default "
+                   f"{d.max_pixels}), read from the header before decoding")
+    p.add_argument("--max-frame-pixels", type=int, default=d.max_frame_pixels,
+                   help=f"video: refuse frames larger than this many pixels (default {d.max_frame_pixels})")
+    p.add_argument("--max-frames", type=int, default=d.max_frames,
+                   help=f"video: refuse clips with more frames; never decode more (default {d.max_frames})")
+    p.add_argument("--max-audio-seconds", type=float, default=d.max_audio_seconds,
+                   help=f"audio: refuse longer files, from the header (default {d.max_audio_seconds:g})")
+
+
+def apply_media_caps(args) -> None:
+    from data.decode import MediaCaps, set_media_caps
+
+    set_media_caps(MediaCaps(args.max_pixels, args.max_frame_pixels, args.max_frames, args.max_audio_seconds))
+
+
 def cmd_chat(args) -> dict:
     from llm.generate import generate
     from llm.tokenizer import ChatFormat
+
+    apply_media_caps(args)
 
     gen_kw = dict(greedy=args.greedy, temperature=args.temperature, seed=args.seed)
     kind = _run_kind(args.ckpt)
@@ -194,6 +217,7 @@ def cmd_average(args) -> dict:
 
 
 def cmd_eval(args) -> dict:
+    apply_media_caps(args)
     if args.modality == "image":
         from mm.eval_image import eval_image_shards
         from mm.stages.image_pretrain import load_fused
@@ -282,6 +306,7 @@ def parser() -> argparse.ArgumentParser:
                                    "prompt")
     c.add_argument("--video", help="an MP4 file to ask about (video-stage runs); prompt default: "
                                    "'Describe the video.'")
+    add_media_caps(c)
     c.set_defaults(fn=cmd_chat)
     h = sub.add_parser("compose", help="one model: a video (or image) run's adapters + a speech run's, on their "
                                        "shared frozen LM")
@@ -313,6 +338,7 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("--seed", type=int, default=0, help="image / video: sample subset seed")
     v.add_argument("--frames", type=int, default=0, help="video: frames sampled per clip (0: the run's)")
     v.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch default)")
+    add_media_caps(v)
     v.set_defaults(fn=cmd_eval)
     return p
 

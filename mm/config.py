@@ -8,6 +8,8 @@ from typing import Any
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from data.decode import MediaCaps
+
 
 class ConfigError(ValueError):
     """A broken config: the message is one line naming the file and the key."""
@@ -199,6 +201,7 @@ class ClipPretrainConfig:
 
     stage: str = "clip_pretrain"
     seed: int = 1337
+    media: MediaCaps = field(default_factory=MediaCaps)  # per-file caps: pixels, frames, audio seconds
     steps: int = 500
     vision: VisionModelConfig = field(default_factory=VisionModelConfig)
     text: TextTowerConfig = field(default_factory=TextTowerConfig)
@@ -220,6 +223,7 @@ class ImageStageConfig:
 
     stage: str = "image_pretrain"
     seed: int = 1337
+    media: MediaCaps = field(default_factory=MediaCaps)  # per-file caps: pixels, frames, audio seconds
     steps: int = 300
     lm: str = MISSING  # LM run directory (frozen)
     vision: str = MISSING  # clip_pretrain (or image) run directory: the ViT to start from
@@ -314,6 +318,7 @@ class SpeechPretrainConfig:
 
     stage: str = "speech_pretrain"
     seed: int = 1337
+    media: MediaCaps = field(default_factory=MediaCaps)  # per-file caps: pixels, frames, audio seconds
     steps: int = 300
     encoder: SpeechEncoderModelConfig = field(default_factory=SpeechEncoderModelConfig)
     best_rq: BestRQConfig = field(default_factory=BestRQConfig)
@@ -355,6 +360,7 @@ class SpeechSFTConfig:
 
     stage: str = "speech_sft"
     seed: int = 1337
+    media: MediaCaps = field(default_factory=MediaCaps)  # per-file caps: pixels, frames, audio seconds
     steps: int = 300
     lm: str = MISSING
     encoder_from: str | None = None
@@ -417,6 +423,7 @@ class VideoStageConfig:
 
     stage: str = "video_pretrain"
     seed: int = 1337
+    media: MediaCaps = field(default_factory=MediaCaps)  # per-file caps: pixels, frames, audio seconds
     steps: int = 300
     init_from: str = MISSING
     instruct_lm: str | None = None
@@ -457,6 +464,7 @@ class HerdReportConfig:
     Paths are run directories; an empty one skips that modality (its row says so)."""
 
     stage: str = "herd_report"
+    media: MediaCaps = field(default_factory=MediaCaps)  # per-file caps: pixels, frames, audio seconds
     lm: str = MISSING  # the pretrained LM run
     chat: str = ""  # the post-trained (chat) LM run: exact match against the pretrained LM's
     image: str = ""  # an image-stage run (image_sft / image_dpo)

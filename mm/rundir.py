@@ -253,12 +253,13 @@ def fingerprint(cfg: Any, run_dir: Path, old: dict | None = None) -> dict:
 
 
 def first_difference(old: dict, new: dict, safe: tuple[str, ...] = SAFE_KEYS) -> tuple[str, Any, Any] | None:
-    """(key, old value, new value) of the first setting or input that differs, ignoring `safe` keys and inputs the
-    old run found absent (e.g. shards the stage built itself); None when they match."""
-    for key in list(new) + [k for k in old if k not in new]:
+    """(key, old value, new value) of the first setting or input that differs, ignoring `safe` keys, inputs the old
+    run found absent (e.g. shards the stage built itself) and fields newer than the old run (they default to the
+    behaviour it had); None when they match."""
+    for key in list(new) + [k for k in old if k not in new and k.startswith("config.")]:
         if key in safe:
             continue
-        if key.startswith("input.") and key not in old:
+        if key not in old:  # an input the old run found absent (shards it built), or a knob newer than the run
             continue
         a, b = old.get(key), new.get(key)
         if key.startswith("input."):

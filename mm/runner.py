@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from data.atomic import atomic_write_text
+from data.decode import set_media_caps
 from mm.config import load_config, to_yaml
 from mm.rundir import ConfigDrift, RunLock, check_matches, fingerprint, read_fingerprint, write_fingerprint
 
@@ -86,7 +87,12 @@ def _run_unlocked(cfg, run_dir: Path, resume: bool, force: bool, redo_changed: b
         atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
         write_fingerprint(run_dir, fp)
     extra = {"redo_changed": force or redo_changed, "break_lock": break_lock} if pipeline else {}
-    result = {**stage_runner(cfg.stage)(cfg, run_dir, resume=resume, **extra), "run_dir": str(run_dir)}
+    caps = set_media_caps(cfg.media) if hasattr(cfg, "media") else None  # the stage's per-file media caps
+    try:
+        result = {**stage_runner(cfg.stage)(cfg, run_dir, resume=resume, **extra), "run_dir": str(run_dir)}
+    finally:
+        if caps is not None:
+            set_media_caps(caps)
     if result.get("stopped_at") is not None:  # train.stop_after: not complete, so no result.json; --resume continues
         return result
     if is_main():

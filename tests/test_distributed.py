@@ -99,3 +99,38 @@ def test_fsdp_checkpoint_loads_in_one_process(runs):
     opt = state["optimizer"]["state"]
     assert set(opt) == set(sd) and all(int(s["step"]) == STEPS for s in opt.values())
     assert all(opt[k]["exp_avg"].shape == sd[k].shape for k in sd)
+
+
+def test_sigterm_under_torchrun_checkpoints_and_resumes_bitwise(runs, tmp_path):
+    """SIGTERM to the torchrun agent (as a scheduler sends it): it forwards the signal, both ranks agree on one step
+    boundary (the flag rides the step's all-reduce), rank 0 writes the checkpoint, and --resume under torchrun gives
+    the uninterrupted run's weights bitwise."""
+    import signal
+    import time
+
+    from mm.checkpoint import list_checkpoints, load_tensors
+
+    steps = 60
+    shards = runs["single"].parent / "shards"
+    ov = [*_overrides(shards), f"phases=[{{steps: {steps}, seq_len: 64, batch_size: 8}}]", "train.parallel=ddp",
+          f"tokenizer.path={runs['single'] / 'tokenizer.json'}", "train.ckpt_every=1000"]
+    ref, cut = tmp_path / "ref", tmp_path / "cut"
+    _run(ref, ov, nproc=2)
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "mm.cli"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.Popen([*launcher, "run", CONFIG, "--out", str(cut), *ov], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = cut / "metrics.jsonl"
+    for _ in range(12000):
+        if metrics.exists() and sum(1 for _ in metrics.open()) >= 3:
+            proc.send_signal(signal.SIGTERM)
+            break
+        assert proc.poll() is None, proc.communicate()[1][-4000:]
+        time.sleep(0.01)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and "preempted: SIGTERM at step" in err, err[-4000:]
+    found = list_checkpoints(cut / "checkpoints")
+    assert len(found) == 1 and 3 <= int(found[0].name.split("_")[1]) < steps and not (cut / "final").exists()
+    _run(cut, [*ov, "--resume"], nproc=2)
+    a, b = load_tensors(ref / "final" / "model.safetensors"), load_tensors(cut / "final" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -8,7 +8,10 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +30,8 @@ from mm.checkpoint import CheckpointError, load_meta, load_tensors
 from mm.herd import generate_herd, herd_prompt_ids, lm_fingerprint, load_herd, save_herd
 from mm.runs import load_lm, save_lm
 from tests.test_video_stage import VCFG
+
+REPO = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 N = VCFG.tokens_per_tile  # encoder tokens per image / frame
@@ -321,3 +326,69 @@ def test_same_tokenizer_compares_the_whole_tokenizer(world, tmp_path):
     assert same_tokenizer(tok, Tokenizer.load(tmp_path / "tok.json"))
     other = train_tokenizer(["a completely different corpus of words for merges"] * 20, 300)
     assert not same_tokenizer(tok, other)
+
+
+HOSTILE_SCRIPT = r'''
+import contextlib, io, json, resource, sys
+from mm.cli import main
+out = []
+for case in json.loads(sys.argv[1]):
+    err = io.StringIO()
+    with contextlib.redirect_stdout(io.StringIO()) as so, contextlib.redirect_stderr(err):
+        rc = main(case["argv"])
+    out.append({"name": case["name"], "rc": rc, "stderr": err.getvalue(), "last": so.getvalue().strip().splitlines()[-1]})
+print(json.dumps({"cases": out, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+'''
+
+
+def test_hostile_media_at_the_cli_one_line_each_and_bounded_memory(world, tmp_path):
+    """A decompression-bomb PNG, a 2-hour WAV, 10^5 frames, 7680x4320 frames, lying extensions, a missing path,
+    and a cap lowered by a flag: each refused by `mm chat` with one error line, no traceback, peak RSS < 2 GB; in eval
+    shards the same files are skipped and counted."""
+    from data.video_kit import encode_mp4
+    from tests.shard_helpers import write_tar
+
+    root = world["root"]
+    Image.new("1", (20000, 20000)).save(tmp_path / "bomb.png")  # 4e8 pixels in ~100 KB
+    with sf.SoundFile(tmp_path / "long.wav", "w", samplerate=8000, channels=1, subtype="PCM_16") as f:
+        block = np.zeros(8000 * 600, np.int16)
+        for _ in range(12):  # 2 hours
+            f.write(block)
+    (tmp_path / "many.mp4").write_bytes(encode_mp4(np.zeros((100_000, 16, 16, 3), np.uint8), 30))
+    (tmp_path / "huge.mp4").write_bytes(encode_mp4(np.zeros((2, 4320, 7680, 3), np.uint8), 8))
+    (tmp_path / "wav.png").write_bytes((root / "a.wav").read_bytes())
+    (tmp_path / "png.wav").write_bytes((root / "a.png").read_bytes())
+    (tmp_path / "png.mp4").write_bytes((root / "a.png").read_bytes())
+    chat = ["chat", "--ckpt", str(world["herd"]), "--prompt", "hi", "--max-new-tokens", "2", "--greedy"]
+    cases = {"bomb": ["--image", tmp_path / "bomb.png"], "2h_wav": ["--audio", tmp_path / "long.wav"],
+             "1e5_frames": ["--video", tmp_path / "many.mp4"], "8k_frames": ["--video", tmp_path / "huge.mp4"],
+             "wav_as_png": ["--image", tmp_path / "wav.png"], "png_as_wav": ["--audio", tmp_path / "png.wav"],
+             "png_as_mp4": ["--video", tmp_path / "png.mp4"], "missing": ["--image", tmp_path / "nope.png"],
+             "max_frames_flag": ["--video", root / "a.mp4", "--max-frames", "4"]}
+    want = {"bomb": "pixels", "2h_wav": "7200 s of audio", "1e5_frames": "100000 frames", "8k_frames": "7680x4320",
+            "wav_as_png": "not a readable PNG/JPEG", "png_as_wav": "not a readable wav/flac",
+            "png_as_mp4": "not a readable MP4", "missing": "no such image file", "max_frames_flag": "8 frames > 4"}
+    spec = [{"name": k, "argv": [*chat, *map(str, v)]} for k, v in cases.items()]
+    # eval shards holding the same hostile files: skipped and counted, the good sample scored
+    qa = json.dumps({"qa": [{"question": "q", "answers": ["a"]}]}).encode()
+    write_tar(tmp_path / "img.tar", [("bomb.png", (tmp_path / "bomb.png").read_bytes()), ("bomb.txt", b"x"),
+                                     ("bomb.json", qa), ("ok.png", (root / "a.png").read_bytes()), ("ok.txt", b"x"),
+                                     ("ok.json", qa)])
+    spec.append({"name": "eval_image", "argv": ["eval", "image", "--ckpt", str(world["video"]), "--shards",
+                                                str(tmp_path / "img.tar"), "--no-blind"]})
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-c", HOSTILE_SCRIPT, json.dumps(spec)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    print(f"peak RSS over every hostile input: {res['peak_rss_mb']:.0f} MB")
+    assert res["peak_rss_mb"] < 2048
+    by = {c["name"]: c for c in res["cases"]}
+    for name, needle in want.items():
+        c = by[name]
+        lines = [x for x in c["stderr"].splitlines() if x.strip()]
+        assert c["rc"] == 2 and len(lines) == 1 and lines[0].startswith("error:"), (name, c["stderr"][-2000:])
+        assert needle in lines[0] and "Traceback" not in c["stderr"], (name, lines[0])
+    ev = by["eval_image"]
+    assert "Traceback" not in ev["stderr"], ev["stderr"][-2000:]
+    assert "image_too_large" in ev["last"], ev["last"]
