@@ -87,7 +87,7 @@ def read_tsv_rows(path: Path) -> tuple[list[dict], SkipCounter]:
     skips, rows, by_index = SkipCounter(), [], {}
     old = csv.field_size_limit(MAX_FIELD)
     try:
-        with open(path, encoding="utf-8", errors="strict", newline="") as f:
+        with open(path, encoding="utf-8-sig", errors="strict", newline="") as f:
             reader = csv.reader(f, delimiter="\t")
             cols = [c.strip() for c in next(reader, None) or []]
             missing = next((c for c in TSV_COLUMNS if c not in cols), None)
@@ -141,7 +141,7 @@ def read_jsonl_rows(path: Path) -> tuple[list[dict], SkipCounter]:
     "category"}]. The first record must be a JSON object with every field (else ValueError naming the file)."""
     skips, rows, first = SkipCounter(), [], True
     try:
-        with open(path, encoding="utf-8", errors="strict") as f:
+        with open(path, encoding="utf-8-sig", errors="strict") as f:
             for n, line in enumerate(f, 1):
                 if not line.strip():
                     continue

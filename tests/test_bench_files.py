@@ -81,6 +81,9 @@ def test_tsv_reader_items_and_skips(mc_tsv, tmp_path):
     assert [r["qa"] for r in rows] == [{"question": "What is it?", "answers": ["bag"]},
                                        {"question": "Count?", "answers": ["2", "two"]}]
     assert skips.as_dict() == {"bad_row": 1} and {r["category"] for r in rows} == {"other"}
+    bom = tmp_path / "bom.tsv"
+    bom.write_bytes(b"\xef\xbb\xbf" + plain.read_bytes())  # a UTF-8 byte-order mark does not hide 'index'
+    assert [r["qa"] for r in read_tsv_rows(bom)[0]] == [r["qa"] for r in rows]
     samples, _ = load_bench_samples(plain, "tsv", 16, max_samples=1, seed=3)
     assert len(samples) == 1
 
