@@ -1,11 +1,13 @@
 """Image benchmark: VQA accuracy of an image-stage run per family, the same model answering blind (no image, no
 `<|image|>` token), and held-out text bits per byte of the fused model without media next to the bare LM.
 
-    python benchmarks/image.py --ckpt runs/image_pretrain_tiny [--shards VAL_SPEC] [--max-items N]
+    python benchmarks/image.py --ckpt runs/image_pretrain_tiny [--shards VAL_SPEC | --tsv F | --jsonl F] [--max-items N]
 
 Prints ONE JSON line: vqa_acc (VQA normalisation; min(#matching refs / 3, 1) with several references, else exact
 match), vqa_acc_by_family, blind_vqa_acc(_by_family), exact_match (any reference matches), text_bpb and
 lm_text_bpb (equal by DESIGN.md invariant 1: text_bpb_equal), items, timings. Metric code: mm/eval_image.py.
+--tsv (VLMEvalKit, MMBench-style) / --jsonl (lmms-eval style) score a benchmark file instead of shards (readers:
+data/bench_files.py): per category (*_by_family), lettered multiple choice, bad rows counted under "skipped".
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ import torch  # noqa: E402
 
 from data.shards import SkipCounter, expand_shards, iter_text_docs  # noqa: E402
 from mm.cli import run_reporting  # noqa: E402
-from mm.eval_image import eval_image_shards  # noqa: E402
+from mm.eval_image import eval_image_file, eval_image_shards  # noqa: E402
 from mm.eval_text import bits_per_byte  # noqa: E402
 from mm.runs import load_lm  # noqa: E402
 from mm.stages.image_pretrain import load_fused  # noqa: E402
@@ -47,10 +49,16 @@ def evaluate(args) -> dict:
     fused, vision, tok = load_fused(args.ckpt)
     meta = load_meta(model_dir(args.ckpt))
     out = {"ckpt": str(args.ckpt)}
-    out.update(eval_image_shards(fused, vision, tok, args.shards, args.max_items, args.max_new_tokens,
-                                 blind=not args.no_blind, decode_scale=args.decode_scale, seed=args.seed,
-                                 examples_dir=args.examples_dir,
-                                 families=tuple(f for f in args.families.split(",") if f)))
+    kw = dict(max_items=args.max_items, max_new_tokens=args.max_new_tokens, blind=not args.no_blind,
+              decode_scale=args.decode_scale, seed=args.seed, examples_dir=args.examples_dir,
+              families=tuple(f for f in args.families.split(",") if f))
+    tsv, jsonl = getattr(args, "tsv", None), getattr(args, "jsonl", None)
+    if tsv and jsonl:
+        raise ValueError("give --tsv or --jsonl, not both")
+    if tsv or jsonl:
+        out.update(eval_image_file(fused, vision, tok, tsv or jsonl, "tsv" if tsv else "jsonl", **kw))
+    else:
+        out.update(eval_image_shards(fused, vision, tok, args.shards, **kw))
     out["vqa_s"] = round(time.perf_counter() - t0, 1)
     if args.text_shards and args.text_docs:
         lm, _, _ = load_lm(meta["lm"])
@@ -63,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--ckpt", required=True, help="image-stage run directory (or its final/ folder)")
     p.add_argument("--shards", default=".cache/shards/image/val-*.tar", help="held-out image shards")
+    p.add_argument("--tsv", help="a VLMEvalKit-style TSV benchmark file instead of --shards")
+    p.add_argument("--jsonl", help="an lmms-eval-style JSONL benchmark file instead of --shards")
     p.add_argument("--max-items", type=int, default=400, help="cap on VQA items (questions; 0: all)")
     p.add_argument("--max-new-tokens", type=int, default=8)
     p.add_argument("--no-blind", action="store_true", help="skip the blind (no image) pass")
@@ -72,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--decode-scale", type=int, default=1, help="decode images at this many tile sides (tiling)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default, OMP_NUM_THREADS)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--families", default="", help="comma-separated task families to score (default: all)")
+    p.add_argument("--families", default="", help="comma-separated task families (file: categories) to score "
+                                                  "(default: all)")
     p.add_argument("--examples-dir", help="save the example images here (their paths go into the examples)")
     args = p.parse_args(argv)
     return run_reporting(evaluate, args)

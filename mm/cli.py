@@ -218,8 +218,13 @@ def cmd_average(args) -> dict:
 
 def cmd_eval(args) -> dict:
     apply_media_caps(args)
+    given = [f"--{k}" for k in ("shards", "tsv", "jsonl") if getattr(args, k)]
+    if args.modality != "image" and given != ["--shards"]:
+        raise ValueError(f"mm eval {args.modality}: needs --shards (--tsv / --jsonl are for image); got {given}")
+    if len(given) != 1:
+        raise ValueError(f"mm eval image: give exactly one of --shards, --tsv, --jsonl; got {given}")
     if args.modality == "image":
-        from mm.eval_image import eval_image_shards
+        from mm.eval_image import eval_image_file, eval_image_shards
         from mm.stages.image_pretrain import load_fused
 
         if args.threads:
@@ -227,9 +232,12 @@ def cmd_eval(args) -> dict:
 
             torch.set_num_threads(args.threads)
         fused, vision, tok = load_fused(args.ckpt)
-        return {"ckpt": str(args.ckpt), **eval_image_shards(fused, vision, tok, args.shards, args.max_items,
-                                                            args.max_new_tokens, blind=not args.no_blind,
-                                                            decode_scale=args.decode_scale, seed=args.seed)}
+        kw = dict(max_items=args.max_items, max_new_tokens=args.max_new_tokens, blind=not args.no_blind,
+                  decode_scale=args.decode_scale, seed=args.seed)
+        if args.shards:
+            return {"ckpt": str(args.ckpt), **eval_image_shards(fused, vision, tok, args.shards, **kw)}
+        kind = "tsv" if args.tsv else "jsonl"
+        return {"ckpt": str(args.ckpt), **eval_image_file(fused, vision, tok, args.tsv or args.jsonl, kind, **kw)}
     if args.modality == "video":
         from mm.eval_video import eval_video_shards
         from mm.stages.video import load_video, saved_num_frames
@@ -326,10 +334,14 @@ def parser() -> argparse.ArgumentParser:
     a.add_argument("--out", required=True)
     a.add_argument("--weights", help="comma-separated weights (default: equal)")
     a.set_defaults(fn=cmd_average)
-    v = sub.add_parser("eval", help="score a model on shards")
+    v = sub.add_parser("eval", help="score a model on shards (image: or a TSV / JSONL benchmark file)")
     v.add_argument("modality", choices=["text", "image", "video", "speech"])
     v.add_argument("--ckpt", required=True)
-    v.add_argument("--shards", required=True)
+    v.add_argument("--shards", help="held-out shards (required but for image benchmark files)")
+    v.add_argument("--tsv", help="image: a VLMEvalKit-style TSV benchmark (index, image base64, question, "
+                                 "[A..D], answer, [category]) instead of --shards")
+    v.add_argument("--jsonl", help="image: an lmms-eval-style JSONL benchmark (image path/base64, question, "
+                                   "answers|answer, [choices], [category]) instead of --shards")
     v.add_argument("--seq-len", type=int, default=512, help="text: context length")
     v.add_argument("--max-items", type=int, default=400, help="image: cap on VQA questions (0: all)")
     v.add_argument("--max-new-tokens", type=int, default=8, help="image: answer length")

@@ -136,7 +136,7 @@ def write_audio_shards(root: str | Path, n_train: int = 12, n_val: int = 4) -> d
 def corpus() -> list[str]:
     """Every text the tiny runs see (prompts, answers, captions), for the tiny tokenizer."""
     from mm.speech import AST_PROMPT, ASR_PROMPT
-    from mm.stages.video import mc_prompt, short_prompt
+    from data.qa_format import mc_prompt, short_prompt
 
     words = " ".join([*COLORS, *SIDES, *DIRECTIONS, "square", "moves", "on the", "a", "the", "yes", "no"])
     qs = ["What color is the square?", "Is the square on the left or the right?", "Describe the image.",

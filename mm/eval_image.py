@@ -1,5 +1,8 @@
-"""Image metrics: VQA accuracy of a fused model per task family, the same with the image removed (blind), and
-held-out text bits per byte of the fused model without media next to the bare LM (equal by DESIGN.md invariant 1)."""
+"""Image metrics: VQA accuracy of a fused model per task family, the same with the image removed (blind) and with
+another sample's image (shuffled), on image shards or benchmark files (data/bench_files.py: VLMEvalKit TSV,
+lmms-eval JSONL; a file's categories are the families); and held-out text bits per byte of the fused model without
+media next to the bare LM (equal by DESIGN.md invariant 1). A qa with a "letter" is asked in the multiple-choice
+format of data/qa_format.py and scored by the reply's option letter."""
 from __future__ import annotations
 
 import random
@@ -8,7 +11,9 @@ from pathlib import Path
 
 import torch
 
+from data.bench_files import load_bench_samples
 from data.chat_tasks import normalise_answer
+from data.qa_format import mc_prompt, parse_letter
 from llm.tokenizer import ChatFormat
 from mm.fused import FusedLM, generate_fused
 from mm.stages.image_pretrain import encode_vqa, images_to_pixels, qa_prompt
@@ -38,15 +43,26 @@ def vqa_score(pred: str, answers) -> float:
 
 
 def vqa_items(samples: list[dict], max_items: int = 0) -> list[dict]:
-    """Flatten image samples ({image, meta, ...}) into VQA items {sample, question, answers, family}."""
+    """Flatten image samples ({image, meta, ...}) into VQA items {sample, question, answers, family, letter?}: a qa
+    with a "letter" gets the multiple-choice prompt (mc_prompt), others qa_prompt."""
     out = []
     for i, s in enumerate(samples):
         meta = s.get("meta") or {}
         for qa in meta.get("qa") or []:
             if qa.get("answers"):
-                out.append({"sample": i, "question": qa_prompt(qa), "answers": list(qa["answers"]),
-                            "family": meta.get("family", "other")})
+                it = {"sample": i, "question": qa_prompt(qa), "answers": list(qa["answers"]),
+                      "family": meta.get("family", "other")}
+                if qa.get("letter"):
+                    it.update(question=mc_prompt(str(qa["question"]), list(qa["choices"])), letter=qa["letter"])
+                out.append(it)
     return out[:max_items] if max_items else out
+
+
+def item_score(item: dict, pred: str) -> float:
+    """One item's score: the gold option letter (lettered items, parse_letter) or vqa_score."""
+    if item.get("letter"):
+        return float(parse_letter(pred) == item["letter"])
+    return vqa_score(pred, item["answers"])
 
 
 @torch.no_grad()
@@ -80,16 +96,17 @@ def vqa_eval(fused: FusedLM, vision, tok, samples: list[dict], max_items: int = 
         i = it["sample"]
         media(i)
         pred = answer(fused, fmt, it["question"], feats[i], max_new_tokens)
-        s = vqa_score(pred, it["answers"])
+        s = item_score(it, pred)
         scores["vqa"][it["family"]].append(s)
-        scores["em"][it["family"]].append(float(any(normalise_answer(pred) == normalise_answer(a)
-                                                    for a in it["answers"])))
+        scores["em"][it["family"]].append(s if it.get("letter") else float(any(normalise_answer(pred) ==
+                                                                                normalise_answer(a)
+                                                                                for a in it["answers"])))
         if blind:
-            scores["blind"][it["family"]].append(vqa_score(answer(fused, fmt, it["question"], None, max_new_tokens),
-                                                           it["answers"]))
+            scores["blind"][it["family"]].append(item_score(it, answer(fused, fmt, it["question"], None,
+                                                                       max_new_tokens)))
             other = media((i + 1 + len(samples) // 2) % len(samples))
-            scores["shuffled"][it["family"]].append(vqa_score(answer(fused, fmt, it["question"], other,
-                                                                     max_new_tokens), it["answers"]))
+            scores["shuffled"][it["family"]].append(item_score(it, answer(fused, fmt, it["question"], other,
+                                                                          max_new_tokens)))
         if len(examples) < 8 and sum(e["family"] == it["family"] for e in examples) < 2:  # spread over families
             examples.append({"q": it["question"], "pred": pred, "answers": it["answers"], "family": it["family"],
                              "sample": i})
@@ -99,7 +116,8 @@ def vqa_eval(fused: FusedLM, vision, tok, samples: list[dict], max_items: int = 
         fam = {f: sum(vs) / len(vs) for f, vs in sorted(d.items()) if vs}
         return (sum(allv) / len(allv) if allv else None), fam
 
-    out = {"items": len(items)}
+    out = {"items": len(items), "items_by_family": {f: len(vs) for f, vs in sorted(scores["vqa"].items())},
+           "mc_items": sum(bool(it.get("letter")) for it in items)}
     out["vqa_acc"], out["vqa_acc_by_family"] = summary(scores["vqa"])
     out["exact_match"], out["exact_match_by_family"] = summary(scores["em"])
     if blind:
@@ -118,6 +136,18 @@ def save_example_images(samples: list[dict], examples: list[dict], out_dir: Path
         path = out_dir / f"example_{k}.png"
         Image.fromarray(torch.as_tensor(samples[ex["sample"]]["image"]).permute(1, 2, 0).numpy()).save(path)
         ex["image"] = str(path)
+
+
+def _scored(fused, vision, tok, where: dict, samples: list[dict], skips: dict, max_items: int, max_new_tokens: int,
+            blind: bool, examples_dir) -> dict:
+    """{**where, "image_samples", "skipped", "skipped_total", **vqa_eval(...)}; examples' images saved if asked."""
+    out = {**where, "image_samples": len(samples), "skipped": skips, "skipped_total": sum(skips.values())}
+    if not samples:
+        raise ValueError(f"{next(iter(where.values()))}: no readable image samples (skipped: {skips})")
+    out.update(vqa_eval(fused, vision, tok, samples, max_items, max_new_tokens, blind=blind))
+    if examples_dir:
+        save_example_images(samples, out["examples"], Path(examples_dir))
+    return out
 
 
 def eval_image_shards(fused: FusedLM, vision, tok, shards: str, max_items: int = 400, max_new_tokens: int = 8,
@@ -141,11 +171,18 @@ def eval_image_shards(fused: FusedLM, vision, tok, shards: str, max_items: int =
         if 0 < cap < len(samples):
             keep = sorted(random.Random(seed).sample(range(len(samples)), cap))
             samples = [samples[k] for k in keep]
-    out = {"shards": shards, "image_samples": len(samples), "skipped": skips,
-           "skipped_total": sum(skips.values())}
-    if not samples:
-        raise ValueError(f"{shards}: no readable image samples (skipped: {skips})")
-    out.update(vqa_eval(fused, vision, tok, samples, max_items, max_new_tokens, blind=blind))
-    if examples_dir:
-        save_example_images(samples, out["examples"], Path(examples_dir))
-    return out
+    return _scored(fused, vision, tok, {"shards": shards}, samples, skips, max_items, max_new_tokens, blind,
+                   examples_dir)
+
+
+def eval_image_file(fused: FusedLM, vision, tok, path: str | Path, kind: str, max_items: int = 400,
+                    max_new_tokens: int = 8, blind: bool = True, decode_scale: int = 1, seed: int = 0,
+                    examples_dir: str | Path | None = None, families: tuple[str, ...] = ()) -> dict:
+    """eval_image_shards on a benchmark file (kind "tsv" | "jsonl", data/bench_files.py): a seeded subset of
+    max_items rows (all when 0) of the given categories (families; all when empty), decoded at decode_scale tile
+    sides. Returns {kind: path, "image_samples", "skipped" ({reason: n}, bad rows and images), "skipped_total",
+    **vqa_eval(...)} with the per-category figures under *_by_family."""
+    size = vision.cfg.image_size * (decode_scale or 1)
+    samples, skips = load_bench_samples(path, kind, size, max_samples=max_items, seed=seed, categories=families)
+    return _scored(fused, vision, tok, {kind: str(path)}, samples, skips, max_items, max_new_tokens, blind,
+                   examples_dir)

@@ -17,11 +17,11 @@ import torch
 
 from data.chat_tasks import exact_match
 from data.loader import MODALITIES, ShardStream
+from data.qa_format import gold_letter, mc_prompt, parse_letter, short_prompt
 from data.shards import BadSample, SkipCounter
 from llm.tokenizer import ChatFormat
 from mm.fused import FusedLM, MediaKV, generate_fused
-from mm.stages.video import encode_video_qa, frame_features, frames_to_pixels, gold_letter, mc_prompt, \
-    parse_letter, short_prompt
+from mm.stages.video import encode_video_qa, frame_features, frames_to_pixels
 
 CONDITIONS = ("video", "single_frame", "blind")
 TEMPORAL = ("direction", "order")

@@ -39,7 +39,11 @@ def _image(i: int) -> np.ndarray:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> dict:
     """Tiny image shards (png + txt + json via TarWriter), a tiny LM run and a tiny 'clip' run with a ViT."""
-    root = tmp_path_factory.mktemp("image_stage")
+    return make_world(tmp_path_factory.mktemp("image_stage"))
+
+
+def make_world(root: Path, max_seq_len: int = 128) -> dict:
+    """The world fixture's files under root (the LM with max_seq_len positions)."""
     for split, n in (("train", 24), ("val", 6)):
         with wds.TarWriter(str(root / f"{split}-000000.tar")) as w:
             for i in range(n):
@@ -51,7 +55,7 @@ def world(tmp_path_factory) -> dict:
                 w.write({"__key__": f"{split}{i:04d}", "png": encode_image(_image(i), "png"),
                          "txt": f"a photo of a {lab}.", "json": json.dumps(meta)})
     tok = train_tokenizer(["a photo of a bag. a photo of a sandal. what is shown? is it a bag? yes no"] * 20, 300)
-    cfg = LlamaConfig(vocab_size=tok.vocab_size, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=128)
+    cfg = LlamaConfig(vocab_size=tok.vocab_size, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=max_seq_len)
     torch.manual_seed(0)
     lm = Llama(cfg)
     save_lm(root / "lm" / "final", lm.state_dict(), cfg, tok, {"stage": "lm_pretrain"})

@@ -325,7 +325,7 @@ def test_pretrain_keeps_image_weights_resumes_and_sft_hot_swaps(world, tmp_path,
 
 def test_video_metrics_prompts_and_controls():
     from mm.eval_video import item_score, single_frame, video_items
-    from mm.stages.video import parse_letter
+    from data.qa_format import parse_letter
 
     meta = {"family": "order", "qa": [make_qa("Which appeared first, the cat or the dog?", ["the dog", "dog"],
                                               ["the cat", "the dog"]),

@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import random
-import re
 import time
 from pathlib import Path
 
@@ -29,6 +28,7 @@ import torch.nn as nn
 
 from adapters.temporal import AggregatorConfig
 from data.loader import Loader
+from data.qa_format import gold_letter, mc_prompt, short_prompt
 from data.token_stream import IGNORE
 from encoders.vision import VisionConfig, VisionEncoder, supported_grids
 from llm.tokenizer import ChatFormat, Tokenizer
@@ -45,42 +45,6 @@ BOW_SOURCES = ("aggregate", "read")  # what the optional bag-of-words head reads
 TRAINABLE_PREFIXES = ("fused.video_adapter.", "bow_head.")  # DESIGN.md invariant 4: the video stages train nothing
 # else (bow_head: the optional auxiliary head, never saved)
 DESCRIBE = "Describe the video."
-LETTERS = "ABCDEFGH"
-MC_PROMPT = "Select the correct answer from the following options: {question} {options}. " \
-            "Answer with the correct option letter and nothing else."
-SHORT_PROMPT = "Answer the question using a single word or phrase. {question}"
-
-
-# ---- prompts (the paper's evaluation formats, PAPER.md §5) -----------------------------------------------------------
-
-def mc_prompt(question: str, choices: list[str]) -> str:
-    """The multiple-choice prompt: question + "(A) x (B) y ..." options."""
-    if not 2 <= len(choices) <= len(LETTERS):
-        raise ValueError(f"a multiple-choice question needs 2..{len(LETTERS)} options, got {len(choices)}")
-    options = " ".join(f"({L}) {c}" for L, c in zip(LETTERS, choices))
-    return MC_PROMPT.format(question=question.strip(), options=options)
-
-
-def short_prompt(question: str) -> str:
-    """The short-answer prompt."""
-    return SHORT_PROMPT.format(question=question.strip())
-
-
-def gold_letter(qa: dict) -> str | None:
-    """The letter of the first option that matches a reference answer (normalise_answer), or None."""
-    from data.chat_tasks import normalise_answer
-
-    refs = {normalise_answer(a) for a in qa.get("answers") or []}
-    for L, c in zip(LETTERS, qa.get("choices") or []):
-        if normalise_answer(c) in refs:
-            return L
-    return None
-
-
-def parse_letter(pred: str) -> str | None:
-    """The option letter a reply starts with ("B", "(B)", "B. left" -> "B"), or None."""
-    m = re.match(r"^\W*([A-H])(?![A-Za-z])", pred.strip())
-    return m.group(1) if m else None
 
 
 def pick_video_question(meta: dict, caption: str, rng: random.Random, caption_prob: float,
