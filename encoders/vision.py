@@ -137,6 +137,16 @@ def tile_image(img, tile_size: int, max_tiles: int, fill: float = 0) -> Tiles:
                  (rows, cols))
 
 
+def per_aspect(table: torch.Tensor, aspect_ids: torch.Tensor, n_tiles: int) -> torch.Tensor:
+    """Rows of a per-aspect-ratio table (R, max_tiles, ...) for each image: (B, n_tiles, ...).
+
+    index_select, not `table[aspect_ids]`: the backward of advanced indexing is index_put_(accumulate=True), which on
+    CPU with > 1 thread and >= 32768 elements adds with float atomics in thread-timing order (many images share an
+    aspect id), so the gradient, and every run after it, differed from process to process. index_select's backward
+    (index_add_) sums in index order: bitwise the same as the serial path, for any thread count."""
+    return table.index_select(0, aspect_ids)[:, :n_tiles]
+
+
 def tile_batch(images, tile_size: int, max_tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Tile a list of images and pad each to max_tiles: (B, max_tiles, 3, t, t) of the input dtype, aspect ids (B,)."""
     out = [tile_image(im, tile_size, max_tiles) for im in images]
@@ -215,10 +225,10 @@ class VisionEncoder(nn.Module):
         D, T = self.cfg.width, self.cfg.tokens_per_tile
         vit = self.vit
         x = vit.patch_embed(pixels.flatten(0, 1))  # (B*N, P, D)
-        x = x + self.pre_tile_gate.tanh() * self.pre_tile_embed[aspect_ids, :N].reshape(B * N, 1, D)
+        x = x + self.pre_tile_gate.tanh() * per_aspect(self.pre_tile_embed, aspect_ids, N).reshape(B * N, 1, D)
         x = torch.cat([vit.cls_token.expand(B * N, -1, -1), x], dim=1)  # (B*N, T, D)
         g = self.tile_pos_gate.tanh()
-        x = x + ((1 - g) * vit.pos_embed + g * self.tile_pos_embed[aspect_ids, :N].reshape(B * N, T, D))
+        x = x + ((1 - g) * vit.pos_embed + g * per_aspect(self.tile_pos_embed, aspect_ids, N).reshape(B * N, T, D))
         x = vit.norm_pre(x)
         return x.view(B, N * T, D)
 
@@ -261,7 +271,7 @@ class VisionEncoder(nn.Module):
         mask = self._attn_mask(aspect_ids, N, pixels.dtype if pixels.is_floating_point() else torch.float32)
         x, taps = self.local_features(pixels, aspect_ids, mask)  # (B, N*T, D)
         T = self.cfg.tokens_per_tile
-        post = self.post_tile_embed[aspect_ids, :N]  # (B, N, D)
+        post = per_aspect(self.post_tile_embed, aspect_ids, N)  # (B, N, D)
         x = x + self.post_tile_gate.tanh() * post.repeat_interleave(T, dim=1)
         for blk in self.gated:
             x = blk(x, mask)
