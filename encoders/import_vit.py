@@ -186,6 +186,22 @@ _OPEN_CLIP_RULES = [(re.compile(p), r) for p, r in (
     (r"transformer\.resblocks\.(\d+)\.mlp\.c_proj\.(weight|bias)", r"blocks.\1.mlp.fc2.\2"))]
 
 
+_TO_OPEN_CLIP = [(re.compile(p), r) for p, r in (  # timm key -> open_clip key, for error messages
+    (r"patch_embed\.proj\.weight", "conv1.weight"), (r"cls_token", "class_embedding"),
+    (r"pos_embed", "positional_embedding"), (r"norm_pre\.(\w+)", r"ln_pre.\1"), (r"norm\.(\w+)", r"ln_post.\1"),
+    (r"blocks\.(\d+)\.norm1\.(\w+)", r"transformer.resblocks.\1.ln_1.\2"),
+    (r"blocks\.(\d+)\.norm2\.(\w+)", r"transformer.resblocks.\1.ln_2.\2"),
+    (r"blocks\.(\d+)\.attn\.qkv\.(\w+)", r"transformer.resblocks.\1.attn.in_proj_\2"),
+    (r"blocks\.(\d+)\.attn\.proj\.(\w+)", r"transformer.resblocks.\1.attn.out_proj.\2"),
+    (r"blocks\.(\d+)\.mlp\.fc1\.(\w+)", r"transformer.resblocks.\1.mlp.c_fc.\2"),
+    (r"blocks\.(\d+)\.mlp\.fc2\.(\w+)", r"transformer.resblocks.\1.mlp.c_proj.\2"))]
+
+
+def open_clip_name(key: str) -> str:
+    """The open_clip (VisionTransformer) name of one of our timm trunk keys."""
+    return next((rule.sub(r, key) for rule, r in _TO_OPEN_CLIP if rule.fullmatch(key)), key)
+
+
 def map_open_clip(sd: dict[str, torch.Tensor]) -> tuple[dict, torch.Tensor | None, int, list[str]]:
     """open_clip VisionTransformer keys -> timm ViT keys: (mapped, proj (width, E) or None, ignored count, unmapped
     keys). A full CLIP state dict is narrowed to `visual.*` (the rest counts as ignored)."""
@@ -216,10 +232,12 @@ def map_timm(sd: dict[str, torch.Tensor]) -> tuple[dict, None, int, list[str]]:
 
 
 def check_fit(path, kind: str, arch: str, got: dict, unmapped: list[str], want: dict) -> None:
-    """One-line VitImportError listing missing / unexpected keys and shape mismatches against `want` shapes."""
-    missing = sorted(set(want) - set(got))
-    extra = sorted(unmapped + [k for k in got if k not in want])
-    shapes = [f"{k} {tuple(got[k].shape)} vs {tuple(want[k])}" for k in sorted(got) if k in want
+    """One-line VitImportError listing missing / unexpected keys and shape mismatches against `want` shapes (keys
+    named as the checkpoint names them; shapes in our layout)."""
+    name = open_clip_name if kind == "open_clip" else str
+    missing = sorted(name(k) for k in set(want) - set(got))
+    extra = sorted(unmapped + [name(k) for k in got if k not in want])
+    shapes = [f"{name(k)} {tuple(got[k].shape)} vs {tuple(want[k])}" for k in sorted(got) if k in want
               and tuple(got[k].shape) != tuple(want[k])]
     parts = [f"{len(x)} {what} ({', '.join(x[:4])}{', ...' if len(x) > 4 else ''})"
              for x, what in ((missing, "missing keys"), (extra, "unexpected keys"), (shapes, "shape mismatches"))
@@ -259,4 +277,4 @@ def import_vit(kind: str, path: str | Path, arch: str, image_size: int | None = 
 
 
 __all__ = ["KINDS", "VitImportError", "ImportedVit", "default_taps", "read_state_dict", "open_clip_trunk",
-           "timm_trunk", "map_open_clip", "map_timm", "check_fit", "import_vit"]
+           "timm_trunk", "open_clip_name", "map_open_clip", "map_timm", "check_fit", "import_vit"]

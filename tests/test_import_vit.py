@@ -138,14 +138,15 @@ def test_clear_errors(tmp_path):
         import_vit("open_clip", tmp_path / "a.safetensors", "RN50")
     missing = _save({k: t for k, t in sd.items() if k != "ln_pre.weight"}, tmp_path / "m.safetensors")
     with pytest.raises(VitImportError, match=r"m\.safetensors: does not fit open_clip arch .*1 missing keys "
-                                             r"\(norm_pre\.weight\)"):
+                                             r"\(ln_pre\.weight\)"):
         import_vit("open_clip", missing, arch)
     extra = _save({**sd, "transformer.resblocks.0.ls_1.gamma": torch.ones(64)}, tmp_path / "x.safetensors")
     with pytest.raises(VitImportError, match=r"1 unexpected keys \(transformer\.resblocks\.0\.ls_1\.gamma\)"):
         import_vit("open_clip", extra, arch)
     big = str(_open_clip_arch(tmp_path, False, patch_size=16))  # the file holds a patch-8 ViT
-    with pytest.raises(VitImportError, match=r"2 shape mismatches \(patch_embed\.proj\.weight \(64, 3, 8, 8\) vs "
-                                             r"\(64, 3, 16, 16\), pos_embed \(1, 17, 64\) vs \(1, 5, 64\)\)"):
+    with pytest.raises(VitImportError, match=r"2 shape mismatches \(conv1\.weight \(64, 3, 8, 8\) vs "
+                                             r"\(64, 3, 16, 16\), positional_embedding \(1, 17, 64\)"
+                                             r" vs \(1, 5, 64\)\)"):
         import_vit("open_clip", tmp_path / "a.safetensors", big)
     with pytest.raises(VitImportError, match=r"nothing\.pt: no such checkpoint file"):
         import_vit("open_clip", tmp_path / "nothing.pt", arch)
