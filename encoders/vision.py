@@ -16,14 +16,17 @@ exactly nothing (bitwise). The ViT itself is timm's `VisionTransformer` built wi
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
+from functools import partial
 from typing import NamedTuple
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.layers import LayerNorm, QuickGELU
 from timm.models.vision_transformer import Block, VisionTransformer, init_weights_vit_timm
 
+ACTIVATIONS = {"gelu": nn.GELU, "quick_gelu": QuickGELU}  # QuickGELU: x * sigmoid(1.702 x), OpenAI CLIP's
 # CLIP's pixel statistics (PAPER.md §3.1 "Normalisation")
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -31,7 +34,10 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 @dataclass
 class VisionConfig:
-    """Shape of the image encoder. `image_size` is the tile side; `taps` are 0-based block indices (module doc)."""
+    """Shape of the image encoder. `image_size` is the tile side; `taps` are 0-based block indices (module doc).
+
+    act / qkv_bias / pre_norm / norm_eps describe the ViT trunk so imported checkpoints (encoders.import_vit) fit:
+    pre_norm=True is CLIP style (ln_pre, patch conv without bias), False timm style (patch bias, no ln_pre)."""
 
     image_size: int = 64
     patch_size: int = 8
@@ -42,6 +48,10 @@ class VisionConfig:
     taps: list[int] = field(default_factory=lambda: [1, 2])
     n_gated: int = 2
     max_tiles: int = 1
+    act: str = "gelu"  # gelu | quick_gelu (the trunk's MLPs; the gated layers keep GELU)
+    qkv_bias: bool = False
+    pre_norm: bool = True
+    norm_eps: float = 1e-6
 
     @property
     def grid(self) -> int:
@@ -86,6 +96,8 @@ def vision_config(shape: str = "tiny", **overrides) -> VisionConfig:
     cfg.taps = [int(t) for t in cfg.taps]
     if cfg.image_size % cfg.patch_size or cfg.width % cfg.heads:
         raise ValueError(f"image_size must divide by patch_size and width by heads: {cfg}")
+    if cfg.act not in ACTIVATIONS:
+        raise ValueError(f"act {cfg.act!r} unknown; known: {sorted(ACTIVATIONS)}")
     if any(not 0 <= t < cfg.layers for t in cfg.taps):
         raise ValueError(f"taps {cfg.taps} must be block indices in [0, {cfg.layers})")
     return cfg
@@ -194,8 +206,9 @@ class VisionEncoder(nn.Module):
         D, T, R, N = cfg.width, cfg.tokens_per_tile, len(supported_grids(cfg.max_tiles)), cfg.max_tiles
         self.vit = VisionTransformer(
             img_size=cfg.image_size, patch_size=cfg.patch_size, in_chans=3, num_classes=0, global_pool="token",
-            embed_dim=D, depth=cfg.layers, num_heads=cfg.heads, mlp_ratio=cfg.mlp_dim / D, qkv_bias=False,
-            class_token=True, pre_norm=True, final_norm=True)  # pre_norm: ln_pre, no patch-embed bias (CLIP style)
+            embed_dim=D, depth=cfg.layers, num_heads=cfg.heads, mlp_ratio=cfg.mlp_dim / D, qkv_bias=cfg.qkv_bias,
+            class_token=True, pre_norm=cfg.pre_norm, final_norm=True, act_layer=ACTIVATIONS[cfg.act],
+            norm_layer=partial(LayerNorm, eps=cfg.norm_eps))  # pre_norm: ln_pre, no patch-embed bias (CLIP style)
         # per (aspect ratio, tile) embeddings; tile_pos is per token, mixed with the ViT's own position embedding
         self.pre_tile_embed = nn.Parameter(torch.empty(R, N, D))
         self.tile_pos_embed = nn.Parameter(torch.empty(R, N, T, D))

@@ -216,6 +216,22 @@ def cmd_average(args) -> dict:
     return average_runs(args.runs, Path(args.out), weights)
 
 
+def cmd_import(args) -> dict:
+    """`mm import hf`: a Hugging Face Llama folder -> an LM run (mm.lm_import); `mm import open_clip|timm`: a
+    pretrained ViT checkpoint -> a vision run directory (mm.vision_import)."""
+    if args.kind == "hf":
+        from mm.lm_import import import_hf_run
+
+        return import_hf_run(args.model, args.out, chat=args.chat, force=args.force)
+    if not args.arch:
+        raise ValueError(f"mm import {args.kind}: --arch is required")
+    from mm.vision_import import import_vision_run
+
+    taps = [int(t) for t in args.taps.split(",")] if args.taps else None
+    return import_vision_run(args.kind, args.model, args.arch, args.out, image_size=args.image_size, taps=taps,
+                             n_gated=args.n_gated, max_tiles=args.max_tiles, seed=args.seed, force=args.force)
+
+
 def cmd_eval(args) -> dict:
     apply_media_caps(args)
     given = [f"--{k}" for k in ("shards", "tsv", "jsonl") if getattr(args, k)]
@@ -334,6 +350,23 @@ def parser() -> argparse.ArgumentParser:
     a.add_argument("--out", required=True)
     a.add_argument("--weights", help="comma-separated weights (default: equal)")
     a.set_defaults(fn=cmd_average)
+    im = sub.add_parser("import", help="a Hugging Face Llama folder -> an LM run (for lm= / instruct_lm=); a "
+                        "pretrained open_clip / timm ViT checkpoint -> a vision run (for vision= and vision_from=)")
+    im.add_argument("kind", choices=["hf", "open_clip", "timm"])
+    im.add_argument("--model", required=True, help="hf: the model folder; open_clip / timm: the checkpoint "
+                                                   "(.safetensors or a weights-only torch file)")
+    im.add_argument("--chat", action="store_true", help="hf: an instruct model (mm chat uses the chat template)")
+    im.add_argument("--arch", help="open_clip / timm (required): open_clip model name (ViT-B-16, ViT-B-32-quickgelu, ...) or timm "
+                                                   "ViT name, or a .json arch file (encoders/import_vit.py)")
+    im.add_argument("--out", required=True, help="the run directory to write")
+    im.add_argument("--image-size", type=int, help="tile side (default the checkpoint's; position embeddings are "
+                                                   "resampled otherwise)")
+    im.add_argument("--taps", help="comma-separated 0-based block indices (default: the paper's, scaled to depth)")
+    im.add_argument("--n-gated", type=int, help="gated layers after the ViT (default max(1, layers // 4))")
+    im.add_argument("--max-tiles", type=int, default=1)
+    im.add_argument("--seed", type=int, default=0, help="init seed of the new (non-imported) parameters")
+    im.add_argument("--force", action="store_true", help="overwrite an existing RUN/final")
+    im.set_defaults(fn=cmd_import)
     v = sub.add_parser("eval", help="score a model on shards (image: or a TSV / JSONL benchmark file)")
     v.add_argument("modality", choices=["text", "image", "video", "speech"])
     v.add_argument("--ckpt", required=True)

@@ -204,6 +204,7 @@ class ClipPretrainConfig:
     media: MediaCaps = field(default_factory=MediaCaps)  # per-file caps: pixels, frames, audio seconds
     steps: int = 500
     vision: VisionModelConfig = field(default_factory=VisionModelConfig)
+    vision_from: str | None = None  # a vision run (e.g. `mm import open_clip`) to start the encoder from; its shape
     text: TextTowerConfig = field(default_factory=TextTowerConfig)
     embed_dim: int = 64
     pool: str = "cls"  # cls | mean

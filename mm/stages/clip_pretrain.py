@@ -1,5 +1,6 @@
 """Stage clip_pretrain (PAPER.md §3; DESIGN.md stage table): contrastive pretraining of the image encoder's ViT with a
-small text tower on image-text shards. Trains vision.vit + visual_proj + text tower + logit scale; the encoder's tile
+small text tower on image-text shards (the encoder fresh, or from a vision run with `vision_from`, e.g. one written by
+`mm import open_clip`). Trains vision.vit + visual_proj + text tower + logit scale; the encoder's tile
 embeddings and gated layers (used only from image_pretrain on, gates at 0) stay frozen and are saved at their init.
 
 Data: batch b of the `Loader` is a pure function of (seed, rank, world, b); step s uses batches s*grad_accum + i, so a
@@ -23,8 +24,9 @@ from encoders.clip import ClipLoss, ClipModel, TextConfig, flops_per_pair, token
 from encoders.vision import normalize_pixels, vision_config
 from llm.tokenizer import Tokenizer
 from mm.checkpoint import save_weights
-from mm.config import ClipPretrainConfig
+from mm.config import ClipPretrainConfig, ConfigError
 from mm.distributed import full_state, init_distributed, unwrap, wrap_model
+from mm.runs import load_vision_encoder
 from mm.stages.lm_pretrain import get_tokenizer
 from mm.train import StepOutput, Trainer, fit_stage, warmup_cosine
 
@@ -73,6 +75,31 @@ def freeze_for_clip(model: ClipModel) -> dict[str, int]:
     return counts
 
 
+VISION_FIELDS = ("image_size", "patch_size", "width", "layers", "heads", "mlp_dim", "taps", "n_gated", "max_tiles")
+
+
+def build_clip(cfg: ClipPretrainConfig, tok: Tokenizer) -> tuple[ClipModel, dict]:
+    """The initial ClipModel and its ClipModel kwargs: the encoder from cfg.vision's shape, or shape and weights from
+    the vision run cfg.vision_from (then cfg.vision's fields must be unset); the rest freshly initialised."""
+    v = cfg.vision
+    clip_kw = dict(vocab_size=tok.vocab_size, pad_id=tok.pad_id, eos_id=tok.eot_id, embed_dim=cfg.embed_dim,
+                   pool=cfg.pool, init_temperature=cfg.init_temperature, max_logit_scale=cfg.max_logit_scale)
+    start = None
+    if cfg.vision_from:
+        set_ = [k for k in VISION_FIELDS if getattr(v, k) is not None]
+        if set_:
+            raise ConfigError(f"vision_from={cfg.vision_from}: the encoder shape comes from that run; unset "
+                              f"vision.{set_[0]}")
+        start = load_vision_encoder(cfg.vision_from)
+        vcfg = start.cfg
+    else:
+        vcfg = vision_config(v.shape, **{k: getattr(v, k) for k in VISION_FIELDS})
+    model = ClipModel(vcfg, TextConfig(**asdict(cfg.text)), **clip_kw)
+    if start is not None:
+        model.vision.load_state_dict(start.state_dict(), strict=True)
+    return model, clip_kw
+
+
 class BatchFeed(StepFeed):
     """CLIP micro-batches: {pixels (B, 3, t, t) normalised, ids (B, L) caption tokens, n pairs}."""
 
@@ -100,13 +127,8 @@ def run(cfg: ClipPretrainConfig, run_dir: Path, resume: bool = False) -> dict:
     train_paths, _ = image_shards(cfg.data.shards), image_shards(cfg.data.val_shards)
     tok = get_tokenizer(cfg.tokenizer, run_dir, caption_texts(train_paths), info)
 
-    v = cfg.vision
-    vcfg = vision_config(v.shape, **{k: getattr(v, k) for k in ("image_size", "patch_size", "width", "layers",
-                                                               "heads", "mlp_dim", "taps", "n_gated", "max_tiles")})
-    tcfg = TextConfig(**asdict(cfg.text))
-    clip_kw = dict(vocab_size=tok.vocab_size, pad_id=tok.pad_id, eos_id=tok.eot_id, embed_dim=cfg.embed_dim,
-                   pool=cfg.pool, init_temperature=cfg.init_temperature, max_logit_scale=cfg.max_logit_scale)
-    model = ClipModel(vcfg, tcfg, **clip_kw)
+    model, clip_kw = build_clip(cfg, tok)
+    vcfg, tcfg = model.vision.cfg, model.text_cfg
     counts = freeze_for_clip(model)
     model = wrap_model(model.to(info.device), cfg.train.parallel, info)
 
@@ -133,7 +155,7 @@ def run(cfg: ClipPretrainConfig, run_dir: Path, resume: bool = False) -> dict:
                       lr_at=lambda s: warmup_cosine(s, t.lr, t.warmup_steps, cfg.steps, t.min_lr_ratio), info=info,
                       flops_per_token=lambda _: flops_per_pair(vcfg, tcfg), desc="clip_pretrain")
     trainer.meta = {"kind": "clip", "vision_config": vcfg.to_dict(), "clip_config": {"text": tcfg.to_dict(), **clip_kw},
-                    "loader": loader.state_dict()}
+                    "vision_from": cfg.vision_from, "loader": loader.state_dict()}
     if resume and trainer.resume():
         loader.load_state_dict(trainer.meta["loader"])  # checks the stream is the same (shards, seed, batch, world)
 
