@@ -31,8 +31,8 @@ def hf_config(cfg: LlamaConfig, tok: Tokenizer | None = None) -> dict:
         "max_position_embeddings": cfg.max_seq_len,
         "rms_norm_eps": cfg.norm_eps,
         "rope_theta": cfg.rope_theta,
-        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
-        "tie_word_embeddings": False,
+        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta, **(cfg.rope_scaling or {})},
+        "tie_word_embeddings": cfg.tie_embeddings,
         "attention_bias": False,
         "mlp_bias": False,
         "torch_dtype": "float32",
@@ -45,8 +45,9 @@ def hf_config(cfg: LlamaConfig, tok: Tokenizer | None = None) -> dict:
 def to_hf_state(sd: dict[str, torch.Tensor], cfg: LlamaConfig) -> dict[str, torch.Tensor]:
     """Rename our keys to transformers' and split the fused projections."""
     q_out, kv_out = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
-    out = {"model.embed_tokens.weight": sd["tok_embeddings.weight"], "model.norm.weight": sd["norm.weight"],
-           "lm_head.weight": sd["output.weight"]}
+    out = {"model.embed_tokens.weight": sd["tok_embeddings.weight"], "model.norm.weight": sd["norm.weight"]}
+    if not cfg.tie_embeddings:  # tied: transformers re-ties lm_head to the embedding on load
+        out["lm_head.weight"] = sd["output.weight"]
     for i in range(cfg.n_layers):
         src, dst = f"layers.{i}.", f"model.layers.{i}."
         q, k, v = sd[src + "attention.wqkv.weight"].split([q_out, kv_out, kv_out], dim=0)

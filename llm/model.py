@@ -26,13 +26,20 @@ class LlamaConfig:
     rope_theta: float = 500000.0
     max_seq_len: int = 512
     init_std: float = 0.02
+    # what checkpoints from elsewhere (mm import hf) carry; the defaults are this repo's own Llama 3 shapes
+    rope_scaling: dict | None = None  # {"rope_type": "llama3", factor, low/high_freq_factor, original_max_...}
+    tie_embeddings: bool = False  # the output projection is the token embedding (Llama 3.2 1B / 3B)
+    explicit_ffn_dim: int | None = None  # None: the sizing rule below
+    explicit_head_dim: int | None = None  # None: dim // n_heads
 
     @property
     def head_dim(self) -> int:
-        return self.dim // self.n_heads
+        return self.explicit_head_dim or self.dim // self.n_heads
 
     @property
     def ffn_dim(self) -> int:
+        if self.explicit_ffn_dim:
+            return self.explicit_ffn_dim
         hidden = int(2 * 4 * self.dim / 3)
         if self.ffn_dim_multiplier is not None:
             hidden = int(self.ffn_dim_multiplier * hidden)
@@ -64,9 +71,28 @@ def shape_config(name: str, **overrides) -> LlamaConfig:
     return LlamaConfig(**{**SHAPES[name], **overrides})
 
 
-def rope_tables(head_dim: int, positions: torch.Tensor, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables (T, head_dim) in the half-split layout transformers' Llama uses (so export needs no permute)."""
-    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device) / head_dim))
+def llama3_scaled(inv: torch.Tensor, scaling: dict) -> torch.Tensor:
+    """Llama 3.1's RoPE frequency rescaling: long wavelengths divided by `factor`, short ones kept, a smooth blend
+    between (the rule of Meta's reference code and transformers' "llama3" rope_type)."""
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_len = scaling["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv
+    out = torch.where(wavelen > old_len / low, inv / factor, inv)
+    smooth = (old_len / wavelen - low) / (high - low)
+    blended = (1 - smooth) * out / factor + smooth * out
+    medium = ~(wavelen < old_len / high) * ~(wavelen > old_len / low)
+    return torch.where(medium, blended, out)
+
+
+def rope_tables(head_dim: int, positions: torch.Tensor, theta: float,
+                scaling: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables (T, head_dim) in the half-split layout transformers' Llama uses (so export needs no permute);
+    `scaling` {"rope_type": "llama3", ...} rescales the frequencies as Llama 3.1 / 3.2 do."""
+    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=positions.device).float() / head_dim))
+    if scaling:
+        if scaling.get("rope_type", scaling.get("type")) != "llama3":
+            raise ValueError(f"rope_scaling type {scaling.get('rope_type')!r} is not supported (llama3 only)")
+        inv = llama3_scaled(inv, scaling)
     ang = positions.float()[:, None] * inv[None, :]  # (T, hd/2)
     ang = torch.cat([ang, ang], dim=-1)  # (T, hd)
     return ang.cos(), ang.sin()
@@ -167,6 +193,8 @@ class Llama(nn.Module):
         self.layers = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layers))
         self.norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight  # one parameter, two state-dict keys
         self.caches: list[KVCache] | None = None
         if not any(p.is_meta for p in self.parameters()):
             self.reset_parameters()
@@ -198,7 +226,7 @@ class Llama(nn.Module):
         h = self.tok_embeddings(tokens) if embeds is None else embeds  # (B, T, D)
         B, T, _ = h.shape
         pos = torch.arange(start_pos, start_pos + T, device=h.device)
-        cos, sin = rope_tables(self.cfg.head_dim, pos, self.cfg.rope_theta)
+        cos, sin = rope_tables(self.cfg.head_dim, pos, self.cfg.rope_theta, self.cfg.rope_scaling)
         cos, sin = cos.to(h.dtype), sin.to(h.dtype)
         mask = None
         if doc_ids is not None:

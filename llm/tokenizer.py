@@ -7,7 +7,8 @@ Id layout of a tokenizer with ``vocab_size = V``::
     V-16 .. V-1       SPECIAL_TOKENS, in list order (``special_id(name) == V - 16 + i``)
 
 If the corpus runs out of merges, the BPE block is smaller than requested; the specials are
-still the last 16 ids and ``vocab_size`` reports the real total.
+still the last 16 ids and ``vocab_size`` reports the real total. A Llama 3 tokenizer imported
+from Hugging Face (llm/import_hf.py) keeps its own ids, its media markers on reserved ids.
 
 Special-token strings inside ordinary text are encoded literally by ``Tokenizer.encode`` (as
 Llama 3's ``encode`` does by default); special ids only come from ``bos``/``eos`` and ``ChatFormat``.
@@ -38,6 +39,7 @@ SPECIAL_TOKENS: list[str] = [
     "<|speech|>",
     "<|speech_end|>",
 ]
+REQUIRED_SPECIALS = tuple(SPECIAL_TOKENS)  # what every tokenizer here has (an imported one by renaming reserved ids)
 SPECIAL_TOKENS += [f"<|reserved_special_token_{i}|>" for i in range(N_SPECIAL - len(SPECIAL_TOKENS))]
 
 # Llama 3 / GPT-4 style split: contractions, letter runs (with one leading non-letter), up to 3
@@ -82,14 +84,16 @@ class Tokenizer:
         # `tokenizers`, so it is set here on every construction).
         self._literal = HFTokenizer.from_str(hf.to_str())
         self._literal.encode_special_tokens = True
-        self._special = {s: hf.token_to_id(s) for s in SPECIAL_TOKENS}
-        if list(self._special.values()) != list(range(self.vocab_size - N_SPECIAL, self.vocab_size)):
-            raise ValueError("special tokens must be the last 16 ids, in SPECIAL_TOKENS order")
+        added = {i: t.content for i, t in hf.get_added_tokens_decoder().items()}
+        self._special = {s: hf.token_to_id(s) for s in SPECIAL_TOKENS if hf.token_to_id(s) in added}
+        missing = [s for s in REQUIRED_SPECIALS if s not in self._special]
+        if missing:
+            raise ValueError(f"tokenizer lacks the special token {missing[0]!r} (Llama 3 chat format / media markers)")
         sym_to_byte = {s: b for b, s in enumerate(_byte_symbols())}
         id_to_tok = {i: t for t, i in hf.get_vocab(with_added_tokens=True).items()}
-        self._bytes = [
-            t.encode("utf-8") if t in self._special else bytes(sym_to_byte[c] for c in t)
-            for t in (id_to_tok[i] for i in range(self.vocab_size))
+        self._bytes = [  # added tokens (specials) decode to their strings, BPE tokens to their bytes
+            added[i].encode("utf-8") if i in added else bytes(sym_to_byte[c] for c in id_to_tok[i])
+            for i in range(self.vocab_size)
         ]
 
     @classmethod
@@ -119,6 +123,11 @@ class Tokenizer:
     def special_id(self, name: str) -> int:
         """Id of a special token, e.g. ``special_id("<|eot_id|>")``."""
         return self._special[name]
+
+    @property
+    def special_ids(self) -> set[int]:
+        """Ids of the SPECIAL_TOKENS this tokenizer has (formatting tokens, media markers)."""
+        return set(self._special.values())
 
     @property
     def bos_id(self) -> int:

@@ -42,7 +42,14 @@ def _atomic_dir_write(final: Path, write) -> Path:
 
 
 def _contiguous(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: v.detach().contiguous().cpu() for k, v in sd.items()}
+    """CPU, contiguous, and no two entries sharing memory (safetensors refuses that; tied embeddings do it)."""
+    out, seen = {}, set()
+    for k, v in sd.items():
+        v = v.detach().contiguous().cpu()
+        ptr = v.untyped_storage().data_ptr() if v.numel() else None
+        out[k] = v.clone() if ptr in seen else v
+        seen.add(ptr)
+    return out
 
 
 def save_weights(directory: Path, tensors: dict[str, dict[str, torch.Tensor]], meta: dict,

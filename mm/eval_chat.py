@@ -9,7 +9,7 @@ import torch
 from data.chat_stream import Pair, pad_dialogs
 from llm.generate import generate, sample_n
 from llm.reward import sequence_logps
-from llm.tokenizer import SPECIAL_TOKENS, ChatFormat
+from llm.tokenizer import ChatFormat
 
 
 def prompt_messages(ex: dict) -> list[dict]:
@@ -75,7 +75,7 @@ def implicit_reward_accuracy(policy, reference, tok, pairs: list[Pair]) -> float
     policy.eval()
     dev = next(policy.parameters()).device
     reference = reference.to(dev)
-    fmt_ids = {tok.special_id(s) for s in SPECIAL_TOKENS}
+    fmt_ids = set(tok.special_ids)
 
     def score(chunk):
         b = pad_dialogs([p.chosen for p in chunk] + [p.rejected for p in chunk], tok.pad_id, fmt_ids)

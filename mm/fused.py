@@ -275,7 +275,7 @@ class FusedLM(nn.Module):
         # from here on the same steps as Llama.forward, with a block before each fused layer
         B, T, _ = h.shape
         pos = torch.arange(start_pos, start_pos + T, device=h.device)
-        cos, sin = rope_tables(self.cfg.head_dim, pos, self.cfg.rope_theta)
+        cos, sin = rope_tables(self.cfg.head_dim, pos, self.cfg.rope_theta, self.cfg.rope_scaling)
         cos, sin = cos.to(h.dtype), sin.to(h.dtype)
         caches, mask = self.lm.caches, None
         if doc_ids is not None:

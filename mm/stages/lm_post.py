@@ -14,7 +14,7 @@ from data.chat_stream import ChatPacker, PairSampler, encode_dialogs, encode_pai
 from data.fetch import default_cache_dir
 from data.shards import SkipCounter, expand_shards
 from llm.reward import RewardModel, answer_labels, dpo_loss, pairwise_loss, sequence_logps
-from llm.tokenizer import SPECIAL_TOKENS, ChatFormat
+from llm.tokenizer import ChatFormat
 from mm.config import PostTrainConfig
 from mm.distributed import full_state, init_distributed, rank_slice, unwrap, wrap_model
 from mm.eval_chat import answer_accuracy, implicit_reward_accuracy, preference_accuracy
@@ -41,7 +41,7 @@ def read_chat(spec: str | list, build_if_missing: bool, skips: SkipCounter) -> l
 
 def special_ids(tok) -> set[int]:
     """Ids of every special (formatting) token: masked out of the DPO loss."""
-    return {tok.special_id(s) for s in SPECIAL_TOKENS}
+    return set(tok.special_ids)
 
 
 def preference_data(cfg: PostTrainConfig, tok, skips: SkipCounter):
