@@ -24,7 +24,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from data.decode import decode_image_sample, decode_video_sample
+from data.decode import CAPS, MediaCaps, decode_image_sample, decode_video_sample, set_media_caps
 from data.shards import MAX_MEMBER_BYTES, BadSample, SkipCounter, expand_shards, safe_members
 
 MODALITIES: dict[str, Callable[..., dict]] = {}
@@ -124,7 +124,14 @@ class ShardStream(torch.utils.data.IterableDataset):
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
         state["_files"], state["_chunks"] = {}, []
+        state["_caps"] = MediaCaps(**vars(CAPS))  # a spawned worker decodes under the caps of its parent
         return state
+
+    def __setstate__(self, state: dict) -> None:
+        caps = state.pop("_caps", None)
+        self.__dict__.update(state)
+        if caps is not None:
+            set_media_caps(caps)
 
     def _chunk_shards(self, k: int) -> list[int]:
         if self.resampled:
@@ -278,7 +285,14 @@ class StepFeed(abc.ABC):
             self.close()
             self.loader.load_state_dict({"next_batch": start})
             self.it = iter(self.loader)
-        return [self.make(start + i, next(self.it)) for i in range(self.accum)]
+        return [self.make(start + i, self._nonempty(next(self.it))) for i in range(self.accum)]
+
+    def _nonempty(self, batch: dict) -> dict:
+        if batch["size"] == 0:  # every sample skipped (e.g. all over a media cap): one line, not a KeyError later
+            raise ValueError(f"{self.loader.stream.paths[0].parent}: no sample of batch {self.loader.next_batch - 1} "
+                             f"decodes (skipped so far: {self.loader.skipped}); check the shards (mm data inspect) "
+                             f"and the media caps")
+        return batch
 
     def close(self) -> None:
         """Shut the loader iterator (and its workers) down."""

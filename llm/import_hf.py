@@ -27,14 +27,18 @@ class HFImportError(ValueError):
     """A Hugging Face folder this importer cannot take: one line naming the file and the problem."""
 
 
-def _config(d: Path) -> LlamaConfig:
-    path = d / "config.json"
+def _read_json(path: Path, missing: str) -> dict:
     try:
-        c = json.loads(path.read_text())
+        return json.loads(path.read_text())
     except FileNotFoundError:
-        raise HFImportError(f"{path}: missing (not a Hugging Face model folder?)") from None
+        raise HFImportError(f"{path}: missing ({missing})") from None
     except ValueError as e:
         raise HFImportError(f"{path}: not valid JSON ({e})") from None
+
+
+def _config(d: Path) -> LlamaConfig:
+    path = d / "config.json"
+    c = _read_json(path, "not a Hugging Face model folder?")
     if c.get("model_type") != "llama":
         raise HFImportError(f"{path}: model_type {c.get('model_type')!r}, only 'llama' is supported")
     for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size"):
@@ -120,12 +124,7 @@ def from_hf_state(hf: dict[str, torch.Tensor], cfg: LlamaConfig, source: Path) -
 def import_tokenizer(d: Path) -> Tokenizer:
     """tokenizer.json with the Llama 3 specials; missing ones this stack uses are put on reserved ids."""
     path = d / "tokenizer.json"
-    try:
-        raw = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise HFImportError(f"{path}: missing (the fast tokenizer file is needed)") from None
-    except ValueError as e:
-        raise HFImportError(f"{path}: not valid JSON ({e})") from None
+    raw = _read_json(path, "the fast tokenizer file is needed")
     added = raw.get("added_tokens") or []
     have = {t["content"] for t in added}
     core = [s for s in LLAMA3_CORE if s not in have]

@@ -164,3 +164,16 @@ def test_vqa_scoring_rule():
     assert score("red", ["red", "Red", "red!", "blue"]) == 1.0
     assert score("blue", ["red", "Red", "red!", "blue"]) == pytest.approx(1 / 3)
     assert score("green", ["red", "blue"]) == 0.0
+
+
+def test_stage_media_cap_reaches_the_loader_workers(world, tmp_path):
+    """`media.max_pixels` in the stage config caps what its DataLoader workers decode: with a 10-pixel cap every
+    image is skipped and counted, and the run stops with one line saying so."""
+    from mm.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main(["run", YAML, "--out", str(tmp_path / "run"), *_overrides(world), "media.max_pixels=10",
+                   "data.num_workers=1"])
+    res = json.loads(out.getvalue().strip().splitlines()[-1])
+    assert rc == 2 and "no sample of batch 0 decodes" in res["error"] and "image_too_large" in res["error"]

@@ -28,10 +28,13 @@ LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_t
                    "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>", "<|python_tag|>"]
 LLAMA3_SPECIALS += [f"<|reserved_special_token_{i}|>" for i in range(3, 3 + 256 - len(LLAMA3_SPECIALS))]
 TEXT = ["the cat sat on the mat. a dog ran in the park. what is shown? hello there, how are you?"] * 30
-CASES = {  # name: (sharded, tied, rope scaling)
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 32}
+CASES = {  # name: (sharded, tied, rope scaling): both layouts, each tied and untied
     "one_file_untied": (False, False, None),
-    "sharded_tied_llama3_rope": (True, True, {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                              "high_freq_factor": 4.0, "original_max_position_embeddings": 32}),
+    "one_file_tied_llama3_rope": (False, True, LLAMA3_ROPE),
+    "sharded_untied": (True, False, None),
+    "sharded_tied_llama3_rope": (True, True, LLAMA3_ROPE),
 }
 
 
@@ -195,3 +198,29 @@ def test_image_pretrain_runs_on_an_imported_lm(imported, tmp_path):
     assert tok.special_id("<|image|>") == tok.vocab_size - 1  # on the last reserved id, reserved_special_token_247
     gates = [v for k, v in own.items() if k.endswith("gate_attn")]
     assert gates and any(float(g.abs().max()) > 0 for g in gates)  # the adapter trained
+
+
+def test_llama3_0_tokenizer_gets_the_3_1_names_on_reserved_ids(tmp_path):
+    """Llama 3.0 has no <|finetune_right_pad_id|>, <|eom_id|>, <|python_tag|> (reserved ids there): the import
+    places them, and the media markers, on the highest reserved ids; the 3.0 ids themselves stay."""
+    from llm.import_hf import HFImportError, import_tokenizer
+
+    _llama3_tokenizer(tmp_path)
+    raw = json.loads((tmp_path / "tokenizer.json").read_text())
+    n = 0
+    for t in sorted(raw["added_tokens"], key=lambda t: t["id"]):  # 3.0: every unnamed id reserved, numbered in order
+        if t["content"] in ("<|finetune_right_pad_id|>", "<|eom_id|>", "<|python_tag|>") or "reserved" in t["content"]:
+            t["content"], n = f"<|reserved_special_token_{n}|>", n + 1
+    (tmp_path / "tokenizer.json").write_text(json.dumps(raw))
+    ids = {t["content"]: t["id"] for t in raw["added_tokens"]}
+    tok = import_tokenizer(tmp_path)
+    assert tok.eot_id == ids["<|eot_id|>"] and tok.bos_id == ids["<|begin_of_text|>"]
+    placed = [tok.special_id(s) for s in ("<|finetune_right_pad_id|>", "<|eom_id|>", "<|python_tag|>", "<|image|>",
+                                          "<|video|>", "<|speech_start|>", "<|speech|>", "<|speech_end|>")]
+    top = sorted((i for name, i in ids.items() if "reserved" in name), reverse=True)[:8]
+    assert sorted(placed) == sorted(top)
+    for t in raw["added_tokens"]:  # a tokenizer with nothing left to rename is refused in one line
+        t["content"] = t["content"].replace("reserved_special_token", "taken")
+    (tmp_path / "tokenizer.json").write_text(json.dumps(raw))
+    with pytest.raises(HFImportError, match="special tokens to place"):
+        import_tokenizer(tmp_path)

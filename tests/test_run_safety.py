@@ -98,14 +98,14 @@ def test_lock_from_another_host_needs_break_lock(shards, tmp_path):
 
 def test_two_concurrent_runs_one_is_refused(shards, tmp_path):
     run = tmp_path / "run"
-    procs = [_mm_popen("run", CONFIG, "--out", str(run), *_ov(shards, 40)) for _ in range(2)]  # started together
+    procs = [_mm_popen("run", CONFIG, "--out", str(run), *_ov(shards, 150)) for _ in range(2)]  # started together
     outs = [p.communicate(timeout=240) for p in procs]
     codes = sorted(p.returncode for p in procs)
     assert codes == [0, 2], [o[1][-2000:] for o in outs]
     winner, loser = (0, 1) if procs[0].returncode == 0 else (1, 0)
     assert "in use by" in outs[loser][1] and f"pid {procs[winner].pid}" in outs[loser][1]
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert steps == list(range(1, 41))  # each step logged once
+    assert steps == list(range(1, 151))  # each step logged once
 
 
 def test_pipeline_locks_each_step(shards, tmp_path):
