@@ -14,7 +14,7 @@ from mm.train import Preempted
 
 PREEMPTED_EXIT = 75  # EX_TEMPFAIL: stopped by SIGTERM / SIGINT after a checkpoint; re-run with --resume
 
-USER_ERRORS = (ConfigError, CheckpointError, FileNotFoundError, ValueError, KeyError, RuntimeError)
+USER_ERRORS = (ConfigError, CheckpointError, OSError, ValueError, KeyError, RuntimeError)
 
 
 def emit(result: dict) -> None:

@@ -46,6 +46,8 @@ def _proc_start(pid: int) -> str | None:
 
 def _alive(holder: dict) -> bool:
     pid = int(holder.get("pid", -1))
+    if pid <= 0:  # an unreadable lock file (os.kill(-1, 0) would succeed)
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -87,13 +89,30 @@ class RunLock:
         except FileNotFoundError:
             return None
         except (OSError, ValueError):
+            try:
+                if time.time() - self.path.stat().st_mtime < 10:  # maybe a holder still writing it: look again
+                    return None
+            except OSError:
+                return None
             return {"pid": -1, "host": socket.gethostname(), "started": 0, "cmd": "unreadable lock file"}
 
-    def _set_aside(self, why: str) -> None:
+    def _set_aside(self, holder: dict, why: str) -> None:
+        """Move the lock judged stale out of the way; if another process took it over meanwhile, put its lock back."""
         aside = self.path.with_name(f".{LOCK}.{os.getpid()}.stale")
         try:
-            os.rename(self.path, aside)  # atomic: of two processes taking over, one wins
+            os.rename(self.path, aside)
         except FileNotFoundError:
+            return
+        try:
+            moved = json.loads(aside.read_text())
+        except (OSError, ValueError):
+            moved = None
+        if moved is not None and moved != holder:  # a live lock written after we read the stale one
+            try:
+                os.link(aside, self.path)  # back, unless yet another holder is already there
+            except FileExistsError:
+                pass
+            aside.unlink(missing_ok=True)
             return
         print(f"[mm] {self.run_dir}: {why}", file=sys.stderr, flush=True)
         aside.unlink(missing_ok=True)
@@ -106,26 +125,31 @@ class RunLock:
         Path(self.run_dir).mkdir(parents=True, exist_ok=True)
         me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(),
               "proc_start": _proc_start(os.getpid()), "cmd": " ".join(sys.argv)[:300]}
-        for _ in range(3):
+        for _ in range(25):
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
                 holder = self._read()
                 if holder is None:
+                    time.sleep(0.5)
                     continue
                 if self.break_lock:
-                    self._set_aside(f"breaking the lock of {_describe(holder)} (--break-lock)")
+                    self._set_aside(holder, f"breaking the lock of {_describe(holder)} (--break-lock)")
                 elif holder.get("host") != me["host"]:
                     raise RunLocked(f"{self.run_dir}: locked by {_describe(holder)}, another host; if that run is "
                                     f"gone, re-run with --break-lock") from None
                 elif _alive(holder):
-                    raise RunLocked(f"{self.run_dir}: in use by {_describe(holder)}; wait for it or use another "
-                                    f"--out") from None
+                    raise RunLocked(f"{self.run_dir}: in use by {_describe(holder)}; wait for it, or use another "
+                                    f"--out (--break-lock if that process is known to be gone)") from None
                 else:
-                    self._set_aside(f"taking over a stale lock of {_describe(holder)} (that process is gone)")
+                    self._set_aside(holder, f"taking over a stale lock of {_describe(holder)} (that process is gone)")
                 continue
-            with os.fdopen(fd, "w") as f:
-                json.dump(me, f)
+            try:
+                with os.fdopen(fd, "w") as f:
+                    json.dump(me, f)
+            except BaseException:  # e.g. a full disk: leave no empty lock behind
+                self.path.unlink(missing_ok=True)
+                raise
             _HELD[key] = 1
             return self
         raise RunLocked(f"{self.path}: could not take the lock")
@@ -217,7 +241,7 @@ def _input_record(value: str, old: dict | None, run_dir: Path) -> dict | None:
         if not p.is_dir() and not any(m in value for m in _SHARD_MAGIC):
             return None
         shards = expand_shards(value)
-    except (FileNotFoundError, OSError, ValueError):
+    except Exception:  # a config string that only looks like a path or a shard spec names no input
         return None
     manifest = _manifest_for(shards)
     if manifest is not None:

@@ -15,7 +15,8 @@ from mm.config import load_config, to_yaml
 from mm.rundir import ConfigDrift, RunLock, check_matches, fingerprint, read_fingerprint, write_fingerprint
 
 CLEARED_BY_FORCE = ("checkpoints", "final", "metrics.jsonl", "tb", "result.json", "tokenizer.json", "tokens",
-                    "model_config.json")  # what a stage derives in its run directory; --force starts it afresh
+                    "model_config.json", "benchmarks", "report.md", "members", "soups", "shards"
+                    )  # what stages derive in their run directory (herd_report, image_sft, lm_rs too): --force clears it
 
 
 def is_main() -> bool:
@@ -72,9 +73,12 @@ def _run_unlocked(cfg, run_dir: Path, resume: bool, force: bool, redo_changed: b
     interrupted = ckpts.exists() and any(ckpts.iterdir())
     if interrupted and not resume and not force:
         raise ValueError(f"{run_dir}: holds an interrupted run; pass --resume to continue it or --force to restart")
-    if interrupted and resume and not force:
+    # a started run (checkpoints, or caches a stage keeps: tokenizer, token arrays, image_sft members) continues
+    # only with the config it was started with
+    started = interrupted or (not pipeline and not done.exists() and (run_dir / "fingerprint.json").exists())
+    if started and not force:
         try:
-            check_matches(run_dir, fp, "--resume of a run made")
+            check_matches(run_dir, fp, "--resume of a run made" if resume else "a run started")
         except ConfigDrift as e:
             if not redo_changed:
                 raise

@@ -182,15 +182,25 @@ class Trainer:
                     break
                 except CheckpointError as e:
                     why = str(e)
-            reasons.append(why)
+            reasons.append((ckpt, why))
             if self.info.is_main:
                 print(f"[{self.desc}] skipping checkpoint {ckpt.name}: {why}", file=sys.stderr, flush=True)
         else:
-            raise CheckpointError(f"no checkpoint in {self.ckpt_root} verifies; the newest: {reasons[0]}")
+            raise CheckpointError(f"no checkpoint in {self.ckpt_root} verifies; the newest: {reasons[0][1]}")
+        step = int(meta["step"])
+        if self.info.enabled:  # every rank must continue from the same step (node-local disks, a failed read)
+            lo_hi = torch.tensor([-step, step], dtype=torch.float64, device=self.info.device)
+            torch.distributed.all_reduce(lo_hi, op=torch.distributed.ReduceOp.MAX)
+            if -lo_hi[0] != lo_hi[1]:
+                raise CheckpointError(f"{self.ckpt_root}: ranks would resume from different steps "
+                                      f"({int(-lo_hi[0])} .. {int(lo_hi[1])}); are the checkpoints on a shared disk?")
+        if self.info.is_main:  # out of the way of keep_last pruning, which would otherwise keep them over good ones
+            for bad, _ in reasons:
+                bad.rename(bad.with_name(f".corrupt-{bad.name}"))
         load_full_state(self.model, tensors.pop("model"), self.optimizer, state["optimizer"])
         torch.set_rng_state(state["torch_rng"])
         self.extras.update(tensors)
-        self.step = int(meta["step"])
+        self.step = step
         self.meta = {k: v for k, v in meta.items() if k not in ("step", "files")}
         self.logger.drop_after(self.step, self.desc)  # records past the checkpoint are logged again as training repeats them
         return self.step

@@ -285,3 +285,26 @@ def test_failed_write_over_final_leaves_the_old_final(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["final"]
     assert torch.equal(load_tensors(final / "model.safetensors")["w"], torch.arange(10.0))
     assert verify_checkpoint(final) is None
+
+
+def test_a_started_run_without_checkpoints_keeps_its_config(shards, tmp_path):
+    """Stopped before its first checkpoint (tokenizer and token caches already written), a run is not restarted
+    under another config: those caches would silently be reused."""
+    run = tmp_path / "run"
+    run_config(CONFIG, _ov(shards), run)
+    for sub in ("result.json", "final"):  # as if it had stopped mid-training, before any checkpoint
+        p = run / sub
+        __import__("shutil").rmtree(p) if p.is_dir() else p.unlink()
+    __import__("shutil").rmtree(run / "checkpoints")
+    with pytest.raises(ConfigDrift, match="a run started with a different config: tokenizer.vocab_size"):
+        run_config(CONFIG, _ov(shards, 3, "tokenizer.vocab_size=280"), run)
+    assert run_config(CONFIG, _ov(shards), run)["steps"] == 3  # the same config goes on
+
+
+def test_an_empty_lock_file_left_by_a_crash_is_stale(shards, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / LOCK).write_text("")  # a crash between creating the lock and writing it
+    old = time.time() - 60
+    os.utime(run / LOCK, (old, old))
+    assert run_config(CONFIG, _ov(shards, 2), run)["steps"] == 2
