@@ -15,8 +15,9 @@ from mm.config import load_config, to_yaml
 from mm.rundir import ConfigDrift, RunLock, check_matches, fingerprint, read_fingerprint, write_fingerprint
 
 CLEARED_BY_FORCE = ("checkpoints", "final", "metrics.jsonl", "tb", "result.json", "tokenizer.json", "tokens",
-                    "model_config.json", "benchmarks", "report.md", "members", "soups", "shards"
-                    )  # what stages derive in their run directory (herd_report, image_sft, lm_rs too): --force clears it
+                    "model_config.json", "benchmarks", "report.md", "shards"
+                    )  # what stages derive in their run directory (herd_report, lm_rs too): --force clears it; image_sft
+# members stay: image_sft reuses a member only when its own key (LM, instruct LM, init weights, seed, lr) matches
 
 
 def is_main() -> bool:
