@@ -7,6 +7,7 @@ import itertools
 import json
 import os
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -294,8 +295,8 @@ def test_a_started_run_without_checkpoints_keeps_its_config(shards, tmp_path):
     run_config(CONFIG, _ov(shards), run)
     for sub in ("result.json", "final"):  # as if it had stopped mid-training, before any checkpoint
         p = run / sub
-        __import__("shutil").rmtree(p) if p.is_dir() else p.unlink()
-    __import__("shutil").rmtree(run / "checkpoints")
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+    shutil.rmtree(run / "checkpoints")
     with pytest.raises(ConfigDrift, match="a run started with a different config: tokenizer.vocab_size"):
         run_config(CONFIG, _ov(shards, 3, "tokenizer.vocab_size=280"), run)
     assert run_config(CONFIG, _ov(shards), run)["steps"] == 3  # the same config goes on
