@@ -108,9 +108,10 @@ def test_round_runs_from_one_yaml_and_learns(shards, tmp_path, capsys, monkeypat
     assert again["reused"] is True
     # the herd report scores the LM and the chat policy against their baselines and reuses its benchmark lines
     rep = tmp_path / "report"
-    res = run(capsys, "run", str(REPO / "experiments/herd/report.yaml"), "--out", str(rep), f"lm={out}/pretrain",
-              f"chat={out}/r1/dpo", f"chat_shards={d}/chat/val-*.tar", f"pref_shards={d}/pref/val-*.tar",
-              "max_items=20", f"stages={{pretrain: '{out}/pretrain', dpo: '{out}/r1/dpo'}}")
+    report_args = ["run", str(REPO / "experiments/herd/report.yaml"), "--out", str(rep), f"lm={out}/pretrain",
+                   f"chat={out}/r1/dpo", f"chat_shards={d}/chat/val-*.tar", f"pref_shards={d}/pref/val-*.tar",
+                   "max_items=20", f"stages={{pretrain: '{out}/pretrain', dpo: '{out}/r1/dpo'}}"]
+    res = run(capsys, *report_args)
     rows = {(r["modality"], r["metric"]): r for r in res["rows"]}
     bpb = rows[("text", "val_bpb")]  # 20 pretraining steps: no claim on the value, only on the comparison's direction
     assert bpb["baseline_name"] == "unigram model" and bpb["beats"] is (bpb["model"] < bpb["baseline"])
@@ -125,6 +126,9 @@ def test_round_runs_from_one_yaml_and_learns(shards, tmp_path, capsys, monkeypat
         raise AssertionError("benchmarks rerun although their JSON lines were kept")
     monkeypatch.setattr(subprocess, "run", no_subprocess)
     (rep / "result.json").unlink()
-    again = run(capsys, "run", str(REPO / "experiments/herd/report.yaml"), "--out", str(rep), f"lm={out}/pretrain",
-                f"chat={out}/r1/dpo", "max_items=20")
+    again = run(capsys, *report_args)  # the same config: a started run continues with its kept benchmark lines
     assert again["rows"] == res["rows"]
+    # another config on the started run is refused with one line, not silently mixed with the kept lines
+    (rep / "result.json").unlink()
+    assert main(report_args[:5] + [f"chat={out}/r1/dpo", "max_items=20"]) == 2
+    assert "a run started with a different config" in capsys.readouterr().out
