@@ -8,11 +8,14 @@ start as the identity: both tanh gates are 0.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from adapters.masks import ATTEND_MODES
 from llm.model import FeedForward, LlamaConfig
 
 SCHEDULES = ("from_top", "from_bottom")
@@ -128,3 +131,31 @@ class CrossAttentionAdapter(nn.Module):
         """Encoder features (B, M, N, media_dim) -> {layer index: (k, v)}, projected once and shared by all blocks."""
         projected = self.projection(media)  # (B, M, N, D)
         return {i: self.blocks[str(i)].media_kv(projected) for i in self.layer_ids}
+
+
+@dataclass
+class GatedCrossAttentionConfig:
+    """The paper's image adapter: a gated cross-attention block before every `every`-th LM layer (`fusion_schedule`);
+    attend "last" (each text token sees the latest image) or "all_previous" (adapters.masks)."""
+
+    every: int = 4
+    schedule: Any = "from_top"  # "from_top" | "from_bottom" | a list of layer indices
+    n_xattn: int | None = None
+    attend: Literal["last", "all_previous"] = "last"
+
+
+class GatedCrossAttention(CrossAttentionAdapter):
+    """Image design `gated_xattn` (the default, PAPER.md §4): a CrossAttentionAdapter on the encoder's tokens."""
+
+    Config = GatedCrossAttentionConfig
+    join = "xattn"
+
+    def __init__(self, cfg: GatedCrossAttentionConfig, lm_cfg: LlamaConfig, media_dim: int):
+        if cfg.attend not in ATTEND_MODES:
+            raise ValueError(f"attend must be one of {ATTEND_MODES}, got {cfg.attend!r}")
+        super().__init__(lm_cfg, media_dim, fusion_schedule(lm_cfg.n_layers, cfg.every, cfg.schedule, cfg.n_xattn))
+        self.attend = cfg.attend
+
+    def valid_after(self, valid: torch.Tensor) -> torch.Tensor:
+        """Validity (B, M, N) of the media tokens the blocks attend to: the encoder's own."""
+        return valid

@@ -78,9 +78,11 @@ def design_class(modality: str, kind: str) -> type:
 
 
 def parse(modality: str, spec: dict | None) -> tuple[type, Any]:
-    """A YAML spec {kind: ..., **fields} (kind defaults to the modality's default) -> (design class, its Config);
-    DesignError naming the key on an unknown key or a wrong type."""
+    """A YAML spec {kind: ..., **fields} (kind defaults to the modality's default) or a saved {kind, config} record
+    -> (design class, its Config); DesignError naming the key on an unknown key or a wrong type."""
     spec = dict(spec or {})
+    if set(spec) == {"kind", "config"} and isinstance(spec["config"], dict):
+        spec = {"kind": spec["kind"], **spec["config"]}
     kind = str(spec.pop("kind", None) or DEFAULT[modality])
     cls = design_class(modality, kind)
     try:
@@ -99,14 +101,23 @@ def spec_of(module: Any) -> dict:
 
 
 def build(modality: str, spec: dict | None, **ctx):
-    """Build a design from a YAML spec or a saved {"kind", "config"} record; the module gets `kind` and `cfg`."""
-    if spec and set(spec) == {"kind", "config"} and isinstance(spec["config"], dict):
-        spec = {"kind": spec["kind"], **spec["config"]}
+    """Build a design from a YAML spec, a saved {"kind", "config"} record or a design's Config instance; the module
+    gets `kind` and `cfg`."""
+    if dataclasses.is_dataclass(spec) and not isinstance(spec, type):
+        spec = {"kind": kind_of(modality, spec), **dataclasses.asdict(spec)}
     cls, cfg = parse(modality, spec)
     module = cls(cfg, **ctx)
     module.kind = str((spec or {}).get("kind") or DEFAULT[modality])
     module.cfg = cfg
     return module
+
+
+def kind_of(modality: str, cfg: Any) -> str:
+    """The registered kind whose design's Config is type(cfg)."""
+    for kind in kinds(modality):
+        if design_class(modality, kind).Config is type(cfg):
+            return kind
+    raise DesignError(f"{type(cfg).__name__} is the Config of no registered {modality} adapter design")
 
 
 def _check_modality(modality: str) -> None:

@@ -118,10 +118,14 @@ class PerceiverLayer(nn.Module):
 
 
 class PerceiverResampler(nn.Module):
-    """(B, F, N, media_dim) frame features -> (B, F // factor, N * n_latents, width) effective frames (module doc)."""
+    """Video design `perceiver` (the default): (B, F, N, media_dim) frame features -> (B, F // factor,
+    N * n_latents, width) effective frames (module doc)."""
 
-    def __init__(self, media_dim: int, cfg: AggregatorConfig):
+    Config = AggregatorConfig
+
+    def __init__(self, cfg: AggregatorConfig, media_dim: int):
         super().__init__()
+        self.width = cfg.width
         if cfg.factor < 1 or cfg.max_frames % cfg.factor:
             raise ValueError(f"aggregator factor {cfg.factor} must be >= 1 and divide max_frames {cfg.max_frames}")
         self.cfg = cfg
@@ -185,3 +189,35 @@ class PerceiverResampler(nn.Module):
         B, M, S, W = agg.shape
         E = num_frames // self.cfg.factor
         return agg.view(B, M, E, S // E, W)[:, :, :, -G:].mean(dim=(2, 3))
+
+
+@dataclass
+class MeanPoolConfig:
+    """Mean over each window of `factor` consecutive frames (no parameters)."""
+
+    factor: int = 16
+    max_frames: int = 64
+
+
+class TemporalMeanPool(nn.Module):
+    """Video design `mean_pool` (the baseline): (B, F, N, media_dim) -> (B, F // factor, N, media_dim), each token the
+    mean of its place over a window of frames; the video cross-attention's projection does the rest."""
+
+    Config = MeanPoolConfig
+
+    def __init__(self, cfg: MeanPoolConfig, media_dim: int):
+        super().__init__()
+        if cfg.factor < 1 or cfg.max_frames % cfg.factor:
+            raise ValueError(f"mean_pool factor {cfg.factor} must be >= 1 and divide max_frames {cfg.max_frames}")
+        self.cfg, self.width = cfg, media_dim
+
+    def forward(self, frames: torch.Tensor) -> torch.Tensor:
+        B, Fr, N, D = frames.shape
+        if Fr % self.cfg.factor or Fr > self.cfg.max_frames:
+            raise ValueError(f"{Fr} frames: need a multiple of the aggregation factor {self.cfg.factor} and "
+                             f"<= {self.cfg.max_frames}")
+        return frames.view(B, Fr // self.cfg.factor, self.cfg.factor, N, D).mean(2)  # (B, E, N, D)
+
+    def pooled(self, agg: torch.Tensor, num_frames: int) -> torch.Tensor:
+        """(B, M, E*N, D) -> (B, M, D): the mean of all tokens."""
+        return agg.mean(dim=2)

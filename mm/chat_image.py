@@ -37,13 +37,14 @@ def decode_size(vision) -> int | None:
     return vision.cfg.image_size if vision.cfg.max_tiles == 1 else None
 
 
-def chat_prompt_ids(fmt: ChatFormat, text: str, image: bool, system: str | None = None,
+def chat_prompt_ids(fmt: ChatFormat, text: str, image: int, system: str | None = None,
                     history: list[dict] | None = None) -> list[int]:
-    """BOS [+ system] [+ history] + user turn (`<|image|>` first when image) + the assistant header."""
+    """BOS [+ system] [+ history] + user turn (`image` x `<|image|>` first: FusedLM.image_run, 0 for none) + the
+    assistant header."""
     tok = fmt.tok
     msgs = ([{"role": "system", "content": system}] if system else []) + list(history or [])
     ids, _ = fmt.encode_dialog(msgs, add_generation_prompt=False)
-    user = fmt.encode_header("user") + ([tok.special_id("<|image|>")] if image else []) + tok.encode(text.strip())
+    user = fmt.encode_header("user") + [tok.special_id("<|image|>")] * int(image) + tok.encode(text.strip())
     return ids + user + [tok.eot_id] + fmt.encode_header("assistant")
 
 
@@ -53,7 +54,7 @@ def chat_reply(fused, tok, text: str, media: torch.Tensor | None = None, *, syst
                temperature: float = 0.8, seed: int | None = 0) -> str:
     """One assistant reply of the fused model; media: one encoded image (1, N, D) from image_media, or None."""
     fmt = ChatFormat(tok)
-    ids = chat_prompt_ids(fmt, text, media is not None, system, history)
+    ids = chat_prompt_ids(fmt, text, fused.image_run if media is not None else 0, system, history)
     out = generate_fused(fused, ids, media, max_new_tokens, greedy=greedy, temperature=temperature, seed=seed,
                          stop_ids=(tok.eot_id, tok.eom_id, tok.eos_id))
     return fmt.decode_reply(out).strip()

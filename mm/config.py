@@ -229,9 +229,7 @@ class ImageStageConfig:
     lm: str = MISSING  # LM run directory (frozen)
     vision: str = MISSING  # clip_pretrain (or image) run directory: the ViT to start from
     init_from: str | None = None  # image run to continue from (image_anneal): ViT + adapter weights
-    every: int = 4  # a cross-attention block before every `every`-th LM layer
-    schedule: str = "from_top"
-    attend: str = "last"
+    adapter: dict = field(default_factory=dict)  # the image design: {kind, **its keys} (adapters.registry)
     max_tiles: int | None = None  # tiles per image (None: the encoder's); > the encoder's re-inits the tile embeddings
     seq_len: int = 96  # dialog tokens per sample (longer ones are cut)
     caption_prob: float = 0.25  # share of samples trained as "Describe the image." -> caption
@@ -398,23 +396,6 @@ class VideoDataConfig:
 
 
 @dataclass
-class VideoAggregatorConfig:
-    """The perceiver temporal aggregator (adapters.temporal.AggregatorConfig less `factor`, a stage setting)."""
-
-    width: int = 64
-    n_latents: int = 1  # latents per token position of an effective frame
-    depth: int = 2
-    heads: int = 4
-    max_frames: int = 64
-    max_tokens: int | None = None  # tokens per frame the position table covers (None: the image encoder's)
-    ff_mult: int = 4
-    spatial_depth: int = 0  # self-attention layers across each effective frame's tokens after the temporal merge
-    summary_tokens: int = 0  # learned tokens appended to each effective frame for the spatial layers (needs >= 1)
-    positions: str = "normal"  # frame / token position tables start N(0, 1) ("normal") or geometric ("sincos")
-    out_positions: bool = False  # learned (effective frame, token) positions added to the output (module doc)
-
-
-@dataclass
 class VideoStageConfig:
     """Stages `video_pretrain` / `video_sft` (PAPER.md §5, §7.2): the image model frozen, only the perceiver
     aggregator, the video cross-attention and the `<|video|>` row train. video_pretrain: `init_from` an image run
@@ -433,7 +414,8 @@ class VideoStageConfig:
     factor: int = 16
     video_every: int = 4  # a video block before every `video_every`-th image block
     xattn_init_std: float | None = None  # video cross-attention init std (None: the LM's init_std; gates start at 0)
-    aggregator: VideoAggregatorConfig = field(default_factory=VideoAggregatorConfig)
+    # the video design: {kind, **its keys} (adapters.registry; factor and max_tokens are filled in by the stage)
+    aggregator: dict = field(default_factory=dict)
     seq_len: int = 128
     caption_prob: float = 0.25  # share of "Describe the video." -> caption samples
     mc_prob: float = 0.5  # share of questions with options asked in the multiple-choice format

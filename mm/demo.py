@@ -197,7 +197,7 @@ def tiny_image_run(root: str | Path, steps: int = 12) -> Path:
     shards = write_image_shards(root / "shards_image")
     return _stage("image/image_pretrain_tiny.yaml", root / "image", [
         f"lm={save_tiny_lm(root / 'lm')}", f"vision={save_tiny_vision(root / 'clip')}", f"data.shards={shards['train']}",
-        f"data.val_shards={shards['val']}", "every=2", "seq_len=48", "caption_prob=0.2", *_train(steps, 8, 1e-2)])
+        f"data.val_shards={shards['val']}", "adapter.every=2", "seq_len=48", "caption_prob=0.2", *_train(steps, 8, 1e-2)])
 
 
 def tiny_video_run(root: str | Path, steps: int = 6, image_steps: int = 12) -> Path:

@@ -68,7 +68,7 @@ def item_score(item: dict, pred: str) -> float:
 @torch.no_grad()
 def answer(fused: FusedLM, fmt: ChatFormat, question: str, media: torch.Tensor | None, max_new_tokens: int = 8) -> str:
     """Greedy short answer; media (1, N, D) for one image (a `<|image|>` goes into the prompt), None for blind."""
-    ids, _ = encode_vqa(fmt, question, None, image=media is not None)
+    ids, _ = encode_vqa(fmt, question, None, image=fused.image_run if media is not None else 0)
     tok = fmt.tok
     out = generate_fused(fused, ids, media, max_new_tokens, stop_ids=(tok.eot_id, tok.eos_id, tok.eom_id))
     return fmt.decode_reply(out).strip()

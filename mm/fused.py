@@ -21,9 +21,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from adapters import registry
 from adapters.cross_attention import CrossAttentionAdapter, fusion_schedule
-from adapters.masks import ATTEND_MODES, media_attention_mask
-from adapters.temporal import AggregatorConfig, PerceiverResampler
+from adapters.masks import media_attention_mask
 from llm.generate import _pick
 from llm.loss import linear_cross_entropy
 from llm.model import Llama, document_mask, rope_tables
@@ -86,13 +86,14 @@ class VideoAdapter(nn.Module):
     """Video adapter (PAPER.md §5): perceiver aggregator (frames -> effective frames), gated video cross-attention
     blocks before LM layers `layer_ids`, and the trainable `<|video|>` embedding row."""
 
-    def __init__(self, lm: Llama, media_dim: int, video_token_id: int, layer_ids: list[int], cfg: AggregatorConfig,
-                 every: int, init_std: float | None = None):
+    def __init__(self, lm: Llama, media_dim: int, video_token_id: int, layer_ids: list[int], spec, every: int,
+                 init_std: float | None = None):
         super().__init__()
-        self.cfg, self.every, self.token_id = cfg, int(every), int(video_token_id)
-        self.aggregator = PerceiverResampler(media_dim, cfg)
+        self.every, self.token_id = int(every), int(video_token_id)
+        self.aggregator = registry.build("video", spec, media_dim=media_dim)  # a video design (adapters.registry)
+        self.cfg = self.aggregator.cfg
         xcfg = dataclasses.replace(lm.cfg, init_std=init_std) if init_std else lm.cfg  # gates stay 0 either way
-        self.xattn = CrossAttentionAdapter(xcfg, cfg.width, layer_ids)
+        self.xattn = CrossAttentionAdapter(xcfg, self.aggregator.width, layer_ids)
         self.token = NewTokenEmbedding(lm.tok_embeddings, (video_token_id,))
 
     def media(self, video: torch.Tensor) -> torch.Tensor:
@@ -103,41 +104,62 @@ class VideoAdapter(nn.Module):
 
 
 class FusedLM(nn.Module):
-    """A Llama with gated image cross-attention blocks before every `every`-th layer; the Llama itself is unchanged.
+    """A Llama with an image adapter design (adapters.registry, "image") and optionally a video adapter; the Llama
+    itself is unchanged.
 
     lm: the language model (its modules are shared, not copied); media_dim: the encoder's feature width;
-    media_token_id: the `<|image|>` id; every / schedule / n_xattn: the fusion schedule (`fusion_schedule`);
-    attend: "last" or "all_previous" (`media_attention_mask`); new_token_ids: ids whose embedding rows train
-    (default: just media_token_id).
+    media_token_id: the `<|image|>` id; adapter: the image design's spec ({kind, **config} or a saved {kind, config};
+    None: `gated_xattn` with every / schedule / n_xattn / attend); new_token_ids: ids whose embedding rows train
+    (default: just media_token_id). An "xattn" design runs gated blocks before its layers; an "embeds" design writes
+    its outputs over a run of `image_run` `<|image|>` placeholders per image.
     """
 
-    def __init__(self, lm: Llama, media_dim: int, media_token_id: int, *, every: int = 4,
-                 schedule: str | list[int] = "from_top", n_xattn: int | None = None, attend: str = "last",
-                 new_token_ids=None):
+    def __init__(self, lm: Llama, media_dim: int, media_token_id: int, *, adapter: dict | None = None,
+                 every: int = 4, schedule: str | list[int] = "from_top", n_xattn: int | None = None,
+                 attend: str = "last", new_token_ids=None):
         super().__init__()
-        if attend not in ATTEND_MODES:
-            raise ValueError(f"attend must be one of {ATTEND_MODES}, got {attend!r}")
         object.__setattr__(self, "lm", lm)  # a plain reference: its modules are registered below under their names
         self.cfg = lm.cfg
         self.tok_embeddings, self.layers, self.norm, self.output = lm.tok_embeddings, lm.layers, lm.norm, lm.output
-        self.media_token_id, self.attend = int(media_token_id), attend
+        self.media_token_id = int(media_token_id)
         self.new_tokens = NewTokenEmbedding(lm.tok_embeddings, new_token_ids or (media_token_id,))
-        ids = fusion_schedule(lm.cfg.n_layers, every, schedule, n_xattn)
+        spec = adapter or {"kind": "gated_xattn", "every": every, "schedule": schedule, "n_xattn": n_xattn,
+                           "attend": attend}
         w = lm.output.weight
-        self.image_adapter = CrossAttentionAdapter(lm.cfg, media_dim, ids).to(device=w.device, dtype=w.dtype)
+        self.image_adapter = registry.build("image", spec, lm_cfg=lm.cfg, media_dim=media_dim).to(
+            device=w.device, dtype=w.dtype)
         self.video_adapter: VideoAdapter | None = None
 
-    def add_video(self, media_dim: int, video_token_id: int, cfg: AggregatorConfig, every: int = 4,
+    @property
+    def attend(self) -> str:
+        """Which images a text token cross-attends to ("last" / "all_previous"; adapters.masks)."""
+        return getattr(self.image_adapter, "attend", "last")
+
+    @property
+    def joins_by_embeds(self) -> bool:
+        """Does the image design write embeddings into the input (True) or cross-attend (False)?"""
+        return self.image_adapter.join == "embeds"
+
+    @property
+    def image_run(self) -> int:
+        """`<|image|>` placeholders per image in a prompt (1 for cross-attention designs)."""
+        return self.image_adapter.tokens_per_item() if self.joins_by_embeds else 1
+
+    def add_video(self, media_dim: int, video_token_id: int, spec, every: int = 4,
                   init_std: float | None = None) -> VideoAdapter:
-        """Attach a freshly initialised video adapter: its blocks go before every `every`-th image block, counted
+        """Attach a freshly initialised video adapter: the video design `spec` (adapters.registry, "video": a spec
+        dict, a saved {kind, config} or a design's Config) and blocks before every `every`-th image block, counted
         from the top (fusion_schedule over the image blocks: 8 image blocks, every 4 -> before the 4th and 8th).
         init_std: std of the video cross-attention matrices (None: the LM's init_std); its gates start at 0."""
         if self.video_adapter is not None:
             raise ValueError("this FusedLM already has a video adapter")
+        if self.joins_by_embeds:
+            raise ValueError(f"video blocks are placed among the image cross-attention blocks; the image design "
+                             f"{self.image_adapter.kind!r} has none")
         img = self.image_adapter.layer_ids
         ids = [img[j] for j in fusion_schedule(len(img), every, "from_top")]
         w = self.output.weight
-        self.video_adapter = VideoAdapter(self.lm, media_dim, video_token_id, ids, cfg, every, init_std).to(
+        self.video_adapter = VideoAdapter(self.lm, media_dim, video_token_id, ids, spec, every, init_std).to(
             device=w.device, dtype=w.dtype)
         return self.video_adapter
 
@@ -186,8 +208,12 @@ class FusedLM(nn.Module):
     def media_kv(self, media: torch.Tensor, media_mask: torch.Tensor | None = None) -> MediaKV:
         """Encoder features (B, M, N, media_dim) -> MediaKV for every block. media_mask: (B, M) valid items or
         (B, M, N) valid tokens (padding False); default all valid."""
-        media = media.to(self.image_adapter.projection.weight.dtype)
-        return MediaKV(self.image_adapter.media_kv(media), _valid_mask(media, media_mask))
+        if self.joins_by_embeds:
+            raise ValueError(f"the image design {self.image_adapter.kind!r} joins by input embeddings: it has no "
+                             "keys/values (pass the features as media)")
+        media = media.to(self.output.weight.dtype)
+        return MediaKV(self.image_adapter.media_kv(media),
+                       self.image_adapter.valid_after(_valid_mask(media, media_mask)))
 
     def video_kv(self, video: torch.Tensor, video_mask: torch.Tensor | None = None) -> MediaKV:
         """Frame features (B, M, F, N, media_dim) of M videos per sample -> MediaKV of the aggregated tokens for every
@@ -202,6 +228,21 @@ class FusedLM(nn.Module):
         """Frame features (B, M, F, N, media_dim) -> the aggregator's tokens (B, M, E*L, W), in the adapter's dtype."""
         va = self.video_adapter
         return va.media(video.to(va.xattn.projection.weight.dtype))
+
+    def splice_images(self, tokens: torch.Tensor, h: torch.Tensor, media: torch.Tensor,
+                      media_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """An "embeds" design's join: the embeddings h (B, T, D) with each run of `image_run` `<|image|>` positions
+        of tokens (B, T) replaced by its image's projected tokens; media (B, M, N, Dm), one valid item per run in
+        order (media_mask (B, M) or (B, M, N)); ValueError when a row's placeholders do not match its items."""
+        e = self.image_adapter.embed(media.to(self.output.weight.dtype))  # (B, M, n, D)
+        items = _valid_mask(media, media_mask).any(-1)  # (B, M)
+        ph = tokens == self.media_token_id  # (B, T)
+        want, have = items.sum(1).to(ph.device) * e.shape[2], ph.sum(1)
+        if not torch.equal(want, have):
+            b = int((want != have).nonzero()[0])
+            raise ValueError(f"sample {b} has {int(have[b])} <|image|> placeholders for {int(items[b].sum())} images "
+                             f"of {e.shape[2]} tokens each")
+        return h.masked_scatter(ph[..., None], e[items.to(e.device)].to(h.dtype))
 
     def aggregated_kv(self, agg: torch.Tensor, video_mask: torch.Tensor | None = None) -> MediaKV:
         """The aggregator's output (B, M, E*L, W) -> MediaKV for every video block (video_kv's second half)."""
@@ -256,6 +297,9 @@ class FusedLM(nn.Module):
                   ignore_index=ignore_index)
         if embeds is not None and embeds.shape[:2] != tokens.shape:
             raise ValueError(f"embeds {tuple(embeds.shape)} do not match tokens {tuple(tokens.shape)}")
+        if media is not None and self.joins_by_embeds:
+            h = self._embed(tokens) if embeds is None else embeds
+            embeds, media = self.splice_images(tokens, h, media, media_mask), None
         if media is None and video is None:
             if embeds is not None:
                 return self.lm(embeds=embeds, **kw)
@@ -321,6 +365,10 @@ def generate_fused(fused: FusedLM, prompt: list[int], media: torch.Tensor | None
         if media.dim() == 3:  # (M, N, Dm): add the batch dim, to the mask too
             media, media_mask = media[None], (media_mask[None] if media_mask is not None else None)
         media = media.to(device)
+        if fused.joins_by_embeds:  # the images become part of the prompt's input embeddings, spliced once
+            ids = torch.tensor([prompt], device=device)
+            base = fused._embed(ids) if prompt_embeds is None else prompt_embeds.to(device)
+            prompt_embeds, media = fused.splice_images(ids, base, media, media_mask), None
     if video is not None and not isinstance(video, MediaKV):
         if video.dim() == 4:  # (M, F, N, Dm)
             video, video_mask = video[None], (video_mask[None] if video_mask is not None else None)

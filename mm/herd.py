@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from adapters import registry
 from adapters.speech import SpeechAdapter, SpeechTokens, mask_speech_labels, splice_speech
 from encoders.speech import ConformerEncoder
 from llm.tokenizer import ChatFormat, Tokenizer
@@ -108,13 +109,13 @@ def generate_herd(herd: HerdLM, prompt: list[int], media: torch.Tensor | None, m
 
 # ---- dialogs and chat -----------------------------------------------------------------------------------------------
 
-def herd_prompt_ids(fmt: ChatFormat, ids: SpeechTokens, text: str, *, image: bool = False, video: bool = False,
+def herd_prompt_ids(fmt: ChatFormat, ids: SpeechTokens, text: str, *, image: int = 0, video: bool = False,
                     n_speech: int = 0, system: str | None = None) -> list[int]:
-    """BOS [+ system] + ONE user turn (`<|image|>`, `<|video|>`, the speech span of n_speech placeholders, then the
+    """BOS [+ system] + ONE user turn (`image` x `<|image|>` (FusedLM.image_run), `<|video|>`, the speech span of n_speech placeholders, then the
     text; each only when given) + the assistant header: the Llama 3 dialog format of the single-media chats."""
     tok = fmt.tok
     pre, _ = fmt.encode_dialog([{"role": "system", "content": system}] if system else [], add_generation_prompt=False)
-    user = (fmt.encode_header("user") + ([tok.special_id("<|image|>")] if image else [])
+    user = (fmt.encode_header("user") + [tok.special_id("<|image|>")] * int(image)
             + ([tok.special_id("<|video|>")] if video else []) + (ids.run(n_speech) if n_speech else [])
             + (tok.encode(text.strip()) if text.strip() else []))
     return pre + user + [tok.eot_id] + fmt.encode_header("assistant")
@@ -158,7 +159,8 @@ def chat_herd(herd: HerdLM, tok: Tokenizer, text: str | None = None, *, image: s
     if text is None:
         text = default_text(image is not None, video is not None, audio is not None)
     fmt = ChatFormat(tok)
-    ids = herd_prompt_ids(fmt, herd.speech_ids, text, image=media is not None, video=kv is not None, n_speech=n,
+    ids = herd_prompt_ids(fmt, herd.speech_ids, text, image=herd.fused.image_run if media is not None else 0,
+                          video=kv is not None, n_speech=n,
                           system=system)
     out = generate_herd(herd, ids, media, max_new_tokens, video=kv, speech=feats, speech_lens=lens, greedy=greedy,
                         temperature=temperature, seed=seed, stop_ids=(tok.eot_id, tok.eom_id, tok.eos_id))
@@ -182,8 +184,8 @@ def save_herd(directory: Path, herd: HerdLM, tok: Tokenizer, meta: dict, num_fra
     va = f.video_adapter
     meta = {**meta, "kind": KIND, "lm_sha256": lm_fingerprint(herd.lm), "lm_config": f.cfg.to_dict(),
             "vision_config": herd.vision.cfg.to_dict(), "media_dim": herd.vision.cfg.out_dim,
-            "image_layers": list(f.image_adapter.layer_ids), "attend": f.attend,
-            "video": None if va is None else {"aggregator": va.cfg.to_dict(), "every": va.every,
+            "image_adapter": registry.spec_of(f.image_adapter),
+            "video": None if va is None else {"aggregator": registry.spec_of(va.aggregator), "every": va.every,
                                               "num_frames": int(num_frames or 16)},
             "encoder_config": herd.speech_encoder.cfg.to_dict(), "adapter_config": herd.speech_adapter.cfg.to_dict()}
     out = save_weights(Path(directory), {"model": herd.adapter_state_dict()}, meta)
@@ -235,11 +237,11 @@ def load_herd(ckpt: str | Path, device: str | torch.device = "cpu") -> tuple[Her
     """(HerdLM in eval mode, tokenizer, meta) from a `mm compose` run; CheckpointError when the LM folder's weights
     are no longer those the herd was composed on, or the tensors do not fit."""
     from adapters.speech import SpeechAdapterConfig
-    from adapters.temporal import AggregatorConfig
     from encoders.speech import ConformerConfig
     from encoders.vision import VisionConfig, VisionEncoder
     from mm.runs import load_lm
     from mm.stages.image_pretrain import build_fused
+    from mm.stages.video import video_spec
 
     d = model_dir(ckpt)
     meta = load_meta(d)
@@ -252,11 +254,12 @@ def load_herd(ckpt: str | Path, device: str | torch.device = "cpu") -> tuple[Her
         raise CheckpointError(f"{_lm_file(meta)}: its weights (sha256 {fp[:12]}) are not the LM this herd was "
                               f"composed on ({d / 'meta.json'}: lm_sha256 {meta['lm_sha256'][:12]})")
     tok = Tokenizer.load(d / "tokenizer.json")
-    fused = build_fused(lm, tok, meta["media_dim"], 1, meta["image_layers"], meta["attend"])
+    image = meta.get("image_adapter") or {"kind": "gated_xattn", "config": {  # a herd composed before plug-ins
+        "every": 1, "schedule": meta["image_layers"], "attend": meta["attend"], "n_xattn": None}}
+    fused = build_fused(lm, tok, meta["media_dim"], image)
     if meta.get("video"):
         v = meta["video"]
-        fused.add_video(meta["media_dim"], tok.special_id("<|video|>"), AggregatorConfig(**v["aggregator"]),
-                        v["every"])
+        fused.add_video(meta["media_dim"], tok.special_id("<|video|>"), video_spec(v["aggregator"]), v["every"])
     herd = HerdLM(fused, VisionEncoder(VisionConfig(**meta["vision_config"])),
                   ConformerEncoder(ConformerConfig(**meta["encoder_config"])),
                   SpeechAdapter(SpeechAdapterConfig(**meta["adapter_config"])), SpeechTokens.of(tok))

@@ -82,7 +82,7 @@ def count_herd(shape: HerdShape) -> dict[str, int]:
         video_ids = [image_ids[j] for j in fusion_schedule(len(image_ids), v.every)]
         agg = AggregatorConfig(factor=v.factor, width=v.width, n_latents=v.n_latents, depth=v.depth, heads=v.heads,
                                max_frames=v.max_frames)
-        video = _n(PerceiverResampler(vcfg.out_dim, agg)) + _n(CrossAttentionAdapter(lcfg, v.width, video_ids))
+        video = _n(PerceiverResampler(agg, vcfg.out_dim)) + _n(CrossAttentionAdapter(lcfg, v.width, video_ids))
         scfg = speech_shape(shape.speech.encoder)
         acfg = SpeechAdapterConfig(in_dim=scfg.dim, dim=shape.speech.adapter_dim, heads=shape.speech.adapter_heads,
                                    ffn_dim=shape.speech.adapter_ffn, out_dim=lcfg.dim)

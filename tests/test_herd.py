@@ -78,7 +78,7 @@ def world(tmp_path_factory) -> dict:
     lm, tok, _ = load_lm(root / "lm")
     torch.manual_seed(1)
     vision = VisionEncoder(VCFG)
-    fused = build_fused(lm, tok, VCFG.out_dim, 1, "from_top", "last")
+    fused = build_fused(lm, tok, VCFG.out_dim, {"kind": "gated_xattn", "every": 1})
     torch.manual_seed(2)
     fused.add_video(VCFG.out_dim, tok.special_id("<|video|>"), AGG, every=2)
     with torch.no_grad():  # adapters that do something

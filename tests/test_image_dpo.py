@@ -41,7 +41,7 @@ def test_inject_error_kinds():
 def test_reference_shares_lm_and_ema_touches_only_trainable(world):  # noqa: F811
     from mm.config import load_config
     from mm.stages.image_dpo import frozen_copy
-    from mm.stages.image_pretrain import TRAINABLE_PREFIXES, build_model, freeze_for_image
+    from mm.stages.image_pretrain import build_model, freeze_for_image
     from mm.stages.lm_post import EMAReference
 
     cfg = load_config(DPO_YAML, [o for o in _overrides(world)] + [f"init_from=null"])
@@ -60,7 +60,7 @@ def test_reference_shares_lm_and_ema_touches_only_trainable(world):  # noqa: F81
 
     t = _T()
     t.model, t.extras = model, {}
-    keys = [k for k in pol if k.startswith(TRAINABLE_PREFIXES)]
+    keys = [k for k in pol if pol[k].requires_grad]
     ema = EMAReference(ref, t, 0.5, keys)
     lm_before = {k: v.clone() for k, v in model.state_dict().items() if k in lm_names}
     with torch.no_grad():

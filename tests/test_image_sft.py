@@ -54,7 +54,7 @@ def _sft(w: dict, out: Path, *extra: str) -> dict:
 
 
 def test_image_sft_soup_hot_swap_and_reuse(sft_world, tmp_path, monkeypatch):
-    from mm.stages.image_pretrain import TRAINABLE_PREFIXES, load_fused
+    from mm.stages.image_pretrain import SAVED_PARTS, load_fused
 
     monkeypatch.chdir(REPO)
     out = tmp_path / "sft"
@@ -69,7 +69,7 @@ def test_image_sft_soup_hot_swap_and_reuse(sft_world, tmp_path, monkeypatch):
     # the soup = the mean of the two members' trainable (ViT + adapter) tensors; no LM tensors in any final file
     a, b = (load_tensors(out / "members" / str(i) / "final" / "model.safetensors") for i in (0, 1))
     soup = load_tensors(out / "final" / "model.safetensors")
-    assert soup.keys() == a.keys() == b.keys() and all(k.startswith(TRAINABLE_PREFIXES) for k in soup)
+    assert soup.keys() == a.keys() == b.keys() and all(k.startswith(SAVED_PARTS) for k in soup)
     assert not any(k.startswith(("fused.layers.", "fused.tok_embeddings", "fused.output", "fused.norm")) for k in soup)
     for k in soup:
         torch.testing.assert_close(soup[k], (a[k] + b[k]) / 2)

@@ -69,7 +69,7 @@ def make_world(root: Path, max_seq_len: int = 128) -> dict:
 def _overrides(world: dict) -> list[str]:
     r = world["root"]
     return [f"lm={world['lm']}", f"vision={world['clip']}", f"data.shards={r}/train-*.tar",
-            f"data.val_shards={r}/val-*.tar", f"steps={2 * N}", "every=2", "seq_len=48", "train.batch_size=4",
+            f"data.val_shards={r}/val-*.tar", f"steps={2 * N}", "adapter.every=2", "seq_len=48", "train.batch_size=4",
             "train.warmup_steps=1", "train.threads=0", "train.log_every=1", "train.progress=false",
             f"train.ckpt_every={N}", "train.lr=1e-2"]
 

@@ -186,7 +186,7 @@ def test_image_pretrain_runs_on_an_imported_lm(imported, tmp_path):
     world = make_world(tmp_path)
     rc, res, err = _mm("run", YAML, "--out", tmp_path / "img", f"lm={imported['run']}", f"vision={world['clip']}",
                        f"data.shards={tmp_path}/train-*.tar", f"data.val_shards={tmp_path}/val-*.tar", "steps=3",
-                       "every=1", "seq_len=48", "train.batch_size=4", "train.warmup_steps=1", "train.progress=false",
+                       "adapter.every=1", "seq_len=48", "train.batch_size=4", "train.warmup_steps=1", "train.progress=false",
                        "train.lr=1e-2", "data.eval_samples=4")
     assert rc == 0, err
     from mm.stages.image_pretrain import load_fused

@@ -25,7 +25,7 @@ from mm.runner import run_config
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = ["train.warmup_steps=1", "train.log_every=1", "train.progress=false", "train.threads=2", "train.lr=1e-2"]
 # image batch 16 x 65 tokens x width 32 = 33280 elements per tile-table gather: past torch's parallel GRAIN_SIZE
-IMAGE = ["every=2", "seq_len=48", "caption_prob=0.2", "steps=3", "train.batch_size=16", "train.ckpt_every=3"]
+IMAGE = ["adapter.every=2", "seq_len=48", "caption_prob=0.2", "steps=3", "train.batch_size=16", "train.ckpt_every=3"]
 
 
 @pytest.fixture(scope="module")

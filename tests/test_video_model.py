@@ -46,8 +46,8 @@ def text(b: int, t: int, seed: int = 2) -> torch.Tensor:
 
 def test_aggregator_merges_consecutive_frames_with_positions(one_thread):
     torch.manual_seed(0)
-    agg = PerceiverResampler(DM, AggregatorConfig(factor=32, width=16, n_latents=2, depth=2, heads=2,
-                                                  max_frames=64, max_tokens=N)).eval()
+    agg = PerceiverResampler(AggregatorConfig(factor=32, width=16, n_latents=2, depth=2, heads=2,
+                                                  max_frames=64, max_tokens=N), DM).eval()
     x = feats(2, 64, N, DM)
     with torch.no_grad():
         out = agg(x)
@@ -70,8 +70,8 @@ def test_aggregator_merges_consecutive_frames_with_positions(one_thread):
 
 def test_spatial_layers_mix_an_effective_frames_tokens_only(one_thread):
     torch.manual_seed(0)
-    agg = PerceiverResampler(DM, AggregatorConfig(factor=4, width=16, n_latents=1, depth=1, heads=2, max_frames=8,
-                                                  max_tokens=N, spatial_depth=1)).eval()
+    agg = PerceiverResampler(AggregatorConfig(factor=4, width=16, n_latents=1, depth=1, heads=2, max_frames=8,
+                                                  max_tokens=N, spatial_depth=1), DM).eval()
     x = feats(2, 8, N, DM)
     with torch.no_grad():
         out = agg(x)
@@ -81,14 +81,14 @@ def test_spatial_layers_mix_an_effective_frames_tokens_only(one_thread):
         changed = (agg(y) - out).abs().amax(dim=3)  # (B, E, N)
     assert changed[0, 1].min() > 0  # every token of that effective frame sees it (spatial self-attention)
     assert changed[0, 0].max() == 0 and changed[1].max() == 0  # not the other window, not the other video
-    assert len(agg.spatial) == 1 and len(PerceiverResampler(DM, AGG).spatial) == 0  # default: no spatial layers
+    assert len(agg.spatial) == 1 and len(PerceiverResampler(AGG, DM).spatial) == 0  # default: no spatial layers
 
 
 def test_summary_tokens_follow_each_effective_frame_and_pool(one_thread):
     torch.manual_seed(0)
     cfg = AggregatorConfig(factor=4, width=16, n_latents=1, depth=1, heads=2, max_frames=8, max_tokens=N,
                            spatial_depth=1, summary_tokens=2)
-    agg = PerceiverResampler(DM, cfg).eval()
+    agg = PerceiverResampler(cfg, DM).eval()
     x = feats(2, 8, N, DM)
     with torch.no_grad():
         out = agg(x)
@@ -99,16 +99,16 @@ def test_summary_tokens_follow_each_effective_frame_and_pool(one_thread):
         assert changed[0, 1, N:].min() > 0 and changed[0, 0].max() == 0 and changed[1].max() == 0
         flat = out.reshape(2, 1, -1, 16)  # as VideoAdapter.media returns it: (B, M, E*(N+2), W)
         torch.testing.assert_close(agg.pooled(flat, 8), out[:, :, N:].mean(dim=(1, 2))[:, None])
-        plain = PerceiverResampler(DM, AGG)
+        plain = PerceiverResampler(AGG, DM)
         torch.testing.assert_close(plain.pooled(flat, 8), flat.mean(dim=2))  # no summary tokens: all tokens
     with pytest.raises(ValueError, match="summary_tokens 2 need spatial_depth"):
-        PerceiverResampler(DM, AggregatorConfig(factor=4, width=16, max_frames=8, max_tokens=N, summary_tokens=2))
+        PerceiverResampler(AggregatorConfig(factor=4, width=16, max_frames=8, max_tokens=N, summary_tokens=2), DM)
 
 
 def test_sincos_positions_are_geometric_and_keep_cls_and_shapes():
     torch.manual_seed(0)
     cfg = AggregatorConfig(factor=4, width=16, depth=1, heads=2, max_frames=8, max_tokens=2 * 10, positions="sincos")
-    agg = PerceiverResampler(DM, cfg)  # 2 tiles of [CLS, 3 x 3 patches]
+    agg = PerceiverResampler(cfg, DM)  # 2 tiles of [CLS, 3 x 3 patches]
     te, fe = agg.token_embed.detach(), agg.frame_embed.detach()
     cos = torch.nn.functional.cosine_similarity
     # patch (0,0) is closer to its right neighbour than to the far end of its row; both tiles share the grid
@@ -118,21 +118,21 @@ def test_sincos_positions_are_geometric_and_keep_cls_and_shapes():
     assert cos(fe[0], fe[1], dim=0) > cos(fe[0], fe[3], dim=0) > cos(fe[0], fe[7], dim=0)  # later = farther
     assert abs(float(fe.pow(2).mean().sqrt()) - 1) < 0.05  # the same scale as the N(0, 1) tables
     torch.manual_seed(0)
-    plain = PerceiverResampler(DM, AggregatorConfig(**{**cfg.to_dict(), "positions": "normal"}))
+    plain = PerceiverResampler(AggregatorConfig(**{**cfg.to_dict(), "positions": "normal"}), DM)
     assert cos(plain.frame_embed[0], plain.frame_embed[1], dim=0) < 0.5  # random tables carry no order
     assert agg(feats(2, 8, 20, DM)).shape == (2, 2, 20, 16)
     with pytest.raises(ValueError, match="not tiles of"):
-        PerceiverResampler(DM, AggregatorConfig(**{**cfg.to_dict(), "max_tokens": 7}))
+        PerceiverResampler(AggregatorConfig(**{**cfg.to_dict(), "max_tokens": 7}), DM)
     with pytest.raises(ValueError, match="positions must be"):
-        PerceiverResampler(DM, AggregatorConfig(**{**cfg.to_dict(), "positions": "rope"}))
+        PerceiverResampler(AggregatorConfig(**{**cfg.to_dict(), "positions": "rope"}), DM)
 
 
 def test_output_positions_start_at_zero_and_let_a_set_read_see_time_order():
     cfg = AggregatorConfig(factor=4, width=16, depth=1, heads=2, max_frames=8, max_tokens=N, spatial_depth=1)
     torch.manual_seed(0)
-    plain = PerceiverResampler(DM, cfg).eval()
+    plain = PerceiverResampler(cfg, DM).eval()
     torch.manual_seed(0)
-    agg = PerceiverResampler(DM, AggregatorConfig(**{**cfg.to_dict(), "out_positions": True})).eval()
+    agg = PerceiverResampler(AggregatorConfig(**{**cfg.to_dict(), "out_positions": True}), DM).eval()
     x = feats(1, 8, N, DM)
     swapped = torch.cat([x[:, 4:], x[:, :4]], dim=1)  # the two windows' frames in the other order
     q = torch.randn(16)

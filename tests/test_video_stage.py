@@ -70,7 +70,7 @@ def world(tmp_path_factory) -> dict:
     from mm.runs import load_lm
 
     lm, tok, _ = load_lm(root / "lm")
-    fused = build_fused(lm, tok, VCFG.out_dim, 2, "from_top", "last")
+    fused = build_fused(lm, tok, VCFG.out_dim, {"kind": "gated_xattn", "every": 2})
     with torch.no_grad():
         for blk in fused.image_adapter.blocks.values():
             blk.gate_attn.fill_(0.5)  # an image adapter that does something

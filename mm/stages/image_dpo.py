@@ -28,7 +28,7 @@ from llm.reward import dpo_loss
 from llm.tokenizer import ChatFormat, Tokenizer
 from mm.config import ImageDPOConfig
 from mm.stages import image_pretrain
-from mm.stages.image_pretrain import (TRAINABLE_PREFIXES, ImageFeed, ImageModel, ImageObjective, collate_dialogs,
+from mm.stages.image_pretrain import (ImageFeed, ImageModel, ImageObjective, collate_dialogs,
                                       encode_vqa, images_to_pixels, pick_question)
 from mm.stages.lm_post import EMAReference, special_ids
 from mm.train import StepOutput, Trainer
@@ -74,8 +74,8 @@ class PairFeed(ImageFeed):
     on answer tokens, formatting ids ignored), pixels for the B images once; n = number of pairs."""
 
     def __init__(self, loader: Loader, tok: Tokenizer, cfg: ImageDPOConfig, vcfg: VisionConfig,
-                 device: torch.device):
-        super().__init__(loader, tok, cfg, vcfg, device)
+                 device: torch.device, image_run: int = 1):
+        super().__init__(loader, tok, cfg, vcfg, device, image_run)
         self.fmt_ids = torch.tensor(sorted(special_ids(tok)))
 
     def make(self, b: int, batch: dict) -> dict:
@@ -89,8 +89,8 @@ class PairFeed(ImageFeed):
             if pair is None:
                 continue
             q, c, r, kind = pair
-            chosen.append(encode_vqa(self.fmt, q, c))
-            rejected.append(encode_vqa(self.fmt, q, r))
+            chosen.append(encode_vqa(self.fmt, q, c, self.image_run))
+            rejected.append(encode_vqa(self.fmt, q, r, self.image_run))
             keep.append(j)
             kinds.append(kind)
         mb = collate_dialogs(chosen + rejected, self.pad_id, self.cfg.seq_len)
@@ -123,9 +123,9 @@ class DPOObjective(ImageObjective):
         self.init: ImageModel | None = None
         self.ema: EMAReference | None = None
 
-    def feed(self, loader, tok, vcfg, device) -> StepFeed:
+    def feed(self, loader, tok, vcfg, device, image_run: int = 1) -> StepFeed:
         self.tok = tok
-        return PairFeed(loader, tok, self.cfg, vcfg, device)
+        return PairFeed(loader, tok, self.cfg, vcfg, device, image_run)
 
     def attach(self, model: ImageModel, trainer: Trainer) -> None:
         if self.cfg.reference not in ("ema", "frozen"):
@@ -133,7 +133,7 @@ class DPOObjective(ImageObjective):
         self.ref = frozen_copy(model)
         self.init = frozen_copy(model)
         if self.cfg.reference == "ema":
-            keys = [k for k, _ in model.named_parameters() if k.startswith(TRAINABLE_PREFIXES)]
+            keys = [k for k, p in model.named_parameters() if p.requires_grad]  # freeze_for_image ran before
             self.ema = EMAReference(self.ref, trainer, self.cfg.ema_decay, keys)
 
     def resumed(self) -> None:

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from adapters import registry
 from data.loader import Loader, StepFeed
 from data.token_stream import IGNORE
 from encoders.vision import VisionConfig, VisionEncoder, normalize_pixels, tile_batch
@@ -34,7 +35,7 @@ from mm.fused import FusedLM
 from mm.runs import load_lm, model_dir
 from mm.train import StepOutput, Trainer, fit_stage, loss_ends, warmup_cosine
 
-TRAINABLE_PREFIXES = ("vision.", "fused.image_adapter.", "fused.new_tokens.")  # DESIGN.md invariant 4
+SAVED_PARTS = ("vision.", "fused.image_adapter.", "fused.new_tokens.")  # where an image run's tensors live (no LM)
 DESCRIBE = "Describe the image."
 TILE_KEYS = ("pre_tile_embed", "tile_pos_embed", "post_tile_embed")
 
@@ -58,11 +59,12 @@ def pick_question(meta: dict, caption: str, rng: random.Random, caption_prob: fl
     return qa_prompt(qa), str(qa["answers"][0])
 
 
-def encode_vqa(fmt: ChatFormat, question: str, answer: str | None, image: bool = True) -> tuple[list[int], list[bool]]:
-    """BOS + user turn (`<|image|>` + question) + assistant turn; answer None ends with the assistant header (a
-    generation prompt). mask: True on assistant content and its <|eot_id|>."""
+def encode_vqa(fmt: ChatFormat, question: str, answer: str | None, image: int = 1) -> tuple[list[int], list[bool]]:
+    """BOS + user turn (`image` x `<|image|>` + question: 1 marker for cross-attention designs, FusedLM.image_run
+    placeholders for embedding designs, 0 / False for none) + assistant turn; answer None ends with the assistant
+    header (a generation prompt). mask: True on assistant content and its <|eot_id|>."""
     tok = fmt.tok
-    user = fmt.encode_header("user") + ([tok.special_id("<|image|>")] if image else []) + tok.encode(question.strip())
+    user = fmt.encode_header("user") + [tok.special_id("<|image|>")] * int(image) + tok.encode(question.strip())
     ids = [tok.bos_id] + user + [tok.eot_id] + fmt.encode_header("assistant")
     mask = [False] * len(ids)
     if answer is not None:
@@ -128,17 +130,27 @@ def load_vision(run: str | Path, max_tiles: int | None = None, prefix: str = "vi
     return enc
 
 
-def build_fused(lm, tok: Tokenizer, media_dim: int, every: int, schedule: str, attend: str) -> FusedLM:
-    """FusedLM over the LM with `<|image|>` as the media token."""
-    return FusedLM(lm, media_dim, tok.special_id("<|image|>"), every=every, schedule=schedule, attend=attend)
+def build_fused(lm, tok: Tokenizer, media_dim: int, adapter: dict | None) -> FusedLM:
+    """FusedLM over the LM with `<|image|>` as the media token and the image design `adapter` (a YAML spec or a
+    saved {kind, config}; None: the default)."""
+    return FusedLM(lm, media_dim, tok.special_id("<|image|>"), adapter=adapter or {})
+
+
+def image_spec(meta: dict) -> dict:
+    """The image design of a saved image run: meta "image_adapter", or for a run written before designs were
+    plug-ins its gated cross-attention fields (every / schedule / attend)."""
+    if "image_adapter" in meta:
+        return meta["image_adapter"]
+    return {"kind": "gated_xattn", "config": {"every": meta.get("every", 4), "schedule": meta.get("schedule", "from_top"),
+                                              "attend": meta.get("attend", "last"), "n_xattn": None}}
 
 
 def freeze_for_image(model: ImageModel) -> dict[str, int]:
-    """requires_grad only on TRAINABLE_PREFIXES (LM frozen); returns {"trainable": n, "frozen": n} counts."""
+    """requires_grad on everything but the LM (encoder, image design, new token rows); {"trainable", "frozen"}."""
     counts = {"trainable": 0, "frozen": 0}
     lm_names = {f"fused.{n}" for n in model.fused._lm_names()}
     for name, p in model.named_parameters():
-        p.requires_grad_(name.startswith(TRAINABLE_PREFIXES) and name not in lm_names)
+        p.requires_grad_(name not in lm_names)
         counts["trainable" if p.requires_grad else "frozen"] += p.numel()
     return counts
 
@@ -149,9 +161,13 @@ def build_model(cfg: ImageStageConfig) -> tuple[ImageModel, Tokenizer, Path]:
     lm, tok, _ = load_lm(cfg.lm)
     vision = load_vision(cfg.init_from or cfg.vision, cfg.max_tiles)
     torch.manual_seed(cfg.seed)
-    fused = build_fused(lm, tok, vision.cfg.out_dim, cfg.every, cfg.schedule, cfg.attend)
     if cfg.init_from:
         d = model_dir(cfg.init_from)
+        saved = image_spec(load_meta(d))
+        if cfg.adapter and registry.parse("image", cfg.adapter) != registry.parse("image", saved):
+            raise ValueError(f"{d}: its image adapter {saved} differs from the config's adapter {cfg.adapter}")
+    fused = build_fused(lm, tok, vision.cfg.out_dim, image_spec(load_meta(d)) if cfg.init_from else cfg.adapter)
+    if cfg.init_from:
         sd = {k[len("fused."):]: v for k, v in load_tensors(d / "model.safetensors").items() if k.startswith("fused.")}
         missing = set(fused.adapter_state_dict()) - set(sd)
         if missing:
@@ -187,7 +203,7 @@ def save_image_model(directory: Path, model: ImageModel, tok: Tokenizer, meta: d
     state.update({f"fused.{k}": v for k, v in model.fused.adapter_state_dict().items()})
     f = model.fused
     meta = {**meta, "kind": "image", "vision_config": model.vision.cfg.to_dict(), "media_dim": model.vision.cfg.out_dim,
-            "every": meta.get("every", 4), "lm_config": f.cfg.to_dict()}
+            "image_adapter": registry.spec_of(f.image_adapter), "lm_config": f.cfg.to_dict()}
     out = save_weights(Path(directory), {"model": state}, meta)
     tok.save(out / "tokenizer.json")
     return out
@@ -201,8 +217,7 @@ def load_fused(ckpt: str | Path, device: str | torch.device = "cpu") -> tuple[Fu
         raise CheckpointError(f"{d / 'meta.json'}: not an image-stage model (kind={meta.get('kind')!r})")
     lm, tok, _ = load_lm(meta["lm"], device)
     vision = load_vision(d)
-    fused = build_fused(lm, tok, meta["media_dim"], meta["every"], meta.get("schedule", "from_top"),
-                        meta.get("attend", "last"))
+    fused = build_fused(lm, tok, meta["media_dim"], image_spec(meta))
     sd = {k[len("fused."):]: v for k, v in load_tensors(d / "model.safetensors").items() if k.startswith("fused.")}
     fused.load_state_dict(sd, strict=False)
     return fused.to(device).eval(), vision.to(device).eval(), tok
@@ -214,9 +229,10 @@ class ImageFeed(StepFeed):
     """Micro-batches for step s = loader batches [s*accum, (s+1)*accum) turned into VQA dialogs (see module doc)."""
 
     def __init__(self, loader: Loader, tok: Tokenizer, cfg: ImageStageConfig, vcfg: VisionConfig,
-                 device: torch.device):
+                 device: torch.device, image_run: int = 1):
         super().__init__(loader, cfg.train.grad_accum)
         self.fmt, self.cfg, self.vcfg, self.device, self.pad_id = ChatFormat(tok), cfg, vcfg, device, tok.pad_id
+        self.image_run = image_run  # `<|image|>` tokens per image (FusedLM.image_run)
 
     def make(self, b: int, batch: dict) -> dict:
         """One micro-batch: {tokens (B, T), labels (B, T), pixels (B, n_tiles, 3, t, t), aspect (B,), n}."""
@@ -224,7 +240,7 @@ class ImageFeed(StepFeed):
         for j, (meta, cap) in enumerate(zip(batch["meta"], batch["caption"])):
             rng = random.Random(f"{self.cfg.seed}:{b}:{j}")
             q, a = pick_question(meta, cap, rng, self.cfg.caption_prob)
-            dialogs.append(encode_vqa(self.fmt, q, a))
+            dialogs.append(encode_vqa(self.fmt, q, a, self.image_run))
         mb = collate_dialogs(dialogs, self.pad_id, self.cfg.seq_len)
         px, aspect = images_to_pixels(batch["image"], self.vcfg.image_size, self.vcfg.max_tiles)
         mb.update(pixels=px, aspect=aspect)
@@ -249,8 +265,9 @@ class ImageObjective:
     def __init__(self, cfg: ImageStageConfig):
         self.cfg = cfg
 
-    def feed(self, loader: Loader, tok: Tokenizer, vcfg: VisionConfig, device: torch.device) -> StepFeed:
-        return ImageFeed(loader, tok, self.cfg, vcfg, device)
+    def feed(self, loader: Loader, tok: Tokenizer, vcfg: VisionConfig, device: torch.device,
+             image_run: int = 1) -> StepFeed:
+        return ImageFeed(loader, tok, self.cfg, vcfg, device, image_run)
 
     def loss(self, m, mb: dict) -> StepOutput:
         return image_loss(m, mb)
@@ -277,7 +294,10 @@ def fit_adapter_stage(trainer: Trainer, feed, cfg, loader, counts: dict, on_step
     records, train_s, stopped = fit_stage(trainer, feed, cfg.steps, base, on_step=on_step)
     if stopped:
         return stopped, True
-    return {**base(), **{f"params_{k}": n for k, n in counts.items()}, "train_s": train_s, **loss_ends(records)}, False
+    per_rank = cfg.train.batch_size * cfg.train.grad_accum // max(trainer.info.world, 1)  # samples per rank and step
+    flops = trainer.step_flops / per_rank if trainer.step_flops and per_rank else None
+    return {**base(), **{f"params_{k}": n for k, n in counts.items()}, "train_s": train_s,
+            "train_flops_per_sample": flops, **loss_ends(records)}, False
 
 
 def run(cfg: ImageStageConfig, run_dir: Path, resume: bool = False, objective: ImageObjective | None = None) -> dict:
@@ -301,7 +321,7 @@ def run(cfg: ImageStageConfig, run_dir: Path, resume: bool = False, objective: I
     loader = Loader(cfg.data.shards, "image", t.batch_size // info.world, num_workers=cfg.data.num_workers,
                     seed=cfg.seed, rank=info.rank, world=info.world, image_size=cfg.data.image_size or vcfg.image_size)
     objective = objective or ImageObjective(cfg)
-    feed = objective.feed(loader, tok, vcfg, info.device)
+    feed = objective.feed(loader, tok, vcfg, info.device, model.fused.image_run)
     trainer = Trainer(net, t, run_dir, loss_fn=objective.loss, info=info, desc=cfg.stage,
                       lr_at=lambda s: warmup_cosine(s, t.lr, t.warmup_steps, cfg.steps, t.min_lr_ratio))
     trainer.meta = {"loader": loader.state_dict()}
@@ -313,16 +333,17 @@ def run(cfg: ImageStageConfig, run_dir: Path, resume: bool = False, objective: I
     def on_step(step: int, out: dict) -> None:
         trainer.meta["loader"] = loader.state_dict()
         objective.on_step(step)
-        if step % t.log_every == 0 or step == cfg.steps:  # gate values over training (report plots)
-            out.update(unwrap(net).fused.image_adapter.gate_values("gate_image"))
+        gates = getattr(unwrap(net).fused.image_adapter, "gate_values", None)  # xattn designs have gates
+        if gates is not None and (step % t.log_every == 0 or step == cfg.steps):  # over training (report plots)
+            out.update(gates("gate_image"))
 
     result, stopped = fit_adapter_stage(trainer, feed, cfg, loader, counts, on_step)
     if stopped:
         return result
     if info.is_main:
         result.update(objective.finish(unwrap(net)))
-        meta = {"stage": cfg.stage, "step": cfg.steps, "lm": str(lm_path), "every": cfg.every,
-                "schedule": cfg.schedule, "attend": cfg.attend, "init_from": cfg.init_from, "vision": str(cfg.vision)}
+        meta = {"stage": cfg.stage, "step": cfg.steps, "lm": str(lm_path), "init_from": cfg.init_from,
+                "vision": str(cfg.vision)}
         save_image_model(run_dir / "final", unwrap(net), tok, meta)
         result["total_s"] = round(time.perf_counter() - t0, 1)
     return result

@@ -26,7 +26,7 @@ from mm.checkpoint import CheckpointError, file_sha256, load_meta, load_tensors,
 from mm.config import ImageSFTConfig, SweepMember
 from mm.runs import model_dir
 from mm.stages import image_pretrain
-from mm.stages.image_pretrain import TRAINABLE_PREFIXES, load_fused
+from mm.stages.image_pretrain import SAVED_PARTS, load_fused
 
 # what must match for a member to be reused: settings, and the weights behind the paths (a retrained LM at the same
 # path must not reuse members trained over the old one)
@@ -92,7 +92,7 @@ def make_soup(members: list[Path], out: Path, meta: dict) -> Path:
     dirs = [model_dir(d) for d in members]
     states = [load_tensors(d / "model.safetensors") for d in dirs]
     for d, sd in zip(dirs, states):
-        bad = [k for k in sd if not k.startswith(TRAINABLE_PREFIXES)]
+        bad = [k for k in sd if not k.startswith(SAVED_PARTS)]
         if bad:
             raise CheckpointError(f"{d}: {bad[0]!r} is not a ViT / image-adapter tensor; refusing to average it")
     avg = average_states(states, names=[str(d) for d in dirs])

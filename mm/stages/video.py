@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from adapters.temporal import AggregatorConfig
+from adapters import registry
 from data.loader import Loader
 from data.qa_format import gold_letter, mc_prompt, short_prompt
 from data.token_stream import IGNORE
@@ -37,8 +37,8 @@ from mm.config import VideoStageConfig
 from mm.distributed import init_distributed, unwrap, wrap_model
 from mm.fused import FusedLM
 from mm.runs import model_dir
-from mm.stages.image_pretrain import (ImageFeed, collate_dialogs, encode_vqa, fit_adapter_stage, hot_swap_lm,
-                                      images_to_pixels, lm_dir, load_fused, save_image_model)
+from mm.stages.image_pretrain import (SAVED_PARTS, ImageFeed, collate_dialogs, encode_vqa, fit_adapter_stage,
+                                      hot_swap_lm, image_spec, images_to_pixels, lm_dir, load_fused, save_image_model)
 from mm.train import StepOutput, Trainer, warmup_cosine
 
 BOW_SOURCES = ("aggregate", "read")  # what the optional bag-of-words head reads (VideoStageConfig.bow_source)
@@ -94,7 +94,7 @@ class VideoModel(nn.Module):
         if bow_source not in BOW_SOURCES:
             raise ValueError(f"bow_source must be one of {BOW_SOURCES}, got {bow_source!r}")
         self.vision, self.fused, self.bow_source = vision, fused, bow_source
-        width = fused.video_adapter.cfg.width if bow_source == "aggregate" else fused.lm.cfg.dim
+        width = fused.video_adapter.aggregator.width if bow_source == "aggregate" else fused.lm.cfg.dim
         self.bow_head = nn.Linear(width, bow_vocab) if bow_vocab else None
 
     def forward(self, tokens, pixels, aspect, labels=None, bow=None):
@@ -143,12 +143,21 @@ def frame_features(vision: VisionEncoder, pixels: torch.Tensor, aspect: torch.Te
     return feats.view(B, 1, Fr, *feats.shape[1:])
 
 
-def aggregator_config(cfg: VideoStageConfig, vcfg: VisionConfig) -> AggregatorConfig:
-    """The stage's aggregator shape with its aggregation factor; max_tokens defaults to the encoder's tokens per
-    frame (all tiles)."""
-    shape = dataclasses.asdict(cfg.aggregator)
-    shape["max_tokens"] = shape["max_tokens"] or vcfg.tokens_per_tile * vcfg.max_tiles
-    return AggregatorConfig(factor=cfg.factor, **shape)
+def aggregator_config(cfg: VideoStageConfig, vcfg: VisionConfig) -> dict:
+    """The stage's video design spec with its aggregation factor and, for designs with a position table, max_tokens
+    defaulting to the encoder's tokens per frame (all tiles)."""
+    spec = dict(cfg.aggregator)
+    fields = {f.name for f in dataclasses.fields(registry.design_class("video", spec.get("kind") or
+                                                                       registry.DEFAULT["video"]).Config)}
+    if "max_tokens" in fields:
+        spec["max_tokens"] = spec.get("max_tokens") or vcfg.tokens_per_tile * vcfg.max_tiles
+    return {**spec, "factor": cfg.factor}
+
+
+def video_spec(saved: dict) -> dict:
+    """A video run's saved aggregator ({kind, config}; a run written before designs were plug-ins saved the
+    perceiver's config alone)."""
+    return saved if set(saved) == {"kind", "config"} else {"kind": "perceiver", "config": saved}
 
 
 def load_video(ckpt: str | Path, device: str | torch.device = "cpu", factor: int | None = None,
@@ -162,10 +171,12 @@ def load_video(ckpt: str | Path, device: str | torch.device = "cpu", factor: int
         raise CheckpointError(f"{d / 'meta.json'}: not a video-stage model (no 'video' entry)")
     fused, vision, tok = load_fused(d, device)
     v = dict(meta["video"])
-    grow = out_positions and not v["aggregator"].get("out_positions", False)
-    acfg = AggregatorConfig(**{**v["aggregator"], **({"factor": factor} if factor else {}),
-                               **({"out_positions": True} if grow else {})})
-    fused.add_video(meta["media_dim"], tok.special_id("<|video|>"), acfg, v["every"])
+    spec = video_spec(v["aggregator"])
+    conf = spec["config"]
+    grow = out_positions and "out_positions" in conf and not conf["out_positions"]
+    spec = {"kind": spec["kind"], "config": {**conf, **({"factor": factor} if factor else {}),
+                                             **({"out_positions": True} if grow else {})}}
+    fused.add_video(meta["media_dim"], tok.special_id("<|video|>"), spec, v["every"])
     prefix = "fused.video_adapter."
     sd = {k[len(prefix):]: t for k, t in load_tensors(d / "model.safetensors").items() if k.startswith(prefix)}
     if grow:  # the new tables as initialised: zero
@@ -191,7 +202,7 @@ def load_image_part(model: VideoModel, ckpt: str | Path) -> None:
     image_sft soup); shapes must match."""
     d = model_dir(ckpt)
     sd = load_tensors(d / "model.safetensors")
-    want = {k for k in model.state_dict() if k.startswith(("vision.", "fused.image_adapter.", "fused.new_tokens."))}
+    want = {k for k in model.state_dict() if k.startswith(SAVED_PARTS)}
     missing = sorted(want - set(sd))
     if missing:
         raise CheckpointError(f"{d}: no {missing[0]!r}: not an image run of this model's shape")
@@ -210,9 +221,10 @@ def build_model(cfg: VideoStageConfig) -> tuple[VideoModel, Tokenizer, Path, dic
         fused.add_video(vision.cfg.out_dim, tok.special_id("<|video|>"), aggregator_config(cfg, vision.cfg),
                         cfg.video_every, cfg.xattn_init_std)
     else:
-        fused, vision, tok = load_video(d, factor=cfg.factor, out_positions=cfg.aggregator.out_positions)
+        fused, vision, tok = load_video(d, factor=cfg.factor, out_positions=cfg.aggregator.get("out_positions", False))
         va, want = fused.video_adapter, aggregator_config(cfg, vision.cfg)
-        if va.every != cfg.video_every or va.cfg != want:
+        if va.every != cfg.video_every or registry.parse("video", registry.spec_of(va.aggregator)) != \
+                registry.parse("video", want):
             raise ValueError(f"{d}: its video adapter (every {va.every}, {va.cfg}) differs from the config's "
                              f"(video_every {cfg.video_every}, {want})")
     lm_path = Path(meta["lm"])
@@ -304,8 +316,8 @@ def run(cfg: VideoStageConfig, run_dir: Path, resume: bool = False) -> dict:
         return result
     if info.is_main:
         m = unwrap(net)
-        keep = {k: base_meta.get(k) for k in ("every", "schedule", "attend")}
-        video = {"aggregator": m.fused.video_adapter.cfg.to_dict(), "every": cfg.video_every,
+        keep = {"image_adapter": image_spec(base_meta)}
+        video = {"aggregator": registry.spec_of(m.fused.video_adapter.aggregator), "every": cfg.video_every,
                  "num_frames": cfg.num_frames}
         meta = {**keep, "stage": cfg.stage, "step": cfg.steps, "lm": str(lm_path), "init_from": cfg.init_from,
                 "image_from": cfg.image_from, "vision": base_meta.get("vision"), "video": video}
