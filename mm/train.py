@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
 from mm.checkpoint import (CheckpointError, list_checkpoints, load_meta, load_state, load_tensors, prune, save_weights,
@@ -155,8 +154,6 @@ class Trainer:
         self.stopped_at: int | None = None  # set by fit() when train.stop_after ended it before total_steps
         self._flag: dict | None = None  # preemption_flag() while fit() runs
         self._stop_requested = False  # a rank got SIGTERM / SIGINT: checkpoint after this step and stop
-        # forward + backward FLOPs of the first step this process runs (torch's FlopCounterMode; single process only)
-        self.step_flops: float | None = None
 
     # -- checkpoints -------------------------------------------------------------------------------------------
     def save(self) -> Path | None:
@@ -221,20 +218,15 @@ class Trainer:
         self.model.train()
         loss_sum, tokens, extra = torch.zeros((), dtype=torch.float64, device=self.info.device), 0, {}
         n = len(micro_batches)
-        counter = FlopCounterMode(display=False) if self.step_flops is None and not self.info.enabled else None
-        with counter or contextlib.nullcontext():
-            for i, mb in enumerate(micro_batches):
-                with self._sync_context(i == n - 1), torch.autocast(self.info.device.type,
-                                                                     dtype=self.amp or torch.float32,
-                                                                     enabled=self.amp is not None):
-                    out = self.loss_fn(self.model, mb)
-                (out.loss * out.tokens).backward()  # a sum over this micro-batch's tokens; normalised below
-                loss_sum += out.loss.detach().double() * out.tokens  # stays on the device: no sync per micro-batch
-                tokens += out.tokens
-                for k, v in out.extra.items():
-                    extra[k] = extra.get(k, 0.0) + float(v) / n
-        if counter is not None:
-            self.step_flops = float(counter.get_total_flops())
+        for i, mb in enumerate(micro_batches):
+            with self._sync_context(i == n - 1), torch.autocast(self.info.device.type, dtype=self.amp or torch.float32,
+                                                                 enabled=self.amp is not None):
+                out = self.loss_fn(self.model, mb)
+            (out.loss * out.tokens).backward()  # a sum over this micro-batch's tokens; normalised below
+            loss_sum += out.loss.detach().double() * out.tokens  # stays on the device: no sync per micro-batch
+            tokens += out.tokens
+            for k, v in out.extra.items():
+                extra[k] = extra.get(k, 0.0) + float(v) / n
         signalled = float(self._flag is not None and self._flag["signal"] is not None)
         totals = torch.cat([loss_sum[None], torch.tensor([float(tokens), signalled], dtype=torch.float64,
                                                          device=loss_sum.device)])  # (3,): loss sum, tokens, signal

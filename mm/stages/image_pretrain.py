@@ -294,10 +294,7 @@ def fit_adapter_stage(trainer: Trainer, feed, cfg, loader, counts: dict, on_step
     records, train_s, stopped = fit_stage(trainer, feed, cfg.steps, base, on_step=on_step)
     if stopped:
         return stopped, True
-    per_rank = cfg.train.batch_size * cfg.train.grad_accum // max(trainer.info.world, 1)  # samples per rank and step
-    flops = trainer.step_flops / per_rank if trainer.step_flops and per_rank else None
-    return {**base(), **{f"params_{k}": n for k, n in counts.items()}, "train_s": train_s,
-            "train_flops_per_sample": flops, **loss_ends(records)}, False
+    return {**base(), **{f"params_{k}": n for k, n in counts.items()}, "train_s": train_s, **loss_ends(records)}, False
 
 
 def run(cfg: ImageStageConfig, run_dir: Path, resume: bool = False, objective: ImageObjective | None = None) -> dict:
