@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -481,6 +481,33 @@ class PipelineConfig:
     steps: list[PipelineStep] = field(default_factory=list)
 
 
+@dataclass
+class AblationArm:
+    """One arm of an ablation: a name and the overrides that make it (e.g. its adapter design block)."""
+
+    name: str = MISSING
+    overrides: list[str] = field(default_factory=list)
+
+
+@dataclass
+class AblationConfig:
+    """Stage `ablation` (mm.ablation): every arm trains `config` with the shared `overrides` plus its own (same seed,
+    data order and step budget), all arms are scored on the same held-out items (`eval_shards`, `eval_items`; 0: all)
+    with the modality's controls, and compared with the `default` arm (the first when empty) by paired bootstrap."""
+
+    stage: str = "ablation"
+    modality: Literal["image", "video", "speech"] = "image"
+    config: str = MISSING
+    overrides: list[str] = field(default_factory=list)  # {run}: the ablation's run directory
+    arms: list[AblationArm] = field(default_factory=list)
+    default: str = ""
+    eval_shards: str = MISSING
+    eval_items: int = 0
+    max_new_tokens: int = 8
+    n_boot: int = 2000
+    seed: int = 0
+
+
 STAGE_CONFIGS: dict[str, type] = {
     "lm_pretrain": LMPretrainConfig,
     "lm_sft": PostTrainConfig,
@@ -499,6 +526,7 @@ STAGE_CONFIGS: dict[str, type] = {
     "pipeline": PipelineConfig,
     "herd_report": HerdReportConfig,
     "compose": ComposeConfig,
+    "ablation": AblationConfig,
 }
 
 

@@ -76,17 +76,19 @@ def answer(fused: FusedLM, fmt: ChatFormat, question: str, media: torch.Tensor |
 
 @torch.no_grad()
 def vqa_eval(fused: FusedLM, vision, tok, samples: list[dict], max_items: int = 0, max_new_tokens: int = 8,
-             blind: bool = True, device: str | torch.device = "cpu") -> dict:
+             blind: bool = True, device: str | torch.device = "cpu", per_item: bool = False) -> dict:
     """{"vqa_acc", "vqa_acc_by_family", "blind_vqa_acc", "blind_vqa_acc_by_family", "exact_match" (any reference),
     "shuffled_vqa_acc"(_by_family), "items", "examples"}: greedy answers with the image; if blind, also with no image
-    and no `<|image|>` token, and with another sample's image (answer format kept, image content wrong)."""
+    and no `<|image|>` token, and with another sample's image (answer format kept, image content wrong). per_item:
+    also "per_item" {"family": [...], "model" / "blind" / "shuffled": [score, ...]} in item order (paired tests)."""
     fused.eval()
     vision.eval()
     fmt, items = ChatFormat(tok), vqa_items(samples, max_items)
     feats: dict[int, torch.Tensor] = {}
     scores: dict[str, dict[str, list[float]]] = {"vqa": defaultdict(list), "blind": defaultdict(list),
                                                  "em": defaultdict(list), "shuffled": defaultdict(list)}
-    examples = []
+    examples, flat, blind_said = [], defaultdict(list), {}  # flat: per-item scores in item order
+
     def media(i: int) -> torch.Tensor:
         if i not in feats:
             feats[i] = image_media(vision, samples[i]["image"], device)  # (1, n_tiles*(P+1), D) = one media item
@@ -98,15 +100,21 @@ def vqa_eval(fused: FusedLM, vision, tok, samples: list[dict], max_items: int = 
         pred = answer(fused, fmt, it["question"], feats[i], max_new_tokens)
         s = item_score(it, pred)
         scores["vqa"][it["family"]].append(s)
+        flat["family"].append(it["family"])
+        flat["model"].append(s)
         scores["em"][it["family"]].append(s if it.get("letter") else float(any(normalise_answer(pred) ==
                                                                                 normalise_answer(a)
                                                                                 for a in it["answers"])))
         if blind:
-            scores["blind"][it["family"]].append(item_score(it, answer(fused, fmt, it["question"], None,
-                                                                       max_new_tokens)))
+            if it["question"] not in blind_said:  # greedy without an image: a function of the question alone
+                blind_said[it["question"]] = answer(fused, fmt, it["question"], None, max_new_tokens)
+            bl = item_score(it, blind_said[it["question"]])
             other = media((i + 1 + len(samples) // 2) % len(samples))
-            scores["shuffled"][it["family"]].append(item_score(it, answer(fused, fmt, it["question"], other,
-                                                                          max_new_tokens)))
+            sh = item_score(it, answer(fused, fmt, it["question"], other, max_new_tokens))
+            scores["blind"][it["family"]].append(bl)
+            scores["shuffled"][it["family"]].append(sh)
+            flat["blind"].append(bl)
+            flat["shuffled"].append(sh)
         if len(examples) < 8 and sum(e["family"] == it["family"] for e in examples) < 2:  # spread over families
             examples.append({"q": it["question"], "pred": pred, "answers": it["answers"], "family": it["family"],
                              "sample": i})
@@ -124,6 +132,8 @@ def vqa_eval(fused: FusedLM, vision, tok, samples: list[dict], max_items: int = 
         out["blind_vqa_acc"], out["blind_vqa_acc_by_family"] = summary(scores["blind"])
         out["shuffled_vqa_acc"], out["shuffled_vqa_acc_by_family"] = summary(scores["shuffled"])
     out["examples"] = examples
+    if per_item:
+        out["per_item"] = dict(flat)
     return out
 
 
@@ -139,12 +149,12 @@ def save_example_images(samples: list[dict], examples: list[dict], out_dir: Path
 
 
 def _scored(fused, vision, tok, where: dict, samples: list[dict], skips: dict, max_items: int, max_new_tokens: int,
-            blind: bool, examples_dir) -> dict:
+            blind: bool, examples_dir, per_item: bool = False) -> dict:
     """{**where, "image_samples", "skipped", "skipped_total", **vqa_eval(...)}; examples' images saved if asked."""
     out = {**where, "image_samples": len(samples), "skipped": skips, "skipped_total": sum(skips.values())}
     if not samples:
         raise ValueError(f"{next(iter(where.values()))}: no readable image samples (skipped: {skips})")
-    out.update(vqa_eval(fused, vision, tok, samples, max_items, max_new_tokens, blind=blind))
+    out.update(vqa_eval(fused, vision, tok, samples, max_items, max_new_tokens, blind=blind, per_item=per_item))
     if examples_dir:
         save_example_images(samples, out["examples"], Path(examples_dir))
     return out
@@ -152,7 +162,8 @@ def _scored(fused, vision, tok, where: dict, samples: list[dict], skips: dict, m
 
 def eval_image_shards(fused: FusedLM, vision, tok, shards: str, max_items: int = 400, max_new_tokens: int = 8,
                       blind: bool = True, decode_scale: int = 1, seed: int = 0,
-                      examples_dir: str | Path | None = None, families: tuple[str, ...] = ()) -> dict:
+                      examples_dir: str | Path | None = None, families: tuple[str, ...] = (),
+                      per_item: bool = False) -> dict:
     """VQA metrics of a loaded image model on any image-text shards (DESIGN.md format): samples decoded at
     decode_scale tile sides (a seeded subset of max_items // 2 samples, all when max_items is 0), then vqa_eval.
     Returns {"shards", "image_samples", "skipped" ({reason: n}), "skipped_total", **vqa_eval(...)}; the one
@@ -172,7 +183,7 @@ def eval_image_shards(fused: FusedLM, vision, tok, shards: str, max_items: int =
             keep = sorted(random.Random(seed).sample(range(len(samples)), cap))
             samples = [samples[k] for k in keep]
     return _scored(fused, vision, tok, {"shards": shards}, samples, skips, max_items, max_new_tokens, blind,
-                   examples_dir)
+                   examples_dir, per_item)
 
 
 def eval_image_file(fused: FusedLM, vision, tok, path: str | Path, kind: str, max_items: int = 400,

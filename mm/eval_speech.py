@@ -18,6 +18,7 @@ from data.audio import SAMPLE_RATE, iter_audio_samples
 from data.token_stream import IGNORE
 from data.shards import SkipCounter, expand_shards
 from llm.tokenizer import ChatFormat
+from mm.stats import paired_bootstrap
 from mm.speech import CHARS, Featurizer, SpeechLM, char_text, generate_speech, n_speech_tokens, speech_dialog, \
     task_choices
 
@@ -63,19 +64,14 @@ def paired_wer_delta(refs: list[str], hyps_a: list[str], hyps_b: list[str], n_bo
                      seed: int = 0) -> dict:
     """Corpus WER of system a minus that of b on the same utterances, with a paired bootstrap over utterances
     (Bisani & Ney 2004): {"wer_a", "wer_b", "delta", "ci95": [lo, hi], "p_a_better" (share of resamples where a's
-    WER is lower), "n"}. Hand-written: jiwer gives the per-utterance counts, not the resampling."""
-    ea = np.array(utterance_errors(refs, hyps_a), dtype=np.float64)  # (N, 2)
-    eb = np.array(utterance_errors(refs, hyps_b), dtype=np.float64)
+    WER is lower), "n"}; the resampling is mm.stats.paired_bootstrap."""
+    ea = np.array(utterance_errors(refs, hyps_a), dtype=np.float64).reshape(-1, 2)  # (N, 2): errors, words
+    eb = np.array(utterance_errors(refs, hyps_b), dtype=np.float64).reshape(-1, 2)
     if len(ea) == 0 or not ea[:, 1].any():
         raise ValueError("paired_wer_delta: no utterance with reference words")
-    idx = np.random.default_rng(seed).integers(0, len(ea), (n_boot, len(ea)))  # (n_boot, N) resampled utterances
-    words = ea[idx, 1].sum(1).clip(min=1)
-    deltas = (ea[idx, 0].sum(1) - eb[idx, 0].sum(1)) / words
-    n_words = ea[:, 1].sum()  # the same references on both sides
-    wa, wb = ea[:, 0].sum() / n_words, eb[:, 0].sum() / n_words
-    lo, hi = np.quantile(deltas, [0.025, 0.975])
-    return {"wer_a": float(wa), "wer_b": float(wb), "delta": float(wa - wb), "ci95": [float(lo), float(hi)],
-            "p_a_better": float((deltas < 0).mean()), "n": len(ea)}
+    d = paired_bootstrap(ea[:, 0], eb[:, 0], ea[:, 1], n_boot, seed)  # the same references on both sides
+    return {"wer_a": d["a"], "wer_b": d["b"], "delta": d["delta"], "ci95": d["ci95"], "p_a_better": d["p_lower"],
+            "n": d["n"]}
 
 
 def corpus_bleu(refs: list[str], hyps: list[str]) -> float | None:
@@ -136,14 +132,16 @@ def answer_loss(model: SpeechLM, fmt: ChatFormat, system: str | None, audio, ans
 
 
 @torch.no_grad()
-def speech_eval(model: SpeechLM, tok, items: list[dict], max_new_tokens: int = 48, blind: bool = True) -> dict:
+def speech_eval(model: SpeechLM, tok, items: list[dict], max_new_tokens: int = 48, blind: bool = True,
+                per_item: bool = False) -> dict:
     """Every item is transcribed (ASR); items with a translation are also translated (AST), items with an answer
     answered (spoken QA). Returns {"wer", "wer_by_engine", "wer_by_voice", "blind_wer"(_by_voice), "bleu",
     "bleu_by_lang", "blind_bleu", "qa_em", "blind_qa_em", "n_asr", "n_ast", "n_sqa", "examples"} and, with blind,
     the teacher-forced per-token ASR loss with and without the audio ("asr_loss", "blind_asr_loss"), and the TEXT
     ORACLE: the same frozen LM given the reference transcript typed in the user turn instead of the audio
     ("text_wer", "text_asr_loss"). No adapter can beat much what the LM does with the exact text, so these are the
-    ceiling of the speech path: a tiny LM that cannot copy text cannot transcribe speech either (issue 7)."""
+    ceiling of the speech path: a tiny LM that cannot copy text cannot transcribe speech either (issue 7).
+    per_item: also "per_item" {"refs", "hyps", "blind_hyps"}: the ASR transcripts in item order (paired tests)."""
     model.eval()
     fmt, featurize = ChatFormat(tok), Featurizer()
     asr: dict[str, list] = defaultdict(list)  # key -> [(ref, hyp, blind_hyp, engine, voice)]
@@ -214,6 +212,8 @@ def speech_eval(model: SpeechLM, tok, items: list[dict], max_new_tokens: int = 4
         out["blind_qa_em"] = sum(em(r, b) for r, _, b in sqa) / len(sqa) if sqa else None
         out.update({key: s / k if k else None for key, (s, k) in nll.items()})
     out["examples"] = examples
+    if per_item:
+        out["per_item"] = {"refs": [r[0] for r in rows], "hyps": [r[1] for r in rows], "blind_hyps": [r[2] for r in rows]}
     return out
 
 
@@ -254,14 +254,14 @@ def acoustic_eval(model: SpeechLM, items: list[dict], batch_size: int = 16) -> d
 
 
 def eval_speech_shards(model: SpeechLM, tok, shards: str, max_items: int = 0, max_new_tokens: int = 48,
-                       blind: bool = True) -> dict:
+                       blind: bool = True, per_item: bool = False) -> dict:
     """speech_eval on the first max_items (0: all) samples of any audio-text shards (DESIGN.md format); adds
     {"shards", "items", "skipped", "skipped_total"}, and acoustic_eval's char_* figures on the same items when the
     model has a char head (a speech_sft in training; saved models drop it). The one implementation behind `mm eval
     speech`, benchmarks/speech.py and the end-of-stage evaluation of speech_sft."""
     items, skips = load_audio_items(shards, max_items)
     out = {"shards": shards, "items": len(items), "skipped": skips, "skipped_total": sum(skips.values())}
-    out.update(speech_eval(model, tok, items, max_new_tokens, blind))
+    out.update(speech_eval(model, tok, items, max_new_tokens, blind, per_item))
     if model.char_head is not None:
         out.update(acoustic_eval(model, items))
     return out

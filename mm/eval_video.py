@@ -85,15 +85,16 @@ def _summary(scores: dict, keys) -> dict:
 
 @torch.no_grad()
 def video_eval(fused: FusedLM, vision, tok, samples: list[dict], max_items: int = 0, max_new_tokens: int = 8,
-               device: str | torch.device = "cpu") -> dict:
+               device: str | torch.device = "cpu", per_item: bool = False) -> dict:
     """Accuracies on clips {frames (F, 3, H, W) uint8, meta}: overall, "by_type" (family), "by_format" (mc /
     short), "by_type_format" ("direction/mc", ...), "temporal" (direction + order, with "gap" = video - single
-    frame), each {video_acc, single_frame_acc, blind_acc, items}; plus "items" and a few "examples"."""
+    frame), each {video_acc, single_frame_acc, blind_acc, items}; plus "items" and a few "examples"; per_item: also
+    "per_item" {"family": [...], "video" / "single_frame" / "blind": [score, ...]} in item order (paired tests)."""
     fused.eval()
     vision.eval()
     fmt = ChatFormat(tok)
     scores: dict[str, dict] = {c: defaultdict(list) for c in CONDITIONS}
-    examples, n = [], 0
+    examples, n, flat = [], 0, defaultdict(list)
     for i, s in enumerate(samples):
         items = video_items(s.get("meta") or {}, i)
         if max_items:
@@ -104,8 +105,10 @@ def video_eval(fused: FusedLM, vision, tok, samples: list[dict], max_items: int 
                "single_frame": clip_kv(fused, vision, single_frame(s["frames"]), device), "blind": None}
         for it in items:
             preds = {c: answer(fused, fmt, it["prompt"], kvs[c], max_new_tokens) for c in CONDITIONS}
+            flat["family"].append(it["family"])
             for c in CONDITIONS:
                 scores[c][(it["family"], it["format"])].append(item_score(it, preds[c]))
+                flat[c].append(scores[c][(it["family"], it["format"])][-1])
             if len(examples) < 8:
                 examples.append({"q": it["prompt"], **{c: preds[c] for c in CONDITIONS},
                                  "gold": it.get("letter") or it["answers"][0]})
@@ -121,6 +124,8 @@ def video_eval(fused: FusedLM, vision, tok, samples: list[dict], max_items: int 
     if temporal["video_acc"] is not None:
         temporal["gap"] = temporal["video_acc"] - temporal["single_frame_acc"]
     out["temporal"], out["examples"] = temporal, examples
+    if per_item:
+        out["per_item"] = dict(flat)
     return out
 
 
@@ -147,7 +152,7 @@ def load_video_samples(spec: str, num_frames: int, image_size: int, max_items: i
 
 def eval_video_shards(fused: FusedLM, vision, tok, shards: str, num_frames: int, max_items: int = 400,
                       max_new_tokens: int = 8, backend: str = "auto", image_size: int | None = None,
-                      seed: int = 0) -> dict:
+                      seed: int = 0, per_item: bool = False) -> dict:
     """video_eval on any video-text shards (DESIGN.md format), frames decoded at image_size (default the encoder's
     tile side); {"shards", "clips", "num_frames", "skipped", "skipped_total", **video_eval(...)}. The one
     implementation behind `mm eval video` and benchmarks/video.py."""
@@ -158,5 +163,5 @@ def eval_video_shards(fused: FusedLM, vision, tok, shards: str, num_frames: int,
     out = {"shards": shards, "clips": len(samples), "num_frames": num_frames, "skipped": skips,
            "skipped_total": sum(skips.values())}
     out.update(video_eval(fused, vision, tok, samples, max_items, max_new_tokens,
-                          device=fused.output.weight.device))
+                          device=fused.output.weight.device, per_item=per_item))
     return out

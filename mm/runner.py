@@ -20,6 +20,9 @@ CLEARED_BY_FORCE = ("checkpoints", "final", "metrics.jsonl", "tb", "result.json"
 # members stay: image_sft reuses a member only when its own key (LM, instruct LM, init weights, seed, lr) matches
 
 
+ORCHESTRATORS = ("pipeline", "ablation")  # stages that run other stages: never reused whole, each step checked
+
+
 def is_main() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
@@ -58,7 +61,7 @@ def run_config(config: str | Path, overrides: list[str], run_dir: Path, *, resum
 def _run_unlocked(cfg, run_dir: Path, resume: bool, force: bool, redo_changed: bool, break_lock: bool) -> dict:
     from mm.stages import stage_runner
 
-    pipeline = cfg.stage == "pipeline"
+    pipeline = cfg.stage in ORCHESTRATORS
     done = run_dir / "result.json"
     fp = fingerprint(cfg, run_dir, read_fingerprint(run_dir))
     if done.exists() and not force and not pipeline:

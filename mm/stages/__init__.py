@@ -22,6 +22,7 @@ RUNNERS = {
     "pipeline": ("mm.pipeline", "run"),
     "herd_report": ("mm.stages.herd_report", "run"),
     "compose": ("mm.herd", "run_compose"),
+    "ablation": ("mm.ablation", "run"),
 }
 
 
