@@ -6,6 +6,7 @@ trains through the CLI."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,7 +19,7 @@ from mm.config import ConfigError, load_config
 from mm.runs import load_lm
 from mm.speech import SpeechLM, freeze_lm, generate_speech, load_speech_model, n_speech_tokens, save_speech_model
 
-REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_thread")
 # small shapes of the built-in designs (other registered kinds are built from their Config defaults)
 SMALL = {"conv_rotary": {"dim": 16, "heads": 2, "ffn_dim": 32, "stride": 2, "out_rms": 0.05, "learn_markers": True},
