@@ -52,8 +52,12 @@ def adapter_frames(enc_frames: torch.Tensor | int, stride: int = 2):
 
 
 class SpeechAdapter(nn.Module):
-    """forward(enc (B, T', in_dim), lengths (B,)) -> (B, ceil(T'/2), out_dim), lengths (B,); padded frames are zeroed
-    before the conv and masked in attention, so outputs do not depend on batch padding."""
+    """The paper's design, registry kind "conv_rotary" (adapters.registry): forward(enc (B, T', in_dim), lengths (B,))
+    -> (B, ceil(T'/stride), out_dim), lengths (B,); padded frames are zeroed before the conv and masked in attention,
+    so outputs do not depend on batch padding."""
+
+    Config = SpeechAdapterConfig
+    kind = "conv_rotary"  # registry.build sets it too; the class default lets a directly built adapter be saved
 
     def __init__(self, cfg: SpeechAdapterConfig):
         super().__init__()
@@ -76,7 +80,7 @@ class SpeechAdapter(nn.Module):
     def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = x * length_mask(lengths, x.shape[1])[..., None].to(x.dtype)
         h = self.conv(x.transpose(1, 2)).transpose(1, 2)  # (B, N, dim)
-        n = adapter_frames(lengths, self.cfg.stride)
+        n = self.n_out(lengths)
         valid = length_mask(n, h.shape[1])
         cos, sin = rope_tables(self.cfg.dim // self.cfg.heads, torch.arange(h.shape[1], device=h.device),
                                self.cfg.rope_theta)
@@ -86,6 +90,10 @@ class SpeechAdapter(nn.Module):
         if self.out_norm is not None:
             y = self.out_norm(y)
         return y * valid[..., None].to(h.dtype), n
+
+    def n_out(self, enc_frames: torch.Tensor | int):
+        """Adapter outputs for enc_frames encoder frames (int or tensor): ceil(n / stride)."""
+        return adapter_frames(enc_frames, self.cfg.stride)
 
 
 def embedding_rms(weight: torch.Tensor) -> float:

@@ -8,6 +8,7 @@ from typing import Any, Literal
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from adapters import registry
 from data.decode import MediaCaps
 
 
@@ -325,19 +326,22 @@ class SpeechPretrainConfig:
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-3, weight_decay=0.01))
 
 
-@dataclass
-class SpeechAdapterModelConfig:
-    """Speech adapter width / heads / FFN (PAPER.md §9.5: 3072 / ? / 4096); input and output widths come from the
-    encoder and the LM."""
+# speech_sft's `adapter:` block is {kind, **the design's Config fields} (adapters.registry) plus these stage knobs:
+# match_embed_scale sets the design's `out_rms` (when its Config has one) to the RMS of the LM's token embeddings
+# (False: 0, the paper's plain Linear); the stage fills in_dim (encoder width) and out_dim (LM width) itself
+SPEECH_STAGE_KNOBS = {"match_embed_scale": True}
+SPEECH_FILLED = {"in_dim": "the encoder width", "out_dim": "the LM width", "out_rms": "match_embed_scale"}
 
-    dim: int = 128
-    heads: int = 4
-    ffn_dim: int = 256
-    match_embed_scale: bool = True  # final RMSNorm, gain initialised to the LM's token-embedding RMS (False: paper)
-    stride: int = 2  # encoder frames (40 ms) per adapter embedding: 2 is the paper's 80 ms
-    # the adapter's own <|speech_start|> / <|speech_end|> embeddings, initialised from the LM's embedding of '"' (a
-    # frozen LM never trained the marker rows); False: the LM's rows
-    learn_markers: bool = False
+
+def speech_adapter_spec(block: dict) -> tuple[dict, dict]:
+    """A speech_sft `adapter:` block -> (the design's spec {kind, **fields} for adapters.registry, the stage knobs
+    (SPEECH_STAGE_KNOBS with the block's values)); ValueError naming a key the stage fills itself."""
+    block = dict(block or {})
+    for key, source in SPEECH_FILLED.items():
+        if key in block:
+            raise ValueError(f"key '{key}': set by speech_sft from {source}; drop it from the adapter block")
+    knobs = {k: block.pop(k, v) for k, v in SPEECH_STAGE_KNOBS.items()}
+    return block, knobs
 
 
 @dataclass
@@ -364,7 +368,8 @@ class SpeechSFTConfig:
     lm: str = MISSING
     encoder_from: str | None = None
     encoder: SpeechEncoderModelConfig = field(default_factory=SpeechEncoderModelConfig)  # used without encoder_from
-    adapter: SpeechAdapterModelConfig = field(default_factory=SpeechAdapterModelConfig)
+    # the speech adapter design: {kind (adapters.registry.kinds("speech")), its Config's fields, match_embed_scale}
+    adapter: dict[str, Any] = field(default_factory=lambda: {"kind": registry.DEFAULT["speech"]})
     tasks: dict[str, float] = field(default_factory=lambda: {"asr": 1.0, "ast": 1.0, "sqa": 1.0})
     seq_len: int = 192
     spec_augment: SpecAugmentConfig = field(default_factory=SpecAugmentConfig)
@@ -546,6 +551,25 @@ def _apply_override(cfg, ov: str):
     return OmegaConf.merge(cfg, parsed)
 
 
+# config fields holding an adapter design block, per config class: dotted field -> (modality, block -> design spec)
+DESIGN_FIELDS: dict[type, dict[str, tuple[str, Any]]] = {
+    SpeechSFTConfig: {"adapter": ("speech", lambda block: speech_adapter_spec(block)[0])},
+}
+
+
+def validate_designs(cfg: Any, path: str) -> None:
+    """ConfigError (one line naming the file and the key) unless every adapter block of cfg (DESIGN_FIELDS) parses
+    as its design's Config (adapters.registry.parse: the kind exists, every key is a field of the right type)."""
+    for name, (modality, to_spec) in DESIGN_FIELDS.get(type(cfg), {}).items():
+        block = cfg
+        for part in name.split("."):
+            block = getattr(block, part)
+        try:
+            registry.parse(modality, to_spec(block))
+        except ValueError as e:  # registry.DesignError, or a key the stage fills
+            raise ConfigError(f"{path}: key '{name}': {str(e).splitlines()[0]}") from None
+
+
 def load_config(path: str | Path, overrides: list[str] | tuple = ()) -> Any:
     """Load a stage YAML and `key=value` overrides into its typed dataclass; raise ConfigError on any problem."""
     path = str(path)
@@ -576,9 +600,11 @@ def load_config(path: str | Path, overrides: list[str] | tuple = ()) -> Any:
     if missing:
         raise ConfigError(f"{path}: key '{missing[0]}': missing required value")
     try:
-        return OmegaConf.to_object(cfg)
+        out = OmegaConf.to_object(cfg)
     except OmegaConfBaseException as e:
         raise _fail(path, e) from None
+    validate_designs(out, path)
+    return out
 
 
 def to_yaml(cfg: Any) -> str:

@@ -105,7 +105,7 @@ def respond(model: SpeechLM, fmt: ChatFormat, system: str | None, audio, max_new
         ids, _ = speech_dialog(fmt, model.ids, 0, system, None, text)
         feats = lens = None
     else:
-        ids, _ = speech_dialog(fmt, model.ids, n_speech_tokens(len(audio), model.encoder.cfg, model.adapter.cfg),
+        ids, _ = speech_dialog(fmt, model.ids, n_speech_tokens(len(audio), model.encoder.cfg, model.adapter),
                                system, None)
         feats, lens = (featurize or Featurizer())([audio])
         max_new_tokens = min(max_new_tokens, max(1, round(len(audio) * MAX_TOKENS_PER_S / SAMPLE_RATE)))
@@ -120,7 +120,7 @@ def answer_loss(model: SpeechLM, fmt: ChatFormat, system: str | None, audio, ans
     + optional typed user `text`: the training loss of one item, so held-out audio vs blind losses show whether the
     model uses the audio, and audio vs text-oracle losses how much of what the LM can use it gets."""
     dev = model.lm.output.weight.device
-    n = n_speech_tokens(len(audio), model.encoder.cfg, model.adapter.cfg) if audio is not None else 0
+    n = n_speech_tokens(len(audio), model.encoder.cfg, model.adapter) if audio is not None else 0
     ids, mask = speech_dialog(fmt, model.ids, n, system, answer, text)
     tokens = torch.tensor([ids[:-1]], device=dev)
     labels = torch.tensor([[t if m else IGNORE for t, m in zip(ids[1:], mask[1:])]], device=dev)

@@ -154,7 +154,7 @@ def chat_herd(herd: HerdLM, tok: Tokenizer, text: str | None = None, *, image: s
     n = 0
     if audio is not None:
         wave = read_audio_file(audio)
-        n = n_speech_tokens(len(wave), herd.speech_encoder.cfg, herd.speech_adapter.cfg)
+        n = n_speech_tokens(len(wave), herd.speech_encoder.cfg, herd.speech_adapter)
         feats, lens = Featurizer()([wave])
     if text is None:
         text = default_text(image is not None, video is not None, audio is not None)
@@ -187,7 +187,7 @@ def save_herd(directory: Path, herd: HerdLM, tok: Tokenizer, meta: dict, num_fra
             "image_adapter": registry.spec_of(f.image_adapter),
             "video": None if va is None else {"aggregator": registry.spec_of(va.aggregator), "every": va.every,
                                               "num_frames": int(num_frames or 16)},
-            "encoder_config": herd.speech_encoder.cfg.to_dict(), "adapter_config": herd.speech_adapter.cfg.to_dict()}
+            "encoder_config": herd.speech_encoder.cfg.to_dict(), "speech_adapter": registry.spec_of(herd.speech_adapter)}
     out = save_weights(Path(directory), {"model": herd.adapter_state_dict()}, meta)
     tok.save(out / "tokenizer.json")
     return out
@@ -236,10 +236,10 @@ def run_compose(cfg, run_dir: Path, resume: bool = False) -> dict:
 def load_herd(ckpt: str | Path, device: str | torch.device = "cpu") -> tuple[HerdLM, Tokenizer, dict]:
     """(HerdLM in eval mode, tokenizer, meta) from a `mm compose` run; CheckpointError when the LM folder's weights
     are no longer those the herd was composed on, or the tensors do not fit."""
-    from adapters.speech import SpeechAdapterConfig
     from encoders.speech import ConformerConfig
     from encoders.vision import VisionConfig, VisionEncoder
     from mm.runs import load_lm
+    from mm.speech import speech_adapter_from_meta
     from mm.stages.image_pretrain import build_fused
     from mm.stages.video import video_spec
 
@@ -262,7 +262,7 @@ def load_herd(ckpt: str | Path, device: str | torch.device = "cpu") -> tuple[Her
         fused.add_video(meta["media_dim"], tok.special_id("<|video|>"), video_spec(v["aggregator"]), v["every"])
     herd = HerdLM(fused, VisionEncoder(VisionConfig(**meta["vision_config"])),
                   ConformerEncoder(ConformerConfig(**meta["encoder_config"])),
-                  SpeechAdapter(SpeechAdapterConfig(**meta["adapter_config"])), SpeechTokens.of(tok))
+                  speech_adapter_from_meta(meta, d / "meta.json"), SpeechTokens.of(tok))
     path = d / "model.safetensors"
     sd = load_tensors(path)
     want = set(herd.adapter_state_dict())

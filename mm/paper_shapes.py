@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from adapters import registry
 from adapters.cross_attention import CrossAttentionAdapter, fusion_schedule
-from adapters.speech import SpeechAdapter, SpeechAdapterConfig
 from adapters.temporal import AggregatorConfig, PerceiverResampler
 from encoders.speech import ConformerEncoder, speech_shape
 from encoders.vision import VisionEncoder, vision_config
@@ -84,12 +84,13 @@ def count_herd(shape: HerdShape) -> dict[str, int]:
                                max_frames=v.max_frames)
         video = _n(PerceiverResampler(agg, vcfg.out_dim)) + _n(CrossAttentionAdapter(lcfg, v.width, video_ids))
         scfg = speech_shape(shape.speech.encoder)
-        acfg = SpeechAdapterConfig(in_dim=scfg.dim, dim=shape.speech.adapter_dim, heads=shape.speech.adapter_heads,
-                                   ffn_dim=shape.speech.adapter_ffn, out_dim=lcfg.dim)
+        speech = registry.build("speech", {"kind": "conv_rotary", "in_dim": scfg.dim, "dim": shape.speech.adapter_dim,
+                                           "heads": shape.speech.adapter_heads, "ffn_dim": shape.speech.adapter_ffn,
+                                           "out_dim": lcfg.dim})
         return {"lm": _n(lm), "image_encoder": _n(VisionEncoder(vcfg)),
                 "image_adapter": _n(CrossAttentionAdapter(lcfg, vcfg.out_dim, image_ids)), "image_blocks": len(image_ids),
                 "video_adapter": video, "video_blocks": len(video_ids),
-                "speech_encoder": _n(ConformerEncoder(scfg)), "speech_adapter": _n(SpeechAdapter(acfg))}
+                "speech_encoder": _n(ConformerEncoder(scfg)), "speech_adapter": _n(speech)}
 
 
 def load_herd_shape(path: str) -> HerdShape:

@@ -3,7 +3,8 @@ spliced over the `<|speech|>` placeholders of a frozen Llama's input. Without au
 
 Also: speech dialogs (ASR / AST system prompts, spoken questions without one), audio -> padded features, greedy
 generation from a spliced prompt, and saving / loading speech runs (final/model.safetensors holds "encoder.*" and
-"adapter.*" only; the LM is read from the run named in meta "lm").
+"adapter.*" only; the LM is read from the run named in meta "lm"; the adapter design is meta "speech_adapter", a
+registry record {kind, config} (adapters.registry)).
 """
 from __future__ import annotations
 
@@ -14,8 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from adapters.speech import SpeechAdapter, SpeechAdapterConfig, SpeechTokens, adapter_frames, mask_speech_labels, \
-    splice_speech, token_ctc_loss
+from adapters import registry
+from adapters.speech import SpeechTokens, mask_speech_labels, splice_speech, token_ctc_loss
 from encoders.speech import ConformerConfig, ConformerEncoder, LogMel, SpecAugment, frames_for, pad_features
 from llm.generate import _pick
 from llm.model import Llama
@@ -62,13 +63,13 @@ def char_ctc_loss(logits: torch.Tensor, lens: torch.Tensor, targets: torch.Tenso
 
 
 class SpeechLM(nn.Module):
-    """encoder.* + adapter.* + lm.* (frozen). forward(tokens (B, T), feats (B, F, 80) | None, feat_lens (B,),
+    """encoder.* + adapter.* (any speech design of adapters.registry) + lm.* (frozen). forward(tokens (B, T), feats (B, F, 80) | None, feat_lens (B,),
     labels (B, T) | None) -> logits (B, T, V) or the mean loss; one audio item per placeholder run, in order.
     Auxiliary targets (one transcript per audio item): `ctc` = (token ids (B, L), lens (B,)) for the adapter's token
     CTC, `chars` = (char_ids (B, L), lens (B,)) for the character CTC on encoder frames (needs `char_head`); with
     either it returns (loss, {"ctc": ..., "char_ctc": ...})."""
 
-    def __init__(self, encoder: ConformerEncoder, adapter: SpeechAdapter, lm: Llama, ids: SpeechTokens,
+    def __init__(self, encoder: ConformerEncoder, adapter: nn.Module, lm: Llama, ids: SpeechTokens,
                  char_head: nn.Linear | None = None):
         super().__init__()
         if adapter.cfg.in_dim != encoder.cfg.dim or adapter.cfg.out_dim != lm.cfg.dim:
@@ -116,10 +117,10 @@ class SpeechLM(nn.Module):
         return out, aux
 
 
-def n_speech_tokens(n_samples: int, enc_cfg: ConformerConfig, adapter_cfg: SpeechAdapterConfig) -> int:
-    """Adapter embeddings (= `<|speech|>` placeholders) for an utterance of n_samples at 16 kHz (80 ms each at the
-    paper's adapter stride 2)."""
-    return int(adapter_frames(enc_cfg.out_frames(frames_for(int(n_samples))), adapter_cfg.stride))
+def n_speech_tokens(n_samples: int, enc_cfg: ConformerConfig, adapter: nn.Module) -> int:
+    """Adapter embeddings (= `<|speech|>` placeholders) for an utterance of n_samples at 16 kHz: the speech design's
+    `n_out` of the encoder's frames (80 ms each at the paper's adapter stride 2)."""
+    return int(adapter.n_out(enc_cfg.out_frames(frames_for(int(n_samples)))))
 
 
 def freeze_lm(model: SpeechLM, frozen: tuple[str, ...] = ("lm.",)) -> dict[str, int]:
@@ -218,14 +219,30 @@ def generate_speech(model: SpeechLM, prompt: list[int], feats: torch.Tensor | No
 # ---- saving / loading -----------------------------------------------------------------------------------------------
 
 def save_speech_model(directory: Path, model: SpeechLM, tok: Tokenizer, meta: dict) -> Path:
-    """final/: encoder.* + adapter.* tensors (no LM), meta.json (kind speech, configs, lm), tokenizer.json."""
+    """final/: encoder.* + adapter.* tensors (no LM), meta.json (kind speech, encoder_config, speech_adapter: the
+    design's {kind, config}, lm), tokenizer.json."""
     state = {f"encoder.{k}": v for k, v in model.encoder.state_dict().items()}
     state.update({f"adapter.{k}": v for k, v in model.adapter.state_dict().items()})
     meta = {**meta, "kind": "speech", "encoder_config": model.encoder.cfg.to_dict(),
-            "adapter_config": model.adapter.cfg.to_dict()}
+            "speech_adapter": registry.spec_of(model.adapter)}
     out = save_weights(Path(directory), {"model": state}, meta)
     tok.save(out / "tokenizer.json")
     return out
+
+
+def speech_adapter_from_meta(meta: dict, where: Path) -> nn.Module:
+    """A fresh (untrained) speech adapter of the design a run's meta records: "speech_adapter" ({kind, config}), or,
+    for a run written before designs were plug-ins, "adapter_config" (the paper's conv_rotary); CheckpointError
+    naming `where` (the meta file) when neither is there or the record does not build."""
+    spec = meta.get("speech_adapter")
+    if spec is None and "adapter_config" in meta:
+        spec = {"kind": "conv_rotary", "config": meta["adapter_config"]}
+    if not isinstance(spec, dict):
+        raise CheckpointError(f"{where}: no speech_adapter record (not a speech run)")
+    try:
+        return registry.build("speech", spec)
+    except registry.DesignError as e:
+        raise CheckpointError(f"{where}: {e}") from None
 
 
 def load_encoder(ckpt: str | Path, prefix: str = "encoder.") -> ConformerEncoder:
@@ -248,7 +265,7 @@ def load_speech_model(ckpt: str | Path, device: str | torch.device = "cpu",
     if meta.get("kind") != "speech":
         raise CheckpointError(f"{d / 'meta.json'}: not a speech_sft model (kind={meta.get('kind')!r})")
     base, tok, _ = load_lm(lm or meta["lm"], device)
-    adapter = SpeechAdapter(SpeechAdapterConfig(**meta["adapter_config"]))
+    adapter = speech_adapter_from_meta(meta, d / "meta.json")
     sd = {k[len("adapter."):]: v for k, v in load_tensors(d / "model.safetensors").items() if k.startswith("adapter.")}
     load_into(adapter, sd, d / "model.safetensors")
     model = SpeechLM(load_encoder(d), adapter, base, SpeechTokens.of(tok))

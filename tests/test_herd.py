@@ -132,7 +132,7 @@ def _audio(herd, seconds: float = 0.5, seed: int = 4):
 
     wave = np.random.default_rng(seed).normal(size=int(16000 * seconds)).astype(np.float32) * 0.1
     feats, lens = Featurizer()([wave])
-    return feats, lens, n_speech_tokens(len(wave), herd.speech_encoder.cfg, herd.speech_adapter.cfg)
+    return feats, lens, n_speech_tokens(len(wave), herd.speech_encoder.cfg, herd.speech_adapter)
 
 
 def test_no_media_is_bitwise_the_bare_lm(parts):

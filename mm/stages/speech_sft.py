@@ -10,13 +10,15 @@ system prompt, answer = json answer). The user turn is `<|speech_start|>` + one 
 `eval_items` held-out items (mm.eval_speech). Optional, beyond the paper: ctc_weight > 0 adds the auxiliary token
 CTC of each sample's transcript (annealed linearly to ctc_weight_end); char_ctc_weight > 0 a character CTC head on the
 encoder's frames (dropped at save), and acoustic_only trains the encoder on it alone (an acoustic stage for a later
-speech_sft's encoder_from); the adapter's final RMSNorm on the LM's
-embedding scale is adapter.match_embed_scale, its embedding rate adapter.stride and its own speech markers
-adapter.learn_markers (adapters.speech). Final: final/{model.safetensors ("encoder.*", "adapter.*"), meta.json,
+speech_sft's encoder_from). The adapter is any speech design of adapters.registry: the YAML block `adapter:` is
+{kind (default conv_rotary, the paper's), the design's Config fields, match_embed_scale}; the stage fills in_dim /
+out_dim from the encoder / LM and, with match_embed_scale, a design's out_rms (a final RMSNorm on the LM's embedding
+scale); learned speech markers (learn_markers) start as the LM's embedding of '"'. Final: final/{model.safetensors ("encoder.*", "adapter.*"), meta.json,
 tokenizer.json}; mm.speech.load_speech_model rebuilds it.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import random
@@ -27,12 +29,13 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from adapters.speech import SpeechAdapter, SpeechAdapterConfig, SpeechTokens, embedding_rms
+from adapters import registry
+from adapters.speech import SpeechTokens, embedding_rms
 from data.loader import Loader, StepFeed
 from data.token_stream import IGNORE
 from encoders.speech import ConformerEncoder, SpecAugment
 from llm.tokenizer import ChatFormat, Tokenizer
-from mm.config import SpeechSFTConfig
+from mm.config import SpeechSFTConfig, speech_adapter_spec
 from mm.distributed import init_distributed, unwrap, wrap_model
 from mm.runs import load_lm, model_dir
 from mm.speech import CHARS, Featurizer, SpeechLM, char_ids, freeze_lm, load_encoder, n_speech_tokens, \
@@ -41,22 +44,20 @@ from mm.stages.image_pretrain import collate_dialogs
 from mm.stages.speech_pretrain import encoder_config, train_on_audio
 from mm.train import StepOutput
 
-TRAINABLE_PREFIXES = ("encoder.", "adapter.")  # DESIGN.md invariant 4
-
-
 def build_model(cfg: SpeechSFTConfig) -> tuple[SpeechLM, Tokenizer]:
-    """Frozen LM + encoder (encoder_from's weights, or a fresh cfg.encoder shape) + a fresh adapter (seeded)."""
+    """Frozen LM + encoder (encoder_from's weights, or a fresh cfg.encoder shape) + a fresh adapter of the design
+    cfg.adapter names (seeded; in_dim / out_dim / out_rms filled from the encoder and the LM)."""
     lm, tok, _ = load_lm(cfg.lm)
     torch.manual_seed(cfg.seed)
     if cfg.encoder_from:
         enc = load_encoder(cfg.encoder_from)
     else:
         enc = ConformerEncoder(encoder_config(cfg.encoder))
-    a = cfg.adapter
-    out_rms = embedding_rms(lm.tok_embeddings.weight) if a.match_embed_scale else 0.0
-    adapter = SpeechAdapter(SpeechAdapterConfig(in_dim=enc.cfg.dim, dim=a.dim, heads=a.heads, ffn_dim=a.ffn_dim,
-                                                out_dim=lm.cfg.dim, out_rms=out_rms, stride=a.stride,
-                                                learn_markers=a.learn_markers))
+    spec, knobs = speech_adapter_spec(cfg.adapter)
+    spec.update(in_dim=enc.cfg.dim, out_dim=lm.cfg.dim)
+    if "out_rms" in {f.name for f in dataclasses.fields(registry.parse("speech", spec)[0].Config)}:
+        spec["out_rms"] = embedding_rms(lm.tok_embeddings.weight) if knobs["match_embed_scale"] else 0.0
+    adapter = registry.build("speech", spec)
     if adapter.markers is not None:  # start from how typed text is quoted: the LM's embedding of '"', twice
         with torch.no_grad():
             adapter.markers.copy_(lm.tok_embeddings.weight[tok.encode('"')[0]].expand(2, -1))
@@ -88,7 +89,7 @@ class SpeechFeed(StepFeed):
     def __init__(self, loader: Loader, tok: Tokenizer, cfg: SpeechSFTConfig, model: SpeechLM, device: torch.device):
         super().__init__(loader, cfg.train.grad_accum)
         self.fmt, self.cfg, self.device, self.pad_id, self.tok = ChatFormat(tok), cfg, device, tok.pad_id, tok
-        self.ids, self.enc_cfg, self.adapter_cfg = model.ids, model.encoder.cfg, model.adapter.cfg
+        self.ids, self.enc_cfg, self.adapter = model.ids, model.encoder.cfg, model.adapter
         s = cfg.spec_augment
         self.featurize = Featurizer(SpecAugment(s.freq_masks, s.freq_width, s.time_masks, s.time_ratio))
         self.skipped: Counter = Counter()
@@ -98,7 +99,7 @@ class SpeechFeed(StepFeed):
         dialogs, waves, texts = [], [], []
         for j, (audio, text, meta) in enumerate(zip(batch["audio"], batch["text"], batch["meta"])):
             task, system, answer = pick_task(text, meta, self.cfg.tasks, random.Random(f"{self.cfg.seed}:{b}:{j}"))
-            n = n_speech_tokens(len(audio), self.enc_cfg, self.adapter_cfg)
+            n = n_speech_tokens(len(audio), self.enc_cfg, self.adapter)
             ids, mask = speech_dialog(self.fmt, self.ids, n, system, answer)
             if len(ids) > self.cfg.seq_len:
                 self.skipped["dialog_too_long"] += 1
