@@ -538,6 +538,8 @@ STAGE_CONFIGS: dict[str, type] = {
 def _fail(path: str, err: OmegaConfBaseException) -> ConfigError:
     key = getattr(err, "full_key", None) or "?"
     msg = str(err).splitlines()[0]
+    if key in MOVED_KEYS and "not in" in msg:
+        msg = f"moved: set {MOVED_KEYS[key]} (the adapter design's block) instead"
     return ConfigError(f"{path}: key '{key}': {msg}")
 
 
@@ -554,13 +556,19 @@ def _apply_override(cfg, ov: str):
 # config fields holding an adapter design block, per config class: dotted field -> (modality, block -> design spec)
 DESIGN_FIELDS: dict[type, dict[str, tuple[str, Any]]] = {
     SpeechSFTConfig: {"adapter": ("speech", lambda block: speech_adapter_spec(block)[0])},
+    ImageStageConfig: {"adapter": ("image", dict)},  # image_sft / image_dpo configs too (subclasses)
+    VideoStageConfig: {"aggregator": ("video", lambda b: {k: v for k, v in b.items() if v is not None})},  # None: the
+    # stage fills it (max_tokens)
 }
+# keys a stage YAML no longer has -> where they live now (a one-line hint instead of "not in ImageStageConfig")
+MOVED_KEYS = {"every": "adapter.every", "schedule": "adapter.schedule", "attend": "adapter.attend"}
 
 
 def validate_designs(cfg: Any, path: str) -> None:
     """ConfigError (one line naming the file and the key) unless every adapter block of cfg (DESIGN_FIELDS) parses
     as its design's Config (adapters.registry.parse: the kind exists, every key is a field of the right type)."""
-    for name, (modality, to_spec) in DESIGN_FIELDS.get(type(cfg), {}).items():
+    fields = next((f for cls, f in DESIGN_FIELDS.items() if isinstance(cfg, cls)), {})
+    for name, (modality, to_spec) in fields.items():
         block = cfg
         for part in name.split("."):
             block = getattr(block, part)

@@ -190,3 +190,17 @@ def test_a_design_trains_through_the_cli_and_reloads(world, tmp_path, kind):
         "image_adapter"])[1]
     if kind == "toy_mean":
         assert fused.image_adapter.scale == 0.5
+
+
+def test_stage_yamls_check_their_design_blocks():
+    from mm.config import ConfigError, load_config
+
+    img, vid = "experiments/image/image_pretrain_tiny.yaml", "experiments/video/video_pretrain_tiny.yaml"
+    with pytest.raises(ConfigError, match=r"image_pretrain_tiny.yaml: key 'adapter': .*'evry'"):
+        load_config(img, ["lm=x", "vision=y", "adapter.evry=2"])
+    with pytest.raises(ConfigError, match="moved: set adapter.every"):  # the flat key of older YAMLs
+        load_config(img, ["lm=x", "vision=y", "every=2"])
+    with pytest.raises(ConfigError, match=r"video_pretrain_tiny.yaml: key 'aggregator': .*'widht'"):
+        load_config(vid, ["init_from=x", "aggregator.widht=3"])
+    cfg = load_config(img, ["lm=x", "vision=y", "adapter={kind: mlp_concat, n_tokens: 4}"])  # a block replaces
+    assert cfg.adapter == {"kind": "mlp_concat", "n_tokens": 4}
