@@ -5,7 +5,7 @@
 
 Prints ONE JSON line: vqa_acc (VQA normalisation; min(#matching refs / 3, 1) with several references, else exact
 match), vqa_acc_by_family, blind_vqa_acc(_by_family), exact_match (any reference matches), text_bpb and
-lm_text_bpb (equal by DESIGN.md invariant 1: text_bpb_equal), items, timings. Metric code: mm/eval_image.py.
+lm_text_bpb (equal by DESIGN.md invariant 1: text_bpb_equal), items, timings. Metric code: mm/eval/image.py.
 --tsv (VLMEvalKit, MMBench-style) / --jsonl (lmms-eval style) score a benchmark file instead of shards (readers:
 data/bench_files.py): per category (*_by_family), lettered multiple choice, bad rows counted under "skipped".
 """
@@ -23,12 +23,12 @@ import torch  # noqa: E402
 
 from data.shards import SkipCounter, expand_shards, iter_text_docs  # noqa: E402
 from mm.cli import run_reporting  # noqa: E402
-from mm.eval_image import eval_image_file, eval_image_shards  # noqa: E402
-from mm.eval_text import bits_per_byte  # noqa: E402
-from mm.runs import load_lm  # noqa: E402
+from mm.eval.image import eval_image_file, eval_image_shards  # noqa: E402
+from mm.eval.text import bits_per_byte  # noqa: E402
+from mm.model.runs import load_lm  # noqa: E402
 from mm.stages.image_pretrain import load_fused  # noqa: E402
-from mm.checkpoint import load_meta  # noqa: E402
-from mm.runs import model_dir  # noqa: E402
+from mm.model.checkpoint import load_meta  # noqa: E402
+from mm.model.runs import model_dir  # noqa: E402
 
 
 def text_bpb(fused, lm, tok, spec: str, max_docs: int, seq_len: int) -> dict:

@@ -5,7 +5,7 @@ translation and spoken-QA exact match.
     python benchmarks/speech.py --ckpt runs/speech_sft_tiny [--shards VAL_SPEC] [--max-items N]
     python benchmarks/speech.py --ckpt RUN_A --against RUN_B    # paired: WER(A) - WER(B), bootstrap 95% CI
 
-Prints ONE JSON line (metric code: mm/eval_speech.py).
+Prints ONE JSON line (metric code: mm/eval/speech.py).
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import time  # noqa: E402
 import torch  # noqa: E402
 
 from mm.cli import run_reporting  # noqa: E402
-from mm.eval_speech import compare_speech, eval_speech_shards  # noqa: E402
+from mm.eval.speech import compare_speech, eval_speech_shards  # noqa: E402
 from mm.speech import load_speech_model  # noqa: E402
 
 

@@ -22,7 +22,7 @@ import torch
 
 from llm.export import hf_config, to_hf_state
 from llm.model import Llama, flops_per_token, shape_config
-from mm.metrics import mfu, peak_flops
+from mm.train.metrics import mfu, peak_flops
 
 
 def build_pair(args, device):

@@ -9,7 +9,7 @@ Prints ONE JSON line: val_bpb (the model over ALL held-out documents), unigram_b
 pretraining run's training tokens, same text), ratio = val_bpb / unigram_bpb, docs, bytes; with a chat model (or
 --chat): "exact_match" {family: acc, overall}; with --rm: "rm_pref_acc"; for a model initialised from another:
 "chosen_frac"; with --rm and --vs: "rm_win_rate_vs". Text defaults come from the pretraining run's config.yaml (found
-by following init_from). The metric code lives in mm/eval_text.py and mm/eval_chat.py.
+by following init_from). The metric code lives in mm/eval/text.py and mm/eval/chat.py.
 """
 from __future__ import annotations
 
@@ -27,8 +27,8 @@ from tqdm import tqdm
 from data.shards import SkipCounter, expand_shards, iter_text_docs
 from data.token_stream import TokenSource, tokenize_docs
 from mm.cli import run_reporting
-from mm.eval_text import bits_per_byte, unigram_bits_per_byte
-from mm.runs import load_lm, model_dir
+from mm.eval.text import bits_per_byte, unigram_bits_per_byte
+from mm.model.runs import load_lm, model_dir
 
 DEFAULT_SEQ_LEN = 512
 DOCS_PER_CHUNK = 16  # held-out docs scored per bits_per_byte call (one progress-bar tick)
@@ -75,8 +75,8 @@ def posttrain_metrics(args, model, tok, meta: dict, run_dir: Path) -> dict:
     from data.chat_kit import iter_chat
     from data.chat_stream import encode_pairs
     from llm.tokenizer import ChatFormat
-    from mm.eval_chat import exact_match_by_family, implicit_reward_accuracy, preference_accuracy, rm_win_rate
-    from mm.runs import load_reward_model
+    from mm.eval.chat import exact_match_by_family, implicit_reward_accuracy, preference_accuracy, rm_win_rate
+    from mm.model.runs import load_reward_model
 
     out: dict = {}
     chat_val = [ex for ex in iter_chat(expand_shards(args.chat_shards)) if ex.get("answer")]

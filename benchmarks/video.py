@@ -4,8 +4,8 @@ and with no video ("blind_acc"); "temporal" sums the direction and order questio
 
     python benchmarks/video.py --ckpt runs/video_sft_tiny [--shards VAL_SPEC] [--max-items N] [--frames F]
 
-Prints ONE JSON line (keys of mm.eval_video.video_eval plus shards, clips, skipped, timings). Metric code:
-mm/eval_video.py.
+Prints ONE JSON line (keys of mm.eval.video.video_eval plus shards, clips, skipped, timings). Metric code:
+mm/eval/video.py.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import time  # noqa: E402
 import torch  # noqa: E402
 
 from mm.cli import run_reporting  # noqa: E402
-from mm.eval_video import eval_video_shards  # noqa: E402
+from mm.eval.video import eval_video_shards  # noqa: E402
 from mm.stages.video import load_video, saved_num_frames  # noqa: E402
 
 

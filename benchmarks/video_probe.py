@@ -29,7 +29,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from llm.tokenizer import ChatFormat  # noqa: E402
 from mm.cli import run_reporting  # noqa: E402
-from mm.eval_video import load_video_samples, single_frame  # noqa: E402
+from mm.eval.video import load_video_samples, single_frame  # noqa: E402
 from mm.stages.video import encode_video_qa, frame_features, frames_to_pixels, load_video, saved_num_frames, \
     short_prompt  # noqa: E402
 

@@ -208,7 +208,7 @@ def zero_shot_suite(model: ClipModel, tokenizer, samples: Sequence[dict], batch_
 def clip_score_fn(run_dir, device: str | torch.device = "cpu") -> Callable:
     """A `score(image, caption) -> float` for data.curation.clip_filter: the cosine similarity (in [-1, 1]) of a CLIP
     run's image and caption embeddings. image: (H, W, 3) uint8 array or (3, H, W) uint8 tensor."""
-    from mm.runs import load_clip
+    from mm.model.runs import load_clip
 
     model, tok, _ = load_clip(run_dir, device)
 

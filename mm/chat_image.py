@@ -11,7 +11,7 @@ import torch
 from data.decode import decode_image
 from data.shards import BadSample
 from llm.tokenizer import ChatFormat
-from mm.eval_image import image_media
+from mm.eval.image import image_media
 from mm.fused import generate_fused
 
 DESCRIBE = "Describe the image."

@@ -13,7 +13,7 @@ from data.audio import _decode_audio
 from data.decode import CAPS
 from data.shards import BadSample
 from llm.tokenizer import ChatFormat
-from mm.eval_speech import respond
+from mm.eval.speech import respond
 from mm.speech import ASR_PROMPT, SpeechLM
 
 DEFAULT_PROMPT = ASR_PROMPT.format(language="English")

@@ -12,7 +12,7 @@ from data.decode import decode_video
 from data.shards import BadSample
 from llm.tokenizer import ChatFormat
 from mm.chat_image import chat_prompt_ids
-from mm.eval_video import clip_kv
+from mm.eval.video import clip_kv
 from mm.fused import generate_fused
 
 DESCRIBE = "Describe the video."

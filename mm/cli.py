@@ -8,9 +8,9 @@ import shlex
 import sys
 from pathlib import Path
 
-from mm.checkpoint import CheckpointError
+from mm.model.checkpoint import CheckpointError
 from mm.config import ConfigError
-from mm.train import Preempted
+from mm.train.trainer import Preempted
 
 PREEMPTED_EXIT = 75  # EX_TEMPFAIL: stopped by SIGTERM / SIGINT after a checkpoint; re-run with --resume
 
@@ -73,8 +73,8 @@ def cmd_data(args) -> dict:
 
 
 def _run_kind(ckpt) -> str | None:
-    from mm.checkpoint import load_meta
-    from mm.runs import model_dir
+    from mm.model.checkpoint import load_meta
+    from mm.model.runs import model_dir
 
     return load_meta(model_dir(ckpt)).get("kind")
 
@@ -157,7 +157,7 @@ def cmd_chat(args) -> dict:
     else:
         if args.image:
             raise ValueError(f"--image needs an image-stage run; {args.ckpt} is a text model")
-        from mm.runs import load_lm
+        from mm.model.runs import load_lm
 
         model, tok, meta = load_lm(args.ckpt)
         chat = bool(meta.get("chat")) and not args.raw
@@ -201,14 +201,14 @@ def cmd_compose(args) -> dict:
 
 def cmd_export(args) -> dict:
     from llm.export import export_hf
-    from mm.runs import load_lm
+    from mm.model.runs import load_lm
 
     model, tok, _ = load_lm(args.ckpt)
     return export_hf(model, tok, Path(args.out))
 
 
 def cmd_average(args) -> dict:
-    from mm.average import average_runs
+    from mm.train.average import average_runs
 
     weights = [float(w) for w in args.weights.split(",")] if args.weights else None
     if weights is not None and len(weights) != len(args.runs):
@@ -240,7 +240,7 @@ def cmd_eval(args) -> dict:
     if len(given) != 1:
         raise ValueError(f"mm eval image: give exactly one of --shards, --tsv, --jsonl; got {given}")
     if args.modality == "image":
-        from mm.eval_image import eval_image_file, eval_image_shards
+        from mm.eval.image import eval_image_file, eval_image_shards
         from mm.stages.image_pretrain import load_fused
 
         if args.threads:
@@ -255,7 +255,7 @@ def cmd_eval(args) -> dict:
         kind = "tsv" if args.tsv else "jsonl"
         return {"ckpt": str(args.ckpt), **eval_image_file(fused, vision, tok, args.tsv or args.jsonl, kind, **kw)}
     if args.modality == "video":
-        from mm.eval_video import eval_video_shards
+        from mm.eval.video import eval_video_shards
         from mm.stages.video import load_video, saved_num_frames
 
         if args.threads:
@@ -267,7 +267,7 @@ def cmd_eval(args) -> dict:
                                                             args.frames or saved_num_frames(args.ckpt),
                                                             args.max_items, args.max_new_tokens, seed=args.seed)}
     if args.modality == "speech":
-        from mm.eval_speech import eval_speech_shards
+        from mm.eval.speech import eval_speech_shards
         from mm.speech import load_speech_model
 
         if args.threads:
@@ -280,8 +280,8 @@ def cmd_eval(args) -> dict:
     if args.modality != "text":
         raise ValueError(f"mm eval {args.modality}: not available yet (text, image and speech)")
     from data.shards import SkipCounter, expand_shards, iter_text_docs
-    from mm.eval_text import bits_per_byte
-    from mm.runs import load_lm
+    from mm.eval.text import bits_per_byte
+    from mm.model.runs import load_lm
 
     model, tok, _ = load_lm(args.ckpt)
     skips = SkipCounter()

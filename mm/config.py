@@ -382,9 +382,9 @@ class SpeechSFTConfig:
     char_ctc_weight: float = 0.0
     # train the encoder on the character CTC alone (no adapter, no LM forward: several times cheaper per step): an
     # acoustic stage whose encoder a later speech_sft loads with encoder_from; needs char_ctc_weight > 0; its eval
-    # is the char head's held-out CER and WER (mm.eval_speech.acoustic_eval)
+    # is the char head's held-out CER and WER (mm.eval.speech.acoustic_eval)
     acoustic_only: bool = False
-    eval_items: int = 100  # held-out items scored at the end (mm.eval_speech; 0: skip)
+    eval_items: int = 100  # held-out items scored at the end (mm.eval.speech; 0: skip)
     data: AudioDataConfig = field(default_factory=AudioDataConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-3, weight_decay=0.01))
 
@@ -448,7 +448,7 @@ class ComposeConfig:
 
 @dataclass
 class HerdReportConfig:
-    """Stage `herd_report`: benchmark every trained part against its baseline and write report.md (mm.report).
+    """Stage `herd_report`: benchmark every trained part against its baseline and write report.md (mm.eval.report).
     Paths are run directories; an empty one skips that modality (its row says so)."""
 
     stage: str = "herd_report"
@@ -496,7 +496,7 @@ class AblationArm:
 
 @dataclass
 class AblationConfig:
-    """Stage `ablation` (mm.ablation): every arm trains `config` with the shared `overrides` plus its own (same seed,
+    """Stage `ablation` (mm.stages.ablation): every arm trains `config` with the shared `overrides` plus its own (same seed,
     data order and step budget), all arms are scored on the same held-out items (`eval_shards`, `eval_items`; 0: all)
     with the modality's controls, and compared with the `default` arm (the first when empty) by paired bootstrap."""
 

@@ -149,10 +149,10 @@ def corpus() -> list[str]:
 def save_tiny_lm(directory: str | Path, n_layers: int = 4, vocab_size: int = 400, seed: int = 0,
                  output_std: float = 0.3) -> Path:
     """A randomly initialised tiny Llama (dim 32, GQA 4/2 heads; output head at std output_std) with a tokenizer
-    trained on corpus(), saved as an LM run (mm.runs.save_lm); returns the run directory."""
+    trained on corpus(), saved as an LM run (mm.model.runs.save_lm); returns the run directory."""
     from llm.model import Llama, LlamaConfig
     from llm.tokenizer import train_tokenizer
-    from mm.runs import save_lm
+    from mm.model.runs import save_lm
 
     tok = train_tokenizer(corpus(), vocab_size)
     cfg = LlamaConfig(vocab_size=tok.vocab_size, dim=32, n_layers=n_layers, n_heads=4, n_kv_heads=2,
@@ -168,7 +168,7 @@ def save_tiny_lm(directory: str | Path, n_layers: int = 4, vocab_size: int = 400
 def save_tiny_vision(directory: str | Path, seed: int = 1):
     """A randomly initialised tiny ViT (one 32-px tile of 4-px patches) saved as a clip run; returns the directory."""
     from encoders.vision import VisionConfig, VisionEncoder
-    from mm.checkpoint import save_weights
+    from mm.model.checkpoint import save_weights
 
     vcfg = VisionConfig(image_size=SIZE, patch_size=4, width=32, layers=2, heads=2, mlp_dim=64, taps=[0], n_gated=1,
                         max_tiles=1)
@@ -251,11 +251,11 @@ def val_shards(run: str | Path) -> str:
 def held_out_image(run: str | Path, image_size: int, seed: int = 1) -> tuple[np.ndarray, str]:
     """One held-out image of a run as (3, H, W) uint8 and a question about it: from an image run's val shards (its
     first qa question, else "Describe the image."), or the middle frame of a video run's held-out clip."""
-    from mm.checkpoint import load_meta
-    from mm.runs import model_dir
+    from mm.model.checkpoint import load_meta
+    from mm.model.runs import model_dir
 
     if "video" in load_meta(model_dir(run)):
-        from mm.eval_video import load_video_samples
+        from mm.eval.video import load_video_samples
 
         frames = load_video_samples(val_shards(run), 8, image_size, max_items=1, seed=seed)[0][0]["frames"]
         return np.asarray(frames[len(frames) // 2]), "Describe the image."

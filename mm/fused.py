@@ -27,7 +27,7 @@ from adapters.masks import media_attention_mask
 from llm.generate import _pick
 from llm.loss import linear_cross_entropy
 from llm.model import Llama, document_mask, rope_tables
-from mm.checkpoint import load_into, load_tensors
+from mm.model.checkpoint import load_into, load_tensors
 
 
 def _valid_mask(media: torch.Tensor, media_mask: torch.Tensor | None) -> torch.Tensor:
@@ -198,7 +198,7 @@ class FusedLM(nn.Module):
         modules, strict on exactly the LM's keys and shapes; adapter tensors are not touched."""
         source: str | Path = "<state dict>"
         if not isinstance(state, dict):
-            from mm.runs import model_dir
+            from mm.model.runs import model_dir
 
             source = model_dir(state) / "model.safetensors"
             state = load_tensors(source)

@@ -26,9 +26,9 @@ from adapters import registry
 from adapters.speech import SpeechAdapter, SpeechTokens, mask_speech_labels, splice_speech
 from encoders.speech import ConformerEncoder
 from llm.tokenizer import ChatFormat, Tokenizer
-from mm.checkpoint import CheckpointError, load_into, load_meta, load_tensors, save_weights
+from mm.model.checkpoint import CheckpointError, load_into, load_meta, load_tensors, save_weights
 from mm.fused import FusedLM, MediaKV, generate_fused
-from mm.runs import model_dir
+from mm.model.runs import model_dir
 
 KIND = "herd"
 
@@ -138,8 +138,8 @@ def chat_herd(herd: HerdLM, tok: Tokenizer, text: str | None = None, *, image: s
     from mm.chat_image import decode_size, read_image_file
     from mm.chat_speech import read_audio_file
     from mm.chat_video import read_video_file
-    from mm.eval_image import image_media
-    from mm.eval_video import clip_kv
+    from mm.eval.image import image_media
+    from mm.eval.video import clip_kv
     from mm.speech import Featurizer, n_speech_tokens
 
     if video is not None and herd.fused.video_adapter is None:
@@ -238,7 +238,7 @@ def load_herd(ckpt: str | Path, device: str | torch.device = "cpu") -> tuple[Her
     are no longer those the herd was composed on, or the tensors do not fit."""
     from encoders.speech import ConformerConfig
     from encoders.vision import VisionConfig, VisionEncoder
-    from mm.runs import load_lm
+    from mm.model.runs import load_lm
     from mm.speech import speech_adapter_from_meta
     from mm.stages.image_pretrain import build_fused
     from mm.stages.video import video_spec

@@ -12,9 +12,9 @@ from pathlib import Path
 from data.atomic import atomic_write_text
 from llm.import_hf import import_hf
 from llm.model import Llama
-from mm.checkpoint import file_sha256, load_into
-from mm.rundir import RunLock
-from mm.runs import FINAL, save_lm
+from mm.model.checkpoint import file_sha256, load_into
+from mm.train.rundir import RunLock
+from mm.model.runs import FINAL, save_lm
 
 
 def import_hf_run(model: str | Path, out: str | Path, chat: bool = False, force: bool = False) -> dict:

@@ -12,7 +12,7 @@ from pathlib import Path
 from data.atomic import atomic_write_text
 from data.decode import set_media_caps
 from mm.config import load_config, to_yaml
-from mm.rundir import ConfigDrift, RunLock, check_matches, fingerprint, read_fingerprint, write_fingerprint
+from mm.train.rundir import ConfigDrift, RunLock, check_matches, fingerprint, read_fingerprint, write_fingerprint
 
 CLEARED_BY_FORCE = ("checkpoints", "final", "metrics.jsonl", "tb", "result.json", "tokenizer.json", "tokens",
                     "model_config.json", "benchmarks", "report.md", "shards"

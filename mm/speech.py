@@ -21,8 +21,8 @@ from encoders.speech import ConformerConfig, ConformerEncoder, LogMel, SpecAugme
 from llm.generate import _pick
 from llm.model import Llama
 from llm.tokenizer import ChatFormat, Tokenizer
-from mm.checkpoint import CheckpointError, load_into, load_meta, load_tensors, save_weights
-from mm.runs import load_lm, model_dir
+from mm.model.checkpoint import CheckpointError, load_into, load_meta, load_tensors, save_weights
+from mm.model.runs import load_lm, model_dir
 
 ASR_PROMPT = "Repeat after me in {language}:"
 AST_PROMPT = "Translate the following sentence into {language}:"

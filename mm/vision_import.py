@@ -3,16 +3,16 @@
 RUN/final/{model.safetensors ("vision.*" = the VisionEncoder; "visual_proj.weight" (E, width) when the checkpoint has
 open_clip's image projection), meta.json (kind "vision", stage "import", vision_config, source: kind, arch, file,
 sha256, native image size, pooling)} plus RUN/result.json. Image stages take RUN as `vision=`; clip_pretrain starts
-from it with `vision_from=RUN`; mm.runs.load_vision_encoder reads it.
+from it with `vision_from=RUN`; mm.model.runs.load_vision_encoder reads it.
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from mm.checkpoint import file_sha256, save_weights
-from mm.rundir import RunLock
-from mm.runs import FINAL
+from mm.model.checkpoint import file_sha256, save_weights
+from mm.train.rundir import RunLock
+from mm.model.runs import FINAL
 
 
 def import_vision_run(kind: str, model: str | Path, arch: str, out: str | Path, image_size: int | None = None,

@@ -1,4 +1,4 @@
-"""Stage `ablation` (mm.ablation) and the paired bootstrap (mm.stats): arms trained on equal budgets, scored on the
+"""Stage `ablation` (mm.stages.ablation) and the paired bootstrap (mm.eval.stats): arms trained on equal budgets, scored on the
 same held-out items with their controls, compared by paired bootstrap; completed arms and their scores reused."""
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import yaml
 
-from mm.stats import bootstrap_ci, paired_bootstrap
+from mm.eval.stats import bootstrap_ci, paired_bootstrap
 from tests.test_image_stage import YAML, _overrides, make_world
 
 pytestmark = pytest.mark.usefixtures("one_thread")

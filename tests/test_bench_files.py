@@ -1,5 +1,5 @@
 """Benchmark files (data/bench_files.py; `mm eval image --tsv / --jsonl`, benchmarks/image.py): VLMEvalKit TSV and
-lmms-eval JSONL rows become the image samples the shard reader gives (one scoring path, mm/eval_image.py), lettered
+lmms-eval JSONL rows become the image samples the shard reader gives (one scoring path, mm/eval/image.py), lettered
 multiple choice in the data/qa_format.py prompt, bad rows skipped and counted, a file of the wrong shape is one
 error line naming the file."""
 from __future__ import annotations
@@ -129,7 +129,7 @@ def test_wrong_shape_is_one_error_naming_the_file(tmp_path, image_run):
 
 
 def test_letter_scoring():
-    from mm.eval_image import item_score, vqa_items
+    from mm.eval.image import item_score, vqa_items
 
     s = {"meta": {"family": "pets", "qa": [{"question": "Which?", "choices": ["dog", "cat"], "answers": ["cat"],
                                             "letter": "B"}, {"question": "What?", "answers": ["cat"]}]}}

@@ -70,7 +70,7 @@ def test_every_shipped_stage_yaml_and_pipeline_step_loads():
     """Each experiments/ YAML with a stage loads typed, and so does every pipeline step's config under the step's
     overrides ({run} etc. filled): a typo in a shipped recipe fails here, not an hour into a run."""
     from mm.config import PipelineConfig
-    from mm.pipeline import _fill
+    from mm.stages.pipeline import _fill
 
     shipped = sorted(p for p in (REPO / "experiments").rglob("*.yaml") if "\nstage:" in "\n" + p.read_text())
     assert len(shipped) >= 15

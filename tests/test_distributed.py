@@ -79,8 +79,8 @@ def test_two_processes_match_one(runs, mode):
 
 
 def test_fsdp_checkpoint_loads_in_one_process(runs):
-    from mm.checkpoint import load_state, load_tensors
-    from mm.runs import load_lm
+    from mm.model.checkpoint import load_state, load_tensors
+    from mm.model.runs import load_lm
 
     single, _, _ = load_lm(runs["single"])
     fsdp, tok, _ = load_lm(runs["fsdp"])  # final/ written from the gathered FSDP state
@@ -108,7 +108,7 @@ def test_sigterm_under_torchrun_checkpoints_and_resumes_bitwise(runs, tmp_path):
     import signal
     import time
 
-    from mm.checkpoint import list_checkpoints, load_tensors
+    from mm.model.checkpoint import list_checkpoints, load_tensors
 
     steps = 60
     shards = runs["single"].parent / "shards"

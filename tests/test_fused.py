@@ -15,7 +15,7 @@ import torch
 from adapters.cross_attention import GatedCrossAttentionBlock, fusion_schedule
 from adapters.masks import media_attention_mask
 from llm.model import Llama, LlamaConfig
-from mm.checkpoint import CheckpointError, save_weights
+from mm.model.checkpoint import CheckpointError, save_weights
 from mm.fused import FusedLM, generate_fused
 
 REPO = Path(__file__).resolve().parents[1]

@@ -15,7 +15,7 @@ from llm.generate import generate
 from llm.model import Llama, LlamaConfig
 from llm.tokenizer import ChatFormat, train_tokenizer
 from mm import cli
-from mm.runs import save_lm
+from mm.model.runs import save_lm
 
 REPO = Path(__file__).resolve().parents[1]
 VOCAB = 352

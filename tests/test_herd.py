@@ -26,9 +26,9 @@ from encoders.speech import ConformerEncoder, speech_shape
 from encoders.vision import VisionEncoder
 from llm.model import Llama, LlamaConfig
 from llm.tokenizer import ChatFormat, train_tokenizer
-from mm.checkpoint import CheckpointError, load_meta, load_tensors
+from mm.model.checkpoint import CheckpointError, load_meta, load_tensors
 from mm.herd import generate_herd, herd_prompt_ids, lm_fingerprint, load_herd, save_herd
-from mm.runs import load_lm, save_lm
+from mm.model.runs import load_lm, save_lm
 from tests.test_video_stage import VCFG
 
 REPO = Path(__file__).resolve().parents[1]

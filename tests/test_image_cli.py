@@ -1,6 +1,6 @@
 """`mm chat --image` and `mm eval image` on a tiny image run (DESIGN.md "CLI"; invariant 8 for the image file): the
 image is decoded by our decoder, encoded once, answered through generate_fused; bad files are one error line naming
-the file (exit 2); `mm eval image` uses mm/eval_image.py (the functions benchmarks/image.py uses) and counts skips."""
+the file (exit 2); `mm eval image` uses mm/eval/image.py (the functions benchmarks/image.py uses) and counts skips."""
 from __future__ import annotations
 
 import contextlib
@@ -62,7 +62,7 @@ def test_chat_image_matches_generate_fused(image_run, tmp_path):
     """The CLI reply is generate_fused on `<|image|>` + prompt with the encoded image (greedy)."""
     from llm.tokenizer import ChatFormat
     from mm.chat_image import chat_prompt_ids, decode_size, read_image_file
-    from mm.eval_image import image_media
+    from mm.eval.image import image_media
     from mm.fused import generate_fused
     from mm.stages.image_pretrain import encode_vqa, load_fused
 
@@ -95,7 +95,7 @@ def test_chat_image_bad_files_exit_2(image_run, tmp_path):
 def test_chat_text_only_on_image_run_equals_lm(image_run, world):  # noqa: F811
     from llm.generate import generate
     from llm.tokenizer import ChatFormat
-    from mm.runs import load_lm
+    from mm.model.runs import load_lm
 
     lm, tok, _ = load_lm(world["lm"])
     ids, _ = ChatFormat(tok).encode_dialog([{"role": "user", "content": "is it a bag?"}])
@@ -135,7 +135,7 @@ def test_eval_image_scores_and_counts_skips(image_run, world, tmp_path):  # noqa
     assert {k: b[k] for k in ("vqa_acc", "blind_vqa_acc", "skipped", "items")} == \
         {k: res[k] for k in ("vqa_acc", "blind_vqa_acc", "skipped", "items")}
     # --families keeps one task family's samples (all of them: the cap does not cut them before the filter)
-    from mm.eval_image import eval_image_shards
+    from mm.eval.image import eval_image_shards
     from mm.stages.image_pretrain import load_fused
 
     fused, vision, tok = load_fused(image_run)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from data.chat_tasks import normalise_answer
-from mm.checkpoint import load_tensors
+from mm.model.checkpoint import load_tensors
 from mm.stages.image_dpo import inject_error
 from tests.test_image_stage import _overrides, _run, world  # noqa: F401  (module-level fixture / helpers)
 
@@ -98,7 +98,7 @@ def test_image_dpo_stage_trains_adapter_keeps_lm_and_resumes(world, tmp_path, mo
     from mm.stages.image_pretrain import load_fused
 
     fused, _, _ = load_fused(tmp_path / "full")
-    from mm.runs import load_lm
+    from mm.model.runs import load_lm
 
     lm, _, _ = load_lm(world["lm"])
     toks = torch.randint(0, lm.cfg.vocab_size - 20, (2, 9))

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from llm.model import Llama, LlamaConfig
-from mm.checkpoint import load_tensors
-from mm.runs import load_lm, save_lm
+from mm.model.checkpoint import load_tensors
+from mm.model.runs import load_lm, save_lm
 from tests.test_image_stage import _overrides, world  # noqa: F401  (module-level fixtures / helpers)
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -17,8 +17,8 @@ from data.image_kit import encode_image
 from encoders.vision import VisionConfig, VisionEncoder
 from llm.model import Llama, LlamaConfig
 from llm.tokenizer import train_tokenizer
-from mm.checkpoint import load_tensors, save_weights
-from mm.runs import save_lm
+from mm.model.checkpoint import load_tensors, save_weights
+from mm.model.runs import save_lm
 
 REPO = Path(__file__).resolve().parents[1]
 YAML = "experiments/image/image_pretrain_tiny.yaml"
@@ -87,9 +87,9 @@ def _run(world: dict, out: Path, *extra: str) -> dict:
 
 def test_trainable_set_is_vit_plus_adapter(world):
     from mm.config import load_config
-    from mm.distributed import DistInfo
+    from mm.train.distributed import DistInfo
     from mm.stages.image_pretrain import build_model, freeze_for_image
-    from mm.train import Trainer
+    from mm.train.trainer import Trainer
 
     cfg = load_config(REPO / YAML, _overrides(world))
     model, tok, _ = build_model(cfg)
@@ -131,7 +131,7 @@ def test_stage_trains_keeps_lm_and_resumes_exactly(world, tmp_path, monkeypatch)
     assert all(torch.equal(c[f"fused.{k}"], v) for k, v in lm_sd.items())
     # invariant 1 after training: fused with no media == bare LM, bitwise; with media the answer changes
     fused, vision, tok = load_fused(tmp_path / "full")
-    from mm.runs import load_lm
+    from mm.model.runs import load_lm
 
     lm, _, _ = load_lm(world["lm"])
     toks = torch.randint(0, 250, (2, 20), generator=torch.Generator().manual_seed(0))
@@ -156,7 +156,7 @@ def test_stage_trains_keeps_lm_and_resumes_exactly(world, tmp_path, monkeypatch)
 
 
 def test_vqa_scoring_rule():
-    from mm.eval_image import vqa_score as score
+    from mm.eval.image import vqa_score as score
 
     assert score("Two", ["2"]) == 1.0  # one reference: exact match after normalisation (number words -> digits)
     assert score("the cat.", "cat") == 1.0 and score("dog", ["cat"]) == 0.0

@@ -17,8 +17,8 @@ from tokenizers import pre_tokenizers, processors, trainers
 
 from llm.generate import generate
 from llm.tokenizer import CHAT_TEMPLATE, ChatFormat, _empty_hf
-from mm.checkpoint import load_tensors
-from mm.runs import load_lm
+from mm.model.checkpoint import load_tensors
+from mm.model.runs import load_lm
 
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import save_file
 
 from encoders.import_vit import VitImportError, default_taps, import_vit
-from mm.checkpoint import load_tensors
+from mm.model.checkpoint import load_tensors
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -192,8 +192,8 @@ def imported(tmp_path_factory) -> tuple[Path, dict]:
 
 
 def test_imported_run_loads_as_vision(imported):
-    from mm.checkpoint import load_meta
-    from mm.runs import load_vision_encoder
+    from mm.model.checkpoint import load_meta
+    from mm.model.runs import load_vision_encoder
     from mm.stages.image_pretrain import load_vision
 
     run, sd = imported

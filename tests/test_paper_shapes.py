@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from mm.config import ConfigError
-from mm.paper_shapes import count_herd, load_herd_shape
+from mm.model.paper_shapes import count_herd, load_herd_shape
 
 REPO = Path(__file__).resolve().parents[1]
 # part -> (PAPER.md figure, relative tolerance); video / adapter sizes are the paper's totals around UNCONFIRMED shapes

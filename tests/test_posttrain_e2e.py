@@ -11,7 +11,7 @@ from data.chat_kit import iter_chat, write_json_shards
 from data.shards import expand_shards
 from data.text_kit import pydoc_documents, write_text_shards
 from mm.cli import main
-from mm.runs import load_lm, load_reward_model
+from mm.model.runs import load_lm, load_reward_model
 
 REPO = Path(__file__).resolve().parent.parent
 

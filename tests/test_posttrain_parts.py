@@ -9,9 +9,9 @@ from data.token_stream import IGNORE
 from llm.model import Llama, LlamaConfig
 from llm.reward import RewardModel, answer_labels, dpo_loss, pairwise_loss, sequence_logps
 from llm.tokenizer import SPECIAL_TOKENS, ChatFormat, train_tokenizer
-from mm.average import average_states
-from mm.checkpoint import CheckpointError
-from mm.pipeline import _fill
+from mm.train.average import average_states
+from mm.model.checkpoint import CheckpointError
+from mm.stages.pipeline import _fill
 
 
 @pytest.fixture(scope="module")

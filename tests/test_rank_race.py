@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from data import token_stream
 from llm.tokenizer import train_tokenizer
-from mm.distributed import init_distributed
+from mm.train.distributed import init_distributed
 from mm.stages.lm_pretrain import token_sources
 
 out = Path(sys.argv[1])

@@ -1,9 +1,9 @@
-"""mm.report: loss and gate plots from the stages' metrics.jsonl, the benchmark table, examples; corrupt lines skipped."""
+"""mm.eval.report: loss and gate plots from the stages' metrics.jsonl, the benchmark table, examples; corrupt lines skipped."""
 from __future__ import annotations
 
 import json
 
-from mm.report import read_metrics, series, write_report
+from mm.eval.report import read_metrics, series, write_report
 
 
 def _metrics(d, recs, junk=False):

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from mm import demo
-from mm.checkpoint import load_tensors
+from mm.model.checkpoint import load_tensors
 from mm.runner import run_config
 
 REPO = Path(__file__).resolve().parents[1]

@@ -15,11 +15,11 @@ import torch
 
 from data.text_kit import pydoc_documents, write_text_shards
 from llm.model import Llama, LlamaConfig
-from mm.checkpoint import CheckpointError, list_checkpoints, load_tensors
+from mm.model.checkpoint import CheckpointError, list_checkpoints, load_tensors
 from mm.config import TrainConfig
-from mm.distributed import DistInfo
+from mm.train.distributed import DistInfo
 from mm.stages.lm_pretrain import lm_loss
-from mm.train import StepOutput, Trainer, TrainingDiverged
+from mm.train.trainer import StepOutput, Trainer, TrainingDiverged
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = "experiments/lm/pretrain_tiny.yaml"
@@ -120,7 +120,7 @@ def test_divergence_through_the_cli(base):
     assert not (out / "result.json").exists()
     ckpt = list_checkpoints(out / "checkpoints")[-1]
     assert str(ckpt) in lines[0]  # the message names the last good checkpoint ...
-    from mm.runs import load_lm
+    from mm.model.runs import load_lm
 
     model, _, meta = load_lm(out)  # ... and it loads, with finite weights
     assert meta["step"] == int(ckpt.name.split("_")[1])

@@ -18,8 +18,8 @@ import pytest
 import torch
 
 from data.text_kit import pydoc_documents, write_text_shards
-from mm.checkpoint import CheckpointError, list_checkpoints, load_tensors, save_weights, verify_checkpoint
-from mm.rundir import LOCK, ConfigDrift, RunLock, RunLocked
+from mm.model.checkpoint import CheckpointError, list_checkpoints, load_tensors, save_weights, verify_checkpoint
+from mm.train.rundir import LOCK, ConfigDrift, RunLock, RunLocked
 from mm.runner import run_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -60,7 +60,7 @@ def _finals_equal(a: Path, b: Path) -> bool:
 # ---- 1. one writer per run directory ------------------------------------------------------------------------------
 def _holder(run_dir: Path) -> subprocess.Popen:
     """Another live process holding run_dir's lock."""
-    code = (f"import time; from mm.rundir import RunLock; RunLock({str(run_dir)!r}).acquire(); "
+    code = (f"import time; from mm.train.rundir import RunLock; RunLock({str(run_dir)!r}).acquire(); "
             "print('held', flush=True); time.sleep(120)")
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=ENV, stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "held"

@@ -209,7 +209,7 @@ def test_char_ctc_targets_and_head_train_the_encoder_not_the_lm():
 
 
 def test_corpus_wer_normalises_and_aggregates_over_words():
-    from mm.eval_speech import corpus_bleu, corpus_wer, normalise_text
+    from mm.eval.speech import corpus_bleu, corpus_wer, normalise_text
 
     assert normalise_text("Mr. Smith won't pay twenty-five!") == "mister smith will not pay 25"
     assert corpus_wer(["Hello, World!"], ["hello world"]) == 0.0
@@ -221,7 +221,7 @@ def test_corpus_wer_normalises_and_aggregates_over_words():
 def test_paired_wer_delta_matches_corpus_wer_and_resolves_real_gaps():
     """The ablation's comparison: a minus b on the same utterances equals the corpus WERs' difference; identical
     systems give exactly 0 with a zero-width interval; a system better on every utterance has an interval below 0."""
-    from mm.eval_speech import corpus_wer, paired_wer_delta
+    from mm.eval.speech import corpus_wer, paired_wer_delta
 
     rng = np.random.default_rng(0)
     vocab = "the a red hen blue car sun tree sat on".split()
@@ -258,7 +258,7 @@ def world(tmp_path_factory) -> dict:
     """Tiny audio shards (tones; asr / ast / sqa samples), a tiny LM run."""
     from llm.model import Llama, LlamaConfig
     from llm.tokenizer import train_tokenizer
-    from mm.runs import save_lm
+    from mm.model.runs import save_lm
 
     root = tmp_path_factory.mktemp("speech")
     words = ["red hen", "blue car", "green tree", "yellow sun"]
@@ -305,8 +305,8 @@ def test_speech_eval_reports_the_text_oracle_ceiling(world):
     the eval reports that ceiling (text_wer, text_asr_loss) next to the audio and blind figures."""
     from data.token_stream import IGNORE
     from llm.tokenizer import ChatFormat
-    from mm.eval_speech import speech_eval
-    from mm.runs import load_lm
+    from mm.eval.speech import speech_eval
+    from mm.model.runs import load_lm
     from mm.speech import ASR_PROMPT, SpeechLM, speech_dialog
 
     lm, tok, _ = load_lm(world["lm"])
@@ -331,13 +331,13 @@ def test_speech_eval_reports_the_text_oracle_ceiling(world):
 
 
 def test_stages_trainable_sets_lm_unchanged_and_cli(world, tmp_path, monkeypatch):
-    from mm.checkpoint import load_tensors
+    from mm.model.checkpoint import load_tensors
     from mm.config import load_config
-    from mm.distributed import DistInfo
-    from mm.runs import load_lm
+    from mm.train.distributed import DistInfo
+    from mm.model.runs import load_lm
     from mm.speech import freeze_lm, load_speech_model
     from mm.stages.speech_sft import build_model
-    from mm.train import Trainer
+    from mm.train.trainer import Trainer
 
     monkeypatch.chdir(REPO)
     rc, pre = _mm("run", "experiments/speech/speech_pretrain_tiny.yaml", "--out", tmp_path / "pre", *_common(world),
@@ -421,7 +421,7 @@ def test_stages_trainable_sets_lm_unchanged_and_cli(world, tmp_path, monkeypatch
 
 def test_ctc_greedy_merges_repeats_and_drops_blanks():
     """Best-path decoding: repeats merge, a blank between two equal symbols keeps both, frames past n are ignored."""
-    from mm.eval_speech import ctc_greedy
+    from mm.eval.speech import ctc_greedy
     from mm.speech import CHARS
 
     path = "hh_el_llo_" + "zz"  # "_" = blank; the last two frames are padding (n excludes them)
@@ -435,7 +435,7 @@ def test_acoustic_stage_trains_only_the_encoder_and_feeds_speech_sft(world, tmp_
     """speech_sft acoustic_only: the character CTC alone moves the encoder; the adapter stays at its seeded init, the
     LM is untouched, no LM WER is claimed (only the char head's held-out CER); a later speech_sft starts from exactly
     that encoder (encoder_from)."""
-    from mm.checkpoint import load_tensors
+    from mm.model.checkpoint import load_tensors
     from mm.config import load_config
     from mm.speech import load_encoder
     from mm.stages.speech_sft import build_model

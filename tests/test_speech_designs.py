@@ -16,7 +16,7 @@ from adapters import registry
 from adapters.speech import SpeechTokens
 from encoders.speech import LogMel, pad_features
 from mm.config import ConfigError, load_config
-from mm.runs import load_lm
+from mm.model.runs import load_lm
 from mm.speech import SpeechLM, freeze_lm, generate_speech, load_speech_model, n_speech_tokens, save_speech_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -177,8 +177,8 @@ def test_frame_stack_mlp_trains_through_the_cli(world, tmp_path, monkeypatch):
     loss on the training utterances falls from the seeded init, the run reloads as that design (out_rms filled by
     match_embed_scale), exactly encoder + adapter trained, the LM is untouched."""
     from llm.tokenizer import ChatFormat
-    from mm.checkpoint import load_tensors
-    from mm.eval_speech import answer_loss, load_audio_items
+    from mm.model.checkpoint import load_tensors
+    from mm.eval.speech import answer_loss, load_audio_items
     from mm.speech import ASR_PROMPT
     from mm.stages.speech_sft import build_model
 

@@ -1,4 +1,4 @@
-"""mm.train.build_optimizer / Trainer: the gate LR multiplier (train.gate_lr_mult). The tanh gates get their own
+"""mm.train.trainer.build_optimizer / Trainer: the gate LR multiplier (train.gate_lr_mult). The tanh gates get their own
 group run at lr * mult (they really move that much faster), nothing else changes, the default keeps the two
 previous groups (so every other stage and its old optimizer states are untouched), and resume keeps the split."""
 from __future__ import annotations
@@ -8,8 +8,8 @@ import torch
 import torch.nn as nn
 
 from mm.config import TrainConfig
-from mm.distributed import DistInfo
-from mm.train import StepOutput, Trainer, build_optimizer, is_gate
+from mm.train.distributed import DistInfo
+from mm.train.trainer import StepOutput, Trainer, build_optimizer, is_gate
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 LR = 1e-3

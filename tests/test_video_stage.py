@@ -21,8 +21,8 @@ from data.video_kit import encode_mp4
 from encoders.vision import VisionConfig, VisionEncoder
 from llm.model import Llama, LlamaConfig
 from llm.tokenizer import train_tokenizer
-from mm.checkpoint import load_tensors, save_weights
-from mm.runs import save_lm
+from mm.model.checkpoint import load_tensors, save_weights
+from mm.model.runs import save_lm
 
 REPO = Path(__file__).resolve().parents[1]
 PRE, SFT = "experiments/video/video_pretrain_tiny.yaml", "experiments/video/video_sft_tiny.yaml"
@@ -67,7 +67,7 @@ def world(tmp_path_factory) -> dict:
         save_lm(root / name / "final", Llama(cfg).state_dict(), cfg, tok, {"stage": "lm_pretrain"})
     torch.manual_seed(1)
     vision = VisionEncoder(VCFG)
-    from mm.runs import load_lm
+    from mm.model.runs import load_lm
 
     lm, tok, _ = load_lm(root / "lm")
     fused = build_fused(lm, tok, VCFG.out_dim, {"kind": "gated_xattn", "every": 2})
@@ -113,9 +113,9 @@ def _video_adapter(model) -> set[str]:
 
 def test_trainable_set_is_the_video_adapter_and_the_recipe_head(world):
     from mm.config import load_config
-    from mm.distributed import DistInfo
+    from mm.train.distributed import DistInfo
     from mm.stages.video import build_model, freeze_for_video
-    from mm.train import Trainer
+    from mm.train.trainer import Trainer
 
     cfg = load_config(REPO / PRE, _overrides(world))
     model, tok, _, _ = build_model(cfg)
@@ -231,7 +231,7 @@ def test_attention_read_probe_needs_positions_when_only_the_place_differs():
 
 
 def test_pretrain_keeps_image_weights_resumes_and_sft_hot_swaps(world, tmp_path, monkeypatch):
-    from mm.runs import load_lm
+    from mm.model.runs import load_lm
     from mm.stages.image_pretrain import load_fused
     from mm.stages.video import load_video
 
@@ -324,7 +324,7 @@ def test_pretrain_keeps_image_weights_resumes_and_sft_hot_swaps(world, tmp_path,
 
 
 def test_video_metrics_prompts_and_controls():
-    from mm.eval_video import item_score, single_frame, video_items
+    from mm.eval.video import item_score, single_frame, video_items
     from data.qa_format import parse_letter
 
     meta = {"family": "order", "qa": [make_qa("Which appeared first, the cat or the dog?", ["the dog", "dog"],

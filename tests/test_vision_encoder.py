@@ -15,7 +15,7 @@ from encoders.clip import (ClipLoss, ClipModel, TextConfig, retrieval_recall_at_
 from encoders.vision import (GatedBlock, VisionConfig, VisionEncoder, best_grid, count_params, normalize_pixels,
                              supported_grids, tile_batch, tile_image, vision_config)
 from llm.tokenizer import train_tokenizer
-from mm.checkpoint import load_tensors
+from mm.model.checkpoint import load_tensors
 
 SMALL = dict(image_size=16, patch_size=8, width=32, layers=4, heads=2, mlp_dim=64, taps=[1, 3], n_gated=2)
 T = 5  # tokens per 16-px tile with patch 8: 4 patches + CLS
@@ -232,7 +232,7 @@ def test_clip_pretrain_stage_resume_and_loaders(shards, tmp_path, monkeypatch):
     # loading: the vision encoder alone, the whole CLIP model, and the curation scorer
     from data.curation import clip_filter
     from encoders.clip import clip_score_fn
-    from mm.runs import load_clip, load_vision_encoder
+    from mm.model.runs import load_clip, load_vision_encoder
 
     enc = load_vision_encoder(tmp_path / "full")
     assert isinstance(enc, VisionEncoder) and enc.cfg.width == 32 and enc.cfg.taps == [0]

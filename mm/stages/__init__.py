@@ -19,10 +19,10 @@ RUNNERS = {
     "speech_sft": ("mm.stages.speech_sft", "run"),
     "video_pretrain": ("mm.stages.video", "run"),
     "video_sft": ("mm.stages.video", "run"),
-    "pipeline": ("mm.pipeline", "run"),
+    "pipeline": ("mm.stages.pipeline", "run"),
     "herd_report": ("mm.stages.herd_report", "run"),
     "compose": ("mm.herd", "run_compose"),
-    "ablation": ("mm.ablation", "run"),
+    "ablation": ("mm.stages.ablation", "run"),
 }
 
 

@@ -5,7 +5,7 @@ embeddings and gated layers (used only from image_pretrain on, gates at 0) stay 
 
 Data: batch b of the `Loader` is a pure function of (seed, rank, world, b); step s uses batches s*grad_accum + i, so a
 resumed run reads exactly the batches the uninterrupted one would. Final: final/{model.safetensors, meta.json (kind
-clip, vision_config, clip_config), tokenizer.json}; load with mm.runs.load_clip / load_vision_encoder. In metrics.jsonl
+clip, vision_config, clip_config), tokenizer.json}; load with mm.model.runs.load_clip / load_vision_encoder. In metrics.jsonl
 a "token" is an image-text pair (tokens_per_s = pairs/s; MFU from encoders.clip.flops_per_pair).
 """
 from __future__ import annotations
@@ -23,12 +23,12 @@ from data.shards import BadSample, SkipCounter, expand_shards, iter_samples
 from encoders.clip import ClipLoss, ClipModel, TextConfig, flops_per_pair, tokenize_captions, zero_shot_suite
 from encoders.vision import normalize_pixels, vision_config
 from llm.tokenizer import Tokenizer
-from mm.checkpoint import save_weights
+from mm.model.checkpoint import save_weights
 from mm.config import ClipPretrainConfig, ConfigError
-from mm.distributed import full_state, init_distributed, unwrap, wrap_model
-from mm.runs import load_vision_encoder
+from mm.train.distributed import full_state, init_distributed, unwrap, wrap_model
+from mm.model.runs import load_vision_encoder
 from mm.stages.lm_pretrain import get_tokenizer
-from mm.train import StepOutput, Trainer, fit_stage, warmup_cosine
+from mm.train.trainer import StepOutput, Trainer, fit_stage, warmup_cosine
 
 # what clip_pretrain trains (DESIGN.md invariant 4); everything else in ClipModel is frozen
 TRAINABLE_PREFIXES = ("vision.vit.", "visual_proj.", "text.", "logit_scale")

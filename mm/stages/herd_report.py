@@ -3,7 +3,7 @@
 Each benchmark script (benchmarks/text.py, image.py, video.py, speech.py) runs as a subprocess, so the stage measures
 exactly what a user's command line would print and frees each model's memory when it ends; its JSON line is kept in
 benchmarks/<name>.json. Rows compare a model with its baseline (bare-LM unigram, the pretrained LM, the blind model,
-the single middle frame) and say whether it beats it; mm.report draws the plots and writes the markdown.
+the single middle frame) and say whether it beats it; mm.eval.report draws the plots and writes the markdown.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from mm.config import HerdReportConfig
-from mm.report import write_report
+from mm.eval.report import write_report
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -123,9 +123,9 @@ def speech_rows(cfg: HerdReportConfig, bench: Path) -> tuple[list[dict], list[di
 def herd_rows(cfg: HerdReportConfig, bench: Path) -> tuple[list[dict], list[dict]]:
     """The composed model with no media against the bare LM on held-out text: bits per byte must be equal."""
     from data.shards import SkipCounter, expand_shards, iter_text_docs
-    from mm.eval_text import bits_per_byte
+    from mm.eval.text import bits_per_byte
     from mm.herd import load_herd
-    from mm.runs import load_lm
+    from mm.model.runs import load_lm
 
     out = bench / "herd.json"
     if not out.exists():

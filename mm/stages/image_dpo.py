@@ -31,7 +31,7 @@ from mm.stages import image_pretrain
 from mm.stages.image_pretrain import (ImageFeed, ImageModel, ImageObjective, collate_dialogs,
                                       encode_vqa, images_to_pixels, pick_question)
 from mm.stages.lm_post import EMAReference, special_ids
-from mm.train import StepOutput, Trainer
+from mm.train.trainer import StepOutput, Trainer
 
 ERROR_KINDS = ("wrong_number", "wrong_word", "wrong_object")
 _INT = re.compile(r"^\d+$")

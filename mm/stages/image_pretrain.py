@@ -28,12 +28,12 @@ from data.loader import Loader, StepFeed
 from data.token_stream import IGNORE
 from encoders.vision import VisionConfig, VisionEncoder, normalize_pixels, tile_batch
 from llm.tokenizer import ChatFormat, Tokenizer
-from mm.checkpoint import CheckpointError, load_meta, load_tensors, save_weights
+from mm.model.checkpoint import CheckpointError, load_meta, load_tensors, save_weights
 from mm.config import ImageStageConfig
-from mm.distributed import init_distributed, unwrap, wrap_model
+from mm.train.distributed import init_distributed, unwrap, wrap_model
 from mm.fused import FusedLM
-from mm.runs import load_lm, model_dir
-from mm.train import StepOutput, Trainer, fit_stage, loss_ends, warmup_cosine
+from mm.model.runs import load_lm, model_dir
+from mm.train.trainer import StepOutput, Trainer, fit_stage, loss_ends, warmup_cosine
 
 SAVED_PARTS = ("vision.", "fused.image_adapter.", "fused.new_tokens.")  # where an image run's tensors live (no LM)
 DESCRIBE = "Describe the image."

@@ -4,8 +4,8 @@ a model soup.
 Each sweep member i (its own seed and peak LR) trains into members/<i>/ with the image_pretrain runner
 (mm.stages.image_pretrain.run): ViT + image adapter from `init_from`, the LM hot-swapped to `instruct_lm`
 (FusedLM.load_lm_weights; frozen), the same VQA/caption dialogs, assistant-only loss. Each member is then scored on
-held-out VQA (mm.eval_image on data.val_shards, the same seeded items for every run). Members are ranked by vqa_acc;
-the top-K soups (mm.average.average_states over their final ViT + adapter tensors; the LM is not in those files and
+held-out VQA (mm.eval.image on data.val_shards, the same seeded items for every run). Members are ranked by vqa_acc;
+the top-K soups (mm.train.average.average_states over their final ViT + adapter tensors; the LM is not in those files and
 stays the instruct LM) for K = 2..soup_top_k are written to soups/top<K>/ and scored the same way, and the best one
 ("K is chosen by evaluating the averages", PAPER.md §7.2) is written to final/.
 
@@ -21,10 +21,10 @@ import json
 import time
 from pathlib import Path
 
-from mm.average import average_states
-from mm.checkpoint import CheckpointError, file_sha256, load_meta, load_tensors, save_weights
+from mm.train.average import average_states
+from mm.model.checkpoint import CheckpointError, file_sha256, load_meta, load_tensors, save_weights
 from mm.config import ImageSFTConfig, SweepMember
-from mm.runs import model_dir
+from mm.model.runs import model_dir
 from mm.stages import image_pretrain
 from mm.stages.image_pretrain import SAVED_PARTS, load_fused
 
@@ -46,7 +46,7 @@ def member_config(cfg: ImageSFTConfig, m: SweepMember) -> ImageSFTConfig:
 def score(cfg: ImageSFTConfig, ckpt: Path, controls: bool = False) -> dict:
     """Held-out VQA metrics of an image model on data.val_shards (eval_items items); controls: also the blind /
     shuffled-image passes (3x the time; only the final soup needs them, ranking uses vqa_acc)."""
-    from mm.eval_image import eval_image_shards
+    from mm.eval.image import eval_image_shards
 
     fused, vision, tok = load_fused(ckpt)
     scale = max(1, (cfg.data.image_size or vision.cfg.image_size) // vision.cfg.image_size)

@@ -16,11 +16,11 @@ from data.shards import SkipCounter, expand_shards
 from llm.reward import RewardModel, answer_labels, dpo_loss, pairwise_loss, sequence_logps
 from llm.tokenizer import ChatFormat
 from mm.config import PostTrainConfig
-from mm.distributed import full_state, init_distributed, rank_slice, unwrap, wrap_model
-from mm.eval_chat import answer_accuracy, implicit_reward_accuracy, preference_accuracy
-from mm.runs import load_lm, save_lm, save_reward_model
+from mm.train.distributed import full_state, init_distributed, rank_slice, unwrap, wrap_model
+from mm.eval.chat import answer_accuracy, implicit_reward_accuracy, preference_accuracy
+from mm.model.runs import load_lm, save_lm, save_reward_model
 from mm.stages.lm_pretrain import lm_loss
-from mm.train import StepOutput, Trainer, warmup_cosine
+from mm.train.trainer import StepOutput, Trainer, warmup_cosine
 
 
 def read_chat(spec: str | list, build_if_missing: bool, skips: SkipCounter) -> list[dict]:

@@ -18,10 +18,10 @@ from data.token_stream import IGNORE, PackedSampler, TokenSource, tokenize_docs
 from llm.model import Llama, flops_per_token, shape_config
 from llm.tokenizer import Tokenizer, train_tokenizer
 from mm.config import LMPretrainConfig, TokenizerConfig
-from mm.distributed import DistInfo, barrier, full_state, init_distributed, rank_slice, unwrap, wrap_model
-from mm.eval_text import bits_per_byte, unigram_bits_per_byte
-from mm.runs import save_lm
-from mm.train import StepOutput, Trainer, linear_to_zero, warmup_cosine
+from mm.train.distributed import DistInfo, barrier, full_state, init_distributed, rank_slice, unwrap, wrap_model
+from mm.eval.text import bits_per_byte, unigram_bits_per_byte
+from mm.model.runs import save_lm
+from mm.train.trainer import StepOutput, Trainer, linear_to_zero, warmup_cosine
 
 
 def default_shard_dir() -> Path:

@@ -12,8 +12,8 @@ from data.shards import SkipCounter
 from llm.generate import sample_n
 from llm.tokenizer import ChatFormat
 from mm.config import RejectionSamplingConfig
-from mm.eval_chat import prompt_ids, prompt_messages, rm_scores
-from mm.runs import load_lm, load_reward_model
+from mm.eval.chat import prompt_ids, prompt_messages, rm_scores
+from mm.model.runs import load_lm, load_reward_model
 from mm.stages.lm_post import read_chat
 
 

@@ -19,11 +19,11 @@ import torch
 from data.loader import Loader, StepFeed
 from encoders.best_rq import BestRQ
 from encoders.speech import ConformerConfig, ConformerEncoder, speech_shape
-from mm.checkpoint import save_weights
+from mm.model.checkpoint import save_weights
 from mm.config import SpeechEncoderModelConfig, SpeechPretrainConfig
-from mm.distributed import DistInfo, init_distributed, unwrap, wrap_model
+from mm.train.distributed import DistInfo, init_distributed, unwrap, wrap_model
 from mm.speech import Featurizer
-from mm.train import StepOutput, Trainer, warmup_cosine
+from mm.train.trainer import StepOutput, Trainer, warmup_cosine
 
 LOGGED = ("acc", "mask_frac", "code_usage", "code_perplexity")
 

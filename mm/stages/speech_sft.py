@@ -7,7 +7,7 @@ Each audio sample becomes one Llama 3 dialog for a task it supports, drawn with 
 system prompt, answer = json answer). The user turn is `<|speech_start|>` + one `<|speech|>` per adapter embedding +
 `<|speech_end|>`; the loss is on the assistant answer only. Dialogs longer than seq_len are skipped and counted
 (cutting one would cut its speech run). Features get SpecAugment masks. At the end the model is scored on
-`eval_items` held-out items (mm.eval_speech). Optional, beyond the paper: ctc_weight > 0 adds the auxiliary token
+`eval_items` held-out items (mm.eval.speech). Optional, beyond the paper: ctc_weight > 0 adds the auxiliary token
 CTC of each sample's transcript (annealed linearly to ctc_weight_end); char_ctc_weight > 0 a character CTC head on the
 encoder's frames (dropped at save), and acoustic_only trains the encoder on it alone (an acoustic stage for a later
 speech_sft's encoder_from). The adapter is any speech design of adapters.registry: the YAML block `adapter:` is
@@ -36,13 +36,13 @@ from data.token_stream import IGNORE
 from encoders.speech import ConformerEncoder, SpecAugment
 from llm.tokenizer import ChatFormat, Tokenizer
 from mm.config import SpeechSFTConfig, speech_adapter_spec
-from mm.distributed import init_distributed, unwrap, wrap_model
-from mm.runs import load_lm, model_dir
+from mm.train.distributed import init_distributed, unwrap, wrap_model
+from mm.model.runs import load_lm, model_dir
 from mm.speech import CHARS, Featurizer, SpeechLM, char_ids, freeze_lm, load_encoder, n_speech_tokens, \
     save_speech_model, speech_dialog, task_choices
 from mm.stages.image_pretrain import collate_dialogs
 from mm.stages.speech_pretrain import encoder_config, train_on_audio
-from mm.train import StepOutput
+from mm.train.trainer import StepOutput
 
 def build_model(cfg: SpeechSFTConfig) -> tuple[SpeechLM, Tokenizer]:
     """Frozen LM + encoder (encoder_from's weights, or a fresh cfg.encoder shape) + a fresh adapter of the design
@@ -177,7 +177,7 @@ def run(cfg: SpeechSFTConfig, run_dir: Path, resume: bool = False) -> dict:
                 "encoder_from": cfg.encoder_from}
         final = save_speech_model(run_dir / "final", unwrap(net), tok, meta)
         if cfg.eval_items:  # an acoustic stage's adapter never trained: its encoder is scored on the char head only
-            from mm.eval_speech import acoustic_eval, eval_speech_shards, load_audio_items
+            from mm.eval.speech import acoustic_eval, eval_speech_shards, load_audio_items
 
             t_eval = time.perf_counter()
             if cfg.acoustic_only:

@@ -32,14 +32,14 @@ from data.qa_format import gold_letter, mc_prompt, short_prompt
 from data.token_stream import IGNORE
 from encoders.vision import VisionConfig, VisionEncoder, supported_grids
 from llm.tokenizer import ChatFormat, Tokenizer
-from mm.checkpoint import CheckpointError, load_meta, load_tensors
+from mm.model.checkpoint import CheckpointError, load_meta, load_tensors
 from mm.config import VideoStageConfig
-from mm.distributed import init_distributed, unwrap, wrap_model
+from mm.train.distributed import init_distributed, unwrap, wrap_model
 from mm.fused import FusedLM
-from mm.runs import model_dir
+from mm.model.runs import model_dir
 from mm.stages.image_pretrain import (SAVED_PARTS, ImageFeed, collate_dialogs, encode_vqa, fit_adapter_stage,
                                       hot_swap_lm, image_spec, images_to_pixels, lm_dir, load_fused, save_image_model)
-from mm.train import StepOutput, Trainer, warmup_cosine
+from mm.train.trainer import StepOutput, Trainer, warmup_cosine
 
 BOW_SOURCES = ("aggregate", "read")  # what the optional bag-of-words head reads (VideoStageConfig.bow_source)
 TRAINABLE_PREFIXES = ("fused.video_adapter.", "bow_head.")  # DESIGN.md invariant 4: the video stages train nothing
@@ -323,7 +323,7 @@ def run(cfg: VideoStageConfig, run_dir: Path, resume: bool = False) -> dict:
                 "image_from": cfg.image_from, "vision": base_meta.get("vision"), "video": video}
         save_image_model(run_dir / "final", m, tok, meta)
         if cfg.eval_items:
-            from mm.eval_video import eval_video_shards
+            from mm.eval.video import eval_video_shards
 
             fused, vision, vtok = load_video(run_dir)
             ev = eval_video_shards(fused, vision, vtok, cfg.data.val_shards, cfg.num_frames, cfg.eval_items,

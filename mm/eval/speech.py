@@ -18,7 +18,7 @@ from data.audio import SAMPLE_RATE, iter_audio_samples
 from data.token_stream import IGNORE
 from data.shards import SkipCounter, expand_shards
 from llm.tokenizer import ChatFormat
-from mm.stats import paired_bootstrap
+from mm.eval.stats import paired_bootstrap
 from mm.speech import CHARS, Featurizer, SpeechLM, char_text, generate_speech, n_speech_tokens, speech_dialog, \
     task_choices
 
@@ -64,7 +64,7 @@ def paired_wer_delta(refs: list[str], hyps_a: list[str], hyps_b: list[str], n_bo
                      seed: int = 0) -> dict:
     """Corpus WER of system a minus that of b on the same utterances, with a paired bootstrap over utterances
     (Bisani & Ney 2004): {"wer_a", "wer_b", "delta", "ci95": [lo, hi], "p_a_better" (share of resamples where a's
-    WER is lower), "n"}; the resampling is mm.stats.paired_bootstrap."""
+    WER is lower), "n"}; the resampling is mm.eval.stats.paired_bootstrap."""
     ea = np.array(utterance_errors(refs, hyps_a), dtype=np.float64).reshape(-1, 2)  # (N, 2): errors, words
     eb = np.array(utterance_errors(refs, hyps_b), dtype=np.float64).reshape(-1, 2)
     if len(ea) == 0 or not ea[:, 1].any():

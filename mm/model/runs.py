@@ -8,7 +8,7 @@ import torch
 
 from llm.model import Llama, LlamaConfig
 from llm.tokenizer import Tokenizer
-from mm.checkpoint import CheckpointError, list_checkpoints, load_into, load_meta, load_tensors, save_weights
+from mm.model.checkpoint import CheckpointError, list_checkpoints, load_into, load_meta, load_tensors, save_weights
 
 FINAL = "final"
 

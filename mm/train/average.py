@@ -5,8 +5,8 @@ from pathlib import Path
 
 import torch
 
-from mm.checkpoint import CheckpointError, load_meta, load_tensors, save_weights
-from mm.runs import model_dir
+from mm.model.checkpoint import CheckpointError, load_meta, load_tensors, save_weights
+from mm.model.runs import model_dir
 
 
 def average_states(states: list[dict[str, torch.Tensor]], weights: list[float] | None = None,

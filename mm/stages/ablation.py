@@ -25,7 +25,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from data.atomic import atomic_write_text
 from mm.config import AblationConfig
 from mm.runner import run_config
-from mm.stats import bootstrap_ci, paired_bootstrap
+from mm.eval.stats import bootstrap_ci, paired_bootstrap
 
 
 @dataclass(frozen=True)
@@ -57,7 +57,7 @@ def _arm_config(arm_dir: Path) -> dict:
 def score_image(arm_dir: Path, cfg: AblationConfig) -> dict:
     """VQA accuracy per held-out item with the image, another sample's image and none; FLOPs of one VQA sample."""
     from llm.tokenizer import ChatFormat
-    from mm.eval_image import eval_image_shards
+    from mm.eval.image import eval_image_shards
     from mm.stages.image_pretrain import ImageModel, collate_dialogs, encode_vqa, freeze_for_image, load_fused
 
     fused, vision, tok = load_fused(arm_dir)
@@ -78,7 +78,7 @@ def score_image(arm_dir: Path, cfg: AblationConfig) -> dict:
 def score_video(arm_dir: Path, cfg: AblationConfig) -> dict:
     """Accuracy on the temporal items (direction, order) with the clip, its middle frame and no video."""
     from llm.tokenizer import ChatFormat
-    from mm.eval_video import TEMPORAL, eval_video_shards
+    from mm.eval.video import TEMPORAL, eval_video_shards
     from mm.stages.image_pretrain import collate_dialogs
     from mm.stages.video import VideoModel, encode_video_qa, freeze_for_video, load_video, saved_num_frames
 
@@ -105,7 +105,7 @@ def score_video(arm_dir: Path, cfg: AblationConfig) -> dict:
 def score_speech(arm_dir: Path, cfg: AblationConfig) -> dict:
     """Word errors per held-out utterance (greedy ASR) with the audio and without (blind); weights: reference
     words (so sums give the corpus WER)."""
-    from mm.eval_speech import eval_speech_shards, utterance_errors
+    from mm.eval.speech import eval_speech_shards, utterance_errors
     from mm.speech import load_speech_model
 
     model, tok = load_speech_model(arm_dir)

@@ -14,8 +14,8 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from data.atomic import atomic_write_text
-from mm.checkpoint import CheckpointError, file_sha256
-from mm.runs import model_dir
+from mm.model.checkpoint import CheckpointError, file_sha256
+from mm.model.runs import model_dir
 
 LOCK = "lock.json"
 FINGERPRINT = "fingerprint.json"

@@ -14,11 +14,11 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-from mm.checkpoint import (CheckpointError, list_checkpoints, load_meta, load_state, load_tensors, prune, save_weights,
+from mm.model.checkpoint import (CheckpointError, list_checkpoints, load_meta, load_state, load_tensors, prune, save_weights,
                            step_dir, verify_checkpoint)
 from mm.config import TrainConfig
-from mm.distributed import DistInfo, full_state, load_full_state
-from mm.metrics import MetricsLogger, mfu, peak_flops
+from mm.train.distributed import DistInfo, full_state, load_full_state
+from mm.train.metrics import MetricsLogger, mfu, peak_flops
 
 
 class TrainingDiverged(RuntimeError):
