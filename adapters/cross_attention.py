@@ -89,6 +89,17 @@ class GatedCrossAttentionBlock(nn.Module):
         v = v.view(B, M * N, self.n_kv, self.hd).transpose(1, 2)
         return k, v
 
+    def attention_weights(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor],
+                          mask: torch.Tensor) -> torch.Tensor:
+        """The softmax weights (B, H, T, M*N) this block's attention puts on the media tokens for the inputs of a
+        forward call (the same scores scaled_dot_product_attention softmaxes); rows that see no media are zero."""
+        B, T, _ = x.shape
+        q = self.q_norm(self.wq(self.attention_norm(x)).view(B, T, self.n_heads, self.hd)).transpose(1, 2)
+        k = kv[0].to(q.dtype).repeat_interleave(self.n_heads // self.n_kv, dim=1)  # GQA: (B, H, M*N, hd)
+        scores = (q @ k.transpose(-1, -2)) / math.sqrt(self.hd)  # (B, H, T, M*N)
+        w = scores.masked_fill(~mask[:, None], float("-inf")).softmax(-1)
+        return torch.nan_to_num(w, nan=0.0)
+
     def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
         """x (B, T, D) text states; kv from `media_kv`; mask (B, T, M*N) bool (which media tokens each row sees)."""
         B, T, _ = x.shape

@@ -209,6 +209,22 @@ def _dist_rank_world() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
+def load_image_samples(spec: str, image_size: int, max_samples: int = 0, seed: int = 0) -> tuple[list[dict], dict]:
+    """Every decodable image-text sample of the shards in order ({image (3, H, W) uint8, caption, meta}), or a seeded
+    subset of max_samples; returns (samples, skip counts)."""
+    stream = ShardStream(spec, "image", 1, decode_opts={"image_size": image_size})
+    where = [(s, j) for s in range(len(stream.index)) for j in range(len(stream.index[s]))]
+    if 0 < max_samples < len(where):
+        where = sorted(random.Random(seed).sample(where, max_samples))
+    skips, out = SkipCounter(), []
+    for s, j in where:
+        try:
+            out.append(MODALITIES["image"](stream.read(s, j), image_size=image_size))
+        except BadSample as e:
+            skips.add(e.reason)
+    return out, {**stream.index_skips.as_dict(), **skips.as_dict()}
+
+
 class Loader:
     """An infinite, resumable batch iterator over shards of one modality (torch DataLoader workers inside).
 

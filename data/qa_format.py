@@ -22,6 +22,14 @@ def mc_prompt(question: str, choices: list[str]) -> str:
     return MC_PROMPT.format(question=question.strip(), options=options)
 
 
+def qa_prompt(qa: dict) -> str:
+    """The image question as trained and scored: the question, and "Options: a, b, c." when it has choices."""
+    q = str(qa["question"]).strip()
+    if qa.get("choices"):
+        q += " Options: " + ", ".join(str(c) for c in qa["choices"]) + "."
+    return q
+
+
 def short_prompt(question: str) -> str:
     """The short-answer prompt."""
     return SHORT_PROMPT.format(question=question.strip())

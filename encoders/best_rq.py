@@ -5,11 +5,11 @@ frame), a frozen random projection to code_dim (16), and for each of `codebooks`
 `codebook_size` (8192) unit vectors the nearest entry by cosine similarity. Input: spans of `span` (32) mel frames,
 each frame starting a span with probability `mask_prob` (2.5%), replaced by N(0, noise_std) noise. Loss: one softmax
 per codebook over the encoder's masked frames only (multi-softmax cross-entropy). Projection and codebooks are
-buffers: never trained, never in the optimizer. Settings: mm.config.BestRQConfig.
+buffers: never trained, never in the optimizer. Settings: BestRQConfig.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -17,15 +17,25 @@ import torch.nn.functional as F
 
 from encoders.speech import ConformerEncoder, length_mask
 
-if TYPE_CHECKING:  # the one definition of the settings is the typed stage config
-    from mm.config import BestRQConfig
+
+@dataclass
+class BestRQConfig:
+    """BEST-RQ quantiser and masking (PAPER.md §9.4); defaults are the paper's."""
+
+    codebooks: int = 16
+    codebook_size: int = 8192
+    code_dim: int = 16
+    mask_prob: float = 0.025  # probability that a mel frame starts a masked span
+    span: int = 32  # mel frames per span
+    noise_std: float = 0.1  # masked frames are replaced by N(0, noise_std) noise
+    min_spans: int = 1  # at least this many spans per utterance
 
 
 class RandomProjectionQuantizer(nn.Module):
     """Frozen projection (stack*F -> K*d, Xavier) and K frozen codebooks (K, V, d) of unit vectors;
     forward(stacked (B, T', stack*F)) -> codes (B, T', K) by cosine nearest neighbour."""
 
-    def __init__(self, in_dim: int, cfg: "BestRQConfig", seed: int = 0):
+    def __init__(self, in_dim: int, cfg: BestRQConfig, seed: int = 0):
         super().__init__()
         g = torch.Generator().manual_seed(seed)
         proj = torch.empty(in_dim, cfg.codebooks * cfg.code_dim)
@@ -45,7 +55,7 @@ class RandomProjectionQuantizer(nn.Module):
         return sims.argmax(-1)
 
 
-def span_mask(lengths: torch.Tensor, T_max: int, cfg: "BestRQConfig", gen: torch.Generator) -> torch.Tensor:
+def span_mask(lengths: torch.Tensor, T_max: int, cfg: BestRQConfig, gen: torch.Generator) -> torch.Tensor:
     """(B, T_max) bool: spans of cfg.span frames starting at each valid frame with probability mask_prob (at least
     cfg.min_spans per utterance), clipped to the valid frames."""
     B = lengths.shape[0]
@@ -66,7 +76,7 @@ class BestRQ(nn.Module):
     """The encoder plus a prediction head (dim -> K*V logits) and the frozen quantiser.
     forward(feats (B, T, F) normalised, lengths, gen) -> (loss, stats)."""
 
-    def __init__(self, encoder: ConformerEncoder, cfg: "BestRQConfig", seed: int = 0):
+    def __init__(self, encoder: ConformerEncoder, cfg: BestRQConfig, seed: int = 0):
         super().__init__()
         self.encoder, self.cfg = encoder, cfg
         ec = encoder.cfg

@@ -205,12 +205,10 @@ def zero_shot_suite(model: ClipModel, tokenizer, samples: Sequence[dict], batch_
     return out
 
 
-def clip_score_fn(run_dir, device: str | torch.device = "cpu") -> Callable:
+def clip_score_fn(model: "ClipModel", tok) -> Callable:
     """A `score(image, caption) -> float` for data.curation.clip_filter: the cosine similarity (in [-1, 1]) of a CLIP
-    run's image and caption embeddings. image: (H, W, 3) uint8 array or (3, H, W) uint8 tensor."""
-    from mm.model.runs import load_clip
-
-    model, tok, _ = load_clip(run_dir, device)
+    model's image and caption embeddings (a run loaded with mm.model.runs.load_clip). image: (H, W, 3) uint8 array
+    or (3, H, W) uint8 tensor."""
 
     def score(image, caption: str) -> float:
         """Cosine similarity of one image and one caption."""

@@ -1,6 +1,8 @@
 """Autoregressive generation with a per-layer KV cache (or without, for checking)."""
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from llm.model import Llama
@@ -18,37 +20,51 @@ def _pick(logits: torch.Tensor, greedy: bool, temperature: float, top_p: float, 
     return int(idx[choice])
 
 
+def decode(model: Llama, step: Callable[[list[int], int], torch.Tensor], prompt: list[int], budget: int, *,
+           greedy: bool = True, temperature: float = 0.8, top_p: float = 0.95, stop_ids: tuple[int, ...] = (),
+           seed: int | None = None, use_cache: bool = True) -> list[int]:
+    """The one decode loop (every generator of the project runs it): up to `budget` ids after `prompt`, stopping
+    after any of stop_ids (not returned). step(seq, start) -> (vocab,) logits of the last position, running seq[start:]
+    at positions start.. (with use_cache the LM's KV cache holds seq[:start]; without it start is always 0)."""
+    gen = torch.Generator(device="cpu").manual_seed(seed) if seed is not None else None
+    seq, out = list(prompt), []
+    if budget <= 0:
+        return out
+    try:
+        if use_cache:
+            model.setup_cache(1, len(prompt) + budget)
+            logits = step(seq, 0)
+        for _ in range(budget):
+            if not use_cache:
+                logits = step(seq, 0)
+            nxt = _pick(logits.float().cpu(), greedy, temperature, top_p, gen)
+            if nxt in stop_ids:
+                break
+            out.append(nxt)
+            seq.append(nxt)
+            if use_cache and len(out) < budget:
+                logits = step(seq, len(seq) - 1)
+    finally:
+        model.clear_cache()
+    return out
+
+
 @torch.no_grad()
 def generate(model: Llama, prompt: list[int], max_new_tokens: int, *, greedy: bool = True, temperature: float = 0.8,
              top_p: float = 0.95, stop_ids: tuple[int, ...] = (), seed: int | None = None,
              use_cache: bool = True) -> list[int]:
-    """Continue `prompt` by up to max_new_tokens ids (stopping after any of stop_ids, which is not returned)."""
+    """Continue `prompt` by up to max_new_tokens ids (stopping after any of stop_ids, which is not returned); a prompt
+    longer than the context keeps its last max_seq_len - 1 ids."""
     model.eval()
     device = model.output.weight.device
     max_len = model.cfg.max_seq_len
     prompt = prompt[-(max_len - 1):] if len(prompt) >= max_len else list(prompt)
-    budget = min(max_new_tokens, max_len - len(prompt))
-    gen = torch.Generator(device="cpu").manual_seed(seed) if seed is not None else None
-    out: list[int] = []
-    seq = torch.tensor([prompt], device=device)
-    try:
-        if use_cache:
-            model.setup_cache(1, len(prompt) + budget)
-            logits = model(seq)[0, -1]
-            pos = len(prompt)
-        for _ in range(budget):
-            if not use_cache:
-                logits = model(torch.tensor([prompt + out], device=device))[0, -1]
-            nxt = _pick(logits.cpu(), greedy, temperature, top_p, gen)
-            if nxt in stop_ids:
-                break
-            out.append(nxt)
-            if use_cache and len(out) < budget:
-                logits = model(torch.tensor([[nxt]], device=device), start_pos=pos)[0, -1]
-                pos += 1
-    finally:
-        model.clear_cache()
-    return out
+
+    def step(seq: list[int], start: int) -> torch.Tensor:
+        return model(torch.tensor([seq[start:]], device=device), start_pos=start)[0, -1]
+
+    return decode(model, step, prompt, min(max_new_tokens, max_len - len(prompt)), greedy=greedy,
+                  temperature=temperature, top_p=top_p, stop_ids=stop_ids, seed=seed, use_cache=use_cache)
 
 
 @torch.no_grad()

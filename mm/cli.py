@@ -72,23 +72,12 @@ def cmd_data(args) -> dict:
     return res
 
 
-def _run_kind(ckpt) -> str | None:
+def _is_composed(ckpt) -> bool:
+    """Is this run a composed model (any image / video / speech stage, or mm compose), as opposed to an LM?"""
     from mm.model.checkpoint import load_meta
     from mm.model.runs import model_dir
 
-    return load_meta(model_dir(ckpt)).get("kind")
-
-
-def _chat_herd(args, gen_kw: dict) -> dict:
-    """A `mm compose` run: every given medium (--image, --video, --audio) in one user turn, then --prompt."""
-    from mm.herd import chat_herd, load_herd
-
-    herd, tok, meta = load_herd(args.ckpt)
-    frames = (meta.get("video") or {}).get("num_frames", 16)
-    text = chat_herd(herd, tok, args.prompt, image=args.image, video=args.video, audio=args.audio,
-                     num_frames=frames, system=args.system, max_new_tokens=args.max_new_tokens, **gen_kw)
-    given = {k: getattr(args, k) for k in ("image", "video", "audio") if getattr(args, k)}
-    return {"text": text, **given}
+    return load_meta(model_dir(ckpt)).get("kind") in ("composed", "image", "speech", "herd")
 
 
 def add_media_caps(p: argparse.ArgumentParser) -> None:
@@ -117,55 +106,40 @@ def cmd_chat(args) -> dict:
     from llm.tokenizer import ChatFormat
 
     apply_media_caps(args)
-
     gen_kw = dict(greedy=args.greedy, temperature=args.temperature, seed=args.seed)
-    kind = _run_kind(args.ckpt)
-    if kind == "herd":
-        return _chat_herd(args, gen_kw)
-    given = [f"--{k}" for k in ("image", "video", "audio") if getattr(args, k)]
-    if len(given) > 1:
-        raise ValueError(f"{' with '.join(given)} needs a composed run (mm compose); {args.ckpt} is a "
-                         f"{kind or 'text'} run")
-    if args.audio:  # a speech_sft run; --prompt (else --system, else ASR) is the system prompt it was trained with
-        from mm.chat_speech import DEFAULT_PROMPT, chat_about_audio
-        from mm.speech import load_speech_model
+    given = {k: getattr(args, k) for k in ("image", "video", "audio") if getattr(args, k)}
+    history: list[dict] = []
+    if _is_composed(args.ckpt):  # any composed run: every given medium in one user turn (mm/model/chat.py)
+        from data.speech_tasks import ASR_PROMPT
+        from mm.model.chat import chat
+        from mm.model.store import load_model
 
-        model, tok = load_speech_model(args.ckpt)
-        system = next((x for x in (args.prompt, args.system) if x is not None), DEFAULT_PROMPT)
-        return {"text": chat_about_audio(model, tok, args.audio, system, args.max_new_tokens), "audio": args.audio,
-                "system": system}
-    if args.video:  # a video-stage run; the video path lives in mm/chat_video.py
-        from mm.chat_video import chat_about_video
-        from mm.stages.video import load_video, saved_num_frames
-
-        fused, vision, tok = load_video(args.ckpt)
-        text = chat_about_video(fused, vision, tok, args.video, args.prompt, num_frames=saved_num_frames(args.ckpt),
-                                system=args.system, max_new_tokens=args.max_new_tokens, **gen_kw)
-        return {"text": text, "video": args.video}
-    if kind == "image":  # the fused model; the image path lives in mm/chat_image.py
-        from mm.chat_image import chat_about_image, chat_reply
-        from mm.stages.image_pretrain import load_fused
-
-        fused, vision, tok = load_fused(args.ckpt)
-        kw = dict(system=args.system, max_new_tokens=args.max_new_tokens, **gen_kw)
-        if args.image:
-            return {"text": chat_about_image(fused, vision, tok, args.image, args.prompt, **kw), "image": args.image}
-        chat = True
+        model, tok, _ = load_model(args.ckpt)
+        system, prompt = args.system, args.prompt
+        if set(given) == {"audio"} and set(model.streams()) == {"speech"}:  # a speech run: --prompt is the system
+            system = next((x for x in (args.prompt, args.system) if x is not None), ASR_PROMPT.format(
+                language="English")) or None  # prompt it was trained with ('' for spoken questions); greedy
+            prompt, gen_kw["greedy"] = "", True
+        if given:
+            return {"text": chat(model, tok, prompt, system=system, max_new_tokens=args.max_new_tokens, **given,
+                                 **gen_kw), **given, **({"system": system} if "audio" in given else {})}
+        chat_template = True
 
         def reply(text: str, history: list[dict]) -> str:
-            return chat_reply(fused, tok, text, None, history=history, **kw)
+            return chat(model, tok, text, system=args.system, history=history, max_new_tokens=args.max_new_tokens,
+                        **gen_kw)
     else:
-        if args.image:
-            raise ValueError(f"--image needs an image-stage run; {args.ckpt} is a text model")
+        if given:
+            raise ValueError(f"--{next(iter(given))} needs a multimodal run; {args.ckpt} is a text model")
         from mm.model.runs import load_lm
 
         model, tok, meta = load_lm(args.ckpt)
-        chat = bool(meta.get("chat")) and not args.raw
+        chat_template = bool(meta.get("chat")) and not args.raw
         fmt = ChatFormat(tok)
         stops = (tok.eot_id, tok.eom_id, tok.eos_id)
 
         def reply(text: str, history: list[dict]) -> str:
-            if chat:
+            if chat_template:
                 msgs = ([{"role": "system", "content": args.system}] if args.system else []) + history
                 msgs.append({"role": "user", "content": text})
                 ids, _ = fmt.encode_dialog(msgs, add_generation_prompt=True)
@@ -175,8 +149,7 @@ def cmd_chat(args) -> dict:
             return tok.decode(out)
 
     if args.prompt is not None:
-        return {"text": reply(args.prompt, []), "chat_template": chat}
-    history: list[dict] = []
+        return {"text": reply(args.prompt, []), "chat_template": chat_template}
     print("interactive chat; an empty line or Ctrl-D ends it", file=sys.stderr)
     turns = 0
     while True:
@@ -194,9 +167,9 @@ def cmd_chat(args) -> dict:
 
 
 def cmd_compose(args) -> dict:
-    from mm.herd import compose
+    from mm.model.store import compose, runs_of
 
-    return compose(args.speech, Path(args.out), video=args.video, image=args.image)
+    return compose(runs_of(args.video, args.image, args.speech), Path(args.out))
 
 
 def cmd_export(args) -> dict:
@@ -239,46 +212,36 @@ def cmd_eval(args) -> dict:
         raise ValueError(f"mm eval {args.modality}: needs --shards (--tsv / --jsonl are for image); got {given}")
     if len(given) != 1:
         raise ValueError(f"mm eval image: give exactly one of --shards, --tsv, --jsonl; got {given}")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    if args.modality != "text":
+        from mm.model.store import load_model
+
+        model, tok, _ = load_model(args.ckpt)
+        if getattr(model, args.modality) is None:
+            raise ValueError(f"mm eval {args.modality}: {args.ckpt} has no {args.modality} stream (streams: "
+                             f"{', '.join(model.streams()) or 'none'})")
     if args.modality == "image":
         from mm.eval.image import eval_image_file, eval_image_shards
-        from mm.stages.image_pretrain import load_fused
 
-        if args.threads:
-            import torch
-
-            torch.set_num_threads(args.threads)
-        fused, vision, tok = load_fused(args.ckpt)
         kw = dict(max_items=args.max_items, max_new_tokens=args.max_new_tokens, blind=not args.no_blind,
                   decode_scale=args.decode_scale, seed=args.seed)
         if args.shards:
-            return {"ckpt": str(args.ckpt), **eval_image_shards(fused, vision, tok, args.shards, **kw)}
+            return {"ckpt": str(args.ckpt), **eval_image_shards(model, tok, args.shards, **kw)}
         kind = "tsv" if args.tsv else "jsonl"
-        return {"ckpt": str(args.ckpt), **eval_image_file(fused, vision, tok, args.tsv or args.jsonl, kind, **kw)}
+        return {"ckpt": str(args.ckpt), **eval_image_file(model, tok, args.tsv or args.jsonl, kind, **kw)}
     if args.modality == "video":
         from mm.eval.video import eval_video_shards
-        from mm.stages.video import load_video, saved_num_frames
 
-        if args.threads:
-            import torch
-
-            torch.set_num_threads(args.threads)
-        fused, vision, tok = load_video(args.ckpt)
-        return {"ckpt": str(args.ckpt), **eval_video_shards(fused, vision, tok, args.shards,
-                                                            args.frames or saved_num_frames(args.ckpt),
+        return {"ckpt": str(args.ckpt), **eval_video_shards(model, tok, args.shards, args.frames or None,
                                                             args.max_items, args.max_new_tokens, seed=args.seed)}
     if args.modality == "speech":
         from mm.eval.speech import eval_speech_shards
-        from mm.speech import load_speech_model
 
-        if args.threads:
-            import torch
-
-            torch.set_num_threads(args.threads)
-        model, tok = load_speech_model(args.ckpt)
         return {"ckpt": str(args.ckpt), **eval_speech_shards(model, tok, args.shards, args.max_items,
                                                              max(args.max_new_tokens, 48), blind=not args.no_blind)}
-    if args.modality != "text":
-        raise ValueError(f"mm eval {args.modality}: not available yet (text, image and speech)")
     from data.shards import SkipCounter, expand_shards, iter_text_docs
     from mm.eval.text import bits_per_byte
     from mm.model.runs import load_lm
@@ -332,7 +295,7 @@ def parser() -> argparse.ArgumentParser:
                                    "'Describe the video.'")
     add_media_caps(c)
     c.set_defaults(fn=cmd_chat)
-    h = sub.add_parser("compose", help="one model: a video (or image) run's adapters + a speech run's, on their "
+    h = sub.add_parser("compose", help="one model: a video (or image) run's streams + a speech run's, on their "
                                        "shared frozen LM")
     src = h.add_mutually_exclusive_group(required=True)
     src.add_argument("--video", help="a video-stage run (holds the image adapter and encoder too)")

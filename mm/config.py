@@ -10,6 +10,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 from adapters import registry
 from data.decode import MediaCaps
+from encoders.best_rq import BestRQConfig
+from mm.train.trainer import TrainConfig
 
 
 class ConfigError(ValueError):
@@ -65,32 +67,6 @@ class AnnealConfig:
     quality_top_frac: float = 0.5
     mix: dict[str, float] = field(default_factory=dict)
     average_every: int = 10
-
-
-@dataclass
-class TrainConfig:
-    """Optimizer, schedule and loop settings shared by every stage."""
-
-    batch_size: int = 16
-    grad_accum: int = 1
-    lr: float = 3e-3
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 50
-    weight_decay: float = 0.1
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
-    grad_clip: float = 1.0
-    gate_lr_mult: float = 1.0  # LR multiplier of the scalar tanh gates (gate_* / *_gate); 1.0: one LR for all
-    adam_eps: float = 1e-8  # AdamW eps (torch's default); adapters behind a near-0 gate see gradients below it
-    dtype: str = "auto"  # auto | fp32 | bf16
-    device: str = "auto"  # auto | cpu | cuda
-    threads: int = 0  # torch intra-op threads; 0 = leave as is
-    log_every: int = 10
-    eval_every: int = 0
-    ckpt_every: int = 100
-    keep_last: int = 2
-    stop_after: int = 0  # stop at this global step, after checkpointing, without finishing (resume later); 0 = off
-    parallel: str = "none"  # none | ddp | fsdp (under torchrun)
-    progress: bool = True
 
 
 @dataclass
@@ -286,19 +262,6 @@ class SpeechEncoderModelConfig:
     heads: int | None = None
     ffn_dim: int | None = None
     kernel: int | None = None
-
-
-@dataclass
-class BestRQConfig:
-    """BEST-RQ quantiser and masking (PAPER.md §9.4; encoders.best_rq); defaults are the paper's."""
-
-    codebooks: int = 16
-    codebook_size: int = 8192
-    code_dim: int = 16
-    mask_prob: float = 0.025  # probability that a mel frame starts a masked span
-    span: int = 32  # mel frames per span
-    noise_std: float = 0.1  # masked frames are replaced by N(0, noise_std) noise
-    min_spans: int = 1  # at least this many spans per utterance
 
 
 @dataclass

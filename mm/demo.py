@@ -15,7 +15,6 @@ from __future__ import annotations
 import atexit
 import io
 import json
-import math
 import shutil
 import tempfile
 from pathlib import Path
@@ -135,7 +134,7 @@ def write_audio_shards(root: str | Path, n_train: int = 12, n_val: int = 4) -> d
 
 def corpus() -> list[str]:
     """Every text the tiny runs see (prompts, answers, captions), for the tiny tokenizer."""
-    from mm.speech import AST_PROMPT, ASR_PROMPT
+    from data.speech_tasks import AST_PROMPT, ASR_PROMPT
     from data.qa_format import mc_prompt, short_prompt
 
     words = " ".join([*COLORS, *SIDES, *DIRECTIONS, "square", "moves", "on the", "a", "the", "yes", "no"])
@@ -254,12 +253,13 @@ def held_out_image(run: str | Path, image_size: int, seed: int = 1) -> tuple[np.
     from mm.model.checkpoint import load_meta
     from mm.model.runs import model_dir
 
-    if "video" in load_meta(model_dir(run)):
+    meta = load_meta(model_dir(run))
+    if "video" in (meta.get("streams") or meta):  # a composed run, or one written before format 2
         from mm.eval.video import load_video_samples
 
         frames = load_video_samples(val_shards(run), 8, image_size, max_items=1, seed=seed)[0][0]["frames"]
         return np.asarray(frames[len(frames) // 2]), "Describe the image."
-    from mm.stages.clip_pretrain import load_image_samples
+    from data.loader import load_image_samples
 
     sample = load_image_samples(val_shards(run), image_size, max_samples=1, seed=seed)[0][0]
     qa = (sample["meta"] or {}).get("qa") or [{"question": "Describe the image."}]
@@ -269,35 +269,23 @@ def held_out_image(run: str | Path, image_size: int, seed: int = 1) -> tuple[np.
 # ---- adapter anatomy ------------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def cross_attention_maps(fused, tokens: torch.Tensor, media=None, video=None) -> dict[str, torch.Tensor]:
-    """Run fused(tokens, media, video=video) once and return every cross-attention block's softmax weights for batch
-    row 0: {"image/<layer>" | "video/<layer>": (heads, T, M*N)}; rows that see no media are all zero.
-
-    The weights are recomputed from each block's own q/k path (attention_norm, wq, q_norm; the cached keys) on the
-    hidden states the block received, exactly the scores F.scaled_dot_product_attention softmaxes in the block."""
-    adapters = [("image", fused.image_adapter)]
-    if fused.video_adapter is not None:
-        adapters.append(("video", fused.video_adapter.xattn))
+def cross_attention_maps(model, tokens: torch.Tensor, image=None, video=None) -> dict[str, torch.Tensor]:
+    """Run model(tokens, image=..., video=...) once and return every cross-attention block's softmax weights for
+    batch row 0: {"image/<layer>" | "video/<layer>": (heads, T, M*N)}; rows that see no media are all zero (each
+    block's own `attention_weights` on the inputs it received)."""
     seen, hooks = {}, []
-    for name, ad in adapters:
-        for i, blk in ad.blocks.items():
+    for name, stream in (("image", model.image), ("video", model.video)):
+        blocks = getattr(stream, "blocks", None) if stream is not None else None
+        for i, blk in (blocks or {}).items():
             def grab(mod, args, key=f"{name}/{i}"):
                 seen[key] = (mod, args)
             hooks.append(blk.register_forward_pre_hook(grab))
     try:
-        fused(tokens, media, video=video)
+        model(tokens, image=image, video=video)
     finally:
         for h in hooks:
             h.remove()
-    out = {}
-    for key, (blk, (x, (k, _v), mask)) in seen.items():
-        B, T, _ = x.shape
-        q = blk.q_norm(blk.wq(blk.attention_norm(x)).view(B, T, blk.n_heads, blk.hd)).transpose(1, 2)
-        k = k.to(q.dtype).repeat_interleave(blk.n_heads // blk.n_kv, dim=1)  # GQA: (B, H, M*N, hd)
-        scores = (q @ k.transpose(-1, -2)) / math.sqrt(blk.hd)  # (B, H, T, M*N)
-        w = scores.masked_fill(~mask[:, None], float("-inf")).softmax(-1)
-        out[key] = torch.nan_to_num(w, nan=0.0)[0]
-    return dict(sorted(out.items()))
+    return dict(sorted((key, blk.attention_weights(*args)[0]) for key, (blk, args) in seen.items()))
 
 
 def patch_heatmap(weights: torch.Tensor, vcfg, aspect_id: int = 0) -> np.ndarray:

@@ -94,7 +94,8 @@ def _run_unlocked(cfg, run_dir: Path, resume: bool, force: bool, redo_changed: b
     if is_main():
         atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
         write_fingerprint(run_dir, fp)
-    extra = {"redo_changed": force or redo_changed, "break_lock": break_lock} if pipeline else {}
+    extra = {"redo_changed": force or redo_changed, "break_lock": break_lock, "run_config": run_config} if pipeline \
+        else {}
     caps = set_media_caps(cfg.media) if hasattr(cfg, "media") else None  # the stage's per-file media caps
     try:
         result = {**stage_runner(cfg.stage)(cfg, run_dir, resume=resume, **extra), "run_dir": str(run_dir)}

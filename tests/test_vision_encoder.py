@@ -239,7 +239,9 @@ def test_clip_pretrain_stage_resume_and_loaders(shards, tmp_path, monkeypatch):
     assert torch.equal(enc.vit.pos_embed, a["vision.vit.pos_embed"])
     model, tok, meta = load_clip(tmp_path / "full")
     assert meta["kind"] == "clip" and tok.vocab_size == model.text.vocab_size
-    score = clip_score_fn(tmp_path / "full")
+    from mm.model.runs import load_clip
+
+    score = clip_score_fn(*load_clip(tmp_path / "full")[:2])
     imgs, _ = _toy(2, 3)
     s = score(imgs[0].transpose(1, 2, 0), "a photo of a bag.")
     assert isinstance(s, float) and -1.0 <= s <= 1.0

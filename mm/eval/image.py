@@ -13,22 +13,25 @@ import torch
 
 from data.bench_files import load_bench_samples
 from data.chat_tasks import normalise_answer
-from data.qa_format import mc_prompt, parse_letter
+from data.dialog import dialog
+from data.loader import load_image_samples
+from data.qa_format import mc_prompt, parse_letter, qa_prompt
 from llm.tokenizer import ChatFormat
-from mm.fused import FusedLM, generate_fused
-from mm.stages.image_pretrain import encode_vqa, images_to_pixels, qa_prompt
+from mm.model.composed import ComposedLM
+from mm.model.generate import generate
+from mm.model.media import images_to_pixels
 
 FAMILIES = ("recognition", "ocr", "chart", "counting")
 
 
 @torch.no_grad()
-def image_media(vision, image, device: str | torch.device = "cpu") -> torch.Tensor:
-    """One image (3, H, W) uint8 (tensor or array, as image samples hold it) -> its media item
-    (1, n_tiles*(P+1), D_out): tiled to the encoder's tile size / max_tiles, CLIP-normalised, encoded once.
-    Used by vqa_eval and `mm chat --image`."""
-    img = torch.as_tensor(image)
-    px, aspect = images_to_pixels([img], vision.cfg.image_size, vision.cfg.max_tiles)
-    return vision(px.to(device), aspect.to(device))
+def image_features(model: ComposedLM, image) -> torch.Tensor:
+    """One image (3, H, W) uint8 (tensor or array, as image samples hold it) -> its features (1, 1, N, D_media):
+    tiled to the encoder's tile size / max_tiles, CLIP-normalised, encoded once."""
+    vcfg = model.image.encoder.cfg
+    px = images_to_pixels([torch.as_tensor(image)], vcfg.image_size, vcfg.max_tiles)
+    dev = model.output.weight.device
+    return model.image.features(type(px)(px.pixels.to(dev), px.aspect.to(dev)))
 
 
 def vqa_score(pred: str, answers) -> float:
@@ -66,23 +69,23 @@ def item_score(item: dict, pred: str) -> float:
 
 
 @torch.no_grad()
-def answer(fused: FusedLM, fmt: ChatFormat, question: str, media: torch.Tensor | None, max_new_tokens: int = 8) -> str:
-    """Greedy short answer; media (1, N, D) for one image (a `<|image|>` goes into the prompt), None for blind."""
-    ids, _ = encode_vqa(fmt, question, None, image=fused.image_run if media is not None else 0)
+def answer(model: ComposedLM, fmt: ChatFormat, question: str, media: torch.Tensor | None,
+           max_new_tokens: int = 8) -> str:
+    """Greedy short answer; media (1, 1, N, D) for one image (its placeholders go into the prompt), None: blind."""
+    ids, _ = dialog(fmt, question, media=model.image.placeholder_ids() if media is not None else ())
     tok = fmt.tok
-    out = generate_fused(fused, ids, media, max_new_tokens, stop_ids=(tok.eot_id, tok.eos_id, tok.eom_id))
+    out = generate(model, ids, max_new_tokens, image=media, stop_ids=(tok.eot_id, tok.eos_id, tok.eom_id))
     return fmt.decode_reply(out).strip()
 
 
 @torch.no_grad()
-def vqa_eval(fused: FusedLM, vision, tok, samples: list[dict], max_items: int = 0, max_new_tokens: int = 8,
-             blind: bool = True, device: str | torch.device = "cpu", per_item: bool = False) -> dict:
+def vqa_eval(model: ComposedLM, tok, samples: list[dict], max_items: int = 0, max_new_tokens: int = 8,
+             blind: bool = True, per_item: bool = False) -> dict:
     """{"vqa_acc", "vqa_acc_by_family", "blind_vqa_acc", "blind_vqa_acc_by_family", "exact_match" (any reference),
     "shuffled_vqa_acc"(_by_family), "items", "examples"}: greedy answers with the image; if blind, also with no image
     and no `<|image|>` token, and with another sample's image (answer format kept, image content wrong). per_item:
     also "per_item" {"family": [...], "model" / "blind" / "shuffled": [score, ...]} in item order (paired tests)."""
-    fused.eval()
-    vision.eval()
+    model.eval()
     fmt, items = ChatFormat(tok), vqa_items(samples, max_items)
     feats: dict[int, torch.Tensor] = {}
     scores: dict[str, dict[str, list[float]]] = {"vqa": defaultdict(list), "blind": defaultdict(list),
@@ -91,13 +94,13 @@ def vqa_eval(fused: FusedLM, vision, tok, samples: list[dict], max_items: int = 
 
     def media(i: int) -> torch.Tensor:
         if i not in feats:
-            feats[i] = image_media(vision, samples[i]["image"], device)  # (1, n_tiles*(P+1), D) = one media item
+            feats[i] = image_features(model, samples[i]["image"])  # (1, 1, n_tiles*(P+1), D): one media item
         return feats[i]
 
     for it in items:
         i = it["sample"]
         media(i)
-        pred = answer(fused, fmt, it["question"], feats[i], max_new_tokens)
+        pred = answer(model, fmt, it["question"], feats[i], max_new_tokens)
         s = item_score(it, pred)
         scores["vqa"][it["family"]].append(s)
         flat["family"].append(it["family"])
@@ -107,10 +110,10 @@ def vqa_eval(fused: FusedLM, vision, tok, samples: list[dict], max_items: int = 
                                                                                 for a in it["answers"])))
         if blind:
             if it["question"] not in blind_said:  # greedy without an image: a function of the question alone
-                blind_said[it["question"]] = answer(fused, fmt, it["question"], None, max_new_tokens)
+                blind_said[it["question"]] = answer(model, fmt, it["question"], None, max_new_tokens)
             bl = item_score(it, blind_said[it["question"]])
             other = media((i + 1 + len(samples) // 2) % len(samples))
-            sh = item_score(it, answer(fused, fmt, it["question"], other, max_new_tokens))
+            sh = item_score(it, answer(model, fmt, it["question"], other, max_new_tokens))
             scores["blind"][it["family"]].append(bl)
             scores["shuffled"][it["family"]].append(sh)
             flat["blind"].append(bl)
@@ -148,19 +151,19 @@ def save_example_images(samples: list[dict], examples: list[dict], out_dir: Path
         ex["image"] = str(path)
 
 
-def _scored(fused, vision, tok, where: dict, samples: list[dict], skips: dict, max_items: int, max_new_tokens: int,
+def _scored(model: ComposedLM, tok, where: dict, samples: list[dict], skips: dict, max_items: int, max_new_tokens: int,
             blind: bool, examples_dir, per_item: bool = False) -> dict:
     """{**where, "image_samples", "skipped", "skipped_total", **vqa_eval(...)}; examples' images saved if asked."""
     out = {**where, "image_samples": len(samples), "skipped": skips, "skipped_total": sum(skips.values())}
     if not samples:
         raise ValueError(f"{next(iter(where.values()))}: no readable image samples (skipped: {skips})")
-    out.update(vqa_eval(fused, vision, tok, samples, max_items, max_new_tokens, blind=blind, per_item=per_item))
+    out.update(vqa_eval(model, tok, samples, max_items, max_new_tokens, blind=blind, per_item=per_item))
     if examples_dir:
         save_example_images(samples, out["examples"], Path(examples_dir))
     return out
 
 
-def eval_image_shards(fused: FusedLM, vision, tok, shards: str, max_items: int = 400, max_new_tokens: int = 8,
+def eval_image_shards(model: ComposedLM, tok, shards: str, max_items: int = 400, max_new_tokens: int = 8,
                       blind: bool = True, decode_scale: int = 1, seed: int = 0,
                       examples_dir: str | Path | None = None, families: tuple[str, ...] = (),
                       per_item: bool = False) -> dict:
@@ -169,9 +172,7 @@ def eval_image_shards(fused: FusedLM, vision, tok, shards: str, max_items: int =
     Returns {"shards", "image_samples", "skipped" ({reason: n}), "skipped_total", **vqa_eval(...)}; the one
     implementation behind `mm eval image` and benchmarks/image.py. examples_dir: save the examples' images there;
     families: keep only samples of these task families (all when empty)."""
-    from mm.stages.clip_pretrain import load_image_samples
-
-    size = vision.cfg.image_size * (decode_scale or 1)
+    size = model.image.encoder.cfg.image_size * (decode_scale or 1)
     cap = max(1, max_items // 2) if max_items else 0
     samples, skips = load_image_samples(shards, size, max_samples=0 if families else cap, seed=seed)
     if families:
@@ -182,18 +183,18 @@ def eval_image_shards(fused: FusedLM, vision, tok, shards: str, max_items: int =
         if 0 < cap < len(samples):
             keep = sorted(random.Random(seed).sample(range(len(samples)), cap))
             samples = [samples[k] for k in keep]
-    return _scored(fused, vision, tok, {"shards": shards}, samples, skips, max_items, max_new_tokens, blind,
+    return _scored(model, tok, {"shards": shards}, samples, skips, max_items, max_new_tokens, blind,
                    examples_dir, per_item)
 
 
-def eval_image_file(fused: FusedLM, vision, tok, path: str | Path, kind: str, max_items: int = 400,
+def eval_image_file(model: ComposedLM, tok, path: str | Path, kind: str, max_items: int = 400,
                     max_new_tokens: int = 8, blind: bool = True, decode_scale: int = 1, seed: int = 0,
                     examples_dir: str | Path | None = None, families: tuple[str, ...] = ()) -> dict:
     """eval_image_shards on a benchmark file (kind "tsv" | "jsonl", data/bench_files.py): a seeded subset of
     max_items rows (all when 0) of the given categories (families; all when empty), decoded at decode_scale tile
     sides. Returns {kind: path, "image_samples", "skipped" ({reason: n}, bad rows and images), "skipped_total",
     **vqa_eval(...)} with the per-category figures under *_by_family."""
-    size = vision.cfg.image_size * (decode_scale or 1)
+    size = model.image.encoder.cfg.image_size * (decode_scale or 1)
     samples, skips = load_bench_samples(path, kind, size, max_samples=max_items, seed=seed, categories=families)
-    return _scored(fused, vision, tok, {kind: str(path)}, samples, skips, max_items, max_new_tokens, blind,
+    return _scored(model, tok, {kind: str(path)}, samples, skips, max_items, max_new_tokens, blind,
                    examples_dir)

@@ -15,12 +15,16 @@ import sacrebleu
 import torch
 
 from data.audio import SAMPLE_RATE, iter_audio_samples
-from data.token_stream import IGNORE
+from data.dialog import dialog
 from data.shards import SkipCounter, expand_shards
+from data.speech_tasks import CHARS, char_text, task_choices
+from data.token_stream import IGNORE
 from llm.tokenizer import ChatFormat
 from mm.eval.stats import paired_bootstrap
-from mm.speech import CHARS, Featurizer, SpeechLM, char_text, generate_speech, n_speech_tokens, speech_dialog, \
-    task_choices
+from mm.model.composed import ComposedLM
+from mm.model.generate import generate
+from mm.model.media import Featurizer
+from mm.model.streams import Audio
 
 
 MAX_TOKENS_PER_S = 12.5  # a reply's cap per second of audio: one token per 80 ms, above any speaking rate
@@ -94,7 +98,7 @@ def load_audio_items(shards: str, max_items: int = 0) -> tuple[list[dict], dict]
 
 
 @torch.no_grad()
-def respond(model: SpeechLM, fmt: ChatFormat, system: str | None, audio, max_new_tokens: int = 48,
+def respond(model: ComposedLM, fmt: ChatFormat, system: str | None, audio, max_new_tokens: int = 48,
             featurize: Featurizer | None = None, text: str = "") -> str:
     """Greedy reply to one system prompt + audio (a float 16 kHz waveform; None: the blind prompt without speech) +
     optional typed user `text` (with audio None and text = the transcript: the text oracle). With audio the reply
@@ -102,37 +106,38 @@ def respond(model: SpeechLM, fmt: ChatFormat, system: str | None, audio, max_new
     insertions."""
     tok = fmt.tok
     if audio is None:
-        ids, _ = speech_dialog(fmt, model.ids, 0, system, None, text)
-        feats = lens = None
+        ids, _ = dialog(fmt, text, system=system)
+        speech = None
     else:
-        ids, _ = speech_dialog(fmt, model.ids, n_speech_tokens(len(audio), model.encoder.cfg, model.adapter),
-                               system, None)
-        feats, lens = (featurize or Featurizer())([audio])
+        ids, _ = dialog(fmt, "", media=model.speech.placeholder_ids(model.speech.n_tokens(len(audio))), system=system)
+        speech = (featurize or Featurizer())([audio])
         max_new_tokens = min(max_new_tokens, max(1, round(len(audio) * MAX_TOKENS_PER_S / SAMPLE_RATE)))
-    out = generate_speech(model, ids, feats, lens, max_new_tokens, stop_ids=(tok.eot_id, tok.eom_id, tok.eos_id))
+    out = generate(model, ids, max_new_tokens, speech=speech, stop_ids=(tok.eot_id, tok.eom_id, tok.eos_id))
     return fmt.decode_reply(out).strip()
 
 
 @torch.no_grad()
-def answer_loss(model: SpeechLM, fmt: ChatFormat, system: str | None, audio, answer: str,
+def answer_loss(model: ComposedLM, fmt: ChatFormat, system: str | None, audio, answer: str,
                 featurize: Featurizer | None = None, text: str = "") -> tuple[float, int]:
     """Teacher-forced (summed NLL, tokens) of the answer to one system prompt + audio (None: blind, no speech run)
     + optional typed user `text`: the training loss of one item, so held-out audio vs blind losses show whether the
     model uses the audio, and audio vs text-oracle losses how much of what the LM can use it gets."""
-    dev = model.lm.output.weight.device
-    n = n_speech_tokens(len(audio), model.encoder.cfg, model.adapter) if audio is not None else 0
-    ids, mask = speech_dialog(fmt, model.ids, n, system, answer, text)
+    dev = model.output.weight.device
+    media = model.speech.placeholder_ids(model.speech.n_tokens(len(audio))) if audio is not None else ()
+    ids, mask = dialog(fmt, text, answer, media=media, system=system)
     tokens = torch.tensor([ids[:-1]], device=dev)
     labels = torch.tensor([[t if m else IGNORE for t, m in zip(ids[1:], mask[1:])]], device=dev)
-    feats, lens = (featurize or Featurizer())([audio]) if audio is not None else (None, None)
-    loss = model(tokens, None if feats is None else feats.to(dev), None if lens is None else lens.to(dev),
-                 labels=labels)
+    speech = None
+    if audio is not None:
+        feats, lens = (featurize or Featurizer())([audio])
+        speech = Audio(feats.to(dev), lens.to(dev))
+    loss = model(tokens, speech=speech, labels=labels)
     k = int((labels != IGNORE).sum())
     return float(loss) * k, k
 
 
 @torch.no_grad()
-def speech_eval(model: SpeechLM, tok, items: list[dict], max_new_tokens: int = 48, blind: bool = True,
+def speech_eval(model: ComposedLM, tok, items: list[dict], max_new_tokens: int = 48, blind: bool = True,
                 per_item: bool = False) -> dict:
     """Every item is transcribed (ASR); items with a translation are also translated (AST), items with an answer
     answered (spoken QA). Returns {"wer", "wer_by_engine", "wer_by_voice", "blind_wer"(_by_voice), "bleu",
@@ -225,21 +230,20 @@ def ctc_greedy(logits: torch.Tensor, n: int) -> str:
 
 
 @torch.no_grad()
-def acoustic_eval(model: SpeechLM, items: list[dict], batch_size: int = 16) -> dict:
+def acoustic_eval(encoder: torch.nn.Module, char_head: torch.nn.Module, items: list[dict],
+                  batch_size: int = 16) -> dict:
     """The encoder's own transcription of held-out audio through the character CTC head (best path, no LM): the
     measure of an acoustic stage (speech_sft acoustic_only), also reported by eval_speech_shards with a char head.
     {"char_items", "char_cer" (characters, over char_text's alphabet), "char_wer" (Whisper-normalised words, as
     "wer"), "char_cer_by_voice", "char_examples"}."""
-    if model.char_head is None:
-        raise ValueError("acoustic_eval needs the model's char_head (char_ctc_weight > 0)")
-    model.eval()
-    featurize, dev = Featurizer(), model.char_head.weight.device
+    encoder.eval()
+    featurize, dev = Featurizer(), char_head.weight.device
     refs, hyps, voices = [], [], []
     for i in range(0, len(items), batch_size):
         chunk = items[i:i + batch_size]
         feats, lens = featurize([it["audio"] for it in chunk])
-        enc, enc_lens = model.encoder(feats.to(dev), lens.to(dev))  # (B, F', D_enc)
-        logits = model.char_head(enc)  # (B, F', len(CHARS) + 1)
+        enc, enc_lens = encoder(feats.to(dev), lens.to(dev))  # (B, F', D_enc)
+        logits = char_head(enc)  # (B, F', len(CHARS) + 1)
         for it, lg, n in zip(chunk, logits, enc_lens.tolist()):
             refs.append(char_text(it["text"]))
             hyps.append(ctc_greedy(lg, n))
@@ -253,22 +257,22 @@ def acoustic_eval(model: SpeechLM, items: list[dict], batch_size: int = 16) -> d
             "char_examples": [{"ref": r, "hyp": h} for r, h in list(zip(refs, hyps))[:6]]}
 
 
-def eval_speech_shards(model: SpeechLM, tok, shards: str, max_items: int = 0, max_new_tokens: int = 48,
-                       blind: bool = True, per_item: bool = False) -> dict:
+def eval_speech_shards(model: ComposedLM, tok, shards: str, max_items: int = 0, max_new_tokens: int = 48,
+                       blind: bool = True, per_item: bool = False, char_head: torch.nn.Module | None = None) -> dict:
     """speech_eval on the first max_items (0: all) samples of any audio-text shards (DESIGN.md format); adds
-    {"shards", "items", "skipped", "skipped_total"}, and acoustic_eval's char_* figures on the same items when the
-    model has a char head (a speech_sft in training; saved models drop it). The one implementation behind `mm eval
+    {"shards", "items", "skipped", "skipped_total"}, and acoustic_eval's char_* figures on the same items when a
+    char head is given (speech_sft's training aid; saved models drop it). The one implementation behind `mm eval
     speech`, benchmarks/speech.py and the end-of-stage evaluation of speech_sft."""
     items, skips = load_audio_items(shards, max_items)
     out = {"shards": shards, "items": len(items), "skipped": skips, "skipped_total": sum(skips.values())}
     out.update(speech_eval(model, tok, items, max_new_tokens, blind, per_item))
-    if model.char_head is not None:
-        out.update(acoustic_eval(model, items))
+    if char_head is not None:
+        out.update(acoustic_eval(model.speech.encoder, char_head, items))
     return out
 
 
 @torch.no_grad()
-def compare_speech(a: tuple[SpeechLM, object], b: tuple[SpeechLM, object], shards: str, max_items: int = 0,
+def compare_speech(a: tuple[ComposedLM, object], b: tuple[ComposedLM, object], shards: str, max_items: int = 0,
                    max_new_tokens: int = 48, n_boot: int = 2000) -> dict:
     """Greedy ASR of the same held-out utterances by two (model, tokenizer) pairs, e.g. the BEST-RQ and random-init
     arms of the ablation, and paired_wer_delta (a minus b) over all of them and per voice:

@@ -19,9 +19,12 @@ from data.chat_tasks import exact_match
 from data.loader import MODALITIES, ShardStream
 from data.qa_format import gold_letter, mc_prompt, parse_letter, short_prompt
 from data.shards import BadSample, SkipCounter
+from data.dialog import dialog
 from llm.tokenizer import ChatFormat
-from mm.fused import FusedLM, MediaKV, generate_fused
-from mm.stages.video import encode_video_qa, frame_features, frames_to_pixels
+from mm.model.composed import ComposedLM
+from mm.model.generate import generate
+from mm.model.media import frames_to_pixels
+from mm.model.streams import MediaKV
 
 CONDITIONS = ("video", "single_frame", "blind")
 TEMPORAL = ("direction", "order")
@@ -56,19 +59,20 @@ def single_frame(frames: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def clip_kv(fused: FusedLM, vision, frames, device: str | torch.device = "cpu") -> MediaKV:
+def clip_kv(model: ComposedLM, frames) -> MediaKV:
     """One clip's frames (F, 3, H, W) uint8 -> its video keys/values for every video block (computed once; reused
-    by every question about the clip). Used by video_eval and `mm chat --video`."""
-    px, aspect = frames_to_pixels(torch.as_tensor(frames)[None], vision.cfg)
-    return fused.video_kv(frame_features(vision, px.to(device), aspect.to(device)))
+    by every question about the clip)."""
+    fr = frames_to_pixels(torch.as_tensor(frames)[None], model.image.encoder.cfg)
+    dev = model.output.weight.device
+    return model.video_kv(type(fr)(fr.pixels.to(dev), fr.aspect.to(dev)))
 
 
 @torch.no_grad()
-def answer(fused: FusedLM, fmt: ChatFormat, prompt: str, kv: MediaKV | None, max_new_tokens: int = 8) -> str:
+def answer(model: ComposedLM, fmt: ChatFormat, prompt: str, kv: MediaKV | None, max_new_tokens: int = 8) -> str:
     """Greedy reply to `<|video|>` + prompt with the clip's keys/values, or to the prompt alone (kv None: blind)."""
-    ids, _ = encode_video_qa(fmt, prompt, None, video=kv is not None)
+    ids, _ = dialog(fmt, prompt, media=model.video.placeholder_ids() if kv is not None else ())
     tok = fmt.tok
-    out = generate_fused(fused, ids, None, max_new_tokens, video=kv, stop_ids=(tok.eot_id, tok.eos_id, tok.eom_id))
+    out = generate(model, ids, max_new_tokens, video=kv, stop_ids=(tok.eot_id, tok.eos_id, tok.eom_id))
     return fmt.decode_reply(out).strip()
 
 
@@ -84,14 +88,13 @@ def _summary(scores: dict, keys) -> dict:
 
 
 @torch.no_grad()
-def video_eval(fused: FusedLM, vision, tok, samples: list[dict], max_items: int = 0, max_new_tokens: int = 8,
-               device: str | torch.device = "cpu", per_item: bool = False) -> dict:
+def video_eval(model: ComposedLM, tok, samples: list[dict], max_items: int = 0, max_new_tokens: int = 8,
+               per_item: bool = False) -> dict:
     """Accuracies on clips {frames (F, 3, H, W) uint8, meta}: overall, "by_type" (family), "by_format" (mc /
     short), "by_type_format" ("direction/mc", ...), "temporal" (direction + order, with "gap" = video - single
     frame), each {video_acc, single_frame_acc, blind_acc, items}; plus "items" and a few "examples"; per_item: also
     "per_item" {"family": [...], "video" / "single_frame" / "blind": [score, ...]} in item order (paired tests)."""
-    fused.eval()
-    vision.eval()
+    model.eval()
     fmt = ChatFormat(tok)
     scores: dict[str, dict] = {c: defaultdict(list) for c in CONDITIONS}
     examples, n, flat = [], 0, defaultdict(list)
@@ -101,10 +104,10 @@ def video_eval(fused: FusedLM, vision, tok, samples: list[dict], max_items: int 
             items = items[:max_items - n]
         if not items:
             continue
-        kvs = {"video": clip_kv(fused, vision, s["frames"], device),
-               "single_frame": clip_kv(fused, vision, single_frame(s["frames"]), device), "blind": None}
+        kvs = {"video": clip_kv(model, s["frames"]), "single_frame": clip_kv(model, single_frame(s["frames"])),
+               "blind": None}
         for it in items:
-            preds = {c: answer(fused, fmt, it["prompt"], kvs[c], max_new_tokens) for c in CONDITIONS}
+            preds = {c: answer(model, fmt, it["prompt"], kvs[c], max_new_tokens) for c in CONDITIONS}
             flat["family"].append(it["family"])
             for c in CONDITIONS:
                 scores[c][(it["family"], it["format"])].append(item_score(it, preds[c]))
@@ -150,18 +153,18 @@ def load_video_samples(spec: str, num_frames: int, image_size: int, max_items: i
     return out, {**stream.index_skips.as_dict(), **skips.as_dict()}
 
 
-def eval_video_shards(fused: FusedLM, vision, tok, shards: str, num_frames: int, max_items: int = 400,
+def eval_video_shards(model: ComposedLM, tok, shards: str, num_frames: int | None = None, max_items: int = 400,
                       max_new_tokens: int = 8, backend: str = "auto", image_size: int | None = None,
                       seed: int = 0, per_item: bool = False) -> dict:
     """video_eval on any video-text shards (DESIGN.md format), frames decoded at image_size (default the encoder's
-    tile side); {"shards", "clips", "num_frames", "skipped", "skipped_total", **video_eval(...)}. The one
-    implementation behind `mm eval video` and benchmarks/video.py."""
-    size = image_size or vision.cfg.image_size
+    tile side; num_frames None: the stream's own); {"shards", "clips", "num_frames", "skipped", "skipped_total",
+    **video_eval(...)}. The one implementation behind `mm eval video` and benchmarks/video.py."""
+    num_frames = num_frames or model.video.num_frames
+    size = image_size or model.image.encoder.cfg.image_size
     samples, skips = load_video_samples(shards, num_frames, size, max_items, seed, backend)
     if not samples:
         raise ValueError(f"{shards}: no readable video samples (skipped: {skips})")
     out = {"shards": shards, "clips": len(samples), "num_frames": num_frames, "skipped": skips,
            "skipped_total": sum(skips.values())}
-    out.update(video_eval(fused, vision, tok, samples, max_items, max_new_tokens,
-                          device=fused.output.weight.device, per_item=per_item))
+    out.update(video_eval(model, tok, samples, max_items, max_new_tokens, per_item=per_item))
     return out

@@ -97,9 +97,7 @@ def load_herd_shape(path: str) -> HerdShape:
     """A herd YAML (experiments/paper/herd_*.yaml) as a typed HerdShape; unknown keys are an error naming them."""
     from omegaconf import OmegaConf
 
-    from mm.config import ConfigError
-
     try:
         return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(HerdShape), OmegaConf.load(path)))
     except Exception as e:  # noqa: BLE001  (OmegaConf / YAML errors -> one line naming the file)
-        raise ConfigError(f"{path}: {str(e).splitlines()[0]}") from None
+        raise ValueError(f"{path}: {str(e).splitlines()[0]}") from None

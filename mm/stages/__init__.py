@@ -21,7 +21,7 @@ RUNNERS = {
     "video_sft": ("mm.stages.video", "run"),
     "pipeline": ("mm.stages.pipeline", "run"),
     "herd_report": ("mm.stages.herd_report", "run"),
-    "compose": ("mm.herd", "run_compose"),
+    "compose": ("mm.stages.compose", "run"),
     "ablation": ("mm.stages.ablation", "run"),
 }
 

@@ -23,9 +23,11 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from data.atomic import atomic_write_text
+from data.dialog import collate_dialogs, dialog
 from mm.config import AblationConfig
-from mm.runner import run_config
 from mm.eval.stats import bootstrap_ci, paired_bootstrap
+from mm.model.store import load_model
+from mm.model.streams import Frames, Pixels
 
 
 @dataclass(frozen=True)
@@ -58,18 +60,16 @@ def score_image(arm_dir: Path, cfg: AblationConfig) -> dict:
     """VQA accuracy per held-out item with the image, another sample's image and none; FLOPs of one VQA sample."""
     from llm.tokenizer import ChatFormat
     from mm.eval.image import eval_image_shards
-    from mm.stages.image_pretrain import ImageModel, collate_dialogs, encode_vqa, freeze_for_image, load_fused
 
-    fused, vision, tok = load_fused(arm_dir)
-    ev = eval_image_shards(fused, vision, tok, cfg.eval_shards, max_items=cfg.eval_items,
-                           max_new_tokens=cfg.max_new_tokens, blind=True, seed=cfg.seed, per_item=True)
-    model = ImageModel(vision, fused)
-    freeze_for_image(model)
-    mb = collate_dialogs([encode_vqa(ChatFormat(tok), "What is shown?", "a photo of a bag.", fused.image_run)],
-                         tok.pad_id, int(_arm_config(arm_dir)["seq_len"]))
-    t = vision.cfg.image_size
-    px = torch.zeros(1, vision.cfg.max_tiles, 3, t, t)
-    flops = _flops(model, lambda: model(mb["tokens"], px, torch.zeros(1, dtype=torch.long), labels=mb["labels"]))
+    model, tok, _ = load_model(arm_dir)
+    ev = eval_image_shards(model, tok, cfg.eval_shards, max_items=cfg.eval_items, max_new_tokens=cfg.max_new_tokens,
+                           blind=True, seed=cfg.seed, per_item=True)
+    model.train_only("image")
+    mb = collate_dialogs([dialog(ChatFormat(tok), "What is shown?", "a photo of a bag.",
+                                 media=model.image.placeholder_ids())], tok.pad_id, int(_arm_config(arm_dir)["seq_len"]))
+    v = model.image.encoder.cfg
+    px = Pixels(torch.zeros(1, v.max_tiles, 3, v.image_size, v.image_size), torch.zeros(1, dtype=torch.long))
+    flops = _flops(model, lambda: model(mb["tokens"], image=px, labels=mb["labels"]))
     p = ev["per_item"]
     return {"values": {"model": p["model"], "shuffled": p["shuffled"], "blind": p["blind"]}, "weights": None,
             "keys": [f"{f}:{i}" for i, f in enumerate(p["family"])], "flops": flops}
@@ -79,25 +79,22 @@ def score_video(arm_dir: Path, cfg: AblationConfig) -> dict:
     """Accuracy on the temporal items (direction, order) with the clip, its middle frame and no video."""
     from llm.tokenizer import ChatFormat
     from mm.eval.video import TEMPORAL, eval_video_shards
-    from mm.stages.image_pretrain import collate_dialogs
-    from mm.stages.video import VideoModel, encode_video_qa, freeze_for_video, load_video, saved_num_frames
 
-    fused, vision, tok = load_video(arm_dir)
-    frames = saved_num_frames(arm_dir)
-    ev = eval_video_shards(fused, vision, tok, cfg.eval_shards, frames, max_items=cfg.eval_items,
+    model, tok, _ = load_model(arm_dir)
+    frames = model.video.num_frames
+    ev = eval_video_shards(model, tok, cfg.eval_shards, frames, max_items=cfg.eval_items,
                            max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, per_item=True)
     p = ev["per_item"]
     keep = [i for i, f in enumerate(p["family"]) if f in TEMPORAL]
     if not keep:
         raise ValueError(f"{cfg.eval_shards}: no temporal (direction / order) video items to score")
-    model = VideoModel(vision, fused)
-    freeze_for_video(model)
-    mb = collate_dialogs([encode_video_qa(ChatFormat(tok), "Which way does it move?", "left")], tok.pad_id,
+    model.train_only("video")
+    mb = collate_dialogs([dialog(ChatFormat(tok), "Which way does it move?", "left",
+                                 media=model.video.placeholder_ids())], tok.pad_id,
                          int(_arm_config(arm_dir)["seq_len"]))
-    t = vision.cfg.image_size
-    px = torch.zeros(1, frames, 1, 3, t, t)
-    flops = _flops(model, lambda: model(mb["tokens"], px, torch.zeros(1, frames, dtype=torch.long),
-                                        labels=mb["labels"]))
+    v = model.image.encoder.cfg
+    fr = Frames(torch.zeros(1, frames, 1, 3, v.image_size, v.image_size), torch.zeros(1, frames, dtype=torch.long))
+    flops = _flops(model, lambda: model(mb["tokens"], video=fr, labels=mb["labels"]))
     return {"values": {c: [p[c][i] for i in keep] for c in ("video", "single_frame", "blind")}, "weights": None,
             "keys": [f"{p['family'][i]}:{i}" for i in keep], "flops": flops, "primary": "video"}
 
@@ -106,31 +103,30 @@ def score_speech(arm_dir: Path, cfg: AblationConfig) -> dict:
     """Word errors per held-out utterance (greedy ASR) with the audio and without (blind); weights: reference
     words (so sums give the corpus WER)."""
     from mm.eval.speech import eval_speech_shards, utterance_errors
-    from mm.speech import load_speech_model
 
-    model, tok = load_speech_model(arm_dir)
+    model, tok, _ = load_model(arm_dir)
     ev = eval_speech_shards(model, tok, cfg.eval_shards, max_items=cfg.eval_items, blind=True, per_item=True)
     p = ev["per_item"]
     err = np.array(utterance_errors(p["refs"], p["hyps"]), dtype=np.float64).reshape(-1, 2)
     blind = np.array(utterance_errors(p["refs"], p["blind_hyps"]), dtype=np.float64).reshape(-1, 2)
     return {"values": {"model": err[:, 0].tolist(), "blind": blind[:, 0].tolist()}, "weights": err[:, 1].tolist(),
             "keys": [hashlib.sha256(r.encode()).hexdigest()[:12] for r in p["refs"]],
-            "flops": speech_flops(model, tok, arm_dir)}
+            "flops": speech_flops(model, tok)}
 
 
-def speech_flops(model, tok, arm_dir: Path) -> float:
+def speech_flops(model, tok) -> float:
     """Forward + backward FLOPs of one ASR sample of 4 s (the adapter's placeholder count for it)."""
+    from data.speech_tasks import ASR_PROMPT
     from llm.tokenizer import ChatFormat
-    from mm.speech import ASR_PROMPT, Featurizer, freeze_lm, n_speech_tokens, speech_dialog
-    from mm.stages.image_pretrain import collate_dialogs
+    from mm.model.media import Featurizer
 
-    freeze_lm(model)
+    model.train_only("speech")
     wave = np.zeros(4 * 16000, dtype=np.float32)
-    feats, lens = Featurizer()([wave])
-    n = n_speech_tokens(len(wave), model.encoder.cfg, model.adapter)
-    mb = collate_dialogs([speech_dialog(ChatFormat(tok), model.ids, n, ASR_PROMPT.format(language="English"),
-                                        "the quick brown fox")], tok.pad_id, 10 ** 6)
-    return _flops(model, lambda: model(mb["tokens"], feats, lens, labels=mb["labels"]))
+    audio = Featurizer()([wave])
+    media = model.speech.placeholder_ids(model.speech.n_tokens(len(wave)))
+    mb = collate_dialogs([dialog(ChatFormat(tok), "", "the quick brown fox", media=media,
+                                 system=ASR_PROMPT.format(language="English"))], tok.pad_id, 10 ** 6)
+    return _flops(model, lambda: model(mb["tokens"], speech=audio, labels=mb["labels"]))
 
 
 MODALITIES = {
@@ -259,8 +255,11 @@ def plot(table: dict, path: Path) -> None:
 
 
 def run(cfg: AblationConfig, run_dir: Path, resume: bool = False, redo_changed: bool = False,
-        break_lock: bool = False) -> dict:
-    """Train (or reuse) every arm, score every arm on the same items, write ablation.{json,md,png}."""
+        break_lock: bool = False, run_config: Callable[..., dict] | None = None) -> dict:
+    """Train (or reuse) every arm through `run_config` (the runner's, which passes itself), score every arm on the
+    same items, write ablation.{json,md,png}."""
+    if run_config is None:
+        raise ValueError("ablation: run it through the runner (mm run), which trains its arms")
     if cfg.modality not in MODALITIES:
         raise ValueError(f"ablation modality {cfg.modality!r} is not one of {sorted(MODALITIES)}")
     if not cfg.arms:

@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data.loader import MODALITIES, Loader, ShardStream, StepFeed
-from data.shards import BadSample, SkipCounter, expand_shards, iter_samples
+from data.loader import Loader, StepFeed, load_image_samples
+from data.shards import expand_shards, iter_samples
 from encoders.clip import ClipLoss, ClipModel, TextConfig, flops_per_pair, tokenize_captions, zero_shot_suite
 from encoders.vision import normalize_pixels, vision_config
 from llm.tokenizer import Tokenizer
@@ -48,22 +48,6 @@ def caption_texts(paths: list[Path]):
     for s in iter_samples(paths):
         if "txt" in s:
             yield s["txt"].decode("utf-8", errors="replace")
-
-
-def load_image_samples(spec: str, image_size: int, max_samples: int = 0, seed: int = 0) -> tuple[list[dict], dict]:
-    """Every decodable image-text sample of the shards in order ({image (3, H, W) uint8, caption, meta}), or a seeded
-    subset of max_samples; returns (samples, skip counts)."""
-    stream = ShardStream(spec, "image", 1, decode_opts={"image_size": image_size})
-    where = [(s, j) for s in range(len(stream.index)) for j in range(len(stream.index[s]))]
-    if 0 < max_samples < len(where):
-        where = sorted(random.Random(seed).sample(where, max_samples))
-    skips, out = SkipCounter(), []
-    for s, j in where:
-        try:
-            out.append(MODALITIES["image"](stream.read(s, j), image_size=image_size))
-        except BadSample as e:
-            skips.add(e.reason)
-    return out, {**stream.index_skips.as_dict(), **skips.as_dict()}
 
 
 def freeze_for_clip(model: ClipModel) -> dict[str, int]:

@@ -124,12 +124,12 @@ def herd_rows(cfg: HerdReportConfig, bench: Path) -> tuple[list[dict], list[dict
     """The composed model with no media against the bare LM on held-out text: bits per byte must be equal."""
     from data.shards import SkipCounter, expand_shards, iter_text_docs
     from mm.eval.text import bits_per_byte
-    from mm.herd import load_herd
     from mm.model.runs import load_lm
+    from mm.model.store import load_model
 
     out = bench / "herd.json"
     if not out.exists():
-        herd, tok, meta = load_herd(cfg.herd)
+        herd, tok, meta = load_model(cfg.herd)
         lm, _, _ = load_lm(meta["lm"])
         texts = [d["text"] for d in iter_text_docs(expand_shards(cfg.text_shards), SkipCounter())][:16]
         if not texts:

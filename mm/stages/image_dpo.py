@@ -21,15 +21,19 @@ from pathlib import Path
 import torch
 
 from data.chat_tasks import normalise_answer
-from data.loader import Loader, StepFeed
+from data.dialog import collate_dialogs, dialog
+from data.loader import Loader, StepFeed, load_image_samples
+from data.qa_format import qa_prompt
 from data.token_stream import IGNORE
 from encoders.vision import VisionConfig
 from llm.reward import dpo_loss
-from llm.tokenizer import ChatFormat, Tokenizer
+from llm.tokenizer import Tokenizer
 from mm.config import ImageDPOConfig
+from mm.model.composed import ComposedLM
+from mm.model.media import images_to_pixels
+from mm.model.streams import Pixels
 from mm.stages import image_pretrain
-from mm.stages.image_pretrain import (ImageFeed, ImageModel, ImageObjective, collate_dialogs,
-                                      encode_vqa, images_to_pixels, pick_question)
+from mm.stages.image_pretrain import ImageFeed, ImageObjective, pick_question
 from mm.stages.lm_post import EMAReference, special_ids
 from mm.train.trainer import StepOutput, Trainer
 
@@ -63,7 +67,7 @@ def inject_error(answer: str, references, pool: list[str], rng: random.Random,
 def make_pair(meta: dict, caption: str, pool: list[str], rng: random.Random, caption_prob: float):
     """(question, chosen, rejected, kind) for one image sample, or None when no error can be injected."""
     q, gold = pick_question(meta, caption, rng, caption_prob)
-    qa = next((x for x in (meta or {}).get("qa") or [] if image_pretrain.qa_prompt(x) == q), None)
+    qa = next((x for x in (meta or {}).get("qa") or [] if qa_prompt(x) == q), None)
     refs = qa["answers"] if qa else [gold]
     err = inject_error(str(gold).strip(), refs, pool, rng, qa.get("choices") if qa else None)
     return None if err is None else (q, str(gold).strip(), err[1], err[0])
@@ -74,8 +78,8 @@ class PairFeed(ImageFeed):
     on answer tokens, formatting ids ignored), pixels for the B images once; n = number of pairs."""
 
     def __init__(self, loader: Loader, tok: Tokenizer, cfg: ImageDPOConfig, vcfg: VisionConfig,
-                 device: torch.device, image_run: int = 1):
-        super().__init__(loader, tok, cfg, vcfg, device, image_run)
+                 device: torch.device, media: list[int] = ()):
+        super().__init__(loader, tok, cfg, vcfg, device, media)
         self.fmt_ids = torch.tensor(sorted(special_ids(tok)))
 
     def make(self, b: int, batch: dict) -> dict:
@@ -89,25 +93,25 @@ class PairFeed(ImageFeed):
             if pair is None:
                 continue
             q, c, r, kind = pair
-            chosen.append(encode_vqa(self.fmt, q, c, self.image_run))
-            rejected.append(encode_vqa(self.fmt, q, r, self.image_run))
+            chosen.append(dialog(self.fmt, q, c, media=self.media))
+            rejected.append(dialog(self.fmt, q, r, media=self.media))
             keep.append(j)
             kinds.append(kind)
         mb = collate_dialogs(chosen + rejected, self.pad_id, self.cfg.seq_len)
         mb["labels"][torch.isin(mb["labels"], self.fmt_ids)] = IGNORE  # formatting tokens out of the loss
-        px, aspect = images_to_pixels([batch["image"][j] for j in keep], self.vcfg.image_size, self.vcfg.max_tiles)
-        mb.update(pixels=px, aspect=aspect)
+        px = images_to_pixels([batch["image"][j] for j in keep], self.vcfg.image_size, self.vcfg.max_tiles)
+        mb.update(pixels=px.pixels, aspect=px.aspect)
         mb = {k: v.to(self.device) for k, v in mb.items()}
         mb["n"] = len(keep)
         mb["kinds"] = kinds
         return mb
 
 
-def answer_logps(m: ImageModel, mb: dict) -> tuple[torch.Tensor, torch.Tensor]:
+def answer_logps(m: ComposedLM, mb: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed log-probabilities of the labelled tokens per row and their counts, both (2B,); the image of pair i
     serves rows i and B + i (encoded once)."""
-    media = m.media(mb["pixels"], mb["aspect"])  # (B, 1, N, D)
-    logits = m.fused(mb["tokens"], torch.cat([media, media])).float()  # (2B, T, V)
+    media = m.image.features(Pixels(mb["pixels"], mb["aspect"]))  # (B, 1, N, D)
+    logits = m(mb["tokens"], image=torch.cat([media, media])).float()  # (2B, T, V)
     labels = mb["labels"]
     mask = labels != IGNORE
     lp = torch.log_softmax(logits, -1).gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)  # (2B, T)
@@ -119,21 +123,21 @@ class DPOObjective(ImageObjective):
 
     def __init__(self, cfg: ImageDPOConfig):
         super().__init__(cfg)
-        self.ref: ImageModel | None = None
-        self.init: ImageModel | None = None
+        self.ref: ComposedLM | None = None
+        self.init: ComposedLM | None = None
         self.ema: EMAReference | None = None
 
-    def feed(self, loader, tok, vcfg, device, image_run: int = 1) -> StepFeed:
+    def feed(self, loader, tok, vcfg, device, media: list[int] = ()) -> StepFeed:
         self.tok = tok
-        return PairFeed(loader, tok, self.cfg, vcfg, device, image_run)
+        return PairFeed(loader, tok, self.cfg, vcfg, device, media)
 
-    def attach(self, model: ImageModel, trainer: Trainer) -> None:
+    def attach(self, model: ComposedLM, trainer: Trainer) -> None:
         if self.cfg.reference not in ("ema", "frozen"):
             raise ValueError(f"reference must be 'ema' or 'frozen', got {self.cfg.reference!r}")
         self.ref = frozen_copy(model)
         self.init = frozen_copy(model)
         if self.cfg.reference == "ema":
-            keys = [k for k, p in model.named_parameters() if p.requires_grad]  # freeze_for_image ran before
+            keys = [k for k, p in model.named_parameters() if p.requires_grad]  # train_only ran before
             self.ema = EMAReference(self.ref, trainer, self.cfg.ema_decay, keys)
 
     def resumed(self) -> None:
@@ -154,15 +158,15 @@ class DPOObjective(ImageObjective):
         loss = (pref + self.cfg.nll_weight * nll).mean()
         return StepOutput(loss, n, {"chosen_frac": (margin > 0).float().mean().item(), "margin": margin.mean().item()})
 
-    def finish(self, model: ImageModel) -> dict:
+    def finish(self, model: ComposedLM) -> dict:
         return {"chosen_frac": heldout_chosen_frac(model, self.init, self.tok, self.cfg)}
 
 
-def frozen_copy(model: ImageModel) -> ImageModel:
-    """A copy of the image model for reference use: own ViT / adapter tensors, the same (shared) LM modules."""
-    memo = {id(mod): mod for mod in model.fused.lm.modules()}
-    memo.update({id(p): p for p in model.fused.lm.parameters()})
-    memo[id(model.fused.lm)] = model.fused.lm
+def frozen_copy(model: ComposedLM) -> ComposedLM:
+    """A copy of the model for reference use: own stream tensors, the same (shared) LM modules."""
+    memo = {id(mod): mod for mod in model.lm.modules()}
+    memo.update({id(p): p for p in model.lm.parameters()})
+    memo[id(model.lm)] = model.lm
     ref = copy.deepcopy(model, memo)
     for p in ref.parameters():
         p.requires_grad_(False)
@@ -170,17 +174,15 @@ def frozen_copy(model: ImageModel) -> ImageModel:
 
 
 @torch.no_grad()
-def heldout_chosen_frac(policy: ImageModel, reference: ImageModel, tok: Tokenizer, cfg: ImageDPOConfig,
+def heldout_chosen_frac(policy: ComposedLM, reference: ComposedLM, tok: Tokenizer, cfg: ImageDPOConfig,
                         batch: int = 16) -> float:
     """Share of held-out error-injected pairs (data.val_shards, eval_items images) where the policy's implicit
     reward log pi - log pi_ref prefers the gold answer."""
-    from mm.stages.clip_pretrain import load_image_samples
-
-    vcfg = policy.vision.cfg
+    vcfg = policy.image.encoder.cfg
     samples, _ = load_image_samples(cfg.data.val_shards, cfg.data.image_size or vcfg.image_size,
                                     max_samples=cfg.eval_items, seed=0)
     loader = _ListLoader(samples, batch)
-    feed = PairFeed(loader, tok, cfg, vcfg, next(policy.parameters()).device)
+    feed = PairFeed(loader, tok, cfg, vcfg, next(policy.parameters()).device, policy.image.placeholder_ids())
     was = policy.training
     policy.eval()
     wins = []

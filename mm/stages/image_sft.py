@@ -12,7 +12,7 @@ stays the instruct LM) for K = 2..soup_top_k are written to soups/top<K>/ and sc
 Reruns continue: a member with members/<i>/result.json is reused (if its seed, LR, setup and the init / instruct-LM
 weights it was trained from match, else an error; re-scored if eval_items changed), one with a final model but no
 score is only scored, and an interrupted one resumes from its checkpoints.
-Files: members/<i>/{checkpoints, final, train.json, result.json}; final/ (loadable with load_fused; meta "soup_of").
+Files: members/<i>/{checkpoints, final, train.json, result.json}; final/ (a composed model folder; meta "soup_of").
 """
 from __future__ import annotations
 
@@ -25,8 +25,10 @@ from mm.train.average import average_states
 from mm.model.checkpoint import CheckpointError, file_sha256, load_meta, load_tensors, save_weights
 from mm.config import ImageSFTConfig, SweepMember
 from mm.model.runs import model_dir
+from mm.model.store import load_model
 from mm.stages import image_pretrain
-from mm.stages.image_pretrain import SAVED_PARTS, load_fused
+
+SAVED_PARTS = ("image.",)  # an image run's tensors (no LM): the only ones a soup averages
 
 # what must match for a member to be reused: settings, and the weights behind the paths (a retrained LM at the same
 # path must not reuse members trained over the old one)
@@ -48,9 +50,10 @@ def score(cfg: ImageSFTConfig, ckpt: Path, controls: bool = False) -> dict:
     shuffled-image passes (3x the time; only the final soup needs them, ranking uses vqa_acc)."""
     from mm.eval.image import eval_image_shards
 
-    fused, vision, tok = load_fused(ckpt)
-    scale = max(1, (cfg.data.image_size or vision.cfg.image_size) // vision.cfg.image_size)
-    return eval_image_shards(fused, vision, tok, cfg.data.val_shards, max_items=cfg.eval_items, blind=controls,
+    model, tok, _ = load_model(ckpt)
+    tile = model.image.encoder.cfg.image_size
+    scale = max(1, (cfg.data.image_size or tile) // tile)
+    return eval_image_shards(model, tok, cfg.data.val_shards, max_items=cfg.eval_items, blind=controls,
                              decode_scale=scale, seed=0)
 
 
@@ -94,7 +97,7 @@ def make_soup(members: list[Path], out: Path, meta: dict) -> Path:
     for d, sd in zip(dirs, states):
         bad = [k for k in sd if not k.startswith(SAVED_PARTS)]
         if bad:
-            raise CheckpointError(f"{d}: {bad[0]!r} is not a ViT / image-adapter tensor; refusing to average it")
+            raise CheckpointError(f"{d}: {bad[0]!r} is not an image-stream tensor; refusing to average it")
     avg = average_states(states, names=[str(d) for d in dirs])
     meta = {**load_meta(dirs[0]), **meta, "soup_of": [str(d) for d in dirs]}
     path = save_weights(out, {"model": avg}, meta)

@@ -8,9 +8,9 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 from mm.config import PipelineConfig
-from mm.runner import run_config
 
 POLICY_STEPS = ("sft0", "sft", "dpo")  # steps whose output becomes the current policy
 
@@ -23,9 +23,12 @@ def _fill(text: str, run_dir: Path, r: int, policy: str | None) -> str:
 
 
 def run(cfg: PipelineConfig, run_dir: Path, resume: bool = False, redo_changed: bool = False,
-        break_lock: bool = False) -> dict:
-    """Run every step (each reused when its config and inputs match; with redo_changed, `mm run --force`, retrained
-    when they do not); returns {step_dir: result} plus the final policy."""
+        break_lock: bool = False, run_config: Callable[..., dict] | None = None) -> dict:
+    """Run every step through `run_config` (the runner's, which passes itself; each step reused when its config and
+    inputs match; with redo_changed, `mm run --force`, retrained when they do not); returns {step_dir: result} plus
+    the final policy."""
+    if run_config is None:
+        raise ValueError("pipeline: run it through the runner (mm run), which runs its steps")
     results, policy = {}, None
     once = [s for s in cfg.steps if not s.per_round]
     each = [s for s in cfg.steps if s.per_round]

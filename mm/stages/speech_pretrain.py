@@ -5,7 +5,7 @@ SpecAugment: BEST-RQ masks the input itself); the span mask and noise of batch b
 (seed, b), the crop from (seed, b), so a step is a pure function of the step and resume is exact. Logged per step:
 loss, masked-frame accuracy, mask share, and the targets' code usage and perplexity (collapse check).
 Final: final/{model.safetensors ("encoder.*", "head.*", "quantizer.*"), meta.json (kind speech_encoder,
-encoder_config, best_rq)}; mm.speech.load_encoder reads the encoder back.
+encoder_config, best_rq)}; mm.model.store.load_speech_encoder reads the encoder back.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from encoders.speech import ConformerConfig, ConformerEncoder, speech_shape
 from mm.model.checkpoint import save_weights
 from mm.config import SpeechEncoderModelConfig, SpeechPretrainConfig
 from mm.train.distributed import DistInfo, init_distributed, unwrap, wrap_model
-from mm.speech import Featurizer
+from mm.model.media import Featurizer
 from mm.train.trainer import StepOutput, Trainer, warmup_cosine
 
 LOGGED = ("acc", "mask_frac", "code_usage", "code_perplexity")

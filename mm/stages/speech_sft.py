@@ -14,7 +14,7 @@ speech_sft's encoder_from). The adapter is any speech design of adapters.registr
 {kind (default conv_rotary, the paper's), the design's Config fields, match_embed_scale}; the stage fills in_dim /
 out_dim from the encoder / LM and, with match_embed_scale, a design's out_rms (a final RMSNorm on the LM's embedding
 scale); learned speech markers (learn_markers) start as the LM's embedding of '"'. Final: final/{model.safetensors ("encoder.*", "adapter.*"), meta.json,
-tokenizer.json}; mm.speech.load_speech_model rebuilds it.
+tokenizer.json}: a composed model folder (mm.model.store).
 """
 from __future__ import annotations
 
@@ -29,28 +29,77 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+import torch.nn.functional as F
+
 from adapters import registry
-from adapters.speech import SpeechTokens, embedding_rms
+from adapters.speech import SpeechTokens, embedding_rms, token_ctc_loss
+from data.dialog import collate_dialogs, dialog
 from data.loader import Loader, StepFeed
+from data.speech_tasks import CHARS, char_ids, task_choices
 from data.token_stream import IGNORE
 from encoders.speech import ConformerEncoder, SpecAugment
 from llm.tokenizer import ChatFormat, Tokenizer
 from mm.config import SpeechSFTConfig, speech_adapter_spec
-from mm.train.distributed import init_distributed, unwrap, wrap_model
+from mm.model.composed import ComposedLM
+from mm.model.media import Featurizer
 from mm.model.runs import load_lm, model_dir
-from mm.speech import CHARS, Featurizer, SpeechLM, char_ids, freeze_lm, load_encoder, n_speech_tokens, \
-    save_speech_model, speech_dialog, task_choices
-from mm.stages.image_pretrain import collate_dialogs
+from mm.model.store import load_speech_encoder, save_model
+from mm.model.streams import SpeechEmbeds, SpeechStream
 from mm.stages.speech_pretrain import encoder_config, train_on_audio
+from mm.train.distributed import init_distributed, unwrap, wrap_model
 from mm.train.trainer import StepOutput
 
-def build_model(cfg: SpeechSFTConfig) -> tuple[SpeechLM, Tokenizer]:
+
+def char_ctc_loss(logits: torch.Tensor, lens: torch.Tensor, targets: torch.Tensor, target_lens: torch.Tensor):
+    """CTC of encoder-frame character logits (B, F, len(CHARS) + 1) against targets (B, L) (blank 0); mean over items
+    of the per-character loss; an utterance with more characters than frames contributes 0 (zero_infinity)."""
+    logp = logits.float().log_softmax(-1).transpose(0, 1)  # (F, B, C)
+    return F.ctc_loss(logp, targets, lens, target_lens, blank=0, reduction="mean", zero_infinity=True)
+
+
+class SpeechModel(nn.Module):
+    """The composed model (`model`, with a speech stream) + `char_head`, the optional character CTC head on the
+    encoder's frames (a training aid, never saved). forward(tokens (B, T), feats (B, F, 80), feat_lens (B,), labels
+    (B, T)) -> the mean loss; with the auxiliary targets (one transcript per audio item) `ctc` = (token ids (B, L),
+    lens (B,)) for the adapter's token CTC and / or `chars` = (char ids (B, L), lens (B,)) for the character CTC:
+    (loss, {"ctc": ..., "char_ctc": ...})."""
+
+    def __init__(self, model: ComposedLM, char_head: nn.Linear | None = None):
+        super().__init__()
+        self.model, self.char_head = model, char_head
+
+    def char_loss(self, feats: torch.Tensor, feat_lens: torch.Tensor, chars: tuple) -> torch.Tensor:
+        """The character CTC of the encoder alone, feats (B, F, 80) -> scalar (no adapter, no LM): the acoustic
+        stage's loss (acoustic_only)."""
+        return self._char_ctc(*self.model.speech.encoder(feats, feat_lens), chars)  # (B, F', D_enc), lengths
+
+    def _char_ctc(self, enc: torch.Tensor, enc_lens: torch.Tensor, chars: tuple) -> torch.Tensor:
+        if self.char_head is None:
+            raise ValueError("character CTC targets given but the model has no char_head")
+        return char_ctc_loss(self.char_head(enc), enc_lens, *chars)
+
+    def forward(self, tokens, feats, feat_lens, labels=None, ctc=None, chars=None):
+        sp = self.model.speech
+        enc, enc_lens = sp.encoder(feats, feat_lens)  # (B, F', D_enc), 40 ms frames
+        e, n = sp.adapter(enc, enc_lens)  # (B, N, D_lm), 40 ms x adapter stride
+        out = self.model(tokens, speech=SpeechEmbeds(e, n), labels=labels)
+        if ctc is None and chars is None:
+            return out
+        aux = {}
+        if ctc is not None:
+            aux["ctc"] = token_ctc_loss(e, n, self.model.tok_embeddings.weight, *ctc, sp.ids.placeholder)
+        if chars is not None:
+            aux["char_ctc"] = self._char_ctc(enc, enc_lens, chars)
+        return out, aux
+
+
+def build_model(cfg: SpeechSFTConfig) -> tuple[SpeechModel, Tokenizer]:
     """Frozen LM + encoder (encoder_from's weights, or a fresh cfg.encoder shape) + a fresh adapter of the design
     cfg.adapter names (seeded; in_dim / out_dim / out_rms filled from the encoder and the LM)."""
     lm, tok, _ = load_lm(cfg.lm)
     torch.manual_seed(cfg.seed)
     if cfg.encoder_from:
-        enc = load_encoder(cfg.encoder_from)
+        enc = load_speech_encoder(cfg.encoder_from)
     else:
         enc = ConformerEncoder(encoder_config(cfg.encoder))
     spec, knobs = speech_adapter_spec(cfg.adapter)
@@ -62,7 +111,7 @@ def build_model(cfg: SpeechSFTConfig) -> tuple[SpeechLM, Tokenizer]:
         with torch.no_grad():
             adapter.markers.copy_(lm.tok_embeddings.weight[tok.encode('"')[0]].expand(2, -1))
     head = nn.Linear(enc.cfg.dim, len(CHARS) + 1) if cfg.char_ctc_weight > 0 else None
-    return SpeechLM(enc, adapter, lm, SpeechTokens.of(tok), head), tok
+    return SpeechModel(ComposedLM(lm, speech=SpeechStream(enc, adapter, SpeechTokens.of(tok))), head), tok
 
 
 def pick_task(text: str, meta: dict, weights: dict[str, float], rng: random.Random) -> tuple[str, str | None, str]:
@@ -84,12 +133,13 @@ def ctc_weight_at(cfg: SpeechSFTConfig, b: int) -> float:
 class SpeechFeed(StepFeed):
     """Micro-batches {tokens (B, T), labels (B, T), feats (B, F, 80), feat_lens (B,), n} (see the module doc), plus
     {ctc_targets (B, L), ctc_lens (B,), ctc_w} (transcript token ids) when the auxiliary CTC is on, and
-    {char_targets (B, L), char_lens (B,)} (mm.speech.char_ids) when the character CTC is."""
+    {char_targets (B, L), char_lens (B,)} (data.speech_tasks.char_ids) when the character CTC is."""
 
-    def __init__(self, loader: Loader, tok: Tokenizer, cfg: SpeechSFTConfig, model: SpeechLM, device: torch.device):
+    def __init__(self, loader: Loader, tok: Tokenizer, cfg: SpeechSFTConfig, stream: SpeechStream,
+                 device: torch.device):
         super().__init__(loader, cfg.train.grad_accum)
         self.fmt, self.cfg, self.device, self.pad_id, self.tok = ChatFormat(tok), cfg, device, tok.pad_id, tok
-        self.ids, self.enc_cfg, self.adapter = model.ids, model.encoder.cfg, model.adapter
+        self.stream = stream
         s = cfg.spec_augment
         self.featurize = Featurizer(SpecAugment(s.freq_masks, s.freq_width, s.time_masks, s.time_ratio))
         self.skipped: Counter = Counter()
@@ -99,8 +149,8 @@ class SpeechFeed(StepFeed):
         dialogs, waves, texts = [], [], []
         for j, (audio, text, meta) in enumerate(zip(batch["audio"], batch["text"], batch["meta"])):
             task, system, answer = pick_task(text, meta, self.cfg.tasks, random.Random(f"{self.cfg.seed}:{b}:{j}"))
-            n = n_speech_tokens(len(audio), self.enc_cfg, self.adapter)
-            ids, mask = speech_dialog(self.fmt, self.ids, n, system, answer)
+            n = self.stream.n_tokens(len(audio))
+            ids, mask = dialog(self.fmt, "", answer, media=self.stream.placeholder_ids(n), system=system)
             if len(ids) > self.cfg.seq_len:
                 self.skipped["dialog_too_long"] += 1
                 continue
@@ -155,12 +205,18 @@ def run(cfg: SpeechSFTConfig, run_dir: Path, resume: bool = False) -> dict:
     if cfg.acoustic_only and cfg.char_ctc_weight <= 0:
         raise ValueError("acoustic_only trains the encoder on the character CTC: set char_ctc_weight > 0")
     model, tok = build_model(cfg)
-    # acoustic_only: the adapter gets no gradient without the LM, so it stays out of the optimizer too
-    counts = freeze_lm(model, ("lm.", "adapter.") if cfg.acoustic_only else ("lm.",))
+    stream = model.model.speech
+    counts = model.model.train_only("speech")
+    if cfg.acoustic_only:  # the adapter gets no gradient without the LM, so it stays out of the optimizer too
+        stream.adapter.requires_grad_(False)
+        n = sum(p.numel() for p in stream.adapter.parameters())
+        counts = {"trainable": counts["trainable"] - n, "frozen": counts["frozen"] + n}
+    if model.char_head is not None:
+        counts["trainable"] += sum(p.numel() for p in model.char_head.parameters())
     net = wrap_model(model.to(info.device), cfg.train.parallel, info)
     loss_fn = functools.partial(speech_loss, char_weight=cfg.char_ctc_weight, acoustic_only=cfg.acoustic_only)
     records, loader, feed, trainer, train_s = train_on_audio(cfg, net, info, run_dir, loss_fn, resume,
-                                                             lambda ld: SpeechFeed(ld, tok, cfg, model, info.device))
+                                                             lambda ld: SpeechFeed(ld, tok, cfg, stream, info.device))
     base = {"stage": cfg.stage, "steps": cfg.steps, "skipped": {**loader.skipped, **feed.skipped}}
     if trainer.stopped_at is not None:
         return {**base, "stopped_at": trainer.stopped_at, "checkpoint": trainer.last_checkpoint()}
@@ -175,15 +231,18 @@ def run(cfg: SpeechSFTConfig, run_dir: Path, resume: bool = False) -> dict:
     if info.is_main:
         meta = {"stage": cfg.stage, "step": cfg.steps, "lm": str(model_dir(cfg.lm).resolve()),
                 "encoder_from": cfg.encoder_from}
-        final = save_speech_model(run_dir / "final", unwrap(net), tok, meta)
+        m = unwrap(net)
+        final = save_model(run_dir / "final", m.model, tok, meta)
         if cfg.eval_items:  # an acoustic stage's adapter never trained: its encoder is scored on the char head only
             from mm.eval.speech import acoustic_eval, eval_speech_shards, load_audio_items
 
             t_eval = time.perf_counter()
+            m.eval()
             if cfg.acoustic_only:
-                ev = acoustic_eval(unwrap(net), load_audio_items(cfg.data.val_shards, cfg.eval_items)[0])
+                ev = acoustic_eval(m.model.speech.encoder, m.char_head,
+                                   load_audio_items(cfg.data.val_shards, cfg.eval_items)[0])
             else:  # with a char head this also scores the encoder's own transcription (char_cer, char_wer, ...)
-                ev = eval_speech_shards(unwrap(net).eval(), tok, cfg.data.val_shards, cfg.eval_items)
+                ev = eval_speech_shards(m.model, tok, cfg.data.val_shards, cfg.eval_items, char_head=m.char_head)
             result.update({k: v for k, v in ev.items() if k != "examples"}, eval_s=round(time.perf_counter() - t_eval, 1))
             (final.parent / "eval.json").write_text(json.dumps(ev, indent=1))
         result["total_s"] = round(time.perf_counter() - t0, 1)

@@ -16,9 +16,35 @@ from tqdm import tqdm
 
 from mm.model.checkpoint import (CheckpointError, list_checkpoints, load_meta, load_state, load_tensors, prune, save_weights,
                            step_dir, verify_checkpoint)
-from mm.config import TrainConfig
 from mm.train.distributed import DistInfo, full_state, load_full_state
 from mm.train.metrics import MetricsLogger, mfu, peak_flops
+
+
+@dataclass
+class TrainConfig:
+    """Optimizer, schedule and loop settings shared by every stage."""
+
+    batch_size: int = 16
+    grad_accum: int = 1
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 50
+    weight_decay: float = 0.1
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    grad_clip: float = 1.0
+    gate_lr_mult: float = 1.0  # LR multiplier of the scalar tanh gates (gate_* / *_gate); 1.0: one LR for all
+    adam_eps: float = 1e-8  # AdamW eps (torch's default); adapters behind a near-0 gate see gradients below it
+    dtype: str = "auto"  # auto | fp32 | bf16
+    device: str = "auto"  # auto | cpu | cuda
+    threads: int = 0  # torch intra-op threads; 0 = leave as is
+    log_every: int = 10
+    eval_every: int = 0
+    ckpt_every: int = 100
+    keep_last: int = 2
+    stop_after: int = 0  # stop at this global step, after checkpointing, without finishing (resume later); 0 = off
+    parallel: str = "none"  # none | ddp | fsdp (under torchrun)
+    progress: bool = True
+
 
 
 class TrainingDiverged(RuntimeError):

@@ -1,0 +1,80 @@
+"""Generation with the composed model: the media are prepared ONCE (speech and embedding image designs spliced into
+the prompt's input embeddings, cross-attention keys/values computed for every block) and the text is decoded with
+the LM's KV cache through the project's one decode loop (llm.generate.decode)."""
+from __future__ import annotations
+
+import torch
+
+from llm.generate import decode
+from mm.model.composed import ComposedLM
+from mm.model.streams import Frames, MediaKV, Pixels
+
+
+@torch.no_grad()
+def generate(model: ComposedLM, prompt: list[int], max_new_tokens: int, *, image=None,
+             image_mask: torch.Tensor | None = None, video=None, video_mask: torch.Tensor | None = None,
+             speech=None, greedy: bool = True, temperature: float = 0.8, top_p: float = 0.95,
+             stop_ids: tuple[int, ...] = (), seed: int | None = None, use_cache: bool = True,
+             cache_media: bool = True) -> list[int]:
+    """Continue one prompt (with its media markers / placeholder runs) given its media, each as ComposedLM.forward
+    takes it for a batch of one; image features / frame features may also come without the batch dim ((M, N, D),
+    (M, F, N, D), the masks likewise). use_cache: text self-attention through the LM's KV cache; cache_media:
+    compute the media keys/values once before decoding (False recomputes them every step, for comparison). Stops
+    after any of stop_ids (not returned)."""
+    model.eval()
+    device = model.output.weight.device
+    budget = min(max_new_tokens, model.cfg.max_seq_len - len(prompt))
+    if budget <= 0:  # a prompt that fills the context gets no reply
+        return []
+    if isinstance(image, torch.Tensor) and image.dim() == 3:  # (M, N, D): add the batch dim, to the mask too
+        image, image_mask = image[None], (image_mask[None] if image_mask is not None else None)
+    if isinstance(video, torch.Tensor) and video.dim() == 4:  # (M, F, N, D)
+        video, video_mask = video[None], (video_mask[None] if video_mask is not None else None)
+    image, video, speech = (_to(x, device) for x in (image, video, speech))
+    ids0 = torch.tensor([prompt], device=device)
+    if image is not None:
+        image = model.image_media(image)
+    pe = model.splice(ids0, None, image, image_mask, speech)  # (1, P, D) or None: the "embeds" joins, once
+    if image is not None and model.image.join == "embeds":
+        image = None
+
+    def kvs() -> tuple[MediaKV | None, MediaKV | None]:
+        ikv = None if image is None else image if isinstance(image, MediaKV) else model.image.kv(image, image_mask)
+        return ikv, None if video is None else model.video_kv(video, video_mask)
+
+    cached = kvs() if cache_media else None
+    # markers are checked on the prompt only: emitted ones see no item
+    for stream, kv in zip((model.image, model.video), cached or kvs()):
+        if kv is not None:
+            model._check_markers(ids0, kv.valid, stream.token_id)
+
+    def embeds(seq: list[int], start: int) -> torch.Tensor | None:  # (1, len(seq) - start, D) or None
+        if pe is None:
+            return None
+        P = len(prompt)
+        parts = [pe[:, start:]] if start < P else []
+        if len(seq) > max(start, P):
+            parts.append(model.embed(torch.tensor([seq[max(start, P):]], device=device)))
+        return torch.cat(parts, 1) if len(parts) > 1 else parts[0]
+
+    def step(seq: list[int], start: int) -> torch.Tensor:
+        ids = torch.tensor([seq], device=device)
+        if image is None and video is None:
+            return model(ids[:, start:], start_pos=start, embeds=embeds(seq, start))[0, -1]
+        ikv, vkv = cached if cached is not None else kvs()
+        return model(ids[:, start:], image=ikv, video=vkv, start_pos=start, embeds=embeds(seq, start),
+                     **model.cross_masks(ids, ikv, vkv, start))[0, -1]
+
+    return decode(model.lm, step, prompt, budget, greedy=greedy, temperature=temperature, top_p=top_p,
+                  stop_ids=stop_ids, seed=seed, use_cache=use_cache)
+
+
+def _to(x, device):
+    if x is None or isinstance(x, MediaKV):
+        return x
+    if isinstance(x, torch.Tensor):
+        return x.to(device)
+    return type(x)(*(t.to(device) for t in x))  # Pixels / Frames / Audio / SpeechEmbeds
+
+
+__all__ = ["generate", "Pixels", "Frames"]

@@ -1,0 +1,271 @@
+"""One save format and one load path for every composed model: stage runs (image, video, speech), `mm compose`,
+chat, eval, benchmarks, the report and the notebooks.
+
+A model folder (RUN/final or a step checkpoint) holds model.safetensors with every stream tensor under the composed
+model's keys ("image.encoder.*", "image.adapter.*", "video.aggregator.*", "speech.adapter.*", ...; never the LM's),
+tokenizer.json and meta.json: {"kind": "composed", "format": 2, "lm": the LM's model folder, "lm_sha256": a hash of
+its weights (checked on load), "lm_config", "streams": {name: its record}} plus the stage's own fields. A stream's
+record is {"encoder": {kind, config}?, "adapter": {kind, config}, ...} (mm.model.streams). Composing runs is loading
+their streams onto one LM: refused when the runs' LM weights differ.
+Runs written before this format (meta kind "image" / "speech" / "herd") load through `_legacy`.
+"""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from adapters import registry
+from adapters.speech import SpeechTokens
+from encoders.speech import ConformerConfig, ConformerEncoder
+from encoders.vision import VisionConfig, VisionEncoder
+from llm.tokenizer import Tokenizer
+from mm.model.checkpoint import CheckpointError, load_into, load_meta, load_tensors, save_weights
+from mm.model.composed import STREAMS, ComposedLM
+from mm.model.runs import load_lm, model_dir
+from mm.model.streams import ImageStream, SpeechStream, VideoStream
+
+KIND, FORMAT = "composed", 2
+TILE_KEYS = ("pre_tile_embed", "tile_pos_embed", "post_tile_embed")
+
+
+def lm_fingerprint(lm: nn.Module) -> str:
+    """sha256 over an LM's state dict (sorted keys, dtype, shape and bytes of every tensor): equal iff the weights
+    are bitwise equal (whatever folder they were read from)."""
+    h = hashlib.sha256()
+    for k, t in sorted(lm.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def same_tokenizer(a: Tokenizer, b: Tokenizer) -> bool:
+    """Identical tokenizers: the same serialized vocabulary, merges and special tokens."""
+    return a.hf.to_str() == b.hf.to_str()
+
+
+# ---- saving ---------------------------------------------------------------------------------------------------------
+
+def save_model(directory: Path, model: ComposedLM, tok: Tokenizer, meta: dict) -> Path:
+    """Write a model folder (module doc); meta must name the LM folder ("lm")."""
+    if "lm" not in meta:
+        raise ValueError("save_model: meta must name the LM folder ('lm')")
+    meta = {**meta, "kind": KIND, "format": FORMAT, "lm": str(meta["lm"]), "lm_sha256": lm_fingerprint(model.lm),
+            "lm_config": model.cfg.to_dict(), "streams": {n: s.record() for n, s in model.streams().items()}}
+    out = save_weights(Path(directory), {"model": model.stream_state_dict()}, meta)
+    tok.save(out / "tokenizer.json")
+    return out
+
+
+# ---- building streams from records ----------------------------------------------------------------------------------
+
+def _design(modality: str, spec: dict, where: Path) -> dict:
+    try:
+        registry.parse(modality, spec)
+    except registry.DesignError as e:
+        raise CheckpointError(f"{where}: {e}") from None
+    return spec
+
+
+def build_stream(model: ComposedLM, tok: Tokenizer, name: str, rec: dict, where: Path,
+                 respec: dict | None = None) -> nn.Module:
+    """A fresh (untrained) stream of the record `rec`, attached to model; respec: adapter config fields to change
+    (e.g. a video run's aggregation factor, which its weights do not depend on)."""
+    adapter = dict(rec["adapter"])
+    if respec:
+        adapter = {"kind": adapter["kind"], "config": {**adapter["config"], **respec}}
+    adapter = _design(name, adapter, where)
+    lm = model.lm
+    if name == "image":
+        enc = VisionEncoder(VisionConfig(**rec["encoder"]["config"]))
+        stream = ImageStream.build(lm, tok.special_id("<|image|>"), enc, adapter)
+    elif name == "video":
+        stream = VideoStream.build(lm, tok.special_id("<|video|>"), model.image, adapter, rec["every"],
+                                   rec["num_frames"])
+    elif name == "speech":
+        enc = ConformerEncoder(ConformerConfig(**rec["encoder"]["config"]))
+        stream = SpeechStream(enc, registry.build("speech", adapter), SpeechTokens.of(tok))
+    else:
+        raise CheckpointError(f"{where}: unknown stream {name!r} (known: {', '.join(STREAMS)})")
+    return model.attach(stream)
+
+
+def load_streams(model: ComposedLM, state: dict[str, torch.Tensor], path: Path, new: tuple[str, ...] = ()) -> None:
+    """Load stream tensors into model: every stream key must be in `state` (except keys starting with one of `new`,
+    which keep their fresh values) and every key of `state` must be a stream key; one line naming the file."""
+    want = model.stream_state_dict()
+    missing = sorted(k for k in set(want) - set(state) if not k.startswith(new or ("\0",)))
+    extra = sorted(set(state) - set(want))
+    if missing or extra:
+        what = f"missing key {missing[0]!r}" if missing else f"unexpected key {extra[0]!r}"
+        raise CheckpointError(f"{path}: does not fit the model: {what} ({len(missing)} missing, {len(extra)} "
+                              "unexpected)")
+    load_into(model, state, path, strict=False)
+
+
+# ---- loading --------------------------------------------------------------------------------------------------------
+
+def read_run(ckpt: str | Path) -> tuple[Path, dict, dict[str, torch.Tensor]]:
+    """(model folder, meta in the current format, stream tensors under the current keys) of a composed run; a run of
+    the older formats is converted; CheckpointError naming the folder for anything else."""
+    d = model_dir(ckpt)
+    meta = load_meta(d)
+    state = load_tensors(d / "model.safetensors")
+    if meta.get("kind") != KIND:
+        meta, state = _legacy(meta, state, d)
+    return d, meta, state
+
+
+def load_model(ckpt: str | Path, device: str | torch.device = "cpu", *, lm: str | Path | None = None,
+               respec: dict[str, dict] | None = None, new: tuple[str, ...] = ()
+               ) -> tuple[ComposedLM, Tokenizer, dict]:
+    """(ComposedLM in eval mode, tokenizer, meta) of a composed run (any stage's final/ or step checkpoint, or a
+    composed herd). The LM is meta "lm" (its weights checked against lm_sha256) unless `lm` names another (a
+    hot-swap); respec {stream: adapter config fields} changes a design's weight-free settings; `new`: key prefixes
+    that may be absent from the file (tables a respec adds) and keep their init."""
+    d, meta, state = read_run(ckpt)
+    base, _, _ = load_lm(lm or meta["lm"])
+    if lm is None and meta.get("lm_sha256"):
+        fp = lm_fingerprint(base)
+        if fp != meta["lm_sha256"]:
+            raise CheckpointError(f"{model_dir(meta['lm']) / 'model.safetensors'}: its weights (sha256 {fp[:12]}) are "
+                                  f"not the LM {d} was trained on ({d / 'meta.json'}: lm_sha256 "
+                                  f"{meta['lm_sha256'][:12]}); re-run the stage on this LM")
+    tok = Tokenizer.load(d / "tokenizer.json")
+    model = ComposedLM(base)
+    for name in STREAMS:
+        if name in meta["streams"]:
+            build_stream(model, tok, name, meta["streams"][name], d / "meta.json", (respec or {}).get(name))
+    load_streams(model, state, d / "model.safetensors", new)
+    return model.to(device).eval(), tok, meta
+
+
+def runs_of(video: str | None, image: str | None, speech: str | None) -> list[str]:
+    """The runs to compose, in stream order; ValueError unless exactly one of video / image is given (a video run
+    holds the image stream too)."""
+    if bool(video) == bool(image):
+        raise ValueError("mm compose needs exactly one of --video RUN / --image RUN (a video run holds the image "
+                         "stream too)")
+    return [r for r in (video or image, speech) if r]
+
+
+def compose(runs: list[str | Path], out: str | Path, meta: dict | None = None) -> dict:
+    """`mm compose`: the streams of every run loaded onto ONE LM and written to out/final. ValueError naming both
+    LM files when two runs' LM weights differ, or when two runs bring the same stream."""
+    if not runs:
+        raise ValueError("mm compose needs at least one run")
+    loaded = [(model_dir(r).resolve(), *load_model(r)) for r in runs]
+    d0, m0, tok0, meta0 = loaded[0]
+    fp0 = lm_fingerprint(m0.lm)
+    model = ComposedLM(m0.lm)
+    sources = {}
+    for d, m, tok, meta in loaded:
+        fp = lm_fingerprint(m.lm)
+        if fp != fp0:
+            raise ValueError(f"cannot compose: the LMs differ: {model_dir(meta0['lm']).resolve()} (sha256 {fp0[:12]}, "
+                             f"LM of {d0}) vs {model_dir(meta['lm']).resolve()} (sha256 {fp[:12]}, LM of {d}); all "
+                             "runs must be on one frozen LM")
+        if not same_tokenizer(tok, tok0):
+            raise ValueError(f"cannot compose: {d0 / 'tokenizer.json'} and {d / 'tokenizer.json'} differ")
+        for name, stream in m.streams().items():
+            if getattr(model, name) is not None:
+                raise ValueError(f"cannot compose: two runs bring a {name} stream ({sources[name]} and {d})")
+            model.attach(stream)
+            sources[name] = str(d)
+    lm_path = str(model_dir(meta0["lm"]).resolve())
+    final = save_model(Path(out) / "final", model.eval(), tok0,
+                       {**(meta or {}), "stage": "compose", "lm": lm_path, "sources": sources})
+    params = {"lm": sum(p.numel() for p in model.lm.parameters()),
+              **{n: sum(p.numel() for p in s.parameters()) for n, s in model.streams().items()}}
+    return {"out": str(final), "lm": lm_path, "lm_sha256": fp0, "streams": sorted(model.streams()), "params": params}
+
+
+# ---- encoders of runs that are not composed models ------------------------------------------------------------------
+
+def load_vision(run: str | Path, max_tiles: int | None = None) -> VisionEncoder:
+    """The image encoder of a clip / vision run ("vision.*") or of a composed run's image stream, optionally with
+    another max_tiles (tile tables whose shape changes start from init and their gates from 0)."""
+    d = model_dir(run)
+    meta = load_meta(d)
+    if meta.get("kind") == KIND or meta.get("kind") in ("image", "herd"):
+        d, meta, state = read_run(d)
+        if "image" not in meta["streams"]:
+            raise CheckpointError(f"{d / 'meta.json'}: no image stream")
+        cfg, prefix = meta["streams"]["image"]["encoder"]["config"], "image.encoder."
+    elif "vision_config" in meta:
+        cfg, prefix, state = meta["vision_config"], "vision.", load_tensors(d / "model.safetensors")
+    else:
+        raise CheckpointError(f"{d / 'meta.json'}: no image encoder (not a clip, vision or image run)")
+    enc = VisionEncoder(VisionConfig(**{**cfg, **({"max_tiles": max_tiles} if max_tiles else {})}))
+    sd = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    own = enc.state_dict()
+    for k in [k for k in TILE_KEYS if k in sd and sd[k].shape != own[k].shape]:
+        sd[k] = own[k]
+        sd[k.replace("_embed", "_gate")] = torch.zeros(1)
+    load_into(enc, sd, d / "model.safetensors")
+    return enc
+
+
+def load_speech_encoder(run: str | Path) -> ConformerEncoder:
+    """The Conformer of a speech_pretrain run ("encoder.*", meta encoder_config) or of a composed run's speech
+    stream."""
+    d = model_dir(run)
+    meta = load_meta(d)
+    if meta.get("kind") in (KIND, "speech", "herd"):
+        d, meta, state = read_run(d)
+        if "speech" not in meta["streams"]:
+            raise CheckpointError(f"{d / 'meta.json'}: no speech stream")
+        cfg, prefix = meta["streams"]["speech"]["encoder"]["config"], "speech.encoder."
+    elif "encoder_config" in meta:
+        cfg, prefix, state = meta["encoder_config"], "encoder.", load_tensors(d / "model.safetensors")
+    else:
+        raise CheckpointError(f"{d / 'meta.json'}: no encoder_config (not a speech run)")
+    enc = ConformerEncoder(ConformerConfig(**cfg))
+    load_into(enc, {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}, d / "model.safetensors")
+    return enc
+
+
+# ---- runs written before format 2 -----------------------------------------------------------------------------------
+
+_OLD_KEYS = {  # old key prefix -> current
+    "vision.": "image.encoder.", "fused.new_tokens.": "image.token.", "fused.image_adapter.": "image.adapter.",
+    "fused.video_adapter.aggregator.": "video.aggregator.", "fused.video_adapter.xattn.": "video.xattn.",
+    "fused.video_adapter.token.": "video.token.", "speech_encoder.": "speech.encoder.",
+    "speech_adapter.": "speech.adapter.", "encoder.": "speech.encoder.", "adapter.": "speech.adapter."}
+
+
+def _legacy(meta: dict, state: dict, d: Path) -> tuple[dict, dict]:
+    """An image / video / speech / herd run of the first format -> (meta, state) of format 2."""
+    kind = meta.get("kind")
+    if kind not in ("image", "speech", "herd"):
+        raise CheckpointError(f"{d / 'meta.json'}: not a composed model run (kind={kind!r}): an image, video, speech "
+                              "or compose run was expected")
+    streams = {}
+    try:
+        if kind in ("image", "herd"):
+            adapter = meta.get("image_adapter") or (  # a run written before designs were plug-ins
+                {"kind": "gated_xattn", "config": {"every": 1, "schedule": meta["image_layers"], "attend": meta["attend"],
+                                                   "n_xattn": None}} if "image_layers" in meta else
+                {"kind": "gated_xattn", "config": {"every": meta.get("every", 4), "attend": meta.get("attend", "last"),
+                                                   "schedule": meta.get("schedule", "from_top"), "n_xattn": None}})
+            streams["image"] = {"encoder": {"kind": "vit", "config": meta["vision_config"]}, "adapter": adapter}
+            if meta.get("video"):
+                v = meta["video"]
+                agg = v["aggregator"]
+                agg = agg if set(agg) == {"kind", "config"} else {"kind": "perceiver", "config": agg}
+                streams["video"] = {"adapter": agg, "every": v["every"], "num_frames": int(v.get("num_frames") or 16)}
+        if kind in ("speech", "herd"):
+            spec = meta.get("speech_adapter") or {"kind": "conv_rotary", "config": meta["adapter_config"]}
+            streams["speech"] = {"encoder": {"kind": "conformer", "config": meta["encoder_config"]}, "adapter": spec}
+    except KeyError as e:
+        raise CheckpointError(f"{d / 'meta.json'}: a {kind} run without {e}: cannot load it; re-run its stage") from None
+    renamed = {}
+    for k, v in state.items():
+        old = next((p for p in _OLD_KEYS if k.startswith(p)), None)
+        if old is None:
+            raise CheckpointError(f"{d / 'model.safetensors'}: unexpected key {k!r} for a {kind} run; re-run its stage")
+        renamed[_OLD_KEYS[old] + k[len(old):]] = v
+    return {**meta, "kind": KIND, "format": 1, "streams": streams}, renamed
