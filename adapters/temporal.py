@@ -1,31 +1,15 @@
-"""The video temporal aggregator (PAPER.md §5): a perceiver resampler that merges every `factor` consecutive frames
-into one "effective frame", with learned frame-position embeddings.
+"""The video temporal aggregators (PAPER.md §5): the perceiver resampler (design `perceiver`, the default) that merges
+every `factor` consecutive frames into one "effective frame", and mean pooling over time (`mean_pool`, the baseline).
 
-Per video: frame features (F, N, Dm) from the image encoder are projected to the aggregator width and get the
-embedding of their frame index (0..F-1 in the sampled clip) and of their token index within the frame. Frames are
-grouped into F // factor windows; for every token position of a window, `n_latents` latents attend to
-concat(that token in the window's `factor` frames, latents) as in Flamingo, `depth` times (attention + FFN, pre-LN).
-So an effective frame keeps a frame's token layout (N * n_latents tokens, n_latents = 1: exactly N), each token
-summarising its place over time; 64 frames with factor 32 give 2 effective frames, 16 with factor 16 give 1.
-`spatial_depth` self-attention layers across an effective frame's tokens then let every token see the whole frame, so
-a global motion feature (the direction of a mover: where it was early vs late) can be written into every token,
-one cross-attention read for the LM instead of a compare-across-places it has to learn behind a near-0 gate.
-`summary_tokens` G > 0 appends G learned tokens to each effective frame before the spatial layers (which must exist):
-they attend over the frame and are returned after its N * n_latents tokens, a place for whole-clip features that
-no single spatial token has to carry (measured: the mean of the per-place tokens keeps little of the direction a
-linear probe reads from all of them together).
-`out_positions` adds learned (effective frame, token place) embeddings, zero at init, to the output after the final
-norm. A cross-attention read is a softmax-weighted set of value vectors: it finds the mover's tokens by content, but
-returns *where* and *when* they are only if the values carry it. Measured on a video_sft run's aggregated tokens (2
-effective frames, 720 train / 80 held-out direction clips): a 4-head attention read with learned queries decodes the
-direction at 0.34 held-out, 0.99 once learned per-token positions are added to its keys and values (0.975 with the
-factorised frame + place tables used here, 0.73 with place only), while a linear probe of all tokens gets 0.99.
-Why per token and not one latent set over all window tokens (open_flamingo's flattening): at our scale the latter
-pools the spatial layout away (measured: a pooled perceiver + linear head stays at chance on the kit's direction
-clips where a per-token summary is linearly decodable), and the paper leaves the perceiver's layout unspecified.
-Positions are N(0, 1) as in open_flamingo / flamingo-pytorch (at 0.02 they drown in the projected features), or with
-`positions: sincos` start geometric (1-D sin-cos over frames, 2-D over each tile's patch grid, at the same RMS): "left
-of" and "later than" are then linear in the tables from step 0 instead of being learned from 64 unrelated vectors.
+Perceiver, per video: frame features (F, N, Dm) are projected to the aggregator width and get the embedding of their
+frame index and of their token index within the frame. For every token position of a window of `factor` frames,
+`n_latents` latents attend to concat(that token in the window's frames, latents) as in Flamingo, `depth` times
+(attention + FFN, pre-LN), so an effective frame keeps a frame's token layout (N * n_latents tokens), each token
+summarising its place over time; 64 frames with factor 32 give 2 effective frames. Options beyond the paper (their
+measurements: experiments/video/NOTES.md): `spatial_depth` self-attention layers across an effective frame's tokens;
+`summary_tokens` G learned tokens appended to each effective frame before those layers; `out_positions` learned
+(effective frame, place) embeddings added after the final norm, zero at init (a softmax read returns where and when
+only if the values carry it); `positions: sincos` geometric initial tables instead of N(0, 1).
 Written by hand: timm and torchvision have no perceiver resampler.
 """
 from __future__ import annotations

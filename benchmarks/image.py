@@ -1,5 +1,5 @@
 """Image benchmark: VQA accuracy of an image-stage run per family, the same model answering blind (no image, no
-`<|image|>` token), and held-out text bits per byte of the fused model without media next to the bare LM.
+`<|image|>` token), and held-out text bits per byte of the composed model without media next to the bare LM.
 
     python benchmarks/image.py --ckpt runs/image_pretrain_tiny [--shards VAL_SPEC | --tsv F | --jsonl F] [--max-items N]
 
@@ -26,18 +26,16 @@ from mm.cli import run_reporting  # noqa: E402
 from mm.eval.image import eval_image_file, eval_image_shards  # noqa: E402
 from mm.eval.text import bits_per_byte  # noqa: E402
 from mm.model.runs import load_lm  # noqa: E402
-from mm.stages.image_pretrain import load_fused  # noqa: E402
-from mm.model.checkpoint import load_meta  # noqa: E402
-from mm.model.runs import model_dir  # noqa: E402
+from mm.model.store import load_model  # noqa: E402
 
 
-def text_bpb(fused, lm, tok, spec: str, max_docs: int, seq_len: int) -> dict:
-    """Held-out bits per byte of the fused model with no media and of the bare LM on the same documents."""
+def text_bpb(model, lm, tok, spec: str, max_docs: int, seq_len: int) -> dict:
+    """Held-out bits per byte of the composed model with no media and of the bare LM on the same documents."""
     texts = [d["text"] for d in iter_text_docs(expand_shards(spec), SkipCounter())][:max_docs]
     if not texts:
         raise ValueError(f"{spec}: no readable text documents")
     seq_len = min(seq_len, lm.cfg.max_seq_len)
-    a = bits_per_byte(fused, tok, texts, seq_len)
+    a = bits_per_byte(model, tok, texts, seq_len)
     b = bits_per_byte(lm, tok, texts, seq_len)
     return {"text_bpb": a, "lm_text_bpb": b, "text_bpb_equal": a == b, "text_docs": len(texts)}
 
@@ -46,8 +44,9 @@ def evaluate(args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    fused, vision, tok = load_fused(args.ckpt)
-    meta = load_meta(model_dir(args.ckpt))
+    model, tok, meta = load_model(args.ckpt)
+    if model.image is None:
+        raise ValueError(f"{args.ckpt}: no image stream (streams: {', '.join(model.streams()) or 'none'})")
     out = {"ckpt": str(args.ckpt)}
     kw = dict(max_items=args.max_items, max_new_tokens=args.max_new_tokens, blind=not args.no_blind,
               decode_scale=args.decode_scale, seed=args.seed, examples_dir=args.examples_dir,
@@ -56,13 +55,13 @@ def evaluate(args) -> dict:
     if tsv and jsonl:
         raise ValueError("give --tsv or --jsonl, not both")
     if tsv or jsonl:
-        out.update(eval_image_file(fused, vision, tok, tsv or jsonl, "tsv" if tsv else "jsonl", **kw))
+        out.update(eval_image_file(model, tok, tsv or jsonl, "tsv" if tsv else "jsonl", **kw))
     else:
-        out.update(eval_image_shards(fused, vision, tok, args.shards, **kw))
+        out.update(eval_image_shards(model, tok, args.shards, **kw))
     out["vqa_s"] = round(time.perf_counter() - t0, 1)
     if args.text_shards and args.text_docs:
         lm, _, _ = load_lm(meta["lm"])
-        out.update(text_bpb(fused, lm, tok, args.text_shards, args.text_docs, args.seq_len))
+        out.update(text_bpb(model, lm, tok, args.text_shards, args.text_docs, args.seq_len))
     out["total_s"] = round(time.perf_counter() - t0, 1)
     return out
 

@@ -21,18 +21,26 @@ import torch  # noqa: E402
 
 from mm.cli import run_reporting  # noqa: E402
 from mm.eval.speech import compare_speech, eval_speech_shards  # noqa: E402
-from mm.speech import load_speech_model  # noqa: E402
+from mm.model.store import load_model  # noqa: E402
+
+
+def load_speech(ckpt) -> tuple:
+    """(model, tokenizer) of a run with a speech stream (speech_sft or a composed herd); ValueError otherwise."""
+    model, tok, _ = load_model(ckpt)
+    if model.speech is None:
+        raise ValueError(f"{ckpt}: no speech stream (streams: {', '.join(model.streams()) or 'none'})")
+    return model, tok
 
 
 def evaluate(args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    model, tok = load_speech_model(args.ckpt)
+    model, tok = load_speech(args.ckpt)
     out = {"ckpt": str(args.ckpt)}
     if args.against:  # the ablation's question: is A's WER lower than B's on the same utterances, beyond noise?
         out["against"] = str(args.against)
-        out.update(compare_speech((model, tok), load_speech_model(args.against), args.shards, args.max_items,
+        out.update(compare_speech((model, tok), load_speech(args.against), args.shards, args.max_items,
                                   args.max_new_tokens))
         out["total_s"] = round(time.perf_counter() - t0, 1)
         return out

@@ -1,7 +1,7 @@
 """Cross-attention image fusion vs LLaVA-style concatenation (image tokens as extra LM positions before the text).
 
 For each image-token count: forward time and analytic forward FLOPs of both on the same LM, text and projected image
-features; generation tokens/s of the fused model with the image keys/values cached once vs recomputed every step
+features; generation tokens/s of the composed model with the image keys/values cached once vs recomputed every step
 ("xattn_cache_speedup" = cached / recomputed, whole calls; "xattn_cache_decode_speedup" the same for decode steps
 only), and of the concatenation model (its LM KV cache holds the image).
 FLOPs: 2 per multiply-add of every matmul (norms, softmax and elementwise ops ignored); causal self-attention counts
@@ -23,8 +23,11 @@ import time
 
 import torch
 
+from encoders.vision import VisionConfig, VisionEncoder
 from llm.model import Llama, LlamaConfig, shape_config
-from mm.fused import FusedLM, generate_fused
+from mm.model.composed import ComposedLM
+from mm.model.generate import generate
+from mm.model.streams import ImageStream
 
 
 def lm_flops(cfg: LlamaConfig, positions: int, text: int) -> float:
@@ -58,10 +61,10 @@ def timed(fns: dict, reps: int) -> dict[str, float]:
 
 
 @torch.no_grad()
-def llava_generate(fused: FusedLM, prompt: list[int], feats: torch.Tensor, n_new: int) -> list[int]:
+def llava_generate(model: ComposedLM, prompt: list[int], feats: torch.Tensor, n_new: int) -> list[int]:
     """Greedy decoding with the projected image tokens as LM positions before the prompt (LM KV cache only)."""
-    lm = fused.lm
-    img = fused.image_adapter.projection(feats)  # (1, N, D)
+    lm = model.lm
+    img = model.image.adapter.projection(feats)  # (1, N, D)
     embeds = torch.cat([img, lm.tok_embeddings(torch.tensor([prompt]))], dim=1)  # (1, N + T, D)
     out: list[int] = []
     try:
@@ -103,35 +106,39 @@ def main() -> None:
     torch.manual_seed(0)
     lm = Llama(cfg).eval()
     img_id = cfg.vocab_size - 8
-    fused = FusedLM(lm, args.media_dim, img_id, every=min(args.every, cfg.n_layers)).eval()
+    # features of width media_dim are given directly: the stream's one-block ViT only fixes that width and never runs
+    vision = VisionEncoder(VisionConfig(image_size=16, patch_size=8, width=args.media_dim, layers=1, heads=1,
+                                        mlp_dim=args.media_dim, taps=[], n_gated=0))
+    spec = {"kind": "gated_xattn", "every": min(args.every, cfg.n_layers)}
+    model = ComposedLM(lm, image=ImageStream.build(lm, img_id, vision, spec)).eval()
     with torch.no_grad():  # open the gates so the fused path does its real work
-        for blk in fused.image_adapter.blocks.values():
+        for blk in model.image.blocks.values():
             blk.gate_attn.fill_(0.5)
             blk.gate_ffn.fill_(0.5)
     g = torch.Generator().manual_seed(1)
     text = torch.randint(0, cfg.vocab_size - 16, (args.batch, args.text_len), generator=g)
     text[:, 0] = img_id  # the image comes first, then the text
-    n_blocks = len(fused.image_adapter.blocks)
+    n_blocks = len(model.image.blocks)
     configs = []
     for n in args.image_tokens:
         feats = torch.randn(args.batch, 1, n, args.media_dim, generator=g)
         proj = 2.0 * n * args.media_dim * cfg.dim
 
         def concat_forward():
-            img = fused.image_adapter.projection(feats[:, 0])  # (B, N, D)
+            img = model.image.adapter.projection(feats[:, 0])  # (B, N, D)
             h = lm(embeds=torch.cat([img, lm.tok_embeddings(text)], dim=1), return_hidden=True)  # (B, N + T, D)
             return lm.output(h[:, n:])
 
-        fwd = timed({"xattn": lambda: fused(text, feats), "llava": concat_forward}, args.reps)
+        fwd = timed({"xattn": lambda: model(text, image=feats), "llava": concat_forward}, args.reps)
         x_s, c_s = fwd["xattn"], fwd["llava"]
         x_fl = proj + lm_flops(cfg, args.text_len, args.text_len) + n_blocks * xattn_block_flops(cfg, args.text_len, n)
         c_fl = proj + lm_flops(cfg, n + args.text_len, args.text_len)
         x_fl, c_fl = args.batch * x_fl, args.batch * c_fl
         prompt, one = text[0].tolist(), feats[0]
         G = args.gen_tokens
-        runs = {"cached": lambda k: generate_fused(fused, prompt, one, k),
-                "recomputed": lambda k: generate_fused(fused, prompt, one, k, cache_media=False),
-                "llava": lambda k: llava_generate(fused, prompt, one, k)}
+        runs = {"cached": lambda k: generate(model, prompt, k, image=one),
+                "recomputed": lambda k: generate(model, prompt, k, image=one, cache_media=False),
+                "llava": lambda k: llava_generate(model, prompt, one, k)}
         # whole calls of G tokens, and of 1 token (media + prefill only): decode rate = (G - 1) / difference
         t = timed({f"{name}_{k}": (lambda fn=fn, k=k: fn(k)) for name, fn in runs.items() for k in (G, 1)}, args.reps)
         gen = {name: G / t[f"{name}_{G}"] for name in runs}

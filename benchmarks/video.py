@@ -21,17 +21,19 @@ import torch  # noqa: E402
 
 from mm.cli import run_reporting  # noqa: E402
 from mm.eval.video import eval_video_shards  # noqa: E402
-from mm.stages.video import load_video, saved_num_frames  # noqa: E402
+from mm.model.store import load_model  # noqa: E402
 
 
 def evaluate(args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    fused, vision, tok = load_video(args.ckpt)
+    model, tok, _ = load_model(args.ckpt)
+    if model.video is None:
+        raise ValueError(f"{args.ckpt}: no video stream (streams: {', '.join(model.streams()) or 'none'})")
     out = {"ckpt": str(args.ckpt)}
-    out.update(eval_video_shards(fused, vision, tok, args.shards, args.frames or saved_num_frames(args.ckpt),
-                                 args.max_items, args.max_new_tokens, backend=args.backend, seed=args.seed))
+    out.update(eval_video_shards(model, tok, args.shards, args.frames or None, args.max_items, args.max_new_tokens,
+                                 backend=args.backend, seed=args.seed))
     out["total_s"] = round(time.perf_counter() - t0, 1)
     return out
 

@@ -3,7 +3,7 @@ kit's `direction` clips) fitted on training clips and scored on held-out ones, f
 
   agg_flat         the aggregator's output tokens, flattened (what the perceiver keeps)
   agg_mean         their mean (what a uniform cross-attention read would get)
-  lm_state         the fused LM's final hidden state at the answer position of the short direction question
+  lm_state         the composed model's final hidden state at the answer position of the short direction question
   lm_state_frame   the same with the middle frame repeated in place of every frame (no motion: the floor)
   agg_read         a 4-head softmax attention read with learned queries over the aggregator's tokens, then a linear
                    layer (the shape of the LM's video cross-attention, trained for this label alone)
@@ -27,11 +27,13 @@ import time  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from data.dialog import dialog  # noqa: E402
+from data.qa_format import short_prompt  # noqa: E402
 from llm.tokenizer import ChatFormat  # noqa: E402
 from mm.cli import run_reporting  # noqa: E402
 from mm.eval.video import load_video_samples, single_frame  # noqa: E402
-from mm.stages.video import encode_video_qa, frame_features, frames_to_pixels, load_video, saved_num_frames, \
-    short_prompt  # noqa: E402
+from mm.model.media import frames_to_pixels  # noqa: E402
+from mm.model.store import load_model  # noqa: E402
 
 DIRECTIONS = ("left", "right", "up", "down")
 PLACES = ("agg_flat", "agg_mean", "lm_state", "lm_state_frame")
@@ -103,11 +105,11 @@ def attention_read_probe(x_train: torch.Tensor, y_train: torch.Tensor, x_val: to
 
 
 @torch.no_grad()
-def probe_features(fused, vision, tok, spec: str, num_frames: int, n_clips: int) -> tuple[dict, torch.Tensor]:
+def probe_features(model, tok, spec: str, num_frames: int, n_clips: int) -> tuple[dict, torch.Tensor]:
     """{place: (n, D)} features (and "agg_tokens" (n, E*N, W)) and (n,) direction labels of the first n_clips
     direction clips of the shards."""
-    fmt = ChatFormat(tok)
-    samples, _ = load_video_samples(spec, num_frames, vision.cfg.image_size, 0, 0)
+    fmt, vcfg = ChatFormat(tok), model.image.encoder.cfg
+    samples, _ = load_video_samples(spec, num_frames, vcfg.image_size, 0, 0)
     samples = [s for s in samples if (s.get("meta") or {}).get("family") == "direction"][:n_clips]
     if not samples:
         raise ValueError(f"{spec}: no direction clips (meta family 'direction')")
@@ -118,13 +120,13 @@ def probe_features(fused, vision, tok, spec: str, num_frames: int, n_clips: int)
         if answer not in DIRECTIONS:
             raise ValueError(f"{spec}: a direction clip's first answer is {answer!r}, not one of {DIRECTIONS}")
         labels.append(DIRECTIONS.index(answer))
-        ids, _ = encode_video_qa(fmt, short_prompt(s["meta"]["qa"][0]["question"]), None)
+        ids, _ = dialog(fmt, short_prompt(s["meta"]["qa"][0]["question"]), media=model.video.placeholder_ids())
         for frames, place in ((s["frames"], "lm_state"), (single_frame(s["frames"]), "lm_state_frame")):
-            px, aspect = frames_to_pixels(torch.as_tensor(frames)[None], vision.cfg)
-            agg = fused.aggregate(frame_features(vision, px, aspect))  # (1, 1, E*N, W)
+            video = model.video.features(model.image.encoder, frames_to_pixels(torch.as_tensor(frames)[None], vcfg))
+            agg = model.video.aggregate(video)  # (1, 1, E*N, W)
             if place == "lm_state":
                 feats["agg_tokens"].append(agg[0, 0])  # (E*N, W)
-            h = fused(torch.tensor([ids]), video=fused.aggregated_kv(agg), return_hidden=True)  # (1, T, D)
+            h = model(torch.tensor([ids]), video=model.video.kv(agg), return_hidden=True)  # (1, T, D)
             feats[place].append(h[0, -1])
     out = {p: torch.stack(v) for p, v in feats.items()}
     out["agg_flat"], out["agg_mean"] = out["agg_tokens"].flatten(1), out["agg_tokens"].mean(1)
@@ -135,12 +137,12 @@ def evaluate(args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    fused, vision, tok = load_video(args.ckpt)
-    fused.eval()
-    vision.eval()
-    frames = args.frames or saved_num_frames(args.ckpt)
-    tr, ytr = probe_features(fused, vision, tok, args.train_shards, frames, args.train_clips)
-    va, yva = probe_features(fused, vision, tok, args.shards, frames, args.val_clips)
+    model, tok, _ = load_model(args.ckpt)
+    if model.video is None:
+        raise ValueError(f"{args.ckpt}: no video stream (streams: {', '.join(model.streams()) or 'none'})")
+    frames = args.frames or model.video.num_frames
+    tr, ytr = probe_features(model, tok, args.train_shards, frames, args.train_clips)
+    va, yva = probe_features(model, tok, args.shards, frames, args.val_clips)
     out = {"ckpt": str(args.ckpt), "train_clips": len(ytr), "val_clips": len(yva), "chance": 1 / len(DIRECTIONS)}
     for p in PLACES:
         out[p] = {k: round(v, 4) for k, v in linear_probe(tr[p], ytr, va[p], yva, args.weight_decay).items()}

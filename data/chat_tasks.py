@@ -139,12 +139,12 @@ def copy_task(sentence: str, rng: random.Random) -> dict:
                [("corrupted", dropped)], match="strict")
 
 
-REPEAT_PROMPT = "Repeat after me in English:"  # the speech ASR system prompt (mm.speech.ASR_PROMPT, English)
+REPEAT_PROMPT = "Repeat after me in English:"  # the speech ASR system prompt (data.speech_tasks.ASR_PROMPT, English)
 
 
 def repeat_task(sentence: str, rng: random.Random) -> dict:
     """Repeat the user's sentence verbatim under the speech ASR system prompt. A frozen LM fed speech embeddings can
-    only transcribe if it can copy its input; the tiny LM could not (text-oracle WER 0.99, issue 7)."""
+    only transcribe if it can copy its input (experiments/speech/NOTES.md: the text oracle)."""
     toks = sentence.split()
     i = rng.randrange(1, len(toks) - 1) if len(toks) > 2 else 0
     ex = _ex("repeat", "repeat", "repeat:" + sentence, sentence, sentence,

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 import torchaudio.transforms as T
 
 from llm.model import Attention, LlamaConfig, rope_tables
+from llm.shapes import shape_overrides
 
 SAMPLE_RATE = 16000
 N_MELS = 80
@@ -47,14 +48,25 @@ def frames_for(n_samples: int) -> int:
     return 1 + n_samples // HOP
 
 
+@dataclass
+class SpecAugmentConfig:
+    """SpecAugment masks: counts and sizes (0 masks turn a kind off)."""
+
+    freq_masks: int = 2
+    freq_width: int = 15
+    time_masks: int = 2
+    time_ratio: float = 0.05
+
+
 class SpecAugment(nn.Module):
     """SpecAugment masks (torchaudio FrequencyMasking / TimeMasking) on one normalised utterance (T, 80); the mask
     value 0 is the utterance mean. Time masks are at most time_ratio of the utterance long."""
 
-    def __init__(self, freq_masks: int = 2, freq_width: int = 27, time_masks: int = 2, time_ratio: float = 0.05):
+    def __init__(self, cfg: SpecAugmentConfig | None = None):
         super().__init__()
-        self.freq = nn.ModuleList(T.FrequencyMasking(freq_width) for _ in range(freq_masks))
-        self.n_time, self.time_ratio = time_masks, time_ratio
+        cfg = cfg or SpecAugmentConfig()
+        self.freq = nn.ModuleList(T.FrequencyMasking(cfg.freq_width) for _ in range(cfg.freq_masks))
+        self.n_time, self.time_ratio = cfg.time_masks, cfg.time_ratio
 
     @torch.no_grad()
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
@@ -116,6 +128,10 @@ def speech_shape(name: str, **overrides) -> ConformerConfig:
     if name not in SPEECH_SHAPES:
         raise KeyError(f"unknown speech encoder shape {name!r}; known: {sorted(SPEECH_SHAPES)}")
     return ConformerConfig(**{**SPEECH_SHAPES[name], **{k: v for k, v in overrides.items() if v is not None}})
+
+
+# a stage YAML's `encoder:` block: {shape, any ConformerConfig field}
+ConformerShape = shape_overrides(ConformerConfig, speech_shape, "ConformerShape")
 
 
 def rotary_attention(dim: int, heads: int) -> Attention:

@@ -26,6 +26,8 @@ import torch.nn.functional as F
 from timm.layers import LayerNorm, QuickGELU
 from timm.models.vision_transformer import Block, VisionTransformer, init_weights_vit_timm
 
+from llm.shapes import shape_overrides
+
 ACTIVATIONS = {"gelu": nn.GELU, "quick_gelu": QuickGELU}  # QuickGELU: x * sigmoid(1.702 x), OpenAI CLIP's
 # CLIP's pixel statistics (PAPER.md §3.1 "Normalisation")
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -101,6 +103,10 @@ def vision_config(shape: str = "tiny", **overrides) -> VisionConfig:
     if any(not 0 <= t < cfg.layers for t in cfg.taps):
         raise ValueError(f"taps {cfg.taps} must be block indices in [0, {cfg.layers})")
     return cfg
+
+
+# a stage YAML's `vision:` block: {shape, any VisionConfig field}
+VisionShape = shape_overrides(VisionConfig, vision_config, "VisionShape")
 
 
 # ---- tiling -----------------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from llm.loss import linear_cross_entropy
+from llm.shapes import shape_overrides
 
 
 @dataclass
@@ -69,6 +70,10 @@ def shape_config(name: str, **overrides) -> LlamaConfig:
     if name not in SHAPES:
         raise KeyError(f"unknown model shape {name!r}; known: {sorted(SHAPES)}")
     return LlamaConfig(**{**SHAPES[name], **overrides})
+
+
+# a stage YAML's `model:` block: {shape, any LlamaConfig field}; vocab_size comes from the tokenizer
+LlamaShape = shape_overrides(LlamaConfig, shape_config, "LlamaShape", exclude=("vocab_size",))
 
 
 def llama3_scaled(inv: torch.Tensor, scaling: dict) -> torch.Tensor:

@@ -11,23 +11,15 @@ from omegaconf.errors import OmegaConfBaseException
 from adapters import registry
 from data.decode import MediaCaps
 from encoders.best_rq import BestRQConfig
+from encoders.clip import TextConfig
+from encoders.speech import ConformerShape, SpecAugmentConfig
+from encoders.vision import VisionShape
+from llm.model import LlamaShape
 from mm.train.trainer import TrainConfig
 
 
 class ConfigError(ValueError):
     """A broken config: the message is one line naming the file and the key."""
-
-
-@dataclass
-class ModelConfig:
-    """Which named shape (llm.model.SHAPES) and field overrides; vocab_size comes from the tokenizer."""
-
-    shape: str = "tiny"
-    dim: int | None = None
-    n_layers: int | None = None
-    n_heads: int | None = None
-    n_kv_heads: int | None = None
-    max_seq_len: int | None = None
 
 
 @dataclass
@@ -75,7 +67,7 @@ class LMPretrainConfig:
 
     stage: str = "lm_pretrain"
     seed: int = 1337
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: LlamaShape = field(default_factory=LlamaShape)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     data: TextDataConfig = field(default_factory=TextDataConfig)
     phases: list[PhaseConfig] = field(default_factory=list)
@@ -109,7 +101,7 @@ class PostTrainConfig:
     # DPO
     beta: float = 0.1
     nll_weight: float = 0.2
-    reference: str = "frozen"  # frozen | ema
+    reference: Literal["frozen", "ema"] = "frozen"
     ema_decay: float = 0.9
     ema_every: int = 10
     # RM: weight of an auxiliary next-token loss on the chosen answer (0 = the plain pairwise objective)
@@ -135,33 +127,6 @@ class RejectionSamplingConfig:
 
 
 @dataclass
-class VisionModelConfig:
-    """Which named image-encoder shape (encoders.vision.VISION_SHAPES) and field overrides (None: keep the shape's)."""
-
-    shape: str = "tiny"
-    image_size: int | None = None
-    patch_size: int | None = None
-    width: int | None = None
-    layers: int | None = None
-    heads: int | None = None
-    mlp_dim: int | None = None
-    taps: list[int] | None = None
-    n_gated: int | None = None
-    max_tiles: int | None = None
-
-
-@dataclass
-class TextTowerConfig:
-    """The CLIP text tower (encoders.clip.TextConfig)."""
-
-    context_length: int = 32
-    width: int = 64
-    heads: int = 4
-    layers: int = 2
-    mlp_ratio: float = 4.0
-
-
-@dataclass
 class ImageDataConfig:
     """Image-text shards (decoded at the encoder's tile size); eval_samples caps in-training val evals (0: all)."""
 
@@ -180,11 +145,11 @@ class ClipPretrainConfig:
     seed: int = 1337
     media: MediaCaps = field(default_factory=MediaCaps)  # per-file caps: pixels, frames, audio seconds
     steps: int = 500
-    vision: VisionModelConfig = field(default_factory=VisionModelConfig)
+    vision: VisionShape = field(default_factory=VisionShape)
     vision_from: str | None = None  # a vision run (e.g. `mm import open_clip`) to start the encoder from; its shape
-    text: TextTowerConfig = field(default_factory=TextTowerConfig)
+    text: TextConfig = field(default_factory=TextConfig)
     embed_dim: int = 64
-    pool: str = "cls"  # cls | mean
+    pool: Literal["cls", "mean"] = "cls"
     init_temperature: float = 0.07
     max_logit_scale: float = 100.0
     tokenizer: TokenizerConfig = field(default_factory=lambda: TokenizerConfig(vocab_size=2048))
@@ -246,22 +211,10 @@ class ImageDPOConfig(ImageStageConfig):
     instruct_lm: str | None = None
     beta: float = 0.1
     nll_weight: float = 0.2
-    reference: str = "ema"  # ema | frozen
+    reference: Literal["ema", "frozen"] = "ema"
     ema_decay: float = 0.9
     ema_every: int = 10
     eval_items: int = 200  # held-out images for the pair preference figure (0: all)
-
-
-@dataclass
-class SpeechEncoderModelConfig:
-    """Which named speech-encoder shape (encoders.speech.SPEECH_SHAPES) and field overrides (None: keep the shape's)."""
-
-    shape: str = "tiny"
-    dim: int | None = None
-    layers: int | None = None
-    heads: int | None = None
-    ffn_dim: int | None = None
-    kernel: int | None = None
 
 
 @dataclass
@@ -283,7 +236,7 @@ class SpeechPretrainConfig:
     seed: int = 1337
     media: MediaCaps = field(default_factory=MediaCaps)  # per-file caps: pixels, frames, audio seconds
     steps: int = 300
-    encoder: SpeechEncoderModelConfig = field(default_factory=SpeechEncoderModelConfig)
+    encoder: ConformerShape = field(default_factory=ConformerShape)
     best_rq: BestRQConfig = field(default_factory=BestRQConfig)
     data: AudioDataConfig = field(default_factory=AudioDataConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-3, weight_decay=0.01))
@@ -308,16 +261,6 @@ def speech_adapter_spec(block: dict) -> tuple[dict, dict]:
 
 
 @dataclass
-class SpecAugmentConfig:
-    """SpecAugment masks in speech_sft (torchaudio FrequencyMasking / TimeMasking); 0 masks turn a kind off."""
-
-    freq_masks: int = 2
-    freq_width: int = 15
-    time_masks: int = 2
-    time_ratio: float = 0.05
-
-
-@dataclass
 class SpeechSFTConfig:
     """Stage `speech_sft` (PAPER.md §9.5; DESIGN.md invariants 4-5): encoder (from `encoder_from`, a speech_pretrain
     run, or random init when null) + speech adapter trained jointly, the LM (`lm`) frozen, on ASR / AST / spoken-QA
@@ -330,7 +273,7 @@ class SpeechSFTConfig:
     steps: int = 300
     lm: str = MISSING
     encoder_from: str | None = None
-    encoder: SpeechEncoderModelConfig = field(default_factory=SpeechEncoderModelConfig)  # used without encoder_from
+    encoder: ConformerShape = field(default_factory=ConformerShape)  # used without encoder_from
     # the speech adapter design: {kind (adapters.registry.kinds("speech")), its Config's fields, match_embed_scale}
     adapter: dict[str, Any] = field(default_factory=lambda: {"kind": registry.DEFAULT["speech"]})
     tasks: dict[str, float] = field(default_factory=lambda: {"asr": 1.0, "ast": 1.0, "sqa": 1.0})
@@ -340,7 +283,7 @@ class SpeechSFTConfig:
     # linearly to ctc_weight_end by the last step; 0: off (the paper-faithful setting)
     ctc_weight: float = 0.0
     ctc_weight_end: float = 0.0
-    # auxiliary character CTC straight on the encoder's 40 ms frames (mm.speech.char_ctc_loss; beyond the paper): a
+    # auxiliary character CTC straight on the encoder's 40 ms frames (mm.stages.speech_sft.char_ctc_loss; beyond the paper): a
     # dense acoustic signal for the Conformer, constant weight; 0: off
     char_ctc_weight: float = 0.0
     # train the encoder on the character CTC alone (no adapter, no LM forward: several times cheaper per step): an
@@ -359,7 +302,7 @@ class VideoDataConfig:
     shards: str = ".cache/shards/video/train-*.tar"
     val_shards: str = ".cache/shards/video/val-*.tar"
     num_workers: int = 0
-    backend: str = "auto"  # auto | decord | pyav
+    backend: Literal["auto", "decord", "pyav"] = "auto"
     image_size: int | None = None  # frame decode side in px (None: the encoder's tile size)
 
 
@@ -393,7 +336,7 @@ class VideoStageConfig:
     # what the bag-of-words head reads: "aggregate" (the pooled aggregator tokens) or "read" (the video cross-attention
     # blocks' pre-gate outputs averaged over the text rows that see the clip: trains the LM's read of the clip itself,
     # still without passing the gates)
-    bow_source: str = "aggregate"
+    bow_source: Literal["aggregate", "read"] = "aggregate"
     eval_items: int = 0  # held-out questions scored at the end into the result (0: skip)
     data: VideoDataConfig = field(default_factory=VideoDataConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-4, weight_decay=0.01))
@@ -401,7 +344,7 @@ class VideoStageConfig:
 
 @dataclass
 class ComposeConfig:
-    """Stage `compose` (mm.herd.compose as a pipeline step): a video (or image) run's adapters + a speech run's."""
+    """Stage `compose` (mm.model.store.compose as a pipeline step): a video (or image) run's streams + a speech run's."""
 
     stage: str = "compose"
     speech: str = MISSING  # a speech_sft run

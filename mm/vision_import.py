@@ -3,7 +3,7 @@
 RUN/final/{model.safetensors ("vision.*" = the VisionEncoder; "visual_proj.weight" (E, width) when the checkpoint has
 open_clip's image projection), meta.json (kind "vision", stage "import", vision_config, source: kind, arch, file,
 sha256, native image size, pooling)} plus RUN/result.json. Image stages take RUN as `vision=`; clip_pretrain starts
-from it with `vision_from=RUN`; mm.model.runs.load_vision_encoder reads it.
+from it with `vision_from=RUN`; mm.model.store.load_vision reads it.
 """
 from __future__ import annotations
 

@@ -14,6 +14,7 @@ from data.chat_tasks import (ORDINALS, arith_task, brown_sentences, copy_task, e
                              normalise_answer, preference_pairs, puzzle_task, split_of)
 from data.fetch import default_cache_dir
 from data.shards import SkipCounter, expand_shards
+from data.speech_tasks import ASR_PROMPT
 from tests.shard_helpers import write_tar
 
 VOCAB = ("the a old quiet river garden farmer carried small basket across bright morning village children "
@@ -348,7 +349,6 @@ def test_build_chat_kit_on_real_cache(tmp_path):
 def test_repeat_family_copies_under_the_asr_prompt_and_skips_held_out_transcripts():
     from data.chat_tasks import REPEAT_PROMPT, synthetic_family
     from data.speech_kit import held_out_text
-    from mm.speech import ASR_PROMPT
 
     assert REPEAT_PROMPT == ASR_PROMPT.format(language="English")  # the prompt speech_sft trains ASR under
     sentences = [f"The {w} farmer carried {n} small baskets home." for w in ("old", "young", "tall", "kind")

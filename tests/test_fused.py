@@ -14,12 +14,16 @@ import torch
 
 from adapters.cross_attention import GatedCrossAttentionBlock, fusion_schedule
 from adapters.masks import media_attention_mask
+from encoders.vision import VisionConfig, VisionEncoder
 from llm.model import Llama, LlamaConfig
 from mm.model.checkpoint import CheckpointError, save_weights
-from mm.fused import FusedLM, generate_fused
+from mm.model.composed import ComposedLM
+from mm.model.generate import generate
+from mm.model.streams import ImageStream
 
 REPO = Path(__file__).resolve().parents[1]
 V, IMG, DM, N = 96, 90, 24, 5  # vocab, <|image|> id, encoder width, tokens per image
+VCFG = VisionConfig(image_size=16, patch_size=8, width=12, layers=1, heads=2, mlp_dim=24, taps=[0], n_gated=0)
 BLOCK_PARAMS = ["attention_norm.weight", "wq.weight", "wkv.weight", "wo.weight", "q_norm.weight", "k_norm.weight",
                 "gate_attn", "ffn_norm.weight", "feed_forward.w13.weight", "feed_forward.w2.weight", "gate_ffn"]
 
@@ -35,14 +39,17 @@ def make_lm(seed: int = 0, n_layers: int = 4) -> Llama:
     return lm.eval()
 
 
-def make_fused(lm: Llama, every: int = 2, **kw) -> FusedLM:
+def make_fused(lm: Llama, every: int = 2, **kw) -> ComposedLM:
+    """The LM with an image stream: a ViT of width DM (features are given directly here) + gated_xattn."""
+    encoder = VisionEncoder(VCFG)
     torch.manual_seed(123)
-    return FusedLM(lm, DM, IMG, every=every, **kw).eval()
+    stream = ImageStream.build(lm, IMG, encoder, {"kind": "gated_xattn", "every": every, **kw})
+    return ComposedLM(lm, image=stream).eval()
 
 
-def open_gates(fused: FusedLM, value: float = 0.7) -> None:
+def open_gates(fused: ComposedLM, value: float = 0.7) -> None:
     with torch.no_grad():
-        for blk in fused.image_adapter.blocks.values():
+        for blk in fused.image.blocks.values():
             blk.gate_attn.fill_(value)
             blk.gate_ffn.fill_(-value)
 
@@ -84,10 +91,10 @@ def test_fusion_schedules():
     lm = make_lm(n_layers=3)
     for schedule, ids in (("from_top", [0, 2]), ("from_bottom", [1])):
         fused = make_fused(lm, every=2, schedule=schedule)
-        assert list(fused.image_adapter.blocks) == [str(i) for i in ids]
+        assert list(fused.image.blocks) == [str(i) for i in ids]
         open_gates(fused)
         tokens = with_markers(text(1, 10), [2])
-        out = fused(tokens, media(1, 1), return_hidden=True)
+        out = fused(tokens, image=media(1, 1), return_hidden=True)
         ref = lm(tokens, return_hidden=True)
         assert torch.equal(out[:, :2], ref[:, :2]) and not torch.allclose(out[:, 2:], ref[:, 2:])
     with pytest.raises(ValueError):
@@ -96,33 +103,38 @@ def test_fusion_schedules():
 
 def test_state_dict_keys_and_trainable_sets():
     lm = make_lm()
-    fused = make_fused(lm).freeze_lm()
+    fused = make_fused(lm)
+    counts = fused.train_only("image")
     lm_keys = list(lm.state_dict())
     keys = list(fused.state_dict())
     assert keys[:len(lm_keys)] == lm_keys and "layers.0.attention.wqkv.weight" in keys
-    assert all(k.startswith(("image_adapter.", "new_tokens.")) for k in keys[len(lm_keys):])
+    assert all(k.startswith(("image.encoder.", "image.adapter.", "image.token.")) for k in keys[len(lm_keys):])
     ids = fusion_schedule(4, 2)
-    expected = {"new_tokens.weight", "image_adapter.projection.weight", "image_adapter.projection.bias"}
-    expected |= {f"image_adapter.blocks.{i}.{p}" for i in ids for p in BLOCK_PARAMS}
-    assert {n for n, p in fused.named_parameters() if p.requires_grad} == expected
-    assert {id(p) for p in fused.adapter_parameters()} == {id(p) for n, p in fused.named_parameters() if n in expected}
-    assert {id(p) for p in fused.lm_parameters()} == {id(p) for p in lm.parameters()}
-    assert set(fused.adapter_state_dict()) == expected
-    assert fused.image_adapter.blocks["1"].gate_attn.shape == (1,)
+    expected = {"image.token.weight", "image.adapter.projection.weight", "image.adapter.projection.bias"}
+    expected |= {f"image.adapter.blocks.{i}.{p}" for i in ids for p in BLOCK_PARAMS}
+    expected |= {f"image.encoder.{n}" for n, _ in fused.image.encoder.named_parameters()}
+    params = dict(fused.named_parameters())
+    assert {n for n, p in params.items() if p.requires_grad} == expected
+    assert counts == {"trainable": sum(params[n].numel() for n in expected),
+                      "frozen": sum(p.numel() for p in lm.parameters())}
+    assert {id(p) for n, p in params.items() if n not in expected} == {id(p) for p in lm.parameters()}
+    assert set(fused.stream_state_dict()) == expected
+    assert fused.image.blocks["1"].gate_attn.shape == (1,)
 
 
-def train_adapters(fused: FusedLM, steps: int = 4) -> None:
-    """A few AdamW steps on adapter parameters only, with media, LM frozen."""
-    fused.freeze_lm().train()
-    opt = torch.optim.AdamW(fused.adapter_parameters(), lr=3e-2)
+def train_adapters(fused: ComposedLM, steps: int = 4) -> None:
+    """A few AdamW steps on the image stream's parameters only, with media, LM frozen."""
+    fused.train_only("image")
+    fused.train()
+    opt = torch.optim.AdamW([p for p in fused.parameters() if p.requires_grad], lr=3e-2)
     names = {id(p) for g in opt.param_groups for p in g["params"]}
-    assert not names & {id(p) for p in fused.lm_parameters()}
+    assert not names & {id(p) for p in fused.lm.parameters()}
     tokens = with_markers(text(2, 16, seed=5), [3, 9])
     for s in range(steps):
-        loss = fused(tokens[:, :-1], media(2, 2, seed=10 + s), labels=tokens[:, 1:])
+        loss = fused(tokens[:, :-1], image=media(2, 2, seed=10 + s), labels=tokens[:, 1:])
         opt.zero_grad()
         loss.backward()
-        assert all(p.grad is None for p in fused.lm_parameters())
+        assert all(p.grad is None for p in fused.lm.parameters())
         opt.step()
     fused.eval()
 
@@ -134,21 +146,20 @@ def test_no_media_bitwise_equal_at_init_and_after_training():
     tokens, docs = text(2, 20), torch.tensor([[0] * 8 + [1] * 12, [0] * 20])
     assert torch.equal(fused(tokens), bare(tokens))
     lm_before = {k: v.clone() for k, v in lm.state_dict().items()}
-    ad_before = {k: v.clone() for k, v in fused.adapter_state_dict().items()}
+    ad_before = {k: v.clone() for k, v in fused.stream_state_dict().items()}
     train_adapters(fused)
     assert all(torch.equal(v, lm_before[k]) for k, v in lm.state_dict().items())
-    changed = [k for k, v in fused.adapter_state_dict().items() if not torch.equal(v, ad_before[k])]
-    assert "new_tokens.weight" in changed and "image_adapter.blocks.1.gate_attn" in changed
-    assert float(fused.image_adapter.blocks["1"].gate_attn.detach().abs()) > 0
+    changed = [k for k, v in fused.stream_state_dict().items() if not torch.equal(v, ad_before[k])]
+    assert "image.token.weight" in changed and "image.adapter.blocks.1.gate_attn" in changed
+    assert float(fused.image.blocks["1"].gate_attn.detach().abs()) > 0
     assert torch.equal(fused(tokens), bare(tokens))
     assert torch.equal(fused(tokens, doc_ids=docs), bare(tokens, doc_ids=docs))
     assert torch.equal(fused(tokens[:, :-1], labels=tokens[:, 1:]), bare(tokens[:, :-1], labels=tokens[:, 1:]))
-    # the text-only path does not touch adapter modules: poisoned adapters change nothing, and no hook fires
+    # the text-only path does not touch stream modules: poisoned streams change nothing, and no hook fires
     calls = []
-    hooks = [m.register_forward_pre_hook(lambda *a: calls.append(1))
-             for m in (*fused.image_adapter.modules(), fused.new_tokens)]
+    hooks = [m.register_forward_pre_hook(lambda *a: calls.append(1)) for m in fused.image.modules()]
     with torch.no_grad():
-        for p in fused.adapter_parameters():
+        for p in fused.image.parameters():
             p.fill_(float("nan"))
     assert torch.equal(fused(tokens), bare(tokens)) and not calls
     for h in hooks:
@@ -160,9 +171,9 @@ def test_zero_gates_with_media_equal_bare_lm():
     fused = make_fused(lm)
     tokens = with_markers(text(2, 18), [4, 11])
     docs = torch.tensor([[0] * 10 + [1] * 8, [0] * 18])
-    assert torch.equal(fused(tokens, media(2, 2)), lm(tokens))
-    assert torch.equal(fused(tokens, media(2, 2), doc_ids=docs), lm(tokens, doc_ids=docs))
-    loss = fused(tokens[:, :-1], media(2, 2), labels=tokens[:, 1:])
+    assert torch.equal(fused(tokens, image=media(2, 2)), lm(tokens))
+    assert torch.equal(fused(tokens, image=media(2, 2), doc_ids=docs), lm(tokens, doc_ids=docs))
+    loss = fused(tokens[:, :-1], image=media(2, 2), labels=tokens[:, 1:])
     assert torch.equal(loss, lm(tokens[:, :-1], labels=tokens[:, 1:]))
 
 
@@ -179,12 +190,12 @@ def test_rows_without_media_get_exactly_zero(monkeypatch):
     fused = make_fused(lm)
     open_gates(fused)
     tokens = with_markers(text(1, 16), [6])
-    with_img = fused(tokens, media(1, 1), return_hidden=True)
+    with_img = fused(tokens, image=media(1, 1), return_hidden=True)
     without = fused(tokens, return_hidden=True)
     assert torch.equal(with_img[:, :6], without[:, :6])
     assert not torch.allclose(with_img[:, 6:], without[:, 6:])
     # at block level: masked rows are returned bit for bit (attention and FFN both zero), no NaN anywhere
-    blk = fused.image_adapter.blocks["1"]
+    blk = fused.image.blocks["1"]
     x = torch.randn(1, 16, 32)
     kv = blk.media_kv(torch.randn(1, 1, N, 32))
     mask = media_attention_mask(tokens, IMG, 1).repeat_interleave(N, dim=-1)  # (1, T, M*N)
@@ -201,14 +212,14 @@ def test_attend_only_to_most_recent_image():
     fused = make_fused(lm)
     open_gates(fused)
     tokens = with_markers(text(1, 16), [3, 9])
-    blk = fused.image_adapter.blocks["1"]
+    blk = fused.image.blocks["1"]
     x = torch.randn(1, 16, 32)
     m1, m2 = media(1, 2, seed=1), media(1, 2, seed=1)
     m2[:, 0] += 3.0  # change the earlier image only
     for attend, same_after in (("last", True), ("all_previous", False)):
         xm = media_attention_mask(tokens, IMG, 2, attend).repeat_interleave(N, dim=-1)
-        y1 = blk(x, fused.media_kv(m1).kv[1], xm)
-        y2 = blk(x, fused.media_kv(m2).kv[1], xm)
+        y1 = blk(x, fused.image.kv(m1).kv[1], xm)
+        y2 = blk(x, fused.image.kv(m2).kv[1], xm)
         assert not torch.equal(y1[:, 3:9], y2[:, 3:9])  # tokens between the markers see the changed image
         assert torch.equal(y1[:, 9:], y2[:, 9:]) == same_after
         assert torch.equal(y1[:, :3], x[:, :3])
@@ -221,33 +232,33 @@ def test_multiple_images_and_padding():
     tokens = torch.stack([with_markers(text(1, 16, 3), [2, 8])[0], with_markers(text(1, 16, 4), [5])[0]])
     feats = media(2, 2)
     valid = torch.tensor([[True, True], [True, False]])
-    out = fused(tokens, feats, media_mask=valid)
-    alone = fused(tokens[1:], feats[1:, :1])  # the second sample with just its one image
+    out = fused(tokens, image=feats, image_mask=valid)
+    alone = fused(tokens[1:], image=feats[1:, :1])  # the second sample with just its one image
     torch.testing.assert_close(out[1:], alone, rtol=1e-5, atol=1e-5)
     poked = feats.clone()
     poked[1, 1] = 100.0  # padding content is never seen
-    assert torch.equal(fused(tokens, poked, media_mask=valid), out)
+    assert torch.equal(fused(tokens, image=poked, image_mask=valid), out)
     tok_valid = valid[..., None].repeat(1, 1, N)
     tok_valid[0, 1, -2:] = False  # padded tokens inside an item (e.g. padding tiles)
-    assert not torch.equal(fused(tokens, feats, media_mask=tok_valid)[0], out[0])
+    assert not torch.equal(fused(tokens, image=feats, image_mask=tok_valid)[0], out[0])
     with pytest.raises(ValueError, match="markers"):
-        fused(with_markers(tokens, [12]), feats, media_mask=valid)  # sample 1: two markers, one image
+        fused(with_markers(tokens, [12]), image=feats, image_mask=valid)  # sample 1: two markers, one image
 
 
 def test_hot_swap_replaces_only_lm(tmp_path):
     lm = make_lm(seed=0)
     fused = make_fused(lm)
     train_adapters(fused, steps=2)
-    adapters = {k: v.clone() for k, v in fused.adapter_state_dict().items()}
+    adapters = {k: v.clone() for k, v in fused.stream_state_dict().items()}
     instruct = make_lm(seed=7)
     fused.load_lm_weights(instruct.state_dict())
-    assert all(torch.equal(v, adapters[k]) for k, v in fused.adapter_state_dict().items())
+    assert all(torch.equal(v, adapters[k]) for k, v in fused.stream_state_dict().items())
     sd = fused.state_dict()
     assert all(torch.equal(sd[k], v) for k, v in instruct.state_dict().items())
     tokens = text(2, 12)
     assert torch.equal(fused(tokens), instruct(tokens))
-    assert not any(p.requires_grad for p in fused.lm_parameters())
-    assert all(p.requires_grad for p in fused.adapter_parameters())
+    assert not any(p.requires_grad for p in fused.lm.parameters())
+    assert all(p.requires_grad for p in fused.image.parameters())
     save_weights(tmp_path / "lm", {"model": make_lm(seed=0).state_dict()}, {})
     fused.load_lm_weights(tmp_path / "lm")  # a model folder works too
     assert torch.equal(fused(tokens), make_lm(seed=0)(tokens))
@@ -273,33 +284,33 @@ def test_cached_generation_matches_uncached_and_media_kv_once(monkeypatch):
         return real(self, x)
 
     monkeypatch.setattr(GatedCrossAttentionBlock, "media_kv", counting)
-    cached = generate_fused(fused, prompt, feats, 10)
-    assert sorted(calls.values()) == [1, 1] and len(calls) == len(fused.image_adapter.blocks)
+    cached = generate(fused, prompt, 10, image=feats)
+    assert sorted(calls.values()) == [1, 1] and len(calls) == len(fused.image.blocks)
     calls.clear()
-    assert generate_fused(fused, prompt, feats, 10, cache_media=False) == cached
+    assert generate(fused, prompt, 10, image=feats, cache_media=False) == cached
     assert set(calls.values()) == {10}  # prefill + 9 decode steps, each recomputing
-    assert generate_fused(fused, prompt, feats, 10, use_cache=False) == cached
+    assert generate(fused, prompt, 10, image=feats, use_cache=False) == cached
     sampled = dict(greedy=False, temperature=1.0, seed=3)
-    assert generate_fused(fused, prompt, feats, 10, **sampled) == generate_fused(fused, prompt, feats, 10,
-                                                                                 use_cache=False, **sampled)
+    assert generate(fused, prompt, 10, image=feats, **sampled) == generate(fused, prompt, 10, image=feats,
+                                                                           use_cache=False, **sampled)
     # step logits from the cache equal a full forward pass
     seq = prompt + cached[:4]
-    full = fused(torch.tensor([seq]), feats[None])[0]
-    kv = fused.media_kv(feats[None])
+    full = fused(torch.tensor([seq]), image=feats[None])[0]
+    kv = fused.image.kv(feats[None])
     lm.setup_cache(1, len(seq))
     try:
         t = torch.tensor([seq])
         xm = media_attention_mask(t, IMG, 2)
-        steps = [fused(t[:, :len(prompt)], kv, xattn_mask=xm[:, :len(prompt)])[0, -1]]
+        steps = [fused(t[:, :len(prompt)], image=kv, image_xattn_mask=xm[:, :len(prompt)])[0, -1]]
         for p in range(len(prompt), len(seq)):
-            steps.append(fused(t[:, p:p + 1], kv, xattn_mask=xm[:, p:p + 1], start_pos=p)[0, -1])
+            steps.append(fused(t[:, p:p + 1], image=kv, image_xattn_mask=xm[:, p:p + 1], start_pos=p)[0, -1])
     finally:
         lm.clear_cache()
     torch.testing.assert_close(torch.stack(steps), full[len(prompt) - 1:], rtol=1e-5, atol=1e-5)
     other = media(1, 2, seed=9)[0]
-    assert not torch.allclose(fused(torch.tensor([seq]), other[None])[0], full)  # media matter
-    assert generate_fused(fused, text(1, 6)[0].tolist(), None, 5) == generate_fused(fused, text(1, 6)[0].tolist(),
-                                                                                  None, 5, use_cache=False)
+    assert not torch.allclose(fused(torch.tensor([seq]), image=other[None])[0], full)  # media matter
+    plain = text(1, 6)[0].tolist()
+    assert generate(fused, plain, 5) == generate(fused, plain, 5, use_cache=False)
 
 
 def test_speed_mm_benchmark_runs():
@@ -322,13 +333,13 @@ def test_cuda_invariants(dtype):
     fused = make_fused(lm)
     tokens = with_markers(text(2, 18), [4, 11]).cuda()
     feats = media(2, 2).cuda()
-    assert torch.equal(fused(tokens, feats), lm(tokens))
+    assert torch.equal(fused(tokens, image=feats), lm(tokens))
     open_gates(fused)
-    with_img = fused(tokens, feats, return_hidden=True)
+    with_img = fused(tokens, image=feats, return_hidden=True)
     assert not with_img.isnan().any() and torch.equal(with_img[:, :4], lm(tokens, return_hidden=True)[:, :4])
     plain = text(2, 18).cuda()
     with torch.no_grad():
-        for p in fused.adapter_parameters():
+        for p in fused.image.parameters():
             p.fill_(float("nan"))
     assert torch.equal(fused(plain), lm(plain))
     if dtype != torch.float32:  # bf16 rounding differs between cached and full shapes: compare greedy in fp32
@@ -337,4 +348,4 @@ def test_cuda_invariants(dtype):
     open_gates(fused, 1.5)
     prompt = with_markers(text(1, 12), [1, 6])[0].tolist()
     one = media(1, 2)[0].cuda()
-    assert generate_fused(fused, prompt, one, 8) == generate_fused(fused, prompt, one, 8, use_cache=False)
+    assert generate(fused, prompt, 8, image=one) == generate(fused, prompt, 8, image=one, use_cache=False)

@@ -1,8 +1,9 @@
-"""The herd (mm/herd.py; DESIGN.md invariants 1, 5, 7): one frozen LM with the image, video and speech adapters at once.
-No media: bitwise the bare LM; one medium: bitwise the single-modality model (FusedLM for image/video, SpeechLM for
-audio); all three in one user turn generate with cached media exactly as uncached greedy decoding; `mm compose`
-compares LM weights (not paths) and refuses different LMs naming both files; the herd checkpoint round-trips exactly;
-`mm chat` takes --image, --video and --audio together on a herd run and keeps the single-modality paths."""
+"""The composed herd (mm.model.store.compose; DESIGN.md invariants 1, 5, 7): one frozen LM with the image, video and
+speech streams at once. No media: bitwise the bare LM; one medium: bitwise the single-modality run's model (the video
+run for image/video, the speech run for audio); all three in one user turn generate with cached media exactly as
+uncached greedy decoding; `mm compose` compares LM weights (not paths) and refuses different LMs naming both files;
+the composed checkpoint round-trips exactly; `mm chat` takes --image, --video and --audio together on a composed run
+and keeps the single-modality paths."""
 from __future__ import annotations
 
 import contextlib
@@ -22,13 +23,25 @@ from PIL import Image
 
 from adapters.speech import SpeechAdapter, SpeechAdapterConfig, SpeechTokens
 from adapters.temporal import AggregatorConfig
+from data.dialog import dialog
+from data.text_kit import pydoc_documents, write_text_shards
+from data.video_kit import encode_mp4
 from encoders.speech import ConformerEncoder, speech_shape
 from encoders.vision import VisionEncoder
 from llm.model import Llama, LlamaConfig
-from llm.tokenizer import ChatFormat, train_tokenizer
+from llm.tokenizer import ChatFormat, Tokenizer, train_tokenizer
+from mm.config import HerdReportConfig
+from mm.model.chat import chat
 from mm.model.checkpoint import CheckpointError, load_meta, load_tensors
-from mm.herd import generate_herd, herd_prompt_ids, lm_fingerprint, load_herd, save_herd
+from mm.model.composed import ComposedLM
+from mm.model.generate import generate
+from mm.model.media import Featurizer, read_audio_file
 from mm.model.runs import load_lm, save_lm
+from mm.model.store import lm_fingerprint, load_model, same_tokenizer, save_model
+from mm.model.streams import Audio, ImageStream, SpeechStream, VideoStream
+from mm.runner import run_config
+from mm.stages.herd_report import herd_rows
+from tests.shard_helpers import write_tar
 from tests.test_video_stage import VCFG
 
 REPO = Path(__file__).resolve().parents[1]
@@ -49,24 +62,20 @@ def _cli(*argv) -> tuple[int, dict]:
 
 
 def _speech_run(root: Path, name: str, lm_run: Path, tok) -> Path:
-    from mm.speech import SpeechLM, save_speech_model
-
     torch.manual_seed(3)  # the same encoder + adapter for every speech run: only the LM differs
     enc = ConformerEncoder(speech_shape("tiny", **ENC))
     adapter = SpeechAdapter(SpeechAdapterConfig(in_dim=32, dim=16, heads=2, ffn_dim=32, out_dim=32))
     base, _, _ = load_lm(lm_run)
-    save_speech_model(root / name / "final", SpeechLM(enc, adapter, base, SpeechTokens.of(tok)), tok,
-                      {"stage": "speech_sft", "lm": str(lm_run / "final")})
+    save_model(root / name / "final", ComposedLM(base, speech=SpeechStream(enc, adapter, SpeechTokens.of(tok))), tok,
+               {"stage": "speech_sft", "lm": str(lm_run / "final")})
     return root / name
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> dict:
-    """A tiny LM (+ a copy in another folder, + another LM), a video run (image + video adapters, gates open) and
-    speech runs on each LM, all built at init in-process; media files; the herd composed by `mm compose`."""
-    from mm.stages.image_pretrain import build_fused, save_image_model
-    from mm.stages.video import VideoModel
-
+    """A tiny LM (+ a copy in another folder, + another LM), a video run (image + video streams, gates open), the
+    image run holding its image stream alone and speech runs on each LM, all built at init in-process; media files;
+    the herd composed by `mm compose`."""
     root = tmp_path_factory.mktemp("herd")
     tok = train_tokenizer(["describe the image and the video. what do you hear? repeat after me in english: "
                            "a red hen and a blue car"] * 20, 300)
@@ -78,24 +87,23 @@ def world(tmp_path_factory) -> dict:
     lm, tok, _ = load_lm(root / "lm")
     torch.manual_seed(1)
     vision = VisionEncoder(VCFG)
-    fused = build_fused(lm, tok, VCFG.out_dim, {"kind": "gated_xattn", "every": 1})
+    model = ComposedLM(lm, image=ImageStream.build(lm, tok.special_id("<|image|>"), vision,
+                                                   {"kind": "gated_xattn", "every": 1}))
     torch.manual_seed(2)
-    fused.add_video(VCFG.out_dim, tok.special_id("<|video|>"), AGG, every=2)
-    with torch.no_grad():  # adapters that do something
-        for blk in [*fused.image_adapter.blocks.values(), *fused.video_adapter.xattn.blocks.values()]:
+    model.attach(VideoStream.build(model.lm, tok.special_id("<|video|>"), model.image, AGG, every=2, num_frames=8))
+    with torch.no_grad():  # streams that do something
+        for blk in [*model.image.blocks.values(), *model.video.blocks.values()]:
             blk.gate_attn.fill_(0.5)
             blk.gate_ffn.fill_(-0.5)
-        for table in (fused.new_tokens, fused.video_adapter.token):  # trained `<|image|>` / `<|video|>` rows
+        for table in (model.image.token, model.video.token):  # trained `<|image|>` / `<|video|>` rows
             table.weight.add_(0.5 * torch.randn(table.weight.shape))
-    meta = {"stage": "video_sft", "lm": str(root / "lm" / "final"), "every": 1, "schedule": "from_top",
-            "attend": "last", "video": {"aggregator": AGG.to_dict(), "every": 2, "num_frames": 8}}
-    save_image_model(root / "video" / "final", VideoModel(vision, fused), tok, meta)
-    w = {"root": root, "video": root / "video", "lm": root / "lm", "other": root / "other"}
+    lm_final = str(root / "lm" / "final")
+    save_model(root / "video" / "final", model, tok, {"stage": "video_sft", "lm": lm_final})
+    save_model(root / "image" / "final", ComposedLM(lm, image=model.image), tok, {"stage": "image_sft", "lm": lm_final})
+    w = {"root": root, "video": root / "video", "image": root / "image", "lm": root / "lm", "other": root / "other"}
     for name, lm_run in (("speech", root / "lm"), ("speech_copy", root / "lm_copy"), ("speech_other", root / "other")):
         w[name] = _speech_run(root, name, lm_run, tok)
     # media files: a 16x16 PNG, an 8-frame MP4, 0.5 s of audio at 16 kHz
-    from data.video_kit import encode_mp4
-
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(root / "a.png")
     frames = np.zeros((8, 16, 16, 3), np.uint8)
@@ -105,201 +113,197 @@ def world(tmp_path_factory) -> dict:
     t = np.arange(8000) / 16000
     sf.write(root / "a.wav", (0.3 * np.sin(2 * np.pi * 300 * t)).astype(np.float32), 16000)
     rc, res = _cli("compose", "--video", w["video"], "--speech", w["speech"], "--out", root / "herd")
-    assert rc == 0 and res["video"] and res["lm_sha256"] == lm_fingerprint(lm), res
+    assert rc == 0 and res["streams"] == ["image", "speech", "video"] and res["lm_sha256"] == lm_fingerprint(lm), res
     w["herd"] = root / "herd"
     return w
 
 
 @pytest.fixture(scope="module")
 def parts(world) -> dict:
-    """The composed herd (loaded from disk) and, separately loaded, the models it was composed from."""
-    from mm.speech import load_speech_model
-    from mm.stages.video import load_video
-
-    herd, tok, meta = load_herd(world["herd"])
-    fused, vision, _ = load_video(world["video"])
-    speech, _ = load_speech_model(world["speech"])
+    """The composed herd (loaded from disk) and, separately loaded, the runs it was composed from."""
+    herd, tok, meta = load_model(world["herd"])
+    video, _, _ = load_model(world["video"])
+    speech, _, _ = load_model(world["speech"])
     lm, _, _ = load_lm(world["lm"])
-    return {"herd": herd, "tok": tok, "meta": meta, "fused": fused, "vision": vision, "speech": speech, "lm": lm}
+    return {"herd": herd, "tok": tok, "meta": meta, "video": video, "speech": speech, "lm": lm}
 
 
 def _feats(*shape, seed: int = 1) -> torch.Tensor:
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
 
 
-def _audio(herd, seconds: float = 0.5, seed: int = 4):
-    from mm.speech import Featurizer, n_speech_tokens
-
+def _audio(model, seconds: float = 0.5, seed: int = 4) -> tuple[Audio, int]:
     wave = np.random.default_rng(seed).normal(size=int(16000 * seconds)).astype(np.float32) * 0.1
-    feats, lens = Featurizer()([wave])
-    return feats, lens, n_speech_tokens(len(wave), herd.speech_encoder.cfg, herd.speech_adapter)
+    return Featurizer()([wave]), model.speech.n_tokens(len(wave))
+
+
+def _media_ids(model, n_speech: int) -> list[int]:
+    """One user turn's media ids: the image, the clip, the speech span (the order of mm.model.chat)."""
+    return [*model.image.placeholder_ids(), *model.video.placeholder_ids(), *model.speech.placeholder_ids(n_speech)]
 
 
 def test_no_media_is_bitwise_the_bare_lm(parts):
     herd, lm = parts["herd"], parts["lm"]
-    assert {k: v for k, v in herd.fused.state_dict().items() if k in lm.state_dict()}.keys() == lm.state_dict().keys()
-    assert all(torch.equal(herd.fused.state_dict()[k], v) for k, v in lm.state_dict().items())  # LM unchanged
+    lm_sd = lm.state_dict()
+    assert {k for k in herd.state_dict() if k in lm_sd} == lm_sd.keys()  # the LM's keys, unchanged
+    assert all(torch.equal(herd.state_dict()[k], v) for k, v in lm_sd.items())  # LM unchanged
     toks = torch.randint(0, 250, (2, 20), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(herd(toks), lm(toks))
 
 
 def test_one_medium_is_bitwise_the_single_modality_model(parts):
-    herd, fused, speech, lm, tok = parts["herd"], parts["fused"], parts["speech"], parts["lm"], parts["tok"]
-    img, vid, ids = tok.special_id("<|image|>"), tok.special_id("<|video|>"), herd.speech_ids
+    herd, video_run, speech, lm, tok = parts["herd"], parts["video"], parts["speech"], parts["lm"], parts["tok"]
+    img, vid, ids = tok.special_id("<|image|>"), tok.special_id("<|video|>"), herd.speech.ids
     text = torch.randint(0, 250, (1, 12), generator=torch.Generator().manual_seed(1))
     image = _feats(1, 1, N, VCFG.out_dim)
     video = _feats(1, 1, 8, N, VCFG.out_dim, seed=2)
-    feats, lens, n = _audio(herd)
+    audio, n = _audio(herd)
     t_img = torch.cat([text[:, :3], torch.tensor([[img]]), text[:, 3:]], 1)
     t_vid = torch.cat([text[:, :3], torch.tensor([[vid]]), text[:, 3:]], 1)
     t_sp = torch.cat([text[:, :3], torch.tensor([ids.run(n)]), text[:, 3:]], 1)
     labels = torch.cat([t_sp[:, 1:], torch.full((1, 1), -100)], 1)
     with torch.no_grad():
-        out_img = herd(t_img, image)
-        assert torch.equal(out_img, fused(t_img, image)) and not torch.equal(out_img, lm(t_img))
+        out_img = herd(t_img, image=image)
+        assert torch.equal(out_img, video_run(t_img, image=image)) and not torch.equal(out_img, lm(t_img))
         out_vid = herd(t_vid, video=video)
-        assert torch.equal(out_vid, fused(t_vid, video=video)) and not torch.equal(out_vid, lm(t_vid))
-        out_sp = herd(t_sp, speech=feats, speech_lens=lens)
-        assert torch.equal(out_sp, speech(t_sp, feats, lens)) and not torch.equal(out_sp, lm(t_sp))
-        assert torch.equal(herd(t_sp, speech=feats, speech_lens=lens, labels=labels),
-                           speech(t_sp, feats, lens, labels=labels))  # speech positions ignored by the loss alike
+        assert torch.equal(out_vid, video_run(t_vid, video=video)) and not torch.equal(out_vid, lm(t_vid))
+        out_sp = herd(t_sp, speech=audio)
+        assert torch.equal(out_sp, speech(t_sp, speech=audio)) and not torch.equal(out_sp, lm(t_sp))
+        assert torch.equal(herd(t_sp, speech=audio, labels=labels),
+                           speech(t_sp, speech=audio, labels=labels))  # speech positions ignored by the loss alike
         # all three in one sequence: each medium changes the logits after its own marker
         t3 = torch.cat([text[:, :2], torch.tensor([[img, vid]]), torch.tensor([ids.run(n)]), text[:, 2:]], 1)
-        full = herd(t3, image, video=video, speech=feats, speech_lens=lens)
+        full = herd(t3, image=image, video=video, speech=audio)
         after = 4 + n + 1  # the first position after <|speech_end|>
-        for other in (herd(t3, None, video=video, speech=feats, speech_lens=lens),
-                      herd(t3, image, speech=feats, speech_lens=lens), herd(t3, image, video=video)):
+        for other in (herd(t3, video=video, speech=audio), herd(t3, image=image, speech=audio),
+                      herd(t3, image=image, video=video)):
             assert not torch.equal(full[:, after:], other[:, after:])
         assert torch.equal(full[:, :2], lm(t3)[:, :2])  # before any medium: the bare LM
-        # up to <|video|>: the FusedLM on that prefix (the trained marker rows are used under the speech splice too)
-        assert torch.allclose(full[:, :4], fused(t3[:, :4], image, video=video), atol=1e-6, rtol=0)
+        # up to <|video|>: the video run on that prefix (the trained marker rows are used under the speech splice too)
+        assert torch.allclose(full[:, :4], video_run(t3[:, :4], image=image, video=video), atol=1e-6, rtol=0)
         with pytest.raises(ValueError, match="adapter embeddings for a run of"):
-            herd(torch.cat([text[:, :2], torch.tensor([ids.run(n + 1)])], 1), speech=feats, speech_lens=lens)
+            herd(torch.cat([text[:, :2], torch.tensor([ids.run(n + 1)])], 1), speech=audio)
 
 
-def test_dialog_puts_every_medium_in_one_user_turn(parts):
-    from mm.chat_image import chat_prompt_ids
-    from mm.chat_video import video_prompt_ids
-    from mm.speech import speech_dialog
-
-    tok, ids = parts["tok"], parts["herd"].speech_ids
+def test_dialog_puts_every_medium_in_one_user_turn(world, parts, monkeypatch):
+    herd, tok = parts["herd"], parts["tok"]
+    ids = herd.speech.ids
     fmt = ChatFormat(tok)
     q = "what do you hear?"
-    assert herd_prompt_ids(fmt, ids, q) == fmt.encode_dialog([{"role": "user", "content": q}])[0]
-    assert herd_prompt_ids(fmt, ids, q, image=True) == chat_prompt_ids(fmt, q, True)
-    assert herd_prompt_ids(fmt, ids, q, video=True) == video_prompt_ids(fmt, q)
-    assert herd_prompt_ids(fmt, ids, q, n_speech=5, system="Be brief.") == speech_dialog(fmt, ids, 5, "Be brief.",
-                                                                                        None, q)[0]
-    p = herd_prompt_ids(fmt, ids, q, image=True, video=True, n_speech=3)
+    head, tail = [tok.bos_id, *fmt.encode_header("user")], [*tok.encode(q), tok.eot_id, *fmt.encode_header("assistant")]
+    assert dialog(fmt, q)[0] == fmt.encode_dialog([{"role": "user", "content": q}])[0]
+    assert dialog(fmt, q, media=herd.image.placeholder_ids())[0] == [*head, tok.special_id("<|image|>"), *tail]
+    assert dialog(fmt, q, media=herd.video.placeholder_ids())[0] == [*head, tok.special_id("<|video|>"), *tail]
+    system, _ = fmt.encode_dialog([{"role": "system", "content": "Be brief."}], add_generation_prompt=False)
+    assert dialog(fmt, q, media=herd.speech.placeholder_ids(5), system="Be brief.")[0] == \
+        [*system, *fmt.encode_header("user"), *ids.run(5), *tail]  # the speech run's training format
+    p = dialog(fmt, q, media=_media_ids(herd, 3))[0]
     user = 1 + len(fmt.encode_header("user"))
     assert p[user:user + 7] == [tok.special_id("<|image|>"), tok.special_id("<|video|>"), *ids.run(3)]
-    assert p[user + 7:] == tok.encode(q) + [tok.eot_id] + fmt.encode_header("assistant")
+    assert p[user + 7:] == tail
     assert p.count(tok.special_id("<|start_header_id|>")) == 2  # one user turn, then the assistant header
+    # `mm chat` builds exactly this turn from the three files
+    r = world["root"]
+    prompts = []
+    monkeypatch.setattr("mm.model.chat.generate", lambda model, prompt, n, **kw: prompts.append(prompt) or [])
+    chat(herd, tok, q, image=r / "a.png", video=r / "a.mp4", audio=r / "a.wav", max_new_tokens=1)
+    n = herd.speech.n_tokens(len(read_audio_file(r / "a.wav")))
+    assert prompts == [dialog(fmt, q, media=_media_ids(herd, n))[0]]
 
 
 def test_three_media_cached_generation_matches_uncached(parts):
     herd, tok = parts["herd"], parts["tok"]
-    feats, lens, n = _audio(herd)
-    prompt = herd_prompt_ids(ChatFormat(tok), herd.speech_ids, "what do you hear?", image=True, video=True,
-                             n_speech=n)
+    audio, n = _audio(herd)
+    prompt, _ = dialog(ChatFormat(tok), "what do you hear?", media=_media_ids(herd, n))
     image = _feats(1, N, VCFG.out_dim)
     video = _feats(1, 1, 8, N, VCFG.out_dim, seed=2)
     calls = {"speech": 0, "agg": 0}
-    hooks = [herd.speech_encoder.register_forward_hook(lambda *a: calls.__setitem__("speech", calls["speech"] + 1)),
-             herd.fused.video_adapter.aggregator.register_forward_hook(
-                 lambda *a: calls.__setitem__("agg", calls["agg"] + 1))]
-    kw = dict(video=video, speech=feats, speech_lens=lens)
+    hooks = [herd.speech.encoder.register_forward_hook(lambda *a: calls.__setitem__("speech", calls["speech"] + 1)),
+             herd.video.aggregator.register_forward_hook(lambda *a: calls.__setitem__("agg", calls["agg"] + 1))]
+    kw = dict(image=image, video=video, speech=audio)
     try:
-        cached = generate_herd(herd, prompt, image, 10, **kw)
+        cached = generate(herd, prompt, 10, **kw)
         assert calls == {"speech": 1, "agg": 1}  # speech and clip encoded once for the whole reply
     finally:
         for h in hooks:
             h.remove()
     assert len(cached) == 10
-    assert generate_herd(herd, prompt, image, 10, use_cache=False, cache_media=False, **kw) == cached
-    assert generate_herd(herd, prompt, image, 10, cache_media=False, **kw) == cached
+    assert generate(herd, prompt, 10, use_cache=False, cache_media=False, **kw) == cached
+    assert generate(herd, prompt, 10, cache_media=False, **kw) == cached
     with torch.no_grad():  # the first token is the forward pass's greedy choice on the full prompt
-        logits = herd(torch.tensor([prompt]), image[None], video=video, speech=feats, speech_lens=lens)
+        logits = herd(torch.tensor([prompt]), image=image[None], video=video, speech=audio)
     assert cached[0] == int(logits[0, -1].argmax())
-    assert generate_herd(herd, prompt, image, 10, video=video) != cached  # the audio is heard (placeholders alone)
+    assert generate(herd, prompt, 10, image=image, video=video) != cached  # the audio is heard (placeholders alone)
 
 
 def test_compose_compares_lm_weights_not_paths(world, tmp_path):
-    from mm.speech import load_speech_model
-
     rc, err = _cli("compose", "--video", world["video"], "--speech", world["speech_other"], "--out", tmp_path / "bad")
     assert rc == 2 and not err["ok"] and "\n" not in err["error"], err
     assert str((world["lm"] / "final" / "model.safetensors").resolve()) in err["error"]
     assert str((world["other"] / "final" / "model.safetensors").resolve()) in err["error"]
     assert not (tmp_path / "bad").exists()
     # the same weights read from another folder compose; an image run gives a herd without video
-    rc, res = _cli("compose", "--image", world["video"], "--speech", world["speech_copy"], "--out", tmp_path / "img")
+    rc, res = _cli("compose", "--image", world["image"], "--speech", world["speech_copy"], "--out", tmp_path / "img")
     assert rc == 0, res
-    herd, tok, meta = load_herd(tmp_path / "img")
-    assert herd.fused.video_adapter is None and meta["video"] is None and meta["sources"]["image"]
-    speech, _ = load_speech_model(world["speech_copy"])
-    feats, lens, n = _audio(herd)
-    t = torch.tensor([[5, 6, 7, *herd.speech_ids.run(n), 8, 9]])
+    herd, tok, meta = load_model(tmp_path / "img")
+    assert herd.video is None and "video" not in meta["streams"] and meta["sources"]["image"]
+    speech, _, _ = load_model(world["speech_copy"])
+    audio, n = _audio(herd)
+    t = torch.tensor([[5, 6, 7, *herd.speech.ids.run(n), 8, 9]])
     with torch.no_grad():
-        assert torch.equal(herd(t, speech=feats, speech_lens=lens), speech(t, feats, lens))
+        assert torch.equal(herd(t, speech=audio), speech(t, speech=audio))
     rc, err = _cli("chat", "--ckpt", tmp_path / "img", "--video", world["root"] / "a.mp4")
-    assert rc == 2 and "no video adapter" in err["error"]
+    assert rc == 2 and "has no video stream" in err["error"], err
+    # --image takes a run's image stream only, even from a video run
+    rc, res = _cli("compose", "--image", world["video"], "--speech", world["speech"], "--out", tmp_path / "img2")
+    assert rc == 0 and res["streams"] == ["image", "speech"], res
 
 
 def test_save_load_round_trip_is_exact(world, parts, tmp_path):
     herd, tok, meta = parts["herd"], parts["tok"], parts["meta"]
-    src = {**{f"vision.{k}": v for k, v in parts["vision"].state_dict().items()},
-           **{f"fused.{k}": v for k, v in parts["fused"].state_dict().items()},
-           **{f"speech_encoder.{k}": v for k, v in parts["speech"].encoder.state_dict().items()},
-           **{f"speech_adapter.{k}": v for k, v in parts["speech"].adapter.state_dict().items()}}
+    src = {**parts["video"].state_dict(), **parts["speech"].state_dict()}  # the LM's tensors: the same LM in both
     sd = herd.state_dict()
     assert sd.keys() == src.keys() and all(torch.equal(sd[k], v) for k, v in src.items())
     saved = load_tensors(world["herd"] / "final" / "model.safetensors")
-    assert not any(k in saved for k in (f"fused.{k}" for k in parts["lm"].state_dict()))  # no LM copy
+    assert not any(k in saved for k in parts["lm"].state_dict())  # no LM copy
     keep = {k: meta[k] for k in ("stage", "lm", "sources")}
-    again = save_herd(tmp_path / "again" / "final", herd, tok, keep, meta["video"]["num_frames"])
+    again = save_model(tmp_path / "again" / "final", herd, tok, keep)
     two = load_tensors(again / "model.safetensors")
     assert two.keys() == saved.keys() and all(torch.equal(two[k], v) for k, v in saved.items())
     assert load_meta(again) == meta
-    back, _, _ = load_herd(tmp_path / "again")
+    back, _, _ = load_model(tmp_path / "again")
     assert all(torch.equal(back.state_dict()[k], v) for k, v in sd.items())
     # the LM folder a herd names must still hold the LM it was composed on
     m = load_meta(again)
     (again / "meta.json").write_text(json.dumps({**m, "lm": str(world["other"] / "final")}))
-    with pytest.raises(CheckpointError, match="not the LM this herd was composed on"):
-        load_herd(tmp_path / "again")
+    with pytest.raises(CheckpointError, match=r"other/final/model\.safetensors: its weights .* are not the LM "
+                                              r".*again/final was trained on"):
+        load_model(tmp_path / "again")
 
 
 def test_chat_takes_image_video_and_audio_together(world, parts):
-    from mm.herd import chat_herd
-
     r = world["root"]
     files = dict(image=r / "a.png", video=r / "a.mp4", audio=r / "a.wav")
     rc, res = _cli("chat", "--ckpt", world["herd"], "--image", files["image"], "--video", files["video"], "--audio",
                    files["audio"], "--prompt", "what do you hear?", "--greedy", "--max-new-tokens", 6)
     assert rc == 0 and res["audio"] == str(files["audio"]) and res["video"] == str(files["video"]), res
-    want = chat_herd(parts["herd"], parts["tok"], "what do you hear?", num_frames=8, greedy=True, max_new_tokens=6,
-                     **files)
+    want = chat(parts["herd"], parts["tok"], "what do you hear?", greedy=True, max_new_tokens=6, **files)
     assert res["text"] == want
-    # single-modality runs keep their own paths; two media there need a composed run
+    # single-modality runs keep their own paths; a medium the run has no stream for is refused
     rc, res = _cli("chat", "--ckpt", world["speech"], "--audio", files["audio"], "--max-new-tokens", 2)
     assert rc == 0 and res["system"] == "Repeat after me in English:", res
     rc, err = _cli("chat", "--ckpt", world["video"], "--video", files["video"], "--audio", files["audio"])
-    assert rc == 2 and "needs a composed run" in err["error"], err
+    assert rc == 2 and "has no speech stream" in err["error"], err
 
 
 def test_compose_stage_and_report_row(world, tmp_path):
     """`compose` as a pipeline stage gives the same herd as `mm compose`; the report's herd row checks that the herd
     with no media scores held-out text exactly like the bare LM, and flags a herd whose LM was swapped."""
-    from data.text_kit import pydoc_documents, write_text_shards
-    from mm.config import HerdReportConfig
-    from mm.runner import run_config
-    from mm.stages.herd_report import herd_rows
-
-    res = run_config(Path(__file__).resolve().parents[1] / "experiments/herd/compose.yaml",
-                     [f"video={world['video']}", f"speech={world['speech']}"], tmp_path / "herd")
-    assert res["video"] and res["lm_sha256"] == lm_fingerprint(load_lm(world["lm"])[0])
+    res = run_config(REPO / "experiments/herd/compose.yaml", [f"video={world['video']}", f"speech={world['speech']}"],
+                     tmp_path / "herd")
+    assert res["streams"] == ["image", "speech", "video"]
+    assert res["lm_sha256"] == lm_fingerprint(load_lm(world["lm"])[0])
     a = load_tensors(tmp_path / "herd" / "final" / "model.safetensors")
     b = load_tensors(world["herd"] / "final" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -317,12 +321,9 @@ def test_compose_stage_and_report_row(world, tmp_path):
 
 
 def test_same_tokenizer_compares_the_whole_tokenizer(world, tmp_path):
-    from mm.herd import same_tokenizer
-
     _, tok, _ = load_lm(world["lm"])
     assert same_tokenizer(tok, load_lm(world["root"] / "lm_copy")[1])  # read from another folder
     tok.save(tmp_path / "tok.json")
-    from llm.tokenizer import Tokenizer
     assert same_tokenizer(tok, Tokenizer.load(tmp_path / "tok.json"))
     other = train_tokenizer(["a completely different corpus of words for merges"] * 20, 300)
     assert not same_tokenizer(tok, other)
@@ -345,9 +346,6 @@ def test_hostile_media_at_the_cli_one_line_each_and_bounded_memory(world, tmp_pa
     """A decompression-bomb PNG, a 2-hour WAV, 10^5 frames, 7680x4320 frames, lying extensions, a missing path,
     and a cap lowered by a flag: each refused by `mm chat` with one error line, no traceback, peak RSS < 2 GB; in eval
     shards the same files are skipped and counted."""
-    from data.video_kit import encode_mp4
-    from tests.shard_helpers import write_tar
-
     root = world["root"]
     Image.new("1", (20000, 20000)).save(tmp_path / "bomb.png")  # 4e8 pixels in ~100 KB
     with sf.SoundFile(tmp_path / "long.wav", "w", samplerate=8000, channels=1, subtype="PCM_16") as f:

@@ -1,5 +1,5 @@
 """`mm chat --image` and `mm eval image` on a tiny image run (DESIGN.md "CLI"; invariant 8 for the image file): the
-image is decoded by our decoder, encoded once, answered through generate_fused; bad files are one error line naming
+image is decoded by our decoder, encoded once, answered through mm.model.generate; bad files are one error line naming
 the file (exit 2); `mm eval image` uses mm/eval/image.py (the functions benchmarks/image.py uses) and counts skips."""
 from __future__ import annotations
 
@@ -12,7 +12,15 @@ import pytest
 import torch
 import webdataset as wds
 
+from data.dialog import dialog
 from data.image_kit import encode_image
+from llm.generate import generate as generate_lm
+from llm.tokenizer import ChatFormat
+from mm.eval.image import eval_image_shards, image_features
+from mm.model.generate import generate
+from mm.model.media import decode_size, read_image_file
+from mm.model.runs import load_lm
+from mm.model.store import load_model
 from tests.test_image_stage import _image, _run, world  # noqa: F401  (fixtures reused)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -58,22 +66,17 @@ def test_chat_image_encodes_once_and_replies(image_run, tmp_path, monkeypatch):
     assert rc == 0 and "text" in res2 and len(calls) == 2
 
 
-def test_chat_image_matches_generate_fused(image_run, tmp_path):
-    """The CLI reply is generate_fused on `<|image|>` + prompt with the encoded image (greedy)."""
-    from llm.tokenizer import ChatFormat
-    from mm.chat_image import chat_prompt_ids, decode_size, read_image_file
-    from mm.eval.image import image_media
-    from mm.fused import generate_fused
-    from mm.stages.image_pretrain import encode_vqa, load_fused
-
+def test_chat_image_matches_generate(image_run, tmp_path):
+    """The CLI reply is generate on `<|image|>` + prompt with the encoded image (greedy)."""
     png = tmp_path / "pic.png"
     png.write_bytes(encode_image(_image(4), "png"))
-    fused, vision, tok = load_fused(image_run)
+    model, tok, _ = load_model(image_run)
     fmt = ChatFormat(tok)
-    ids = chat_prompt_ids(fmt, "What is shown?", True)
-    assert ids == encode_vqa(fmt, "What is shown?", None)[0]  # the training dialog format
-    media = image_media(vision, read_image_file(png, size=decode_size(vision)))
-    out = generate_fused(fused, ids, media, 5, stop_ids=(tok.eot_id, tok.eom_id, tok.eos_id))
+    ids, _ = dialog(fmt, "What is shown?", media=model.image.placeholder_ids())
+    assert ids == [tok.bos_id, *fmt.encode_header("user"), tok.special_id("<|image|>"), *tok.encode("What is shown?"),
+                   tok.eot_id, *fmt.encode_header("assistant")]  # the training dialog format, as a generation prompt
+    media = image_features(model, read_image_file(png, size=decode_size(model.image.encoder.cfg)))
+    out = generate(model, ids, 5, image=media, stop_ids=(tok.eot_id, tok.eom_id, tok.eos_id))
     rc, res, _ = _cli(["chat", "--ckpt", str(image_run), "--image", str(png), "--prompt", "What is shown?",
                        "--max-new-tokens", "5", "--greedy"])
     assert rc == 0 and res["text"] == fmt.decode_reply(out).strip()
@@ -93,14 +96,10 @@ def test_chat_image_bad_files_exit_2(image_run, tmp_path):
 
 
 def test_chat_text_only_on_image_run_equals_lm(image_run, world):  # noqa: F811
-    from llm.generate import generate
-    from llm.tokenizer import ChatFormat
-    from mm.model.runs import load_lm
-
     lm, tok, _ = load_lm(world["lm"])
     ids, _ = ChatFormat(tok).encode_dialog([{"role": "user", "content": "is it a bag?"}])
-    ref = ChatFormat(tok).decode_reply(generate(lm, ids, 5, greedy=True, stop_ids=(tok.eot_id, tok.eom_id,
-                                                                                    tok.eos_id))).strip()
+    ref = ChatFormat(tok).decode_reply(generate_lm(lm, ids, 5, greedy=True, stop_ids=(tok.eot_id, tok.eom_id,
+                                                                                       tok.eos_id))).strip()
     rc, res, _ = _cli(["chat", "--ckpt", str(image_run), "--prompt", "is it a bag?", "--max-new-tokens", "5",
                        "--greedy"])
     assert rc == 0 and res["text"] == ref
@@ -135,15 +134,11 @@ def test_eval_image_scores_and_counts_skips(image_run, world, tmp_path):  # noqa
     assert {k: b[k] for k in ("vqa_acc", "blind_vqa_acc", "skipped", "items")} == \
         {k: res[k] for k in ("vqa_acc", "blind_vqa_acc", "skipped", "items")}
     # --families keeps one task family's samples (all of them: the cap does not cut them before the filter)
-    from mm.eval.image import eval_image_shards
-    from mm.stages.image_pretrain import load_fused
-
-    fused, vision, tok = load_fused(image_run)
-    one = eval_image_shards(fused, vision, tok, str(shard), max_items=2, max_new_tokens=2, blind=False,
-                            families=("ocr",))
+    model, tok, _ = load_model(image_run)
+    one = eval_image_shards(model, tok, str(shard), max_items=2, max_new_tokens=2, blind=False, families=("ocr",))
     assert one["items"] == 1 and set(one["vqa_acc_by_family"]) == {"ocr"}
     with pytest.raises(ValueError, match="unknown image families"):
-        eval_image_shards(fused, vision, tok, str(shard), max_items=2, families=("ocrr",))
+        eval_image_shards(model, tok, str(shard), max_items=2, families=("ocrr",))
     # the examples' images are saved for the report: one RGB PNG per example, at the decode size
     from PIL import Image
     size = Image.open(b["examples"][0]["image"]).size

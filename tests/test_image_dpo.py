@@ -10,6 +10,8 @@ import torch
 
 from data.chat_tasks import normalise_answer
 from mm.model.checkpoint import load_tensors
+from mm.model.runs import load_lm
+from mm.model.store import load_model
 from mm.stages.image_dpo import inject_error
 from tests.test_image_stage import _overrides, _run, world  # noqa: F401  (module-level fixture / helpers)
 
@@ -41,14 +43,14 @@ def test_inject_error_kinds():
 def test_reference_shares_lm_and_ema_touches_only_trainable(world):  # noqa: F811
     from mm.config import load_config
     from mm.stages.image_dpo import frozen_copy
-    from mm.stages.image_pretrain import build_model, freeze_for_image
+    from mm.stages.image_pretrain import build_model
     from mm.stages.lm_post import EMAReference
 
     cfg = load_config(DPO_YAML, [o for o in _overrides(world)] + [f"init_from=null"])
     model, _, _ = build_model(cfg)
-    freeze_for_image(model)
+    model.train_only("image")
     ref = frozen_copy(model)
-    lm_names = {f"fused.{n}" for n in model.fused._lm_names()}
+    lm_names = model._lm_names()
     pol, rp = dict(model.named_parameters()), dict(ref.named_parameters())
     assert pol.keys() == rp.keys() and not any(p.requires_grad for p in rp.values())
     for k in pol:
@@ -95,14 +97,10 @@ def test_image_dpo_stage_trains_adapter_keeps_lm_and_resumes(world, tmp_path, mo
     full = load_tensors(tmp_path / "full" / "final" / "model.safetensors")
     init = load_tensors(img / "final" / "model.safetensors")
     assert full.keys() == init.keys() and any(not torch.equal(full[k], init[k]) for k in full)
-    from mm.stages.image_pretrain import load_fused
-
-    fused, _, _ = load_fused(tmp_path / "full")
-    from mm.model.runs import load_lm
-
+    model, _, _ = load_model(tmp_path / "full")
     lm, _, _ = load_lm(world["lm"])
     toks = torch.randint(0, lm.cfg.vocab_size - 20, (2, 9))
-    assert torch.equal(fused(toks), lm.eval()(toks))  # no image: bitwise the bare LM after DPO
+    assert torch.equal(model(toks), lm.eval()(toks))  # no image: bitwise the bare LM after DPO
     # interrupted after step 2 and resumed == uninterrupted (optimizer, data order and the EMA reference restored)
     part = dpo(tmp_path / "part", "train.stop_after=2")
     assert part.get("stopped_at") is not None

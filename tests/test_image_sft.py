@@ -14,12 +14,14 @@ import torch
 from llm.model import Llama, LlamaConfig
 from mm.model.checkpoint import load_tensors
 from mm.model.runs import load_lm, save_lm
+from mm.model.store import load_model
 from tests.test_image_stage import _overrides, world  # noqa: F401  (module-level fixtures / helpers)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 REPO = Path(__file__).resolve().parents[1]
 YAML = "experiments/image/image_sft_tiny.yaml"
+IMAGE_PARTS = ("image.encoder.", "image.adapter.", "image.token.")  # where an image run's tensors live (no LM)
 
 
 def _main(*argv: str) -> dict:
@@ -54,8 +56,6 @@ def _sft(w: dict, out: Path, *extra: str) -> dict:
 
 
 def test_image_sft_soup_hot_swap_and_reuse(sft_world, tmp_path, monkeypatch):
-    from mm.stages.image_pretrain import SAVED_PARTS, load_fused
-
     monkeypatch.chdir(REPO)
     out = tmp_path / "sft"
     res = _sft(sft_world, out)
@@ -69,8 +69,8 @@ def test_image_sft_soup_hot_swap_and_reuse(sft_world, tmp_path, monkeypatch):
     # the soup = the mean of the two members' trainable (ViT + adapter) tensors; no LM tensors in any final file
     a, b = (load_tensors(out / "members" / str(i) / "final" / "model.safetensors") for i in (0, 1))
     soup = load_tensors(out / "final" / "model.safetensors")
-    assert soup.keys() == a.keys() == b.keys() and all(k.startswith(SAVED_PARTS) for k in soup)
-    assert not any(k.startswith(("fused.layers.", "fused.tok_embeddings", "fused.output", "fused.norm")) for k in soup)
+    assert soup.keys() == a.keys() == b.keys() and all(k.startswith(IMAGE_PARTS) for k in soup)
+    assert not any(k.startswith(("layers.", "tok_embeddings", "output", "norm")) for k in soup)
     for k in soup:
         torch.testing.assert_close(soup[k], (a[k] + b[k]) / 2)
     assert any(not torch.equal(a[k], b[k]) for k in a)  # the members differ (seed / LR)
@@ -79,13 +79,13 @@ def test_image_sft_soup_hot_swap_and_reuse(sft_world, tmp_path, monkeypatch):
     # hot-swap: the soup (and a member's full step checkpoint) carry the instruct LM, not the pretrained one
     inst = load_tensors(sft_world["instruct"] / "final" / "model.safetensors")
     base = load_tensors(sft_world["lm"] / "final" / "model.safetensors")
-    fused, _, _ = load_fused(out)
-    lm_sd = fused.lm.state_dict()
+    model, _, _ = load_model(out)
+    lm_sd = model.lm.state_dict()
     assert all(torch.equal(lm_sd[k], v) for k, v in inst.items())
     assert any(not torch.equal(lm_sd[k], base[k]) for k in base)
     ck = sorted((out / "members" / "0" / "checkpoints").glob("step_*"))[-1]
     c = load_tensors(ck / "model.safetensors")
-    assert all(torch.equal(c[f"fused.{k}"], v) for k, v in inst.items())  # frozen through training
+    assert all(torch.equal(c[k], v) for k, v in inst.items())  # frozen through training
     # a rerun (top-level result removed with --force) reuses both members and rebuilds the same soup
     res2 = _sft(sft_world, out, "--force")
     assert [m["reused"] for m in res2["members"]] == [True, True]
@@ -121,7 +121,7 @@ def test_image_sft_soup_hot_swap_and_reuse(sft_world, tmp_path, monkeypatch):
 
 def test_member_trains_vit_and_adapter_only_over_the_instruct_lm(sft_world):
     from mm.config import SweepMember, load_config
-    from mm.stages.image_pretrain import build_model, freeze_for_image
+    from mm.stages.image_pretrain import build_model
     from mm.stages.image_sft import member_config
 
     w = sft_world
@@ -130,16 +130,16 @@ def test_member_trains_vit_and_adapter_only_over_the_instruct_lm(sft_world):
     mcfg = member_config(cfg, cfg.sweep[0])
     assert (mcfg.seed, mcfg.train.lr) == (5, 0.002) and cfg.sweep == [SweepMember(seed=5, lr=0.002)]
     model, _, lm_path = build_model(mcfg)
-    freeze_for_image(model)
+    model.train_only("image")
     names = {n for n, p in model.named_parameters() if p.requires_grad}
-    vit = {f"vision.{n}" for n, _ in model.vision.named_parameters()}
-    adapter = {f"fused.image_adapter.{n}" for n, _ in model.fused.image_adapter.named_parameters()}
-    assert names == vit | adapter | {"fused.new_tokens.weight"}
+    vit = {f"image.encoder.{n}" for n, _ in model.image.encoder.named_parameters()}
+    adapter = {f"image.adapter.{n}" for n, _ in model.image.adapter.named_parameters()}
+    assert names == vit | adapter | {"image.token.weight"}
     assert lm_path == (w["instruct"] / "final").resolve()
     inst = load_tensors(w["instruct"] / "final" / "model.safetensors")
     init = load_tensors(w["img"] / "final" / "model.safetensors")
     sd = model.state_dict()
-    assert all(torch.equal(sd[f"fused.{k}"], v) for k, v in inst.items())  # LM = instruct (hot-swapped)
+    assert all(torch.equal(sd[k], v) for k, v in inst.items())  # LM = instruct (hot-swapped)
     assert all(torch.equal(sd[k], v) for k, v in init.items())  # ViT + adapter = init_from, untouched by the swap
 
 

@@ -1,6 +1,6 @@
 """Stages image_pretrain / image_anneal (DESIGN.md invariants 1, 4, 7): the exact trainable set (ViT + image adapter), the LM
-bitwise unchanged by training, fused no-image logits bitwise equal to the bare LM after training, the stage through
-`mm run` with exact resume, load_fused, and the VQA scoring rule of benchmarks/image.py."""
+bitwise unchanged by training, composed no-image logits bitwise equal to the bare LM after training, the stage through
+`mm run` with exact resume, load_model, and the VQA scoring rule of benchmarks/image.py."""
 from __future__ import annotations
 
 import contextlib
@@ -18,7 +18,9 @@ from encoders.vision import VisionConfig, VisionEncoder
 from llm.model import Llama, LlamaConfig
 from llm.tokenizer import train_tokenizer
 from mm.model.checkpoint import load_tensors, save_weights
-from mm.model.runs import save_lm
+from mm.model.runs import load_lm, save_lm
+from mm.model.store import load_model
+from mm.model.streams import Pixels
 
 REPO = Path(__file__).resolve().parents[1]
 YAML = "experiments/image/image_pretrain_tiny.yaml"
@@ -88,27 +90,25 @@ def _run(world: dict, out: Path, *extra: str) -> dict:
 def test_trainable_set_is_vit_plus_adapter(world):
     from mm.config import load_config
     from mm.train.distributed import DistInfo
-    from mm.stages.image_pretrain import build_model, freeze_for_image
+    from mm.stages.image_pretrain import build_model
     from mm.train.trainer import Trainer
 
     cfg = load_config(REPO / YAML, _overrides(world))
     model, tok, _ = build_model(cfg)
-    counts = freeze_for_image(model)
+    counts = model.train_only("image")
     names = {n for n, p in model.named_parameters() if p.requires_grad}
-    vit = {f"vision.{n}" for n, _ in model.vision.named_parameters()}
-    adapter = {f"fused.image_adapter.{n}" for n, _ in model.fused.image_adapter.named_parameters()}
-    assert names == vit | adapter | {"fused.new_tokens.weight"}
-    assert "vision.gated.0.gate_attn" in names and "fused.image_adapter.blocks.1.gate_attn" in names
-    lm_names = {f"fused.{n}" for n, _ in model.fused.lm.named_parameters()}
-    assert lm_names and not (lm_names & names) and counts["frozen"] == sum(p.numel() for p in model.fused.lm.parameters())
+    vit = {f"image.encoder.{n}" for n, _ in model.image.encoder.named_parameters()}
+    adapter = {f"image.adapter.{n}" for n, _ in model.image.adapter.named_parameters()}
+    assert names == vit | adapter | {"image.token.weight"}
+    assert "image.encoder.gated.0.gate_attn" in names and "image.adapter.blocks.1.gate_attn" in names
+    lm_names = {n for n, _ in model.lm.named_parameters()}
+    assert lm_names and not (lm_names & names) and counts["frozen"] == sum(p.numel() for p in model.lm.parameters())
     tr = Trainer(model, cfg.train, world["root"] / "opt_probe", loss_fn=None, lr_at=lambda s: 0.0, info=DistInfo())
     in_opt = {id(p) for g in tr.optimizer.param_groups for p in g["params"]}  # the optimizer: trainable only
     assert in_opt == {id(p) for n, p in model.named_parameters() if n in names}
 
 
 def test_stage_trains_keeps_lm_and_resumes_exactly(world, tmp_path, monkeypatch):
-    from mm.stages.image_pretrain import load_fused
-
     monkeypatch.chdir(REPO)
     full = _run(world, tmp_path / "full")
     assert full["stage"] == "image_pretrain" and full["params_frozen"] > 0 and full["params_trainable"] > 0
@@ -118,29 +118,28 @@ def test_stage_trains_keeps_lm_and_resumes_exactly(world, tmp_path, monkeypatch)
     a = load_tensors(tmp_path / "full" / "final" / "model.safetensors")
     b = load_tensors(tmp_path / "part" / "final" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert not any(k.startswith(("fused.layers.", "fused.tok_embeddings")) for k in a)  # no LM weights in final
+    assert not any(k.startswith(("layers.", "tok_embeddings")) for k in a)  # no LM weights in final
     # training moved the adapter gates and the ViT; the LM (in the step checkpoint, which holds everything) did not
-    assert any(a[k].abs().item() > 0 for k in a if k.endswith(("gate_attn", "gate_ffn")) and "image_adapter" in k)
+    gates = [k for k in a if k.startswith("image.adapter.") and k.endswith(("gate_attn", "gate_ffn"))]
+    assert any(a[k].abs().item() > 0 for k in gates)
     # the metrics log tanh(gate) per block; the last record matches the final weights
     last = [json.loads(x) for x in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()][-1]
     for k in ("attn", "ffn"):
-        assert last[f"gate_image/1.{k}"] == pytest.approx(torch.tanh(a[f"fused.image_adapter.blocks.1.gate_{k}"]).item())
+        assert last[f"gate_image/1.{k}"] == pytest.approx(torch.tanh(a[f"image.adapter.blocks.1.gate_{k}"]).item())
     lm_sd = load_tensors(world["lm"] / "final" / "model.safetensors")
     ck = sorted((tmp_path / "full" / "checkpoints").glob("step_*"))[-1]
     c = load_tensors(ck / "model.safetensors")
-    assert all(torch.equal(c[f"fused.{k}"], v) for k, v in lm_sd.items())
-    # invariant 1 after training: fused with no media == bare LM, bitwise; with media the answer changes
-    fused, vision, tok = load_fused(tmp_path / "full")
-    from mm.model.runs import load_lm
-
+    assert all(torch.equal(c[k], v) for k, v in lm_sd.items())
+    # invariant 1 after training: composed with no media == bare LM, bitwise; with media the answer changes
+    model, tok, _ = load_model(tmp_path / "full")
     lm, _, _ = load_lm(world["lm"])
     toks = torch.randint(0, 250, (2, 20), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        assert torch.equal(fused(toks), lm(toks))
+        assert torch.equal(model(toks), lm(toks))
         img = tok.special_id("<|image|>")
         toks[:, 3] = img
-        media = vision(torch.randn(2, 1, 3, 16, 16))[:, None]  # (2, 1, P+1, D_out)
-        assert not torch.equal(fused(toks, media), lm(toks))
+        media = model.image.features(Pixels(torch.randn(2, 1, 3, 16, 16), None))  # (2, 1, P+1, D_out)
+        assert not torch.equal(model(toks, image=media), lm(toks))
     # image_anneal: same runner from the trained run, more tiles (2x2 of 16 px from 32-px images), LM still frozen
     from mm.cli import main
 
@@ -151,8 +150,8 @@ def test_stage_trains_keeps_lm_and_resumes_exactly(world, tmp_path, monkeypatch)
                    "steps=1"])
     res = json.loads(buf.getvalue().strip().splitlines()[-1])
     assert rc == 0 and res["stage"] == "image_anneal", res
-    fused2, vision2, _ = load_fused(tmp_path / "anneal")
-    assert vision2.cfg.max_tiles == 4 and torch.equal(fused2(toks[:, :3]), lm(toks[:, :3]))
+    model2, _, _ = load_model(tmp_path / "anneal")
+    assert model2.image.encoder.cfg.max_tiles == 4 and torch.equal(model2(toks[:, :3]), lm(toks[:, :3]))
 
 
 def test_vqa_scoring_rule():

@@ -19,6 +19,7 @@ from llm.generate import generate
 from llm.tokenizer import CHAT_TEMPLATE, ChatFormat, _empty_hf
 from mm.model.checkpoint import load_tensors
 from mm.model.runs import load_lm
+from mm.model.store import load_model
 
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -189,11 +190,9 @@ def test_image_pretrain_runs_on_an_imported_lm(imported, tmp_path):
                        "adapter.every=1", "seq_len=48", "train.batch_size=4", "train.warmup_steps=1", "train.progress=false",
                        "train.lr=1e-2", "data.eval_samples=4")
     assert rc == 0, err
-    from mm.stages.image_pretrain import load_fused
-
-    fused, _, tok = load_fused(tmp_path / "img")
+    model, tok, _ = load_model(tmp_path / "img")
     lm = load_tensors(imported["run"] / "final" / "model.safetensors")
-    own = fused.state_dict()
+    own = model.state_dict()
     assert all(torch.equal(own[k], v) for k, v in lm.items())  # the imported LM, bitwise, under the adapters
     assert tok.special_id("<|image|>") == tok.vocab_size - 1  # on the last reserved id, reserved_special_token_247
     gates = [v for k, v in own.items() if k.endswith("gate_attn")]

@@ -193,13 +193,13 @@ def imported(tmp_path_factory) -> tuple[Path, dict]:
 
 def test_imported_run_loads_as_vision(imported):
     from mm.model.checkpoint import load_meta
-    from mm.model.runs import load_vision_encoder
+    from mm.model.store import load_vision
     from mm.stages.image_pretrain import load_vision
 
     run, sd = imported
     meta = load_meta(run / "final")
     assert meta["kind"] == "vision" and meta["vision_config"]["act"] == "quick_gelu"
-    enc = load_vision_encoder(run)
+    enc = load_vision(run)
     assert torch.equal(enc.vit.blocks[1].attn.qkv.weight, sd["transformer.resblocks.1.attn.in_proj_weight"])
     assert torch.equal(load_tensors(run / "final" / "model.safetensors")["visual_proj.weight"], sd["proj"].t())
     tiled = load_vision(run, max_tiles=4)  # an image stage's `vision=` with more tiles: the trunk is kept

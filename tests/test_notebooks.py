@@ -4,6 +4,7 @@ pictures, the figures' lines, the bitwise text-preservation check. Also the anat
 gated cross-attention block they read."""
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -13,19 +14,23 @@ import torch
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 
-NB = Path(__file__).resolve().parents[1] / "notebooks"
+REPO = Path(__file__).resolve().parents[1]
+NB = REPO / "notebooks"
 NOTEBOOKS = ("image_chat.ipynb", "video_qa.ipynb", "speech.ipynb", "adapter_anatomy.ipynb")
 CELL_TIMEOUT = 120  # seconds per cell; the four notebooks take ~1 minute together on one thread
 
 
 def execute(name: str):
-    """Run one notebook in tiny mode in a fresh python3 kernel (the venv's); returns the executed notebook."""
+    """Run one notebook in tiny mode in a fresh python3 kernel (the venv's, in notebooks/); returns the executed
+    notebook. The kernel imports this checkout's code (the repo root first on PYTHONPATH), not whichever checkout an
+    editable install points at."""
     nb = nbformat.read(NB / name, as_version=4)
     params = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
     assert len(params) == 1 and "RUN = None" in params[0].source and "TINY = False" in params[0].source, name
     params[0].source = "RUN = None\nTINY = True"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])}
     nbclient.NotebookClient(nb, timeout=CELL_TIMEOUT, kernel_name="python3",
-                            resources={"metadata": {"path": str(NB)}}).execute()
+                            resources={"metadata": {"path": str(NB)}}).execute(env=env)
     return nb
 
 
@@ -91,22 +96,25 @@ def test_adapter_anatomy_notebook():
 def test_cross_attention_maps_reproduce_the_block():
     """The recomputed softmax weights, applied to the values, give exactly the block's attention output; rows before
     the marker see nothing; patch_heatmap puts a patch's weight at its place in the grid."""
-    from encoders.vision import VisionConfig
+    from encoders.vision import VisionConfig, VisionEncoder
     from llm.model import Llama, LlamaConfig
     from mm.demo import cross_attention_maps, patch_heatmap
-    from mm.fused import FusedLM
+    from mm.model.composed import ComposedLM
+    from mm.model.streams import ImageStream
 
     torch.manual_seed(0)
     lm = Llama(LlamaConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=32))
-    fused = FusedLM(lm, 24, media_token_id=5, every=2).eval()
-    blk = fused.image_adapter.blocks["1"]
+    enc = VisionEncoder(VisionConfig(image_size=16, patch_size=4, width=8, layers=2, heads=1, mlp_dim=8, taps=[0, 1],
+                                     n_gated=0, max_tiles=1))  # out_dim 8 * 3 = 24
+    model = ComposedLM(lm, image=ImageStream.build(lm, 5, enc, {"every": 2})).eval()
+    blk = model.image.blocks["1"]
     with torch.no_grad():
         blk.gate_attn.fill_(0.7)  # gate_ffn stays 0: the block adds tanh(0.7) * attention output only
     seen = {}
     blk.register_forward_hook(lambda m, args, out: seen.update(x=args[0], kv=args[1], out=out))
     tokens = torch.tensor([[1, 2, 3, 5, 7, 8, 9]])
     media = torch.randn(1, 1, 10, 24)
-    w = cross_attention_maps(fused, tokens, media)["image/1"]  # (H, T, N)
+    w = cross_attention_maps(model, tokens, image=media)["image/1"]  # (H, T, N)
     assert w.shape == (4, 7, 10) and torch.all(w[:, :3] == 0)
     assert torch.allclose(w[:, 3:].sum(-1), torch.ones(4, 4), atol=1e-5)
     v = seen["kv"][1].repeat_interleave(2, dim=1)[0]  # (H, N, hd)

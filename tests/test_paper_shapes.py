@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 
-from mm.config import ConfigError
 from mm.model.paper_shapes import count_herd, load_herd_shape
 
 REPO = Path(__file__).resolve().parents[1]
@@ -35,5 +34,5 @@ def test_paper_herd_part_sizes(size):
 def test_herd_yaml_errors_name_the_file(tmp_path):
     bad = tmp_path / "herd.yaml"
     bad.write_text("lm: 8b\nvision: paper\nvideo: {widht: 3}\n")
-    with pytest.raises(ConfigError, match="herd.yaml: .*widht"):
+    with pytest.raises(ValueError, match="herd.yaml: .*widht"):
         load_herd_shape(str(bad))

@@ -18,9 +18,15 @@ from webdataset import TarWriter
 
 from adapters.speech import SpeechAdapter, SpeechAdapterConfig, SpeechTokens, embedding_rms, mask_speech_labels, \
     splice_speech, token_ctc_loss
+from data.dialog import dialog
+from data.speech_tasks import ASR_PROMPT, CHARS, char_ids
 from encoders.best_rq import BestRQ, code_stats, span_mask
 from encoders.speech import ConformerEncoder, LogMel, count_speech_params, pad_features, speech_shape
 from mm.config import BestRQConfig
+from mm.model.composed import ComposedLM
+from mm.model.store import load_model, load_speech_encoder
+from mm.model.streams import Audio, SpeechStream
+from mm.stages.speech_sft import SpeechModel, build_model
 
 REPO = Path(__file__).resolve().parents[1]
 ENC = dict(dim=32, layers=2, heads=2, ffn_dim=64, kernel=7)
@@ -181,28 +187,29 @@ def test_token_ctc_loss_is_finite_and_trains_the_adapter_towards_token_embedding
 
 def test_char_ctc_targets_and_head_train_the_encoder_not_the_lm():
     from llm.model import Llama, LlamaConfig
-    from mm.speech import CHARS, SpeechLM, char_ids
 
     assert char_ids("Don't  STOP, 42!") == [CHARS.index(c) + 1 for c in "don't stop"]  # blank 0 never a target
     torch.manual_seed(0)
     lm = Llama(LlamaConfig(vocab_size=60, dim=16, n_layers=1, n_heads=2, n_kv_heads=1, max_seq_len=64))
     ids = SpeechTokens(57, 58, 59)
     adapter = SpeechAdapter(SpeechAdapterConfig(in_dim=32, dim=24, heads=2, ffn_dim=48, out_dim=16))
-    model = SpeechLM(_enc(), adapter, lm, ids, torch.nn.Linear(32, len(CHARS) + 1))
+    model = SpeechModel(ComposedLM(lm, speech=SpeechStream(_enc(), adapter, ids)), torch.nn.Linear(32, len(CHARS) + 1))
     feats, lens = torch.randn(2, 120, 80), torch.tensor([120, 100])  # -> 30 / 25 encoder frames
     with torch.no_grad():
-        n = model.speech_embeds(feats, lens)[1].tolist()  # placeholders per utterance
+        n = model.model.speech.embeds(Audio(feats, lens)).lens.tolist()  # placeholders per utterance
     rows = [[1] + ids.run(k) + [5, 6] for k in n]
     tokens = torch.tensor([r + [0] * (len(rows[0]) - len(r)) for r in rows])
     chars = [torch.tensor(char_ids(t)) for t in ("cat sat", "dog")]
     targets = torch.nn.utils.rnn.pad_sequence(chars, batch_first=True)
-    opt = torch.optim.Adam([p for n_, p in model.named_parameters() if not n_.startswith("lm.")], lr=3e-3)
+    lm_ids = {id(p) for p in lm.parameters()}
+    opt = torch.optim.Adam([p for p in model.parameters() if id(p) not in lm_ids], lr=3e-3)
     losses = []
     for _ in range(25):
         _, aux = model(tokens, feats, lens, chars=(targets, torch.tensor([7, 3])))
         opt.zero_grad()
         aux["char_ctc"].backward()
-        assert all(p.grad is None for p in lm.parameters()) and model.encoder.proj.weight.grad.abs().sum() > 0
+        assert all(p.grad is None for p in lm.parameters()) and \
+            model.model.speech.encoder.proj.weight.grad.abs().sum() > 0
         opt.step()
         losses.append(aux["char_ctc"].item())
     assert set(aux) == {"char_ctc"} and np.isfinite(losses).all() and losses[-1] < 0.5 * losses[0], losses
@@ -307,12 +314,11 @@ def test_speech_eval_reports_the_text_oracle_ceiling(world):
     from llm.tokenizer import ChatFormat
     from mm.eval.speech import speech_eval
     from mm.model.runs import load_lm
-    from mm.speech import ASR_PROMPT, SpeechLM, speech_dialog
 
     lm, tok, _ = load_lm(world["lm"])
     torch.manual_seed(0)
     adapter = SpeechAdapter(SpeechAdapterConfig(in_dim=32, dim=16, heads=2, ffn_dim=32, out_dim=lm.cfg.dim))
-    model = SpeechLM(_enc(), adapter, lm, SpeechTokens.of(tok)).eval()
+    model = ComposedLM(lm, speech=SpeechStream(_enc(), adapter, SpeechTokens.of(tok))).eval()
     rng = np.random.default_rng(0)
     items = [{"audio": rng.normal(size=8000).astype(np.float32) * 0.1, "text": t, "meta": {"language": "en"}}
              for t in ("a red hen.", "a blue car.")]
@@ -322,7 +328,7 @@ def test_speech_eval_reports_the_text_oracle_ceiling(world):
     nll, n = 0.0, 0
     with torch.no_grad():  # the oracle is the bare LM's loss on the answer with the transcript as the user's text
         for it in items:
-            ids, mask = speech_dialog(fmt, model.ids, 0, system, it["text"], it["text"])
+            ids, mask = dialog(fmt, it["text"], it["text"], system=system)
             labels = torch.tensor([[t if m else IGNORE for t, m in zip(ids[1:], mask[1:])]])
             k = int((labels != IGNORE).sum())
             nll, n = nll + float(lm(torch.tensor([ids[:-1]]), labels=labels)) * k, n + k
@@ -335,8 +341,6 @@ def test_stages_trainable_sets_lm_unchanged_and_cli(world, tmp_path, monkeypatch
     from mm.config import load_config
     from mm.train.distributed import DistInfo
     from mm.model.runs import load_lm
-    from mm.speech import freeze_lm, load_speech_model
-    from mm.stages.speech_sft import build_model
     from mm.train.trainer import Trainer
 
     monkeypatch.chdir(REPO)
@@ -349,15 +353,17 @@ def test_stages_trainable_sets_lm_unchanged_and_cli(world, tmp_path, monkeypatch
     # speech_sft: exactly encoder + adapter trainable; the LM frozen and outside the optimizer
     cfg = load_config(REPO / "experiments/speech/speech_sft_tiny.yaml", _sft_overrides(world, tmp_path, tmp_path / "pre"))
     model, tok = build_model(cfg)
-    counts = freeze_lm(model)
+    counts = model.model.train_only("speech")
+    sp = model.model.speech
     names = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert names == {f"encoder.{n}" for n, _ in model.encoder.named_parameters()} | \
-        {f"adapter.{n}" for n, _ in model.adapter.named_parameters()} | \
+    assert names == {f"model.speech.encoder.{n}" for n, _ in sp.encoder.named_parameters()} | \
+        {f"model.speech.adapter.{n}" for n, _ in sp.adapter.named_parameters()} | \
         {f"char_head.{n}" for n, _ in model.char_head.named_parameters()}
-    assert counts["frozen"] == sum(p.numel() for p in model.lm.parameters())
+    assert counts["frozen"] == sum(p.numel() for p in model.model.lm.parameters())
+    trainable = counts["trainable"] + sum(p.numel() for p in model.char_head.parameters())
     # the YAML's adapter: 160 ms embeddings and its own markers, which start as the LM's embedding of '"'
-    quote = model.lm.tok_embeddings.weight[tok.encode('"')[0]]
-    assert model.adapter.cfg.stride == 4 and torch.equal(model.adapter.markers.detach(), quote.expand(2, -1))
+    quote = model.model.lm.tok_embeddings.weight[tok.encode('"')[0]]
+    assert sp.adapter.cfg.stride == 4 and torch.equal(sp.adapter.markers.detach(), quote.expand(2, -1))
     tr = Trainer(model, cfg.train, tmp_path / "probe", loss_fn=None, lr_at=lambda s: 0.0, info=DistInfo())
     assert {id(p) for g in tr.optimizer.param_groups for p in g["params"]} == \
         {id(p) for n, p in model.named_parameters() if n in names}
@@ -365,7 +371,7 @@ def test_stages_trainable_sets_lm_unchanged_and_cli(world, tmp_path, monkeypatch
     rc, res = _mm("run", "experiments/speech/speech_sft_tiny.yaml", "--out", tmp_path / "sft",
                   *_sft_overrides(world, tmp_path, tmp_path / "pre"))
     assert rc == 0 and res["n_asr"] == 2 and res["wer"] is not None and res["blind_wer"] is not None, res
-    assert res["params_trainable"] == counts["trainable"]
+    assert res["params_trainable"] == trainable
     # the YAML's character CTC (scored on held-out audio by its head) and the teacher-forced held-out losses (with vs
     # without audio) are reported; the token CTC is off
     assert np.isfinite(res["final_char_ctc"]) and np.isfinite(res["final_lm_loss"]) and res["asr_loss"] > 0 and \
@@ -375,23 +381,24 @@ def test_stages_trainable_sets_lm_unchanged_and_cli(world, tmp_path, monkeypatch
     lm, _, _ = load_lm(world["lm"])
     ck = sorted((tmp_path / "sft" / "checkpoints").glob("step_*"))[-1]
     c = load_tensors(ck / "model.safetensors")
-    assert all(torch.equal(c[f"lm.{k}"], v) for k, v in lm.state_dict().items())
-    trained, tok = load_speech_model(tmp_path / "sft")
+    assert all(torch.equal(c[f"model.{k}"], v) for k, v in lm.state_dict().items())
+    trained, tok, meta = load_model(tmp_path / "sft")
+    assert meta["kind"] == "composed" and meta["streams"]["speech"]["encoder"]["kind"] == "conformer"
     toks = torch.randint(0, 280, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(trained(toks), lm(toks))
-        ids = trained.ids
+        ids = trained.speech.ids
         wave = torch.randn(2, 3200)
-        feats, lens = pad_features([LogMel()(w) for w in wave])
+        audio = Audio(*pad_features([LogMel()(w) for w in wave]))
         sp = torch.cat([toks[:, :2], torch.tensor([ids.run(2)] * 2), toks[:, :3]], 1)  # 2 = ceil(ceil(21/4)/4)
-        assert not torch.equal(trained(sp, feats, lens), lm(sp))
+        assert not torch.equal(trained(sp, speech=audio), lm(sp))
         # the trained markers (saved with the adapter) sit on the start / end positions
-        h = trained.embed(sp, feats, lens)
-        assert torch.equal(h[:, 2], trained.adapter.markers[0].expand(2, -1)) and \
-            torch.equal(h[:, 5], trained.adapter.markers[1].expand(2, -1))
-        assert not torch.equal(trained.adapter.markers[0], quote)
+        h = trained.splice(sp, None, speech=audio)
+        markers = trained.speech.adapter.markers
+        assert torch.equal(h[:, 2], markers[0].expand(2, -1)) and torch.equal(h[:, 5], markers[1].expand(2, -1))
+        assert not torch.equal(markers[0], quote)
         with pytest.raises(ValueError, match="adapter embeddings for a run of"):
-            trained(torch.cat([toks[:, :2], torch.tensor([ids.run(3)] * 2)], 1), feats, lens)
+            trained(torch.cat([toks[:, :2], torch.tensor([ids.run(3)] * 2)], 1), speech=audio)
 
     # mm eval speech on user shards; mm chat --audio; a truncated file is one clear error naming it
     rc, ev = _mm("eval", "speech", "--ckpt", tmp_path / "sft", "--shards", world["root"] / "val-*.tar",
@@ -422,7 +429,6 @@ def test_stages_trainable_sets_lm_unchanged_and_cli(world, tmp_path, monkeypatch
 def test_ctc_greedy_merges_repeats_and_drops_blanks():
     """Best-path decoding: repeats merge, a blank between two equal symbols keeps both, frames past n are ignored."""
     from mm.eval.speech import ctc_greedy
-    from mm.speech import CHARS
 
     path = "hh_el_llo_" + "zz"  # "_" = blank; the last two frames are padding (n excludes them)
     ids = [0 if c == "_" else CHARS.index(c) + 1 for c in path]
@@ -437,8 +443,6 @@ def test_acoustic_stage_trains_only_the_encoder_and_feeds_speech_sft(world, tmp_
     that encoder (encoder_from)."""
     from mm.model.checkpoint import load_tensors
     from mm.config import load_config
-    from mm.speech import load_encoder
-    from mm.stages.speech_sft import build_model
 
     monkeypatch.chdir(REPO)
     base = [*_common(world), f"lm={world['lm']}", "encoder_from=null", "adapter.dim=16", "adapter.heads=2",
@@ -452,11 +456,13 @@ def test_acoustic_stage_trains_only_the_encoder_and_feeds_speech_sft(world, tmp_
     assert res["char_cer"] >= 0 and set(res["char_cer_by_voice"]) and len(res["char_examples"]) == 2, res
     fresh, _ = build_model(load_config(REPO / "experiments/speech/speech_sft_tiny.yaml", ov))  # same seed: the init
     sd = load_tensors(tmp_path / "ac" / "final" / "model.safetensors")
-    assert all(torch.equal(sd[f"adapter.{k}"], v) for k, v in fresh.adapter.state_dict().items())
-    assert any(not torch.equal(sd[f"encoder.{k}"], v) for k, v in fresh.encoder.state_dict().items())
-    assert res["params_trainable"] == sum(p.numel() for p in fresh.encoder.parameters()) + \
+    sp = fresh.model.speech
+    assert all(torch.equal(sd[f"speech.adapter.{k}"], v) for k, v in sp.adapter.state_dict().items())
+    assert any(not torch.equal(sd[f"speech.encoder.{k}"], v) for k, v in sp.encoder.state_dict().items())
+    assert res["params_trainable"] == sum(p.numel() for p in sp.encoder.parameters()) + \
         sum(p.numel() for p in fresh.char_head.parameters())
-    enc = load_encoder(tmp_path / "ac")
+    enc = load_speech_encoder(tmp_path / "ac")
     nxt, _ = build_model(load_config(REPO / "experiments/speech/speech_sft_tiny.yaml",
                                      [*base, f"encoder_from={tmp_path / 'ac'}"]))
-    assert all(torch.equal(a, b) for a, b in zip(enc.state_dict().values(), nxt.encoder.state_dict().values()))
+    assert all(torch.equal(a, b) for a, b in zip(enc.state_dict().values(),
+                                                 nxt.model.speech.encoder.state_dict().values()))

@@ -14,10 +14,16 @@ from test_speech import _common, _enc, _mm, world  # noqa: F401  (world: the tin
 
 from adapters import registry
 from adapters.speech import SpeechTokens
+from data.speech_tasks import ASR_PROMPT
 from encoders.speech import LogMel, pad_features
 from mm.config import ConfigError, load_config
+from mm.model.checkpoint import save_weights
+from mm.model.composed import ComposedLM
+from mm.model.generate import generate
 from mm.model.runs import load_lm
-from mm.speech import SpeechLM, freeze_lm, generate_speech, load_speech_model, n_speech_tokens, save_speech_model
+from mm.model.store import load_model, save_model
+from mm.model.streams import Audio, SpeechStream
+from mm.stages.speech_sft import build_model
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -27,67 +33,82 @@ SMALL = {"conv_rotary": {"dim": 16, "heads": 2, "ffn_dim": 32, "stride": 2, "out
 KINDS = registry.kinds("speech")
 
 
-def _model(world, kind: str, seed: int = 0) -> SpeechLM:
+def _model(world, kind: str, seed: int = 0) -> ComposedLM:
     lm, tok, _ = load_lm(world["lm"])
     torch.manual_seed(seed)
     adapter = registry.build("speech", {"kind": kind, **SMALL.get(kind, {}), "in_dim": 32, "out_dim": lm.cfg.dim})
     if adapter.markers is not None:  # not the zeros they start as, so the splice shows them
         with torch.no_grad():
             adapter.markers.normal_(0, 0.05)
-    return SpeechLM(_enc(seed), adapter, lm, SpeechTokens.of(tok)).eval()
+    return ComposedLM(lm, speech=SpeechStream(_enc(seed), adapter, SpeechTokens.of(tok))).eval()
 
 
-def _batch(model: SpeechLM, seed: int = 0):
-    """Two utterances of different lengths (batch padding), tokens with one speech run each, next-token labels."""
+def _batch(model: ComposedLM, seed: int = 0):
+    """Two utterances of different lengths (batch padding), tokens with one speech run each, their Audio,
+    next-token labels."""
     g = torch.Generator().manual_seed(seed)
     waves = [torch.randn(3200, generator=g) * 0.1, torch.randn(4800, generator=g) * 0.1]
-    feats, lens = pad_features([LogMel()(w) for w in waves])
-    n = [n_speech_tokens(len(w), model.encoder.cfg, model.adapter) for w in waves]
+    audio = Audio(*pad_features([LogMel()(w) for w in waves]))
+    n = [model.speech.n_tokens(len(w)) for w in waves]
     text = torch.randint(0, 250, (2, 6 + max(n)), generator=g)  # ordinary tokens (the specials come after them)
-    rows = [torch.cat([text[i, :3], torch.tensor(model.ids.run(n[i])), text[i, 3:6 + max(n) - n[i]]])
+    rows = [torch.cat([text[i, :3], torch.tensor(model.speech.placeholder_ids(n[i])), text[i, 3:6 + max(n) - n[i]]])
             for i in range(2)]  # equal lengths: the shorter run's row gets more text
     tokens = torch.stack(rows)
-    return tokens, feats, lens, tokens.roll(-1, 1)
+    return tokens, audio, tokens.roll(-1, 1)
+
+
+def _save_v1(directory: Path, model: ComposedLM, tok, meta: dict) -> Path:
+    """A speech run as written before the composed format: meta kind "speech" with encoder_config and the design's
+    speech_adapter record, tensors "encoder.*" / "adapter.*"."""
+    sp = model.speech
+    state = {f"encoder.{k}": v for k, v in sp.encoder.state_dict().items()}
+    state.update({f"adapter.{k}": v for k, v in sp.adapter.state_dict().items()})
+    meta = {**meta, "kind": "speech", "encoder_config": sp.encoder.cfg.to_dict(),
+            "speech_adapter": registry.spec_of(sp.adapter)}
+    out = save_weights(directory, {"model": state}, meta)
+    tok.save(out / "tokenizer.json")
+    return out
 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_no_audio_logits_are_the_bare_lm_and_audio_changes_them(world, kind):
     model = _model(world, kind)
     lm, _, _ = load_lm(world["lm"])
-    tokens, feats, lens, _ = _batch(model)
+    tokens, audio, _ = _batch(model)
     with torch.no_grad():
         assert torch.equal(model(tokens), lm(tokens))
-        assert not torch.equal(model(tokens, feats, lens), lm(tokens))
+        assert not torch.equal(model(tokens, speech=audio), lm(tokens))
 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_trainable_set_is_encoder_and_adapter_and_a_step_moves_only_them(world, kind):
     model = _model(world, kind).train()
-    counts = freeze_lm(model)
+    counts = model.train_only("speech")
     names = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert names == {f"encoder.{n}" for n, _ in model.encoder.named_parameters()} | \
-        {f"adapter.{n}" for n, _ in model.adapter.named_parameters()}
+    assert names == {f"speech.encoder.{n}" for n, _ in model.speech.encoder.named_parameters()} | \
+        {f"speech.adapter.{n}" for n, _ in model.speech.adapter.named_parameters()}
     assert counts["frozen"] == sum(p.numel() for p in model.lm.parameters())
     before = {k: v.clone() for k, v in model.state_dict().items()}
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    tokens, feats, lens, labels = _batch(model)
-    model(tokens, feats, lens, labels=labels).backward()
+    tokens, audio, labels = _batch(model)
+    model(tokens, speech=audio, labels=labels).backward()
     opt.step()
     after = model.state_dict()
-    assert all(torch.equal(after[k], v) for k, v in before.items() if k.startswith("lm."))
-    assert all(not torch.equal(after[f"adapter.{k}"], before[f"adapter.{k}"])
-               for k, _ in model.adapter.named_parameters())  # every adapter tensor got a gradient
-    assert any(not torch.equal(after[k], v) for k, v in before.items() if k.startswith("encoder."))
+    lm_keys = set(model.lm.state_dict())
+    assert lm_keys and all(torch.equal(after[k], before[k]) for k in lm_keys)
+    assert all(not torch.equal(after[f"speech.adapter.{k}"], before[f"speech.adapter.{k}"])
+               for k, _ in model.speech.adapter.named_parameters())  # every adapter tensor got a gradient
+    assert any(not torch.equal(after[k], v) for k, v in before.items() if k.startswith("speech.encoder."))
 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_lm_hot_swap_leaves_the_adapter_untouched(world, kind):
     model = _model(world, kind)
-    adapter = {k: v.clone() for k, v in model.adapter.state_dict().items()}
+    adapter = {k: v.clone() for k, v in model.speech.adapter.state_dict().items()}
     torch.manual_seed(7)
     other = type(model.lm)(model.lm.cfg).eval()
-    model.lm.load_state_dict(other.state_dict())
-    assert all(torch.equal(model.adapter.state_dict()[k], v) for k, v in adapter.items())
+    model.load_lm_weights(other.state_dict())
+    assert all(torch.equal(model.speech.adapter.state_dict()[k], v) for k, v in adapter.items())
     tokens, *_ = _batch(model)
     with torch.no_grad():
         assert torch.equal(model(tokens), other(tokens))
@@ -97,14 +118,13 @@ def test_lm_hot_swap_leaves_the_adapter_untouched(world, kind):
 def test_cached_generation_equals_uncached_greedy(world, kind):
     model = _model(world, kind)
     g = torch.Generator().manual_seed(3)
-    feats, lens = pad_features([LogMel()(torch.randn(4000, generator=g) * 0.1)])
-    n = n_speech_tokens(4000, model.encoder.cfg, model.adapter)
-    prompt = [5, 9] + model.ids.run(n) + [17, 23]
-    out = generate_speech(model, prompt, feats, lens, 6)
+    audio = Audio(*pad_features([LogMel()(torch.randn(4000, generator=g) * 0.1)]))
+    prompt = [5, 9] + model.speech.placeholder_ids(model.speech.n_tokens(4000)) + [17, 23]
+    out = generate(model, prompt, 6, speech=audio)
     seq = list(prompt)
     with torch.no_grad():
         for _ in range(6):  # a full forward over the whole sequence per token, no cache
-            seq.append(int(model(torch.tensor([seq]), feats, lens)[0, -1].argmax()))
+            seq.append(int(model(torch.tensor([seq]), speech=audio)[0, -1].argmax()))
     assert out == seq[len(prompt):] and len(out) == 6
 
 
@@ -112,14 +132,16 @@ def test_cached_generation_equals_uncached_greedy(world, kind):
 def test_save_load_round_trip_is_bitwise(world, kind, tmp_path):
     model = _model(world, kind)
     _, tok, _ = load_lm(world["lm"])
-    save_speech_model(tmp_path / "run" / "final", model, tok, {"lm": str(world["lm"])})
+    save_model(tmp_path / "run" / "final", model, tok, {"lm": str(world["lm"])})
     meta = json.loads((tmp_path / "run" / "final" / "meta.json").read_text())
-    assert meta["speech_adapter"]["kind"] == kind and "adapter_config" not in meta
-    loaded, _ = load_speech_model(tmp_path / "run")
-    assert loaded.adapter.kind == kind and type(loaded.adapter) is type(model.adapter)
-    tokens, feats, lens, _ = _batch(model)
+    rec = meta["streams"]["speech"]
+    assert meta["kind"] == "composed" and rec["adapter"]["kind"] == kind and rec["encoder"]["kind"] == "conformer"
+    assert "adapter_config" not in meta and "speech_adapter" not in meta
+    loaded, _, _ = load_model(tmp_path / "run")
+    assert loaded.speech.adapter.kind == kind and type(loaded.speech.adapter) is type(model.speech.adapter)
+    tokens, audio, _ = _batch(model)
     with torch.no_grad():
-        assert torch.equal(loaded(tokens, feats, lens), model(tokens, feats, lens))
+        assert torch.equal(loaded(tokens, speech=audio), model(tokens, speech=audio))
 
 
 def test_frame_stack_outputs_ignore_batch_padding():
@@ -143,15 +165,15 @@ def test_run_written_before_designs_were_plugins_still_loads(world, tmp_path):
     """A meta with "adapter_config" only (the conv_rotary adapter's config) builds conv_rotary and loads bitwise."""
     model = _model(world, "conv_rotary")
     _, tok, _ = load_lm(world["lm"])
-    final = save_speech_model(tmp_path / "old" / "final", model, tok, {"lm": str(world["lm"])})
+    final = _save_v1(tmp_path / "old" / "final", model, tok, {"lm": str(world["lm"])})
     meta = json.loads((final / "meta.json").read_text())
     meta["adapter_config"] = meta.pop("speech_adapter")["config"]
     (final / "meta.json").write_text(json.dumps(meta))
-    loaded, _ = load_speech_model(tmp_path / "old")
-    assert loaded.adapter.kind == "conv_rotary" and loaded.adapter.cfg == model.adapter.cfg
-    tokens, feats, lens, _ = _batch(model)
+    loaded, _, _ = load_model(tmp_path / "old")
+    assert loaded.speech.adapter.kind == "conv_rotary" and loaded.speech.adapter.cfg == model.speech.adapter.cfg
+    tokens, audio, _ = _batch(model)
     with torch.no_grad():
-        assert torch.equal(loaded(tokens, feats, lens), model(tokens, feats, lens))
+        assert torch.equal(loaded(tokens, speech=audio), model(tokens, speech=audio))
 
 
 def test_bad_adapter_block_is_one_line_naming_the_file_and_key(tmp_path):
@@ -179,8 +201,6 @@ def test_frame_stack_mlp_trains_through_the_cli(world, tmp_path, monkeypatch):
     from llm.tokenizer import ChatFormat
     from mm.model.checkpoint import load_tensors
     from mm.eval.speech import answer_loss, load_audio_items
-    from mm.speech import ASR_PROMPT
-    from mm.stages.speech_sft import build_model
 
     monkeypatch.chdir(REPO)
     ov = [*_common(world), f"lm={world['lm']}", "encoder_from=null", "seq_len=96", "eval_items=0", "steps=16",
@@ -189,7 +209,8 @@ def test_frame_stack_mlp_trains_through_the_cli(world, tmp_path, monkeypatch):
     rc, res = _mm("run", "experiments/speech/speech_sft_tiny.yaml", "--out", tmp_path / "fs", *ov)
     assert rc == 0, res
     init, tok = build_model(load_config("experiments/speech/speech_sft_tiny.yaml", ov))  # same seed: the init
-    model, _ = load_speech_model(tmp_path / "fs")
+    init = init.model
+    model, _, _ = load_model(tmp_path / "fs")
     items, _ = load_audio_items(str(world["root"] / "train-*.tar"))
     fmt, system = ChatFormat(tok), ASR_PROMPT.format(language="English")
 
@@ -199,11 +220,11 @@ def test_frame_stack_mlp_trains_through_the_cli(world, tmp_path, monkeypatch):
 
     # the frozen LM is a random tiny one (near-uniform logits, loss ~ln 300): 16 steps move it by ~0.01 nats
     assert asr_loss(model) < asr_loss(init) - 0.003, (asr_loss(model), asr_loss(init))
-    a = model.adapter
+    a = model.speech.adapter
     assert a.kind == "frame_stack_mlp" and a.cfg.stack == 4 and a.cfg.hidden == 32 and a.cfg.out_rms > 0
-    assert res["params_trainable"] == sum(p.numel() for p in model.encoder.parameters()) + \
+    assert res["params_trainable"] == sum(p.numel() for p in model.speech.encoder.parameters()) + \
         sum(p.numel() for p in a.parameters())
     lm, _, _ = load_lm(world["lm"])
     ck = sorted((tmp_path / "fs" / "checkpoints").glob("step_*"))[-1]
     c = load_tensors(ck / "model.safetensors")
-    assert all(torch.equal(c[f"lm.{k}"], v) for k, v in lm.state_dict().items())
+    assert all(torch.equal(c[f"model.{k}"], v) for k, v in lm.state_dict().items())

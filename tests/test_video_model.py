@@ -8,30 +8,36 @@ import pytest
 import torch
 
 from adapters.temporal import AggregatorConfig, PerceiverResampler
+from encoders.vision import VisionConfig, VisionEncoder
 from llm.model import Llama, LlamaConfig
-from mm.fused import FusedLM, generate_fused
+from mm.model.composed import ComposedLM
+from mm.model.generate import generate
+from mm.model.streams import ImageStream, VideoStream
 
 V, IMG, VID, DM, N = 96, 90, 91, 24, 5  # vocab, <|image|>, <|video|>, encoder width, tokens per frame/image
 AGG = AggregatorConfig(factor=4, width=16, n_latents=2, depth=1, heads=2, max_frames=8, max_tokens=N)
+VCFG = VisionConfig(image_size=16, patch_size=8, width=12, layers=1, heads=2, mlp_dim=24, taps=[0], n_gated=0)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_fused(n_layers: int = 4, every: int = 2, video: bool = True, seed: int = 0,
-               init_std: float | None = None) -> FusedLM:
+               init_std: float | None = None) -> ComposedLM:
+    """The LM with an image stream (a ViT of width DM; features are given directly here) and a video stream."""
     torch.manual_seed(seed)
     lm = Llama(LlamaConfig(vocab_size=V, dim=32, n_layers=n_layers, n_heads=4, n_kv_heads=2, max_seq_len=64)).eval()
+    encoder = VisionEncoder(VCFG)
     torch.manual_seed(123)
-    fused = FusedLM(lm, DM, IMG, every=every)
+    fused = ComposedLM(lm, image=ImageStream.build(lm, IMG, encoder, {"kind": "gated_xattn", "every": every}))
     if video:
         torch.manual_seed(7)
-        fused.add_video(DM, VID, AGG, every=4, init_std=init_std)
+        fused.attach(VideoStream.build(lm, VID, fused.image, AGG, every=4, init_std=init_std))
     return fused.eval()
 
 
-def open_gates(adapter, value: float = 0.9) -> None:
+def open_gates(stream, value: float = 0.9) -> None:
     with torch.no_grad():
-        for blk in adapter.blocks.values():
+        for blk in stream.blocks.values():
             blk.gate_attn.fill_(value)
             blk.gate_ffn.fill_(-value)
 
@@ -97,7 +103,7 @@ def test_summary_tokens_follow_each_effective_frame_and_pool(one_thread):
         y[0, 5, 1] += 1.0  # one token of one frame of the second window of video 0
         changed = (agg(y) - out).abs().amax(dim=3)  # (B, E, N + 2)
         assert changed[0, 1, N:].min() > 0 and changed[0, 0].max() == 0 and changed[1].max() == 0
-        flat = out.reshape(2, 1, -1, 16)  # as VideoAdapter.media returns it: (B, M, E*(N+2), W)
+        flat = out.reshape(2, 1, -1, 16)  # as VideoStream.aggregate returns it: (B, M, E*(N+2), W)
         torch.testing.assert_close(agg.pooled(flat, 8), out[:, :, N:].mean(dim=(1, 2))[:, None])
         plain = PerceiverResampler(AGG, DM)
         torch.testing.assert_close(plain.pooled(flat, 8), flat.mean(dim=2))  # no summary tokens: all tokens
@@ -156,62 +162,61 @@ def test_output_positions_start_at_zero_and_let_a_set_read_see_time_order():
 
 def test_video_blocks_placed_before_every_4th_image_block():
     big = make_fused(n_layers=32, every=4)
-    assert big.image_adapter.layer_ids == list(range(3, 32, 4))  # 8 image blocks
-    assert big.video_adapter.xattn.layer_ids == [15, 31]  # 8 -> 2 video blocks (PAPER.md §5 derived)
+    assert big.image.adapter.layer_ids == list(range(3, 32, 4))  # 8 image blocks
+    assert big.video.xattn.layer_ids == [15, 31]  # 8 -> 2 video blocks (PAPER.md §5 derived)
     tiny = make_fused()
-    assert tiny.image_adapter.layer_ids == [1, 3] and tiny.video_adapter.xattn.layer_ids == [3]
+    assert tiny.image.adapter.layer_ids == [1, 3] and tiny.video.xattn.layer_ids == [3]
     order = []
-    for name, blk in [("video", tiny.video_adapter.xattn.blocks["3"]), ("image", tiny.image_adapter.blocks["3"]),
+    for name, blk in [("video", tiny.video.blocks["3"]), ("image", tiny.image.blocks["3"]),
                       ("layer3", tiny.layers[3])]:
         blk.register_forward_hook(lambda *a, n=name: order.append(n))
     toks = text(1, 10)
     toks[0, 1], toks[0, 5] = IMG, VID
     with torch.no_grad():
-        tiny(toks, feats(1, 1, N, DM), video=feats(1, 1, 8, N, DM))
+        tiny(toks, image=feats(1, 1, N, DM), video=feats(1, 1, 8, N, DM))
     assert order == ["video", "image", "layer3"]
-    keys = set(tiny.adapter_state_dict())
-    assert {"video_adapter.token.weight", "video_adapter.aggregator.frame_embed",
-            "video_adapter.xattn.blocks.3.gate_attn"} <= keys
-    assert not any(k.startswith("video_adapter.") for k in tiny.lm.state_dict())
+    keys = set(tiny.stream_state_dict())
+    assert {"video.token.weight", "video.aggregator.frame_embed", "video.xattn.blocks.3.gate_attn"} <= keys
+    assert not any(k.startswith("video.") for k in tiny.lm.state_dict())
 
 
 def test_no_media_bitwise_lm_and_image_only_unchanged_by_video_adapter():
     plain, fused = make_fused(video=False), make_fused()
     fused.load_state_dict(plain.state_dict(), strict=False)  # same LM and image adapter
-    open_gates(plain.image_adapter)
-    open_gates(fused.image_adapter)
-    open_gates(fused.video_adapter.xattn)
+    open_gates(plain.image)
+    open_gates(fused.image)
+    open_gates(fused.video)
     toks = text(2, 12)
     with torch.no_grad():
         assert torch.equal(fused(toks), fused.lm(toks))  # no media: the bare LM, bitwise
         img_toks = toks.clone()
         img_toks[:, 2] = IMG
         image = feats(2, 1, N, DM)
-        assert torch.equal(fused(img_toks, image), plain(img_toks, image))  # image-only: bitwise unchanged
+        assert torch.equal(fused(img_toks, image=image), plain(img_toks, image=image))  # image-only: unchanged
         # gates at init (0), whatever the video blocks' init scale: a video changes nothing, bitwise
         fresh = make_fused(init_std=0.5)
-        blk = fresh.video_adapter.xattn.blocks["3"]
+        blk = fresh.video.blocks["3"]
         assert blk.gate_attn.item() == blk.gate_ffn.item() == 0.0 and 0.4 < blk.wq.weight.std().item() < 0.6
         fresh.load_state_dict(plain.state_dict(), strict=False)
         both = img_toks.clone()
         both[:, 6] = VID
         with torch.no_grad():
-            fresh.video_adapter.token.weight.copy_(fresh.tok_embeddings.weight[VID][None])
-        assert torch.equal(fresh(both, image, video=feats(2, 1, 8, N, DM)), plain(both, image))
+            fresh.video.token.weight.copy_(fresh.tok_embeddings.weight[VID][None])
+        assert torch.equal(fresh(both, image=image, video=feats(2, 1, 8, N, DM)), plain(both, image=image))
         # opened video gates: the video now matters
-        assert not torch.allclose(fused(both, image, video=feats(2, 1, 8, N, DM)), fused(both, image))
+        assert not torch.allclose(fused(both, image=image, video=feats(2, 1, 8, N, DM)), fused(both, image=image))
 
 
 def test_text_sees_only_the_most_recent_video():
     fused = make_fused()
-    open_gates(fused.video_adapter.xattn)
+    open_gates(fused.video)
     toks = text(1, 14)
     toks[0, 3], toks[0, 8] = VID, VID
     v = feats(1, 2, 8, N, DM)
     w = v.clone()
     w[:, 0] += 1.0  # change the first video only
     outs = []  # the video block's output (its input is the same for v and w: video enters the LM there first)
-    fused.video_adapter.xattn.blocks["3"].register_forward_hook(lambda m, i, o: outs.append(o))
+    fused.video.blocks["3"].register_forward_hook(lambda m, i, o: outs.append(o))
     with torch.no_grad():
         a = fused(toks, video=v)
         fused(toks, video=w)
@@ -220,30 +225,30 @@ def test_text_sees_only_the_most_recent_video():
         assert torch.equal(outs[0][:, 8:], outs[1][:, 8:])  # after marker 2: only video 1
         with pytest.raises(ValueError, match="2 media markers .* only 1 valid"):
             fused(toks, video=v[:, :1])
-        with pytest.raises(ValueError, match="needs a video adapter"):
+        with pytest.raises(ValueError, match="needs a video stream"):
             make_fused(video=False)(toks, video=v)
 
 
 def test_cached_generation_with_video_computes_aggregator_once():
     fused = make_fused()
-    open_gates(fused.video_adapter.xattn, 1.5)
-    open_gates(fused.image_adapter, 1.5)
+    open_gates(fused.video, 1.5)
+    open_gates(fused.image, 1.5)
     prompt = text(1, 10)[0].tolist()
     prompt[1], prompt[4] = VID, IMG
     video, image = feats(1, 8, N, DM), feats(1, N, DM, seed=3)
     calls = []
-    fused.video_adapter.aggregator.register_forward_hook(lambda *a: calls.append(1))
-    cached = generate_fused(fused, prompt, image, 8, video=video)
+    fused.video.aggregator.register_forward_hook(lambda *a: calls.append(1))
+    cached = generate(fused, prompt, 8, image=image, video=video)
     assert len(calls) == 1
     calls.clear()
-    assert generate_fused(fused, prompt, image, 8, video=video, cache_media=False) == cached
+    assert generate(fused, prompt, 8, image=image, video=video, cache_media=False) == cached
     assert len(calls) > 2  # recomputed per step
-    assert generate_fused(fused, prompt, image, 8, video=video, use_cache=False) == cached
+    assert generate(fused, prompt, 8, image=image, video=video, use_cache=False) == cached
     kv = fused.video_kv(video[None])
-    assert generate_fused(fused, prompt, image, 8, video=kv) == cached  # a precomputed clip, reused
+    assert generate(fused, prompt, 8, image=image, video=kv) == cached  # a precomputed clip, reused
     seq = prompt + cached
     with torch.no_grad():
-        full = fused(torch.tensor([seq]), image[None], video=video[None])[0]
-        other = fused(torch.tensor([seq]), image[None], video=feats(1, 1, 8, N, DM, seed=9))[0]
+        full = fused(torch.tensor([seq]), image=image[None], video=video[None])[0]
+        other = fused(torch.tensor([seq]), image=image[None], video=feats(1, 1, 8, N, DM, seed=9))[0]
     assert int(full[len(seq) - 2].argmax()) == cached[-1]  # greedy steps agree with one full forward pass
     assert not torch.allclose(other, full)  # the video matters

@@ -21,8 +21,11 @@ from data.video_kit import encode_mp4
 from encoders.vision import VisionConfig, VisionEncoder
 from llm.model import Llama, LlamaConfig
 from llm.tokenizer import train_tokenizer
-from mm.model.checkpoint import load_tensors, save_weights
-from mm.model.runs import save_lm
+from mm.model.checkpoint import load_tensors
+from mm.model.composed import ComposedLM
+from mm.model.runs import load_lm, save_lm
+from mm.model.store import load_model, save_model
+from mm.model.streams import ImageStream, Pixels
 
 REPO = Path(__file__).resolve().parents[1]
 PRE, SFT = "experiments/video/video_pretrain_tiny.yaml", "experiments/video/video_sft_tiny.yaml"
@@ -46,8 +49,6 @@ def _clip(i: int) -> np.ndarray:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> dict:
     """Tiny video shards, a tiny LM + an 'instruct' LM with the same tokenizer, and an image run built at init."""
-    from mm.stages.image_pretrain import ImageModel, build_fused, save_image_model
-
     root = tmp_path_factory.mktemp("video_stage")
     for split, n in (("train", 16), ("val", 4)):
         with wds.TarWriter(str(root / f"{split}-000000.tar")) as w:
@@ -67,16 +68,13 @@ def world(tmp_path_factory) -> dict:
         save_lm(root / name / "final", Llama(cfg).state_dict(), cfg, tok, {"stage": "lm_pretrain"})
     torch.manual_seed(1)
     vision = VisionEncoder(VCFG)
-    from mm.model.runs import load_lm
-
     lm, tok, _ = load_lm(root / "lm")
-    fused = build_fused(lm, tok, VCFG.out_dim, {"kind": "gated_xattn", "every": 2})
+    model = ComposedLM(lm, image=ImageStream.build(lm, tok.special_id("<|image|>"), vision,
+                                                   {"kind": "gated_xattn", "every": 2}))
     with torch.no_grad():
-        for blk in fused.image_adapter.blocks.values():
+        for blk in model.image.blocks.values():
             blk.gate_attn.fill_(0.5)  # an image adapter that does something
-    meta = {"stage": "image_anneal", "lm": str(root / "lm" / "final"), "every": 2, "schedule": "from_top",
-            "attend": "last"}
-    save_image_model(root / "image" / "final", ImageModel(vision, fused), tok, meta)
+    save_model(root / "image" / "final", model, tok, {"stage": "image_anneal", "lm": str(root / "lm" / "final")})
     return {"root": root, "image": root / "image", "lm": root / "lm", "instruct": root / "instruct"}
 
 
@@ -107,25 +105,24 @@ def _trainable(model) -> set[str]:
 
 
 def _video_adapter(model) -> set[str]:
-    """The model-level names of the video adapter's parameters."""
-    return {f"fused.video_adapter.{n}" for n, _ in model.fused.video_adapter.named_parameters()}
+    """The stage-model-level names of the video stream's parameters."""
+    return {f"model.video.{n}" for n, _ in model.model.video.named_parameters()}
 
 
 def test_trainable_set_is_the_video_adapter_and_the_recipe_head(world):
     from mm.config import load_config
     from mm.train.distributed import DistInfo
-    from mm.stages.video import build_model, freeze_for_video
+    from mm.stages.video import build_model
     from mm.train.trainer import Trainer
 
     cfg = load_config(REPO / PRE, _overrides(world))
     model, tok, _, _ = build_model(cfg)
-    counts = freeze_for_video(model)
+    counts = model.train_only_video()
     video = _video_adapter(model)
     assert _trainable(model) == video
-    assert {"fused.video_adapter.token.weight", "fused.video_adapter.aggregator.frame_embed",
-            "fused.video_adapter.aggregator.latents", "fused.video_adapter.xattn.blocks.3.gate_attn",
-            "fused.video_adapter.xattn.projection.weight"} <= video
-    assert counts["trainable"] == sum(p.numel() for p in model.fused.video_adapter.parameters())
+    assert {"model.video.token.weight", "model.video.aggregator.frame_embed", "model.video.aggregator.latents",
+            "model.video.xattn.blocks.3.gate_attn", "model.video.xattn.projection.weight"} <= video
+    assert counts["trainable"] == sum(p.numel() for p in model.model.video.parameters())
     frozen = [p for n, p in model.named_parameters() if n not in video]
     assert frozen and not any(p.requires_grad for p in frozen)  # ViT, image adapter, <|image|> row, LM
     tr = Trainer(model, cfg.train, world["root"] / "opt_probe", loss_fn=None, lr_at=lambda s: 0.0, info=DistInfo())
@@ -135,9 +132,9 @@ def test_trainable_set_is_the_video_adapter_and_the_recipe_head(world):
     # the read; video_sft must name the same adapter as the pretraining it starts from (else build_model refuses)
     pre = load_config(REPO / PRE, _overrides(world, recipe=True))
     model, _, _, _ = build_model(pre)
-    freeze_for_video(model)
-    agg = model.fused.video_adapter.aggregator
-    assert len(agg.spatial) == 2 and agg.cfg.out_positions and model.bow_head.in_features == model.fused.lm.cfg.dim
+    model.train_only_video()
+    agg = model.model.video.aggregator
+    assert len(agg.spatial) == 2 and agg.cfg.out_positions and model.bow_head.in_features == model.model.lm.cfg.dim
     assert _trainable(model) == _video_adapter(model) | {"bow_head.weight", "bow_head.bias"}
     sft = load_config(REPO / SFT, _overrides(world, recipe=True))
     assert (sft.aggregator, sft.bow_weight, sft.bow_source) == (pre.aggregator, pre.bow_weight, pre.bow_source)
@@ -145,57 +142,58 @@ def test_trainable_set_is_the_video_adapter_and_the_recipe_head(world):
 
 def test_caption_bag_of_words_trains_only_the_aggregator_side(world):
     from mm.config import load_config
-    from mm.stages.video import build_model, caption_bow, freeze_for_video
+    from mm.stages.video import build_model, caption_bow
 
     cfg = load_config(REPO / PRE, _overrides(world) + ["bow_weight=1.0"])
     model, tok, _, _ = build_model(cfg)
-    freeze_for_video(model)
-    assert {n for n in _trainable(model) if not n.startswith("fused.video_adapter.")} == {"bow_head.weight",
-                                                                                          "bow_head.bias"}
+    model.train_only_video()
+    assert {n for n in _trainable(model) if not n.startswith("model.video.")} == {"bow_head.weight", "bow_head.bias"}
     bow = caption_bow(tok, ["A red ball moves to the left.", ""])
     assert torch.allclose(bow[0].sum(), torch.tensor(1.0)) and bow[1].sum() == 0  # uniform over distinct tokens
     assert set(bow[0].nonzero().flatten().tolist()) == set(tok.encode("A red ball moves to the left."))
     torch.manual_seed(0)
-    t = model.vision.cfg.image_size
+    t = model.model.image.encoder.cfg.image_size
     pixels, aspect = torch.randn(2, 8, 1, 3, t, t), torch.zeros(2, 8, dtype=torch.long)  # 8 frames, one tile each
     toks = torch.full((2, 6), 5)
     toks[:, 1] = tok.special_id("<|video|>")
     labels = toks.clone()
     with torch.no_grad():
-        for blk in model.fused.video_adapter.xattn.blocks.values():  # open the gates: the video reaches the loss
+        for blk in model.model.video.blocks.values():  # open the gates: the video reaches the loss
             blk.gate_attn.fill_(0.5)
     loss, bow_loss = model(toks, pixels, aspect, labels=labels, bow=bow)
     assert torch.equal(loss, model(toks, pixels, aspect, labels=labels))  # the same LM loss as without the head
     bow_loss.backward()
-    agg_grad = model.fused.video_adapter.aggregator.latents.grad
+    agg_grad = model.model.video.aggregator.latents.grad
     assert agg_grad is not None and agg_grad.abs().sum() > 0 and model.bow_head.weight.grad.abs().sum() > 0
-    assert all(b.wq.weight.grad is None for b in model.fused.video_adapter.xattn.blocks.values())  # no read involved
+    assert all(b.wq.weight.grad is None for b in model.model.video.blocks.values())  # no read involved
 
 
 def test_bag_of_words_on_the_read_trains_the_cross_attention_not_its_gates(world):
     from mm.config import load_config
-    from mm.stages.video import build_model, caption_bow, freeze_for_video
+    from mm.stages.video import VideoModel, build_model, caption_bow
 
     cfg = load_config(REPO / PRE, _overrides(world) + ["bow_weight=1.0", "bow_source=read"])
     model, tok, _, _ = build_model(cfg)
-    freeze_for_video(model)
-    assert model.bow_head.in_features == model.fused.lm.cfg.dim  # it reads the LM-width cross-attention output
+    model.train_only_video()
+    assert model.bow_head.in_features == model.model.lm.cfg.dim  # it reads the LM-width cross-attention output
     torch.manual_seed(0)
-    t = model.vision.cfg.image_size
+    t = model.model.image.encoder.cfg.image_size
     pixels, aspect = torch.randn(2, 8, 1, 3, t, t), torch.zeros(2, 8, dtype=torch.long)
     toks = torch.full((2, 6), 5)
     toks[:, 2] = tok.special_id("<|video|>")  # rows 0-1 see no clip (their read is zero and not averaged)
     bow = caption_bow(tok, ["A red ball moves to the left.", "A cat moves up."])
     loss, bow_loss = model(toks, pixels, aspect, labels=toks.clone(), bow=bow)
-    blocks = list(model.fused.video_adapter.xattn.blocks.values())
+    blocks = list(model.model.video.blocks.values())
     assert all(not b.keep_read and b.read is None for b in blocks)  # nothing kept after the step
     assert torch.equal(loss, model(toks, pixels, aspect, labels=toks.clone()))  # the LM loss is unchanged
     bow_loss.backward()
     assert all(b.wq.weight.grad.abs().sum() > 0 and b.wkv.weight.grad.abs().sum() > 0 for b in blocks)
-    assert model.fused.video_adapter.aggregator.latents.grad.abs().sum() > 0
+    assert model.model.video.aggregator.latents.grad.abs().sum() > 0
     assert all(b.gate_attn.grad is None or b.gate_attn.grad.abs().sum() == 0 for b in blocks)  # pre-gate: no gate
-    with pytest.raises(ValueError, match="bow_source must be one of"):
+    with pytest.raises(ValueError, match=r"video_pretrain_tiny\.yaml .*'bow_source': Invalid value 'reads'"):
         build_model(load_config(REPO / PRE, _overrides(world) + ["bow_weight=1.0", "bow_source=reads"]))
+    with pytest.raises(ValueError, match="bow_source must be one of"):
+        VideoModel(model.model, tok.vocab_size, "reads")
 
 
 def _bench(name: str):
@@ -231,10 +229,6 @@ def test_attention_read_probe_needs_positions_when_only_the_place_differs():
 
 
 def test_pretrain_keeps_image_weights_resumes_and_sft_hot_swaps(world, tmp_path, monkeypatch):
-    from mm.model.runs import load_lm
-    from mm.stages.image_pretrain import load_fused
-    from mm.stages.video import load_video
-
     monkeypatch.chdir(REPO)
     rc, full = _cli("run", PRE, "--out", str(tmp_path / "pre"), *_overrides(world))
     assert rc == 0 and full["stage"] == "video_pretrain" and full["params_trainable"] > 0, full
@@ -259,52 +253,53 @@ def test_pretrain_keeps_image_weights_resumes_and_sft_hot_swaps(world, tmp_path,
     # image weights (ViT, image adapter, <|image|> row) bitwise those of the image run; video gates moved
     img = load_tensors(world["image"] / "final" / "model.safetensors")
     assert set(img) < set(a) and all(torch.equal(a[k], v) for k, v in img.items())
-    assert any(a[k].abs().item() > 0 for k in a if k.startswith("fused.video_adapter.") and k.endswith("gate_attn"))
-    assert not any(k.startswith(("fused.layers.", "fused.tok_embeddings")) for k in a)  # no LM weights saved
+    assert any(a[k].abs().item() > 0 for k in a if k.startswith("video.") and k.endswith("gate_attn"))
+    assert not any(k.startswith(("layers.", "tok_embeddings")) for k in a)  # no LM weights saved
     # the image part of the video run is the image model: identical image logits; no media: the bare LM
-    fused, vision, tok = load_video(tmp_path / "pre")
-    ifused, ivision, _ = load_fused(world["image"])
+    vmodel, tok, _ = load_model(tmp_path / "pre")
+    imodel, _, _ = load_model(world["image"])
     lm, _, _ = load_lm(world["lm"])
     toks = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        assert torch.equal(fused(toks), lm(toks))
+        assert torch.equal(vmodel(toks), lm(toks))
         itoks = toks.clone()
         itoks[:, 2] = tok.special_id("<|image|>")
-        media = ivision(torch.randn(2, 1, 3, 16, 16, generator=torch.Generator().manual_seed(1)))[:, None]
-        assert torch.equal(fused(itoks, media), ifused(itoks, media))
+        px = torch.randn(2, 1, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+        media = imodel.image.features(Pixels(px, None))
+        assert torch.equal(vmodel(itoks, image=media), imodel(itoks, image=media))
         vtoks = toks.clone()
         vtoks[:, 2] = tok.special_id("<|video|>")
         video = torch.randn(2, 1, 8, VCFG.tokens_per_tile, VCFG.out_dim)
-        assert not torch.allclose(fused(vtoks, video=video), lm(vtoks))
+        assert not torch.allclose(vmodel(vtoks, video=video), lm(vtoks))
     # video_sft: from the pretrain run, instruct LM hot-swapped, a different factor, still only the video adapter
     from mm.config import load_config
-    from mm.stages.video import build_model, freeze_for_video
+    from mm.stages.video import build_model
 
     sft_over = [*_overrides(world, steps=2), f"init_from={tmp_path / 'pre'}", f"instruct_lm={world['instruct']}",
                 "factor=4"]
     cfg = load_config(REPO / SFT, sft_over)
     model, _, lm_path, _ = build_model(cfg)
-    freeze_for_video(model)
+    model.train_only_video()
     assert _trainable(model) == _video_adapter(model)
     ilm, _, _ = load_lm(world["instruct"])
     assert lm_path == (world["instruct"] / "final").resolve()
-    assert all(torch.equal(v, model.fused.lm.state_dict()[k]) for k, v in ilm.state_dict().items())
-    assert all(torch.equal(model.state_dict()[k], v) for k, v in a.items())  # adapters untouched by the swap
+    assert all(torch.equal(v, model.model.lm.state_dict()[k]) for k, v in ilm.state_dict().items())
+    assert all(torch.equal(model.model.state_dict()[k], v) for k, v in a.items())  # streams untouched by the swap
     # output positions switched on at SFT over a pretraining without them: zero tables, the same function, trained
     grown, _, _, _ = build_model(load_config(REPO / SFT, [*sft_over, "aggregator.out_positions=true"]))
-    freeze_for_video(grown)
-    agg = grown.fused.video_adapter.aggregator
+    grown.train_only_video()
+    agg = grown.model.video.aggregator
     assert agg.out_token_embed.requires_grad and not agg.out_token_embed.any() and not agg.out_frame_embed.any()
     with torch.no_grad():
-        assert torch.equal(grown.fused(vtoks, video=video), model.fused(vtoks, video=video))
+        assert torch.equal(grown.model(vtoks, video=video), model.model(vtoks, video=video))
     rc, sft = _cli("run", SFT, "--out", str(tmp_path / "sft"), *sft_over, "eval_items=6")
     assert rc == 0 and sft["stage"] == "video_sft" and sft["items"] == 6, sft
     s = load_tensors(tmp_path / "sft" / "final" / "model.safetensors")
     assert all(torch.equal(s[k], v) for k, v in img.items())  # image weights still untouched
-    fused2, _, _ = load_video(tmp_path / "sft")
-    assert fused2.video_adapter.cfg.factor == 4
+    sft_model, _, _ = load_model(tmp_path / "sft")
+    assert sft_model.video.aggregator.cfg.factor == 4
     with torch.no_grad():
-        assert torch.equal(fused2(toks), ilm(toks))  # no video: the bare instruct LM
+        assert torch.equal(sft_model(toks), ilm(toks))  # no video: the bare instruct LM
     # the CLI on the trained run: eval and chat about a clip
     rc, ev = _cli("eval", "video", "--ckpt", str(tmp_path / "sft"), "--shards", str(world["root"] / "val-*.tar"),
                   "--max-items", "5")
@@ -320,7 +315,7 @@ def test_pretrain_keeps_image_weights_resumes_and_sft_hot_swaps(world, tmp_path,
     rc, err = _cli("chat", "--ckpt", str(tmp_path / "sft"), "--video", str(bad), "--prompt", "Where?")
     assert rc == 2 and str(bad) in err["error"]
     rc, err = _cli("chat", "--ckpt", str(world["image"]), "--video", str(clip))
-    assert rc == 2 and "not a video-stage model" in err["error"]
+    assert rc == 2 and "has no video stream" in err["error"]
 
 
 def test_video_metrics_prompts_and_controls():

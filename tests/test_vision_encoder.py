@@ -232,16 +232,15 @@ def test_clip_pretrain_stage_resume_and_loaders(shards, tmp_path, monkeypatch):
     # loading: the vision encoder alone, the whole CLIP model, and the curation scorer
     from data.curation import clip_filter
     from encoders.clip import clip_score_fn
-    from mm.model.runs import load_clip, load_vision_encoder
+    from mm.model.runs import load_clip
+    from mm.model.store import load_vision
 
-    enc = load_vision_encoder(tmp_path / "full")
+    enc = load_vision(tmp_path / "full")
     assert isinstance(enc, VisionEncoder) and enc.cfg.width == 32 and enc.cfg.taps == [0]
     assert torch.equal(enc.vit.pos_embed, a["vision.vit.pos_embed"])
     model, tok, meta = load_clip(tmp_path / "full")
     assert meta["kind"] == "clip" and tok.vocab_size == model.text.vocab_size
-    from mm.model.runs import load_clip
-
-    score = clip_score_fn(*load_clip(tmp_path / "full")[:2])
+    score = clip_score_fn(model, tok)
     imgs, _ = _toy(2, 3)
     s = score(imgs[0].transpose(1, 2, 0), "a photo of a bag.")
     assert isinstance(s, float) and -1.0 <= s <= 1.0

@@ -1,6 +1,6 @@
-"""Image metrics: VQA accuracy of a fused model per task family, the same with the image removed (blind) and with
+"""Image metrics: VQA accuracy of a composed model per task family, the same with the image removed (blind) and with
 another sample's image (shuffled), on image shards or benchmark files (data/bench_files.py: VLMEvalKit TSV,
-lmms-eval JSONL; a file's categories are the families); and held-out text bits per byte of the fused model without
+lmms-eval JSONL; a file's categories are the families); and held-out text bits per byte of the composed model without
 media next to the bare LM (equal by DESIGN.md invariant 1). A qa with a "letter" is asked in the multiple-choice
 format of data/qa_format.py and scored by the reply's option letter."""
 from __future__ import annotations

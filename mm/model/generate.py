@@ -42,9 +42,9 @@ def generate(model: ComposedLM, prompt: list[int], max_new_tokens: int, *, image
         ikv = None if image is None else image if isinstance(image, MediaKV) else model.image.kv(image, image_mask)
         return ikv, None if video is None else model.video_kv(video, video_mask)
 
-    cached = kvs() if cache_media else None
+    kept = kvs()  # the prefill's keys/values; with cache_media every later step's too
     # markers are checked on the prompt only: emitted ones see no item
-    for stream, kv in zip((model.image, model.video), cached or kvs()):
+    for stream, kv in zip((model.image, model.video), kept):
         if kv is not None:
             model._check_markers(ids0, kv.valid, stream.token_id)
 
@@ -58,10 +58,13 @@ def generate(model: ComposedLM, prompt: list[int], max_new_tokens: int, *, image
         return torch.cat(parts, 1) if len(parts) > 1 else parts[0]
 
     def step(seq: list[int], start: int) -> torch.Tensor:
+        nonlocal kept
         ids = torch.tensor([seq], device=device)
         if image is None and video is None:
             return model(ids[:, start:], start_pos=start, embeds=embeds(seq, start))[0, -1]
-        ikv, vkv = cached if cached is not None else kvs()
+        ikv, vkv = kept if kept is not None else kvs()
+        if not cache_media:
+            kept = None  # later steps recompute them (the uncached comparison)
         return model(ids[:, start:], image=ikv, video=vkv, start_pos=start, embeds=embeds(seq, start),
                      **model.cross_masks(ids, ikv, vkv, start))[0, -1]
 

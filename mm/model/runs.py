@@ -81,37 +81,18 @@ def load_reward_model(ckpt: str | Path, device: str | torch.device = "cpu"):
     return rm.to(device).eval(), tok, meta
 
 
-# ---- image encoder (clip_pretrain and later image stages) --------------------------------------------------------
-
-def _clip_parts(ckpt: str | Path) -> tuple[Path, dict]:
-    d = model_dir(ckpt)
-    meta = load_meta(d)
-    if "vision_config" not in meta:
-        raise CheckpointError(f"{d / 'meta.json'}: no vision_config (not a clip_pretrain or image-stage model)")
-    return d, meta
-
+# ---- CLIP (clip_pretrain) ----------------------------------------------------------------------------------------
 
 def load_clip(ckpt: str | Path, device: str | torch.device = "cpu"):
     """Load (ClipModel in eval mode, tokenizer, meta) from a clip_pretrain run directory, final or step folder."""
     from encoders.clip import ClipModel, TextConfig
     from encoders.vision import VisionConfig
 
-    d, meta = _clip_parts(ckpt)
+    d = model_dir(ckpt)
+    meta = load_meta(d)
     kw = dict(meta.get("clip_config") or {})
-    if not kw:
+    if not kw or "vision_config" not in meta:
         raise CheckpointError(f"{d / 'meta.json'}: no clip_config (not a clip_pretrain model)")
     model = ClipModel(VisionConfig(**meta["vision_config"]), TextConfig(**kw.pop("text")), **kw)
     load_into(model, load_tensors(d / "model.safetensors"), d / "model.safetensors")
     return model.to(device).eval(), Tokenizer.load(_find_tokenizer(d)), meta
-
-
-def load_vision_encoder(ckpt: str | Path, device: str | torch.device = "cpu", prefix: str = "vision."):
-    """The image encoder (encoders.vision.VisionEncoder, train mode) of a run: its `vision.*` weights and the
-    vision_config in meta.json (clip_pretrain writes both; later image stages may keep the same layout)."""
-    from encoders.vision import VisionConfig, VisionEncoder
-
-    d, meta = _clip_parts(ckpt)
-    enc = VisionEncoder(VisionConfig(**meta["vision_config"]))
-    sd = {k[len(prefix):]: v for k, v in load_tensors(d / "model.safetensors").items() if k.startswith(prefix)}
-    load_into(enc, sd, d / "model.safetensors")
-    return enc.to(device)

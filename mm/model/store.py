@@ -143,36 +143,44 @@ def load_model(ckpt: str | Path, device: str | torch.device = "cpu", *, lm: str 
     return model.to(device).eval(), tok, meta
 
 
-def runs_of(video: str | None, image: str | None, speech: str | None) -> list[str]:
-    """The runs to compose, in stream order; ValueError unless exactly one of video / image is given (a video run
-    holds the image stream too)."""
+def _lm_file(meta: dict) -> Path:
+    return model_dir(meta["lm"]).resolve() / "model.safetensors"
+
+
+def runs_of(video: str | None, image: str | None, speech: str | None) -> list:
+    """`mm compose`'s runs: the video run (all its streams) or the image run (its image stream only, even from a
+    video run), then the speech run; ValueError unless exactly one of video / image is given."""
     if bool(video) == bool(image):
         raise ValueError("mm compose needs exactly one of --video RUN / --image RUN (a video run holds the image "
                          "stream too)")
-    return [r for r in (video or image, speech) if r]
+    return [r for r in (video, (image, ("image",)) if image else None, speech) if r]
 
 
-def compose(runs: list[str | Path], out: str | Path, meta: dict | None = None) -> dict:
-    """`mm compose`: the streams of every run loaded onto ONE LM and written to out/final. ValueError naming both
-    LM files when two runs' LM weights differ, or when two runs bring the same stream."""
+def compose(runs: list, out: str | Path, meta: dict | None = None) -> dict:
+    """`mm compose`: the streams of every run loaded onto ONE LM and written to out/final; a run given as (run,
+    names) brings only those streams. ValueError naming both LM files when two runs' LM weights differ, or when two
+    runs bring the same stream."""
     if not runs:
         raise ValueError("mm compose needs at least one run")
-    loaded = [(model_dir(r).resolve(), *load_model(r)) for r in runs]
-    d0, m0, tok0, meta0 = loaded[0]
+    runs = [r if isinstance(r, tuple) else (r, None) for r in runs]
+    loaded = [(model_dir(r).resolve(), *load_model(r), names) for r, names in runs]
+    d0, m0, tok0, meta0, _ = loaded[0]
     fp0 = lm_fingerprint(m0.lm)
     model = ComposedLM(m0.lm)
     sources = {}
-    for d, m, tok, meta in loaded:
+    for d, m, tok, meta, names in loaded:
         fp = lm_fingerprint(m.lm)
         if fp != fp0:
-            raise ValueError(f"cannot compose: the LMs differ: {model_dir(meta0['lm']).resolve()} (sha256 {fp0[:12]}, "
-                             f"LM of {d0}) vs {model_dir(meta['lm']).resolve()} (sha256 {fp[:12]}, LM of {d}); all "
-                             "runs must be on one frozen LM")
+            raise ValueError(f"cannot compose: the LMs differ: {_lm_file(meta0)} (sha256 {fp0[:12]}, LM of {d0}) vs "
+                             f"{_lm_file(meta)} (sha256 {fp[:12]}, LM of {d}); all runs must be on one frozen LM")
         if not same_tokenizer(tok, tok0):
             raise ValueError(f"cannot compose: {d0 / 'tokenizer.json'} and {d / 'tokenizer.json'} differ")
         for name, stream in m.streams().items():
+            if names is not None and name not in names:
+                continue
             if getattr(model, name) is not None:
-                raise ValueError(f"cannot compose: two runs bring a {name} stream ({sources[name]} and {d})")
+                raise ValueError(f"cannot compose: two runs bring {'an' if name == 'image' else 'a'} {name} stream "
+                                 f"({sources[name]} and {d})")
             model.attach(stream)
             sources[name] = str(d)
     lm_path = str(model_dir(meta0["lm"]).resolve())
@@ -261,7 +269,8 @@ def _legacy(meta: dict, state: dict, d: Path) -> tuple[dict, dict]:
             spec = meta.get("speech_adapter") or {"kind": "conv_rotary", "config": meta["adapter_config"]}
             streams["speech"] = {"encoder": {"kind": "conformer", "config": meta["encoder_config"]}, "adapter": spec}
     except KeyError as e:
-        raise CheckpointError(f"{d / 'meta.json'}: a {kind} run without {e}: cannot load it; re-run its stage") from None
+        raise CheckpointError(f"{d / 'meta.json'}: {'an' if kind == 'image' else 'a'} {kind} run without {e}: cannot "
+                              "load it; re-run its stage") from None
     renamed = {}
     for k, v in state.items():
         old = next((p for p in _OLD_KEYS if k.startswith(p)), None)

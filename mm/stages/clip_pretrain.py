@@ -5,14 +5,13 @@ embeddings and gated layers (used only from image_pretrain on, gates at 0) stay 
 
 Data: batch b of the `Loader` is a pure function of (seed, rank, world, b); step s uses batches s*grad_accum + i, so a
 resumed run reads exactly the batches the uninterrupted one would. Final: final/{model.safetensors, meta.json (kind
-clip, vision_config, clip_config), tokenizer.json}; load with mm.model.runs.load_clip / load_vision_encoder. In metrics.jsonl
+clip, vision_config, clip_config), tokenizer.json}; load with mm.model.runs.load_clip / mm.model.store.load_vision. In metrics.jsonl
 a "token" is an image-text pair (tokens_per_s = pairs/s; MFU from encoders.clip.flops_per_pair).
 """
 from __future__ import annotations
 
 import random
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -20,13 +19,13 @@ import torch
 
 from data.loader import Loader, StepFeed, load_image_samples
 from data.shards import expand_shards, iter_samples
-from encoders.clip import ClipLoss, ClipModel, TextConfig, flops_per_pair, tokenize_captions, zero_shot_suite
-from encoders.vision import normalize_pixels, vision_config
+from encoders.clip import ClipLoss, ClipModel, flops_per_pair, tokenize_captions, zero_shot_suite
+from encoders.vision import normalize_pixels
 from llm.tokenizer import Tokenizer
 from mm.model.checkpoint import save_weights
 from mm.config import ClipPretrainConfig, ConfigError
 from mm.train.distributed import full_state, init_distributed, unwrap, wrap_model
-from mm.model.runs import load_vision_encoder
+from mm.model.store import load_vision
 from mm.stages.lm_pretrain import get_tokenizer
 from mm.train.trainer import StepOutput, Trainer, fit_stage, warmup_cosine
 
@@ -59,9 +58,6 @@ def freeze_for_clip(model: ClipModel) -> dict[str, int]:
     return counts
 
 
-VISION_FIELDS = ("image_size", "patch_size", "width", "layers", "heads", "mlp_dim", "taps", "n_gated", "max_tiles")
-
-
 def build_clip(cfg: ClipPretrainConfig, tok: Tokenizer) -> tuple[ClipModel, dict]:
     """The initial ClipModel and its ClipModel kwargs: the encoder from cfg.vision's shape, or shape and weights from
     the vision run cfg.vision_from (then cfg.vision's fields must be unset); the rest freshly initialised."""
@@ -70,15 +66,15 @@ def build_clip(cfg: ClipPretrainConfig, tok: Tokenizer) -> tuple[ClipModel, dict
                    pool=cfg.pool, init_temperature=cfg.init_temperature, max_logit_scale=cfg.max_logit_scale)
     start = None
     if cfg.vision_from:
-        set_ = [k for k in VISION_FIELDS if getattr(v, k) is not None]
+        set_ = v.overridden()
         if set_:
             raise ConfigError(f"vision_from={cfg.vision_from}: the encoder shape comes from that run; unset "
                               f"vision.{set_[0]}")
-        start = load_vision_encoder(cfg.vision_from)
+        start = load_vision(cfg.vision_from)
         vcfg = start.cfg
     else:
-        vcfg = vision_config(v.shape, **{k: getattr(v, k) for k in VISION_FIELDS})
-    model = ClipModel(vcfg, TextConfig(**asdict(cfg.text)), **clip_kw)
+        vcfg = v.resolve()
+    model = ClipModel(vcfg, cfg.text, **clip_kw)
     if start is not None:
         model.vision.load_state_dict(start.state_dict(), strict=True)
     return model, clip_kw

@@ -69,7 +69,7 @@ def text_rows(cfg: HerdReportConfig, bench: Path) -> tuple[list[dict], list[dict
 
 
 def image_rows(cfg: HerdReportConfig, bench: Path) -> tuple[list[dict], list[dict]]:
-    """VQA accuracy against the blind model; text bits per byte of the fused model without media against the LM."""
+    """VQA accuracy against the blind model; text bits per byte of the composed model without media against the LM."""
     r = run_benchmark("image.py", ["--ckpt", cfg.image, "--max-items", str(cfg.max_items), "--examples-dir",
                                    str(bench.parent / "examples")], bench / "image.json", cfg.threads)
     rows = [row("image", "vqa_acc", r["vqa_acc"], r["blind_vqa_acc"], "blind (no image)")]

@@ -3,7 +3,7 @@ a model soup.
 
 Each sweep member i (its own seed and peak LR) trains into members/<i>/ with the image_pretrain runner
 (mm.stages.image_pretrain.run): ViT + image adapter from `init_from`, the LM hot-swapped to `instruct_lm`
-(FusedLM.load_lm_weights; frozen), the same VQA/caption dialogs, assistant-only loss. Each member is then scored on
+(ComposedLM.load_lm_weights; frozen), the same VQA/caption dialogs, assistant-only loss. Each member is then scored on
 held-out VQA (mm.eval.image on data.val_shards, the same seeded items for every run). Members are ranked by vqa_acc;
 the top-K soups (mm.train.average.average_states over their final ViT + adapter tensors; the LM is not in those files and
 stays the instruct LM) for K = 2..soup_top_k are written to soups/top<K>/ and scored the same way, and the best one

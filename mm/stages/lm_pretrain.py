@@ -15,7 +15,7 @@ from data.shards import SkipCounter, expand_shards, iter_text_docs
 from data.text_kit import build_text_kit
 from data.atomic import atomic_write, atomic_write_text
 from data.token_stream import IGNORE, PackedSampler, TokenSource, tokenize_docs
-from llm.model import Llama, flops_per_token, shape_config
+from llm.model import Llama, flops_per_token
 from llm.tokenizer import Tokenizer, train_tokenizer
 from mm.config import LMPretrainConfig, TokenizerConfig
 from mm.train.distributed import DistInfo, barrier, full_state, init_distributed, rank_slice, unwrap, wrap_model
@@ -159,9 +159,7 @@ def run(cfg: LMPretrainConfig, run_dir: Path, resume: bool = False) -> dict:
     anneal_sampler = PackedSampler(token_sources(hq_docs, tok, run_dir / "tokens", "hq", info),
                                    cfg.anneal.mix, cfg.seed + 1) if cfg.anneal.steps else None
 
-    m = cfg.model
-    overrides = {k: getattr(m, k) for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "max_seq_len") if getattr(m, k)}
-    mcfg = shape_config(m.shape, vocab_size=tok.vocab_size, **overrides)
+    mcfg = cfg.model.resolve(vocab_size=tok.vocab_size)
     sched = Schedule(cfg)
     if max(p.seq_len for p in cfg.phases) > mcfg.max_seq_len:
         raise ValueError(f"a phase's seq_len exceeds model max_seq_len={mcfg.max_seq_len}")

@@ -18,9 +18,9 @@ import torch
 
 from data.loader import Loader, StepFeed
 from encoders.best_rq import BestRQ
-from encoders.speech import ConformerConfig, ConformerEncoder, speech_shape
+from encoders.speech import ConformerEncoder
 from mm.model.checkpoint import save_weights
-from mm.config import SpeechEncoderModelConfig, SpeechPretrainConfig
+from mm.config import SpeechPretrainConfig
 from mm.train.distributed import DistInfo, init_distributed, unwrap, wrap_model
 from mm.model.media import Featurizer
 from mm.train.trainer import StepOutput, Trainer, warmup_cosine
@@ -49,11 +49,6 @@ def make_loss(seed: int):
         return StepOutput(loss, stats["masked_frames"], {k: stats[k] for k in LOGGED})
 
     return loss_fn
-
-
-def encoder_config(e: SpeechEncoderModelConfig) -> ConformerConfig:
-    """The Conformer shape a stage config names (shape + overrides)."""
-    return speech_shape(e.shape, dim=e.dim, layers=e.layers, heads=e.heads, ffn_dim=e.ffn_dim, kernel=e.kernel)
 
 
 def train_on_audio(cfg, net, info: DistInfo, run_dir: Path, loss_fn, resume: bool, make_feed):
@@ -87,7 +82,7 @@ def run(cfg: SpeechPretrainConfig, run_dir: Path, resume: bool = False) -> dict:
         torch.set_num_threads(cfg.train.threads)
     torch.manual_seed(cfg.seed)
     run_dir = Path(run_dir)
-    enc_cfg = encoder_config(cfg.encoder)
+    enc_cfg = cfg.encoder.resolve()
     model = BestRQ(ConformerEncoder(enc_cfg), cfg.best_rq, seed=cfg.seed)
     net = wrap_model(model.to(info.device), cfg.train.parallel, info)
     records, loader, feed, trainer, train_s = train_on_audio(cfg, net, info, run_dir, make_loss(cfg.seed), resume,

@@ -45,7 +45,7 @@ from mm.model.media import Featurizer
 from mm.model.runs import load_lm, model_dir
 from mm.model.store import load_speech_encoder, save_model
 from mm.model.streams import SpeechEmbeds, SpeechStream
-from mm.stages.speech_pretrain import encoder_config, train_on_audio
+from mm.stages.speech_pretrain import train_on_audio
 from mm.train.distributed import init_distributed, unwrap, wrap_model
 from mm.train.trainer import StepOutput
 
@@ -101,7 +101,7 @@ def build_model(cfg: SpeechSFTConfig) -> tuple[SpeechModel, Tokenizer]:
     if cfg.encoder_from:
         enc = load_speech_encoder(cfg.encoder_from)
     else:
-        enc = ConformerEncoder(encoder_config(cfg.encoder))
+        enc = ConformerEncoder(cfg.encoder.resolve())
     spec, knobs = speech_adapter_spec(cfg.adapter)
     spec.update(in_dim=enc.cfg.dim, out_dim=lm.cfg.dim)
     if "out_rms" in {f.name for f in dataclasses.fields(registry.parse("speech", spec)[0].Config)}:
@@ -140,8 +140,7 @@ class SpeechFeed(StepFeed):
         super().__init__(loader, cfg.train.grad_accum)
         self.fmt, self.cfg, self.device, self.pad_id, self.tok = ChatFormat(tok), cfg, device, tok.pad_id, tok
         self.stream = stream
-        s = cfg.spec_augment
-        self.featurize = Featurizer(SpecAugment(s.freq_masks, s.freq_width, s.time_masks, s.time_ratio))
+        self.featurize = Featurizer(SpecAugment(cfg.spec_augment))
         self.skipped: Counter = Counter()
         self.tasks: Counter = Counter()
 

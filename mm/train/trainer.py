@@ -9,7 +9,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Literal
 
 import torch
 from tqdm import tqdm
@@ -34,15 +34,15 @@ class TrainConfig:
     grad_clip: float = 1.0
     gate_lr_mult: float = 1.0  # LR multiplier of the scalar tanh gates (gate_* / *_gate); 1.0: one LR for all
     adam_eps: float = 1e-8  # AdamW eps (torch's default); adapters behind a near-0 gate see gradients below it
-    dtype: str = "auto"  # auto | fp32 | bf16
-    device: str = "auto"  # auto | cpu | cuda
+    dtype: Literal["auto", "fp32", "bf16"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int = 0  # torch intra-op threads; 0 = leave as is
     log_every: int = 10
     eval_every: int = 0
     ckpt_every: int = 100
     keep_last: int = 2
     stop_after: int = 0  # stop at this global step, after checkpointing, without finishing (resume later); 0 = off
-    parallel: str = "none"  # none | ddp | fsdp (under torchrun)
+    parallel: Literal["none", "ddp", "fsdp"] = "none"  # ddp / fsdp under torchrun
     progress: bool = True
 
 
