@@ -45,8 +45,7 @@ def evaluate(args) -> dict:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     model, tok, meta = load_model(args.ckpt)
-    if model.image is None:
-        raise ValueError(f"{args.ckpt}: no image stream (streams: {', '.join(model.streams()) or 'none'})")
+    model.require("image", args.ckpt)
     out = {"ckpt": str(args.ckpt)}
     kw = dict(max_items=args.max_items, max_new_tokens=args.max_new_tokens, blind=not args.no_blind,
               decode_scale=args.decode_scale, seed=args.seed, examples_dir=args.examples_dir,

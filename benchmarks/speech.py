@@ -27,8 +27,7 @@ from mm.model.store import load_model  # noqa: E402
 def load_speech(ckpt) -> tuple:
     """(model, tokenizer) of a run with a speech stream (speech_sft or a composed herd); ValueError otherwise."""
     model, tok, _ = load_model(ckpt)
-    if model.speech is None:
-        raise ValueError(f"{ckpt}: no speech stream (streams: {', '.join(model.streams()) or 'none'})")
+    model.require("speech", ckpt)
     return model, tok
 
 

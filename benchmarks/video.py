@@ -29,8 +29,7 @@ def evaluate(args) -> dict:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     model, tok, _ = load_model(args.ckpt)
-    if model.video is None:
-        raise ValueError(f"{args.ckpt}: no video stream (streams: {', '.join(model.streams()) or 'none'})")
+    model.require("video", args.ckpt)
     out = {"ckpt": str(args.ckpt)}
     out.update(eval_video_shards(model, tok, args.shards, args.frames or None, args.max_items, args.max_new_tokens,
                                  backend=args.backend, seed=args.seed))

@@ -138,8 +138,7 @@ def evaluate(args) -> dict:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     model, tok, _ = load_model(args.ckpt)
-    if model.video is None:
-        raise ValueError(f"{args.ckpt}: no video stream (streams: {', '.join(model.streams()) or 'none'})")
+    model.require("video", args.ckpt)
     frames = args.frames or model.video.num_frames
     tr, ytr = probe_features(model, tok, args.train_shards, frames, args.train_clips)
     va, yva = probe_features(model, tok, args.shards, frames, args.val_clips)

@@ -2,6 +2,8 @@
 character targets of the encoder's character CTC."""
 from __future__ import annotations
 
+from data.audio import SAMPLE_RATE
+
 ASR_PROMPT = "Repeat after me in {language}:"
 AST_PROMPT = "Translate the following sentence into {language}:"
 # ISO 639-1 codes of the paper's 34 languages (PAPER.md §9.1) -> the names the prompts use
@@ -12,6 +14,13 @@ LANGUAGES = {"ar": "Arabic", "bn": "Bengali", "zh": "Chinese", "cs": "Czech", "n
              "ru": "Russian", "es": "Spanish", "sw": "Swahili", "sv": "Swedish", "ta": "Tamil", "te": "Telugu",
              "th": "Thai", "tr": "Turkish", "ur": "Urdu", "vi": "Vietnamese"}
 CHARS = " 'abcdefghijklmnopqrstuvwxyz"  # the character CTC's symbols; id 0 is the blank, so CHARS[i] has id i + 1
+REPLY_TOKENS_PER_S = 12.5  # a reply's cap per second of audio: one token per 80 ms, above any speaking rate
+
+
+def reply_cap(n_samples: int, max_new_tokens: int) -> int:
+    """max_new_tokens, at most REPLY_TOKENS_PER_S per second of 16 kHz audio (at least 1): a greedy repetition loop
+    cannot add unbounded insertions to a transcript."""
+    return min(max_new_tokens, max(1, round(n_samples * REPLY_TOKENS_PER_S / SAMPLE_RATE)))
 
 
 def language_name(code: str) -> str:

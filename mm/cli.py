@@ -220,9 +220,7 @@ def cmd_eval(args) -> dict:
         from mm.model.store import load_model
 
         model, tok, _ = load_model(args.ckpt)
-        if getattr(model, args.modality) is None:
-            raise ValueError(f"mm eval {args.modality}: {args.ckpt} has no {args.modality} stream (streams: "
-                             f"{', '.join(model.streams()) or 'none'})")
+        model.require(args.modality, f"mm eval {args.modality}: {args.ckpt}")
     if args.modality == "image":
         from mm.eval.image import eval_image_file, eval_image_shards
 

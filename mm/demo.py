@@ -266,25 +266,6 @@ def held_out_image(run: str | Path, image_size: int, seed: int = 1) -> tuple[np.
     return np.asarray(sample["image"]), qa[0]["question"]
 
 
-@torch.no_grad()
-def chat_reply(model, tok, text: str, image: torch.Tensor | None = None, *, history=(), system: str | None = None,
-               max_new_tokens: int = 64, greedy: bool = True, temperature: float = 0.8, seed: int | None = 0) -> str:
-    """One assistant reply of a composed model to one user turn: the image's placeholders (when an image is given)
-    and the text, after plain-text history turns. image: one image already encoded, features (1, 1, N, D) from
-    mm.eval.image.image_features; its keys/values are computed once for the whole reply. mm.model.chat.chat (what
-    `mm chat --image` runs) does the same from an image file."""
-    from data.dialog import dialog
-    from llm.tokenizer import ChatFormat
-    from mm.model.generate import generate
-
-    fmt = ChatFormat(tok)
-    media = model.image.placeholder_ids() if image is not None else ()
-    ids, _ = dialog(fmt, text, media=media, system=system, history=history)
-    out = generate(model, ids, max_new_tokens, image=image, greedy=greedy, temperature=temperature, seed=seed,
-                   stop_ids=(tok.eot_id, tok.eom_id, tok.eos_id))
-    return fmt.decode_reply(out).strip()
-
-
 # ---- adapter anatomy ------------------------------------------------------------------------------------------------
 
 @torch.no_grad()

@@ -194,7 +194,6 @@ def imported(tmp_path_factory) -> tuple[Path, dict]:
 def test_imported_run_loads_as_vision(imported):
     from mm.model.checkpoint import load_meta
     from mm.model.store import load_vision
-    from mm.stages.image_pretrain import load_vision
 
     run, sd = imported
     meta = load_meta(run / "final")

@@ -225,7 +225,7 @@ def test_text_sees_only_the_most_recent_video():
         assert torch.equal(outs[0][:, 8:], outs[1][:, 8:])  # after marker 2: only video 1
         with pytest.raises(ValueError, match="2 media markers .* only 1 valid"):
             fused(toks, video=v[:, :1])
-        with pytest.raises(ValueError, match="needs a video stream"):
+        with pytest.raises(ValueError, match="has no video stream"):
             make_fused(video=False)(toks, video=v)
 
 

@@ -20,6 +20,7 @@ from llm.tokenizer import ChatFormat
 from mm.model.composed import ComposedLM
 from mm.model.generate import generate
 from mm.model.media import images_to_pixels
+from mm.model.streams import to_device
 
 FAMILIES = ("recognition", "ocr", "chart", "counting")
 
@@ -30,8 +31,7 @@ def image_features(model: ComposedLM, image) -> torch.Tensor:
     tiled to the encoder's tile size / max_tiles, CLIP-normalised, encoded once."""
     vcfg = model.image.encoder.cfg
     px = images_to_pixels([torch.as_tensor(image)], vcfg.image_size, vcfg.max_tiles)
-    dev = model.output.weight.device
-    return model.image.features(type(px)(px.pixels.to(dev), px.aspect.to(dev)))
+    return model.image.features(to_device(px, model.output.weight.device))
 
 
 def vqa_score(pred: str, answers) -> float:

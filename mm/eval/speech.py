@@ -14,10 +14,10 @@ import numpy as np
 import sacrebleu
 import torch
 
-from data.audio import SAMPLE_RATE, iter_audio_samples
+from data.audio import iter_audio_samples
 from data.dialog import dialog
 from data.shards import SkipCounter, expand_shards
-from data.speech_tasks import CHARS, char_text, task_choices
+from data.speech_tasks import CHARS, char_text, reply_cap, task_choices
 from data.token_stream import IGNORE
 from llm.tokenizer import ChatFormat
 from mm.eval.stats import paired_bootstrap
@@ -27,7 +27,6 @@ from mm.model.media import Featurizer
 from mm.model.streams import Audio
 
 
-MAX_TOKENS_PER_S = 12.5  # a reply's cap per second of audio: one token per 80 ms, above any speaking rate
 
 
 @lru_cache(maxsize=1)
@@ -102,7 +101,7 @@ def respond(model: ComposedLM, fmt: ChatFormat, system: str | None, audio, max_n
             featurize: Featurizer | None = None, text: str = "") -> str:
     """Greedy reply to one system prompt + audio (a float 16 kHz waveform; None: the blind prompt without speech) +
     optional typed user `text` (with audio None and text = the transcript: the text oracle). With audio the reply
-    gets at most MAX_TOKENS_PER_S tokens per second of speech, so a greedy repetition loop cannot add unbounded
+    gets at most REPLY_TOKENS_PER_S tokens per second of speech, so a greedy repetition loop cannot add unbounded
     insertions."""
     tok = fmt.tok
     if audio is None:
@@ -111,7 +110,9 @@ def respond(model: ComposedLM, fmt: ChatFormat, system: str | None, audio, max_n
     else:
         ids, _ = dialog(fmt, "", media=model.speech.placeholder_ids(model.speech.n_tokens(len(audio))), system=system)
         speech = (featurize or Featurizer())([audio])
-        max_new_tokens = min(max_new_tokens, max(1, round(len(audio) * MAX_TOKENS_PER_S / SAMPLE_RATE)))
+        max_new_tokens = reply_cap(len(audio), max_new_tokens)
+    if len(ids) >= model.cfg.max_seq_len:  # an utterance too long for the context gets an empty reply
+        return ""
     out = generate(model, ids, max_new_tokens, speech=speech, stop_ids=(tok.eot_id, tok.eom_id, tok.eos_id))
     return fmt.decode_reply(out).strip()
 

@@ -24,7 +24,7 @@ from llm.tokenizer import ChatFormat
 from mm.model.composed import ComposedLM
 from mm.model.generate import generate
 from mm.model.media import frames_to_pixels
-from mm.model.streams import MediaKV
+from mm.model.streams import MediaKV, to_device
 
 CONDITIONS = ("video", "single_frame", "blind")
 TEMPORAL = ("direction", "order")
@@ -63,8 +63,7 @@ def clip_kv(model: ComposedLM, frames) -> MediaKV:
     """One clip's frames (F, 3, H, W) uint8 -> its video keys/values for every video block (computed once; reused
     by every question about the clip)."""
     fr = frames_to_pixels(torch.as_tensor(frames)[None], model.image.encoder.cfg)
-    dev = model.output.weight.device
-    return model.video_kv(type(fr)(fr.pixels.to(dev), fr.aspect.to(dev)))
+    return model.video_kv(to_device(fr, model.output.weight.device))
 
 
 @torch.no_grad()

@@ -26,6 +26,14 @@ from mm.model.streams import (Audio, Frames, ImageStream, MediaKV, Pixels, Speec
 STREAMS = ("image", "video", "speech")  # registration (and key) order
 
 
+def param_counts(module: nn.Module) -> dict[str, int]:
+    """{"trainable": n, "frozen": n} parameters of a module by requires_grad (each shared tensor once)."""
+    counts = {"trainable": 0, "frozen": 0}
+    for p in module.parameters():
+        counts["trainable" if p.requires_grad else "frozen"] += p.numel()
+    return counts
+
+
 class ComposedLM(nn.Module):
     """A frozen Llama plus optional `image`, `video` and `speech` streams (None when absent; video needs image).
 
@@ -41,7 +49,7 @@ class ComposedLM(nn.Module):
         self.cfg = lm.cfg
         self.tok_embeddings, self.layers, self.norm, self.output = lm.tok_embeddings, lm.layers, lm.norm, lm.output
         self.image = self.video = self.speech = None
-        for name, stream in (("image", image), ("video", video), ("speech", speech)):
+        for stream in (image, video, speech):
             if stream is not None:
                 self.attach(stream)
 
@@ -62,21 +70,22 @@ class ComposedLM(nn.Module):
         """{name: stream} of the streams present, in STREAMS order."""
         return {n: getattr(self, n) for n in STREAMS if getattr(self, n) is not None}
 
+    def require(self, name: str, where: str | Path = "this model") -> nn.Module:
+        """The stream `name`; ValueError naming `where` (e.g. the run) and the streams there are when it is absent."""
+        if getattr(self, name, None) is None:
+            raise ValueError(f"{where} has no {name} stream (streams: {', '.join(self.streams()) or 'none'})")
+        return getattr(self, name)
+
     def _lm_names(self) -> set[str]:
         return {n for n, _ in self.lm.named_parameters()}
 
     def train_only(self, *names: str) -> dict[str, int]:
         """DESIGN.md invariant 4: requires_grad on every parameter of the named streams (as they declare them: all
         they register), off everywhere else (the LM, other streams); {"trainable": n, "frozen": n}."""
-        unknown = [n for n in names if n not in self.streams()]
-        if unknown:
-            raise ValueError(f"no {unknown[0]} stream to train (streams: {sorted(self.streams())})")
-        keep = {id(p) for n in names for p in getattr(self, n).parameters()}
-        counts = {"trainable": 0, "frozen": 0}
+        keep = {id(p) for n in names for p in self.require(n).parameters()}
         for p in self.parameters():
             p.requires_grad_(id(p) in keep)
-            counts["trainable" if p.requires_grad else "frozen"] += p.numel()
-        return counts
+        return param_counts(self)
 
     def stream_state_dict(self) -> dict[str, torch.Tensor]:
         """Every tensor but the LM's, under the composed model's keys (what a saved run holds)."""
@@ -105,15 +114,12 @@ class ComposedLM(nn.Module):
 
     def image_media(self, image) -> torch.Tensor | MediaKV:
         """Pixels -> features (B, 1, N, D_media); features and MediaKV pass through."""
-        if self.image is None:
-            raise ValueError("image input needs an image stream")
-        return self.image.features(image) if isinstance(image, Pixels) else image
+        return self.require("image").features(image) if isinstance(image, Pixels) else image
 
     def video_kv(self, video, video_mask: torch.Tensor | None = None) -> MediaKV:
         """Frames or frame features (B, M, F, N, D_media) -> the video stream's MediaKV (aggregator and projection
         run once); a MediaKV passes through."""
-        if self.video is None:
-            raise ValueError("video input needs a video stream")
+        self.require("video")
         if isinstance(video, MediaKV):
             return video
         if isinstance(video, Frames):
@@ -122,9 +128,7 @@ class ComposedLM(nn.Module):
 
     def speech_embeds(self, speech) -> SpeechEmbeds:
         """Audio -> SpeechEmbeds (SpeechEmbeds pass through)."""
-        if self.speech is None:
-            raise ValueError("speech input needs a speech stream")
-        return self.speech.embeds(speech) if isinstance(speech, Audio) else speech
+        return self.require("speech").embeds(speech) if isinstance(speech, Audio) else speech
 
     def splice(self, tokens: torch.Tensor, h: torch.Tensor | None, image=None, image_mask=None,
                speech=None) -> torch.Tensor | None:
@@ -177,7 +181,7 @@ class ComposedLM(nn.Module):
         if embeds is not None and embeds.shape[:2] != tokens.shape:
             raise ValueError(f"embeds {tuple(embeds.shape)} do not match tokens {tuple(tokens.shape)}")
         if labels is not None and speech is not None:
-            labels = mask_speech_labels(tokens, labels, self.speech.ids, ignore_index)
+            labels = mask_speech_labels(tokens, labels, self.require("speech").ids, ignore_index)
         kw = dict(doc_ids=doc_ids, start_pos=start_pos, return_hidden=return_hidden, labels=labels,
                   ignore_index=ignore_index)
         embeds = self.splice(tokens, embeds, image, image_mask, speech)
@@ -223,4 +227,4 @@ class ComposedLM(nn.Module):
         return h if return_hidden else self.output(h)
 
 
-__all__ = ["ComposedLM", "STREAMS", "valid_mask"]
+__all__ = ["ComposedLM", "STREAMS", "param_counts", "valid_mask"]

@@ -7,7 +7,7 @@ import torch
 
 from llm.generate import decode
 from mm.model.composed import ComposedLM
-from mm.model.streams import Frames, MediaKV, Pixels
+from mm.model.streams import MediaKV, to_device
 
 
 @torch.no_grad()
@@ -23,14 +23,14 @@ def generate(model: ComposedLM, prompt: list[int], max_new_tokens: int, *, image
     after any of stop_ids (not returned)."""
     model.eval()
     device = model.output.weight.device
+    if len(prompt) >= model.cfg.max_seq_len:
+        raise ValueError(f"prompt of {len(prompt)} tokens leaves no room in max_seq_len {model.cfg.max_seq_len}")
     budget = min(max_new_tokens, model.cfg.max_seq_len - len(prompt))
-    if budget <= 0:  # a prompt that fills the context gets no reply
-        return []
     if isinstance(image, torch.Tensor) and image.dim() == 3:  # (M, N, D): add the batch dim, to the mask too
         image, image_mask = image[None], (image_mask[None] if image_mask is not None else None)
     if isinstance(video, torch.Tensor) and video.dim() == 4:  # (M, F, N, D)
         video, video_mask = video[None], (video_mask[None] if video_mask is not None else None)
-    image, video, speech = (_to(x, device) for x in (image, video, speech))
+    image, video, speech = (to_device(x, device) for x in (image, video, speech))
     ids0 = torch.tensor([prompt], device=device)
     if image is not None:
         image = model.image_media(image)
@@ -71,13 +71,3 @@ def generate(model: ComposedLM, prompt: list[int], max_new_tokens: int, *, image
     return decode(model.lm, step, prompt, budget, greedy=greedy, temperature=temperature, top_p=top_p,
                   stop_ids=stop_ids, seed=seed, use_cache=use_cache)
 
-
-def _to(x, device):
-    if x is None or isinstance(x, MediaKV):
-        return x
-    if isinstance(x, torch.Tensor):
-        return x.to(device)
-    return type(x)(*(t.to(device) for t in x))  # Pixels / Frames / Audio / SpeechEmbeds
-
-
-__all__ = ["generate", "Pixels", "Frames"]

@@ -26,6 +26,11 @@ def model_dir(ckpt: str | Path) -> Path:
     raise CheckpointError(f"{p}: no model here (expected {p / FINAL} or checkpoints/step_*)")
 
 
+def lm_dir(ckpt) -> Path:
+    """The absolute model folder of an LM run."""
+    return model_dir(ckpt).resolve()
+
+
 def _find_tokenizer(d: Path) -> Path:
     for cand in (d / "tokenizer.json", d.parent / "tokenizer.json", d.parent.parent / "tokenizer.json"):
         if cand.exists():

@@ -42,6 +42,15 @@ def lm_fingerprint(lm: nn.Module) -> str:
     return h.hexdigest()
 
 
+def _file_stat(lm: str | Path) -> dict | None:
+    """{"size", "mtime_ns"} of an LM folder's weights file (None when it is not there)."""
+    try:
+        st = (model_dir(lm) / "model.safetensors").stat()
+    except (CheckpointError, OSError):
+        return None
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
 def same_tokenizer(a: Tokenizer, b: Tokenizer) -> bool:
     """Identical tokenizers: the same serialized vocabulary, merges and special tokens."""
     return a.hf.to_str() == b.hf.to_str()
@@ -54,7 +63,8 @@ def save_model(directory: Path, model: ComposedLM, tok: Tokenizer, meta: dict) -
     if "lm" not in meta:
         raise ValueError("save_model: meta must name the LM folder ('lm')")
     meta = {**meta, "kind": KIND, "format": FORMAT, "lm": str(meta["lm"]), "lm_sha256": lm_fingerprint(model.lm),
-            "lm_config": model.cfg.to_dict(), "streams": {n: s.record() for n, s in model.streams().items()}}
+            "lm_file": _file_stat(meta["lm"]), "lm_config": model.cfg.to_dict(),
+            "streams": {n: s.record() for n, s in model.streams().items()}}
     out = save_weights(Path(directory), {"model": model.stream_state_dict()}, meta)
     tok.save(out / "tokenizer.json")
     return out
@@ -109,27 +119,30 @@ def load_streams(model: ComposedLM, state: dict[str, torch.Tensor], path: Path, 
 # ---- loading --------------------------------------------------------------------------------------------------------
 
 def read_run(ckpt: str | Path) -> tuple[Path, dict, dict[str, torch.Tensor]]:
-    """(model folder, meta in the current format, stream tensors under the current keys) of a composed run; a run of
-    the older formats is converted; CheckpointError naming the folder for anything else."""
+    """(model folder, meta in the current format, stream tensors under the current keys) of a composed run's final/
+    (or a compose run); a run of the older formats is converted; CheckpointError naming the file for anything else."""
     d = model_dir(ckpt)
     meta = load_meta(d)
     state = load_tensors(d / "model.safetensors")
     if meta.get("kind") != KIND:
         meta, state = _legacy(meta, state, d)
+    if not isinstance(meta.get("streams"), dict) or not meta.get("lm"):
+        raise CheckpointError(f"{d / 'meta.json'}: a composed model without {'lm' if meta.get('streams') else 'streams'}"
+                              "; re-run its stage")
     return d, meta, state
 
 
 def load_model(ckpt: str | Path, device: str | torch.device = "cpu", *, lm: str | Path | None = None,
                respec: dict[str, dict] | None = None, new: tuple[str, ...] = ()
                ) -> tuple[ComposedLM, Tokenizer, dict]:
-    """(ComposedLM in eval mode, tokenizer, meta) of a composed run (any stage's final/ or step checkpoint, or a
+    """(ComposedLM in eval mode, tokenizer, meta) of a composed run (an image, video or speech stage's final/, or a
     composed herd). The LM is meta "lm" (its weights checked against lm_sha256) unless `lm` names another (a
     hot-swap); respec {stream: adapter config fields} changes a design's weight-free settings; `new`: key prefixes
     that may be absent from the file (tables a respec adds) and keep their init."""
     d, meta, state = read_run(ckpt)
     base, _, _ = load_lm(lm or meta["lm"])
-    if lm is None and meta.get("lm_sha256"):
-        fp = lm_fingerprint(base)
+    if lm is None and meta.get("lm_sha256") and (meta.get("lm_file") is None or meta["lm_file"] != _file_stat(meta["lm"])):
+        fp = lm_fingerprint(base)  # the LM file changed on disk since the save (or its stat was not recorded)
         if fp != meta["lm_sha256"]:
             raise CheckpointError(f"{model_dir(meta['lm']) / 'model.safetensors'}: its weights (sha256 {fp[:12]}) are "
                                   f"not the LM {d} was trained on ({d / 'meta.json'}: lm_sha256 "
@@ -138,7 +151,11 @@ def load_model(ckpt: str | Path, device: str | torch.device = "cpu", *, lm: str 
     model = ComposedLM(base)
     for name in STREAMS:
         if name in meta["streams"]:
-            build_stream(model, tok, name, meta["streams"][name], d / "meta.json", (respec or {}).get(name))
+            try:
+                build_stream(model, tok, name, meta["streams"][name], d / "meta.json", (respec or {}).get(name))
+            except (KeyError, TypeError, ValueError) as e:
+                raise CheckpointError(f"{d / 'meta.json'}: its {name} stream record does not build ({type(e).__name__}: "
+                                      f"{str(e).splitlines()[0] if str(e) else ''}); re-run its stage") from None
     load_streams(model, state, d / "model.safetensors", new)
     return model.to(device).eval(), tok, meta
 
@@ -156,6 +173,17 @@ def runs_of(video: str | None, image: str | None, speech: str | None) -> list:
     return [r for r in (video, (image, ("image",)) if image else None, speech) if r]
 
 
+def hot_swap(model: ComposedLM, tok: Tokenizer, ckpt) -> None:
+    """Hot-swap (DESIGN.md invariant 6): the model's LM weights become those of the LM run `ckpt` (streams
+    untouched); its tokenizer must be the one the streams were trained with (same ids, same special tokens)."""
+    other, otok, _ = load_lm(ckpt)
+    probe = "Describe the image. 0123 yes no"
+    if (otok.vocab_size, otok.encode(probe), otok.special_id("<|image|>")) != (
+            tok.vocab_size, tok.encode(probe), tok.special_id("<|image|>")):
+        raise CheckpointError(f"{model_dir(ckpt)}: its tokenizer differs from the model's; cannot hot-swap")
+    model.load_lm_weights(other.state_dict())
+
+
 def compose(runs: list, out: str | Path, meta: dict | None = None) -> dict:
     """`mm compose`: the streams of every run loaded onto ONE LM and written to out/final; a run given as (run,
     names) brings only those streams. ValueError naming both LM files when two runs' LM weights differ, or when two
@@ -165,11 +193,11 @@ def compose(runs: list, out: str | Path, meta: dict | None = None) -> dict:
     runs = [r if isinstance(r, tuple) else (r, None) for r in runs]
     loaded = [(model_dir(r).resolve(), *load_model(r), names) for r, names in runs]
     d0, m0, tok0, meta0, _ = loaded[0]
-    fp0 = lm_fingerprint(m0.lm)
+    fp0 = meta0.get("lm_sha256") or lm_fingerprint(m0.lm)  # load_model checked a recorded hash against the LM
     model = ComposedLM(m0.lm)
     sources = {}
     for d, m, tok, meta, names in loaded:
-        fp = lm_fingerprint(m.lm)
+        fp = meta.get("lm_sha256") or lm_fingerprint(m.lm)
         if fp != fp0:
             raise ValueError(f"cannot compose: the LMs differ: {_lm_file(meta0)} (sha256 {fp0[:12]}, LM of {d0}) vs "
                              f"{_lm_file(meta)} (sha256 {fp[:12]}, LM of {d}); all runs must be on one frozen LM")

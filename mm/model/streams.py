@@ -57,6 +57,16 @@ class SpeechEmbeds(NamedTuple):
     lens: torch.Tensor
 
 
+def to_device(x, device: torch.device | str):
+    """A medium as forward takes it (tensor, Pixels / Frames / Audio / SpeechEmbeds, MediaKV, None) on `device`
+    (a MediaKV stays where it was computed)."""
+    if x is None or isinstance(x, MediaKV):
+        return x
+    if isinstance(x, torch.Tensor):
+        return x.to(device)
+    return type(x)(*(t.to(device) for t in x))
+
+
 @dataclass
 class MediaKV:
     """Cross-attention keys/values of one media batch for every block of a stream, computed once and reused.
@@ -297,6 +307,10 @@ class SpeechStream(nn.Module):
     def n_tokens(self, n_samples: int) -> int:
         """Adapter embeddings (= `<|speech|>` placeholders) for an utterance of n_samples at 16 kHz."""
         return int(self.adapter.n_out(self.encoder.cfg.out_frames(frames_for(int(n_samples)))))
+
+    def n_tokens_of(self, audio: Audio) -> list[int]:
+        """The placeholder count of every utterance of a featurised batch (its valid log-mel frames)."""
+        return [int(self.adapter.n_out(self.encoder.cfg.out_frames(int(n)))) for n in audio.lens]
 
     def placeholder_ids(self, n: int) -> list[int]:
         """`<|speech_start|>` + n placeholders + `<|speech_end|>`."""

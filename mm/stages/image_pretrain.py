@@ -28,11 +28,11 @@ from mm.config import ImageStageConfig
 from mm.model.checkpoint import CheckpointError
 from mm.model.composed import ComposedLM
 from mm.model.media import images_to_pixels
-from mm.model.runs import load_lm, model_dir
-from mm.model.store import load_vision, read_run, save_model
+from mm.model.runs import lm_dir, load_lm
+from mm.model.store import hot_swap, load_vision, read_run, save_model
 from mm.model.streams import ImageStream, Pixels
 from mm.train.distributed import init_distributed, unwrap, wrap_model
-from mm.train.trainer import StepOutput, Trainer, fit_stage, loss_ends, warmup_cosine
+from mm.train.trainer import StepOutput, Trainer, fit_adapter_stage, warmup_cosine
 
 DESCRIBE = "Describe the image."
 
@@ -69,25 +69,9 @@ def build_model(cfg: ImageStageConfig) -> tuple[ComposedLM, Tokenizer, Path]:
             raise CheckpointError(f"{d}: adapter does not fit: missing {missing[0]!r}")
         model.load_state_dict(sd, strict=False)
     if getattr(cfg, "instruct_lm", None):  # image_sft: LM hot-swapped to the instruction-tuned one (invariant 6)
-        hot_swap_lm(model, tok, cfg.instruct_lm)
+        hot_swap(model, tok, cfg.instruct_lm)
         return model, tok, lm_dir(cfg.instruct_lm)
     return model, tok, lm_dir(cfg.lm)
-
-
-def hot_swap_lm(model: ComposedLM, tok: Tokenizer, ckpt) -> None:
-    """Replace the model's LM weights by those of the LM run `ckpt` (streams untouched); its tokenizer must be the
-    one the streams were trained with (same ids, same special tokens)."""
-    other, otok, _ = load_lm(ckpt)
-    probe = "Describe the image. 0123 yes no"
-    if (otok.vocab_size, otok.encode(probe), otok.special_id("<|image|>")) != (
-            tok.vocab_size, tok.encode(probe), tok.special_id("<|image|>")):
-        raise CheckpointError(f"{model_dir(ckpt)}: its tokenizer differs from the image model's; cannot hot-swap")
-    model.load_lm_weights(other.state_dict())
-
-
-def lm_dir(ckpt) -> Path:
-    """The absolute model folder of an LM run."""
-    return model_dir(ckpt).resolve()
 
 
 # ---- the stage ------------------------------------------------------------------------------------------------------
@@ -150,18 +134,6 @@ class ImageObjective:
 
     def finish(self, model: ComposedLM) -> dict:
         return {}
-
-
-def fit_adapter_stage(trainer: Trainer, feed, cfg, loader, counts: dict, on_step) -> tuple[dict, bool]:
-    """fit_stage for the adapter stages (image_*, video_*): (the result so far: stage, steps, skips, parameter counts,
-    train_s, first/final loss; or the stop_after early result) and whether the run stopped early."""
-    def base() -> dict:
-        return {"stage": cfg.stage, "steps": cfg.steps, "skipped": loader.skipped}
-
-    records, train_s, stopped = fit_stage(trainer, feed, cfg.steps, base, on_step=on_step)
-    if stopped:
-        return stopped, True
-    return {**base(), **{f"params_{k}": n for k, n in counts.items()}, "train_s": train_s, **loss_ends(records)}, False
 
 
 def run(cfg: ImageStageConfig, run_dir: Path, resume: bool = False, objective: ImageObjective | None = None) -> dict:

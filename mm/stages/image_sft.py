@@ -22,10 +22,10 @@ import time
 from pathlib import Path
 
 from mm.train.average import average_states
-from mm.model.checkpoint import CheckpointError, file_sha256, load_meta, load_tensors, save_weights
+from mm.model.checkpoint import CheckpointError, file_sha256, save_weights
 from mm.config import ImageSFTConfig, SweepMember
 from mm.model.runs import model_dir
-from mm.model.store import load_model
+from mm.model.store import FORMAT, load_model, read_run
 from mm.stages import image_pretrain
 
 SAVED_PARTS = ("image.",)  # an image run's tensors (no LM): the only ones a soup averages
@@ -92,14 +92,14 @@ def run_member(cfg: ImageSFTConfig, i: int, m: SweepMember, mdir: Path) -> dict:
 def make_soup(members: list[Path], out: Path, meta: dict) -> Path:
     """Average the members' final ViT + adapter tensors (no LM tensors are in them) into out; tokenizer from the
     first member."""
-    dirs = [model_dir(d) for d in members]
-    states = [load_tensors(d / "model.safetensors") for d in dirs]
+    runs = [read_run(d) for d in members]  # members of either format, under the current keys
+    dirs, states = [d for d, _, _ in runs], [sd for _, _, sd in runs]
     for d, sd in zip(dirs, states):
         bad = [k for k in sd if not k.startswith(SAVED_PARTS)]
         if bad:
             raise CheckpointError(f"{d}: {bad[0]!r} is not an image-stream tensor; refusing to average it")
     avg = average_states(states, names=[str(d) for d in dirs])
-    meta = {**load_meta(dirs[0]), **meta, "soup_of": [str(d) for d in dirs]}
+    meta = {**runs[0][1], **meta, "format": FORMAT, "soup_of": [str(d) for d in dirs]}
     path = save_weights(out, {"model": avg}, meta)
     (path / "tokenizer.json").write_bytes((dirs[0] / "tokenizer.json").read_bytes())
     return path

@@ -40,7 +40,7 @@ from data.token_stream import IGNORE
 from encoders.speech import ConformerEncoder, SpecAugment
 from llm.tokenizer import ChatFormat, Tokenizer
 from mm.config import SpeechSFTConfig, speech_adapter_spec
-from mm.model.composed import ComposedLM
+from mm.model.composed import ComposedLM, param_counts
 from mm.model.media import Featurizer
 from mm.model.runs import load_lm, model_dir
 from mm.model.store import load_speech_encoder, save_model
@@ -205,13 +205,10 @@ def run(cfg: SpeechSFTConfig, run_dir: Path, resume: bool = False) -> dict:
         raise ValueError("acoustic_only trains the encoder on the character CTC: set char_ctc_weight > 0")
     model, tok = build_model(cfg)
     stream = model.model.speech
-    counts = model.model.train_only("speech")
+    model.model.train_only("speech")  # + the char head, a training aid (DESIGN.md invariant 4)
     if cfg.acoustic_only:  # the adapter gets no gradient without the LM, so it stays out of the optimizer too
         stream.adapter.requires_grad_(False)
-        n = sum(p.numel() for p in stream.adapter.parameters())
-        counts = {"trainable": counts["trainable"] - n, "frozen": counts["frozen"] + n}
-    if model.char_head is not None:
-        counts["trainable"] += sum(p.numel() for p in model.char_head.parameters())
+    counts = param_counts(model)
     net = wrap_model(model.to(info.device), cfg.train.parallel, info)
     loss_fn = functools.partial(speech_loss, char_weight=cfg.char_ctc_weight, acoustic_only=cfg.acoustic_only)
     records, loader, feed, trainer, train_s = train_on_audio(cfg, net, info, run_dir, loss_fn, resume,

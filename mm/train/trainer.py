@@ -364,6 +364,18 @@ def fit_stage(trainer: Trainer, feed, steps: int, base: Callable[[], dict], **fi
     return records, train_s, {**base(), "stopped_at": trainer.stopped_at, "checkpoint": trainer.last_checkpoint()}
 
 
+def fit_adapter_stage(trainer: Trainer, feed, cfg, loader, counts: dict, on_step) -> tuple[dict, bool]:
+    """fit_stage for the adapter stages (image_*, video_*): (the result so far: stage, steps, skips, parameter counts,
+    train_s, first/final loss; or the stop_after early result) and whether the run stopped early."""
+    def base() -> dict:
+        return {"stage": cfg.stage, "steps": cfg.steps, "skipped": loader.skipped}
+
+    records, train_s, stopped = fit_stage(trainer, feed, cfg.steps, base, on_step=on_step)
+    if stopped:
+        return stopped, True
+    return {**base(), **{f"params_{k}": n for k, n in counts.items()}, "train_s": train_s, **loss_ends(records)}, False
+
+
 def loss_ends(records: list[dict]) -> dict:
     """{"first_loss", "final_loss"} of the logged records (None when none logged a loss)."""
     losses = [r["loss"] for r in records if "loss" in r]
