@@ -38,7 +38,7 @@ def world(tmp_path_factory) -> dict:
 
 
 def test_image_ablation_compares_designs_on_the_same_items_and_reuses_arms(world, tmp_path, monkeypatch):
-    from mm import ablation
+    from mm.stages import ablation
     from mm.cli import main
 
     shared = [o for o in _overrides(world) if not o.startswith(("adapter.", "steps=", "train.ckpt_every"))]
@@ -64,7 +64,7 @@ def test_image_ablation_compares_designs_on_the_same_items_and_reuses_arms(world
     md = (out / "ablation.md").read_text()
     assert "| xattn |" in md and "| concat |" in md and (out / "ablation.png").stat().st_size > 1000
     meta = json.loads((out / "arms" / "concat" / "final" / "meta.json").read_text())
-    assert meta["image_adapter"]["kind"] == "mlp_concat"
+    assert meta["streams"]["image"]["adapter"]["kind"] == "mlp_concat"
 
     def no_scoring(*a, **k):
         raise AssertionError("an unchanged arm was scored again")
