@@ -23,7 +23,7 @@ def _pick(logits: torch.Tensor, greedy: bool, temperature: float, top_p: float, 
 def decode(model: Llama, step: Callable[[list[int], int], torch.Tensor], prompt: list[int], budget: int, *,
            greedy: bool = True, temperature: float = 0.8, top_p: float = 0.95, stop_ids: tuple[int, ...] = (),
            seed: int | None = None, use_cache: bool = True) -> list[int]:
-    """The one decode loop (every generator of the project runs it): up to `budget` ids after `prompt`, stopping
+    """The one decode loop (every single-sequence generator runs it): up to `budget` ids after `prompt`, stopping
     after any of stop_ids (not returned). step(seq, start) -> (vocab,) logits of the last position, running seq[start:]
     at positions start.. (with use_cache the LM's KV cache holds seq[:start]; without it start is always 0)."""
     gen = torch.Generator(device="cpu").manual_seed(seed) if seed is not None else None

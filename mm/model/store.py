@@ -221,22 +221,29 @@ def compose(runs: list, out: str | Path, meta: dict | None = None) -> dict:
 
 # ---- encoders of runs that are not composed models ------------------------------------------------------------------
 
+def _encoder_state(run: str | Path, stream: str, config_key: str, prefix: str, what: str
+                   ) -> tuple[Path, dict, dict[str, torch.Tensor]]:
+    """(folder, encoder config, encoder tensors without their prefix) of a composed run's `stream`, or of a run that
+    holds the encoder alone (meta `config_key`, tensors under `prefix`: clip / vision / speech_pretrain runs)."""
+    d = model_dir(run)
+    meta = load_meta(d)
+    if meta.get("kind") in (KIND, "image", "speech", "herd"):
+        d, meta, state = read_run(d)
+        if stream not in meta["streams"]:
+            raise CheckpointError(f"{d / 'meta.json'}: no {stream} stream")
+        cfg, prefix = meta["streams"][stream]["encoder"]["config"], f"{stream}.encoder."
+    elif config_key in meta:
+        cfg, state = meta[config_key], load_tensors(d / "model.safetensors")
+    else:
+        raise CheckpointError(f"{d / 'meta.json'}: no {config_key} (not {what})")
+    return d, cfg, {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
 def load_vision(run: str | Path, max_tiles: int | None = None) -> VisionEncoder:
     """The image encoder of a clip / vision run ("vision.*") or of a composed run's image stream, optionally with
     another max_tiles (tile tables whose shape changes start from init and their gates from 0)."""
-    d = model_dir(run)
-    meta = load_meta(d)
-    if meta.get("kind") == KIND or meta.get("kind") in ("image", "herd"):
-        d, meta, state = read_run(d)
-        if "image" not in meta["streams"]:
-            raise CheckpointError(f"{d / 'meta.json'}: no image stream")
-        cfg, prefix = meta["streams"]["image"]["encoder"]["config"], "image.encoder."
-    elif "vision_config" in meta:
-        cfg, prefix, state = meta["vision_config"], "vision.", load_tensors(d / "model.safetensors")
-    else:
-        raise CheckpointError(f"{d / 'meta.json'}: no image encoder (not a clip, vision or image run)")
+    d, cfg, sd = _encoder_state(run, "image", "vision_config", "vision.", "a clip, vision or image run")
     enc = VisionEncoder(VisionConfig(**{**cfg, **({"max_tiles": max_tiles} if max_tiles else {})}))
-    sd = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
     own = enc.state_dict()
     for k in [k for k in TILE_KEYS if k in sd and sd[k].shape != own[k].shape]:
         sd[k] = own[k]
@@ -248,19 +255,9 @@ def load_vision(run: str | Path, max_tiles: int | None = None) -> VisionEncoder:
 def load_speech_encoder(run: str | Path) -> ConformerEncoder:
     """The Conformer of a speech_pretrain run ("encoder.*", meta encoder_config) or of a composed run's speech
     stream."""
-    d = model_dir(run)
-    meta = load_meta(d)
-    if meta.get("kind") in (KIND, "speech", "herd"):
-        d, meta, state = read_run(d)
-        if "speech" not in meta["streams"]:
-            raise CheckpointError(f"{d / 'meta.json'}: no speech stream")
-        cfg, prefix = meta["streams"]["speech"]["encoder"]["config"], "speech.encoder."
-    elif "encoder_config" in meta:
-        cfg, prefix, state = meta["encoder_config"], "encoder.", load_tensors(d / "model.safetensors")
-    else:
-        raise CheckpointError(f"{d / 'meta.json'}: no encoder_config (not a speech run)")
+    d, cfg, sd = _encoder_state(run, "speech", "encoder_config", "encoder.", "a speech run")
     enc = ConformerEncoder(ConformerConfig(**cfg))
-    load_into(enc, {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}, d / "model.safetensors")
+    load_into(enc, sd, d / "model.safetensors")
     return enc
 
 
