@@ -119,7 +119,12 @@ def test_eval_image_scores_and_counts_skips(image_run, world, tmp_path):  # noqa
     assert rc == 0, (res, err)
     assert {"vqa_acc", "blind_vqa_acc", "vqa_acc_by_family"} <= res.keys() and res["items"] == 3
     assert res["skipped"] == {"bad_image": 1} and res["skipped_total"] == 1 and res["image_samples"] == 3
-    assert set(res["vqa_acc_by_family"]) == {"counting", "ocr"}
+    assert set(res["vqa_acc_by_family"]) == {"counting", "ocr"} and set(res["vqa_acc_by_source"]) == {"mine"}
+    # reading: with the image vs another sample's image, the gain with its paired interval, per family and source
+    r = res["reading"]
+    assert r["items"] == 3 and r["acc"] == res["vqa_acc"] and r["shuffled"] == res["shuffled_vqa_acc"]
+    assert r["gain"] == pytest.approx(r["acc"] - r["shuffled"]) and r["gain_ci95"][0] <= r["gain"] <= r["gain_ci95"][1]
+    assert res["reading_by_family"]["counting"]["items"] == 2 and res["reading_by_source"]["mine"]["items"] == 3
     # the same numbers as the benchmark script's evaluate (one implementation)
     import importlib.util
 
@@ -130,7 +135,7 @@ def test_eval_image_scores_and_counts_skips(image_run, world, tmp_path):  # noqa
     b = mod.evaluate(mod.argparse.Namespace(ckpt=str(image_run), shards=str(shard), max_items=0, max_new_tokens=2,
                                             no_blind=False, text_shards="", text_docs=0, seq_len=64,
                                             decode_scale=1, threads=1, seed=0, examples_dir=str(tmp_path / "ex"),
-                                            families=""))
+                                            families="", peer=None))
     assert {k: b[k] for k in ("vqa_acc", "blind_vqa_acc", "skipped", "items")} == \
         {k: res[k] for k in ("vqa_acc", "blind_vqa_acc", "skipped", "items")}
     # --families keeps one task family's samples (all of them: the cap does not cut them before the filter)

@@ -21,14 +21,23 @@ def test_report_plots_table_and_examples(tmp_path):
     assert len(read_metrics(a)) == 6 and read_metrics(c) == []
     assert series(read_metrics(a), "loss") == ([1, 2, 3, 4, 5], [4.9, 4.8, 4.7, 4.6, 4.5])
     assert series(read_metrics(b), "gate_image/1.ffn")[1] == [-0.02, -0.04, -0.06]
-    rows = [{"modality": "image", "metric": "vqa_acc", "model": 0.2875, "baseline": 0.0, "baseline_name": "blind"}]
+    rows = [{"modality": "image", "metric": "vqa_acc", "model": 0.2875, "baseline": 0.0, "baseline_name": "blind"},
+            {"modality": "image", "metric": "vqa_acc vs another image", "model": 0.2875, "baseline": 0.25,
+             "baseline_name": "shuffled image", "gain_ci95": [-0.01, 0.085], "beats": False}]
+    reading = [{"group": "mnist", "items": 20, "acc": 0.5, "shuffled": 0.1, "blind": 0.1, "gain": 0.4,
+                "gain_ci95": [0.2, 0.6]}]
     ex = [{"modality": "image", "input": "examples/cat.png", "prompt": "What is shown?", "output": "cat",
            "reference": "cat"}]
-    path = write_report(tmp_path, {"lm": a, "img": b, "empty": c}, rows, ex, notes=["2 cores"])
+    path = write_report(tmp_path, {"lm": a, "img": b, "empty": c}, rows, ex, notes=["2 cores"],
+                        tables=[("Image reading by source", reading, ["group", "items", "acc", "shuffled", "blind",
+                                                                       "gain", "gain_ci95"])])
     text = path.read_text()
     assert (tmp_path / "plots" / "losses.png").stat().st_size > 1000
     assert (tmp_path / "plots" / "gates.png").stat().st_size > 1000
-    assert "| image | vqa_acc | 0.287 | 0.000 | blind |" in text
+    assert "| image | vqa_acc | 0.287 | 0.000 | blind |  |  |" in text
+    assert "| image | vqa_acc vs another image | 0.287 | 0.250 | shuffled image | [-0.010, +0.085] | False |" in text
+    assert "## Image reading by source" in text and "| mnist | 20 | 0.500 | 0.100 | 0.100 | 0.400 | [+0.200, +0.600] |" \
+        in text
     assert "![input](examples/cat.png)" in text and "**cat**" in text and "- 2 cores" in text
     # no gates logged anywhere: no gate plot, and the report says so
     path = write_report(tmp_path / "r2", {"lm": a}, [], [])

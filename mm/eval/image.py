@@ -9,6 +9,7 @@ import random
 from collections import defaultdict
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from data.bench_files import load_bench_samples
@@ -17,6 +18,7 @@ from data.dialog import dialog
 from data.loader import load_image_samples
 from data.qa_format import mc_prompt, parse_letter, qa_prompt
 from llm.tokenizer import ChatFormat
+from mm.eval.stats import paired_bootstrap
 from mm.model.composed import ComposedLM
 from mm.model.generate import generate
 from mm.model.media import images_to_pixels
@@ -78,19 +80,44 @@ def answer(model: ComposedLM, fmt: ChatFormat, question: str, media: torch.Tenso
     return fmt.decode_reply(out).strip()
 
 
+SOURCE_GROUPS = {"counting/": "counting", "ocr/": "words", "ocr_doc/": "pages", "chart/": "charts"}
+
+
+def source_of(meta: dict) -> str:
+    """The held-out source an item is reported under: mnist, fashion_mnist, tuxpaint, words (rendered words), pages,
+    charts, counting (any sprite), or a benchmark file's own source / "other"."""
+    src = str((meta or {}).get("source") or "other")
+    return next((name for prefix, name in SOURCE_GROUPS.items() if src.startswith(prefix)), src)
+
+
+def reading_summary(flat: dict, key: str, n_boot: int = 1000, seed: int = 0) -> dict:
+    """Per value of flat[key] (family / source) and overall: accuracy with the image, with a shuffled image and with
+    none, and the reading gain (image - shuffled) with its paired bootstrap 95% interval."""
+    groups = {"all": list(range(len(flat["model"])))}
+    for i, g in enumerate(flat[key]):
+        groups.setdefault(g, []).append(i)
+    out = {}
+    for g, idx in groups.items():
+        m, sh = [flat["model"][i] for i in idx], [flat["shuffled"][i] for i in idx]
+        d = paired_bootstrap(m, sh, None, n_boot, seed)
+        out[g] = {"items": len(idx), "acc": d["a"], "shuffled": d["b"], "blind": float(np.mean([flat["blind"][i]
+                                                                                              for i in idx])),
+                  "gain": d["delta"], "gain_ci95": d["ci95"]}
+    return out
+
+
 @torch.no_grad()
 def vqa_eval(model: ComposedLM, tok, samples: list[dict], max_items: int = 0, max_new_tokens: int = 8,
              blind: bool = True, per_item: bool = False) -> dict:
-    """{"vqa_acc", "vqa_acc_by_family", "blind_vqa_acc", "blind_vqa_acc_by_family", "exact_match" (any reference),
-    "shuffled_vqa_acc"(_by_family), "items", "examples"}: greedy answers with the image; if blind, also with no image
-    and no `<|image|>` token, and with another sample's image (answer format kept, image content wrong). per_item:
-    also "per_item" {"family": [...], "model" / "blind" / "shuffled": [score, ...]} in item order (paired tests)."""
+    """Greedy answers with the image ("vqa_acc"; "exact_match": any reference); if blind, also with no image and no
+    placeholders ("blind_vqa_acc") and with another sample's image ("shuffled_vqa_acc": answer format kept, image
+    content wrong), and the reading gain (image - shuffled) with its paired bootstrap 95% interval ("reading":
+    overall, "reading_by_family", "reading_by_source"). Each accuracy also *_by_family and *_by_source (source_of).
+    per_item: also "per_item" {"family", "source", "model" / "blind" / "shuffled": [...]} in item order."""
     model.eval()
     fmt, items = ChatFormat(tok), vqa_items(samples, max_items)
     feats: dict[int, torch.Tensor] = {}
-    scores: dict[str, dict[str, list[float]]] = {"vqa": defaultdict(list), "blind": defaultdict(list),
-                                                 "em": defaultdict(list), "shuffled": defaultdict(list)}
-    examples, flat, blind_said = [], defaultdict(list), {}  # flat: per-item scores in item order
+    examples, flat, blind_said = [], defaultdict(list), {}  # flat: per-item records in item order
 
     def media(i: int) -> torch.Tensor:
         if i not in feats:
@@ -99,44 +126,43 @@ def vqa_eval(model: ComposedLM, tok, samples: list[dict], max_items: int = 0, ma
 
     for it in items:
         i = it["sample"]
-        media(i)
-        pred = answer(model, fmt, it["question"], feats[i], max_new_tokens)
-        s = item_score(it, pred)
-        scores["vqa"][it["family"]].append(s)
+        pred = answer(model, fmt, it["question"], media(i), max_new_tokens)
         flat["family"].append(it["family"])
-        flat["model"].append(s)
-        scores["em"][it["family"]].append(s if it.get("letter") else float(any(normalise_answer(pred) ==
-                                                                                normalise_answer(a)
-                                                                                for a in it["answers"])))
+        flat["source"].append(source_of(samples[i].get("meta")))
+        flat["model"].append(item_score(it, pred))
+        flat["em"].append(flat["model"][-1] if it.get("letter") else
+                          float(any(normalise_answer(pred) == normalise_answer(a) for a in it["answers"])))
         if blind:
             if it["question"] not in blind_said:  # greedy without an image: a function of the question alone
                 blind_said[it["question"]] = answer(model, fmt, it["question"], None, max_new_tokens)
-            bl = item_score(it, blind_said[it["question"]])
+            flat["blind"].append(item_score(it, blind_said[it["question"]]))
             other = media((i + 1 + len(samples) // 2) % len(samples))
-            sh = item_score(it, answer(model, fmt, it["question"], other, max_new_tokens))
-            scores["blind"][it["family"]].append(bl)
-            scores["shuffled"][it["family"]].append(sh)
-            flat["blind"].append(bl)
-            flat["shuffled"].append(sh)
+            flat["shuffled"].append(item_score(it, answer(model, fmt, it["question"], other, max_new_tokens)))
         if len(examples) < 8 and sum(e["family"] == it["family"] for e in examples) < 2:  # spread over families
             examples.append({"q": it["question"], "pred": pred, "answers": it["answers"], "family": it["family"],
                              "sample": i})
 
-    def summary(d: dict) -> tuple[float | None, dict]:
-        allv = [v for vs in d.values() for v in vs]
-        fam = {f: sum(vs) / len(vs) for f, vs in sorted(d.items()) if vs}
-        return (sum(allv) / len(allv) if allv else None), fam
+    def mean(v: list[float]) -> float | None:
+        return sum(v) / len(v) if v else None
 
-    out = {"items": len(items), "items_by_family": {f: len(vs) for f, vs in sorted(scores["vqa"].items())},
+    def by(key: str, col: str) -> dict:
+        return {g: mean([v for v, x in zip(flat[col], flat[key]) if x == g]) for g in sorted(set(flat[key]))}
+
+    out = {"items": len(items), "items_by_family": {f: flat["family"].count(f) for f in sorted(set(flat["family"]))},
+           "items_by_source": {s: flat["source"].count(s) for s in sorted(set(flat["source"]))},
            "mc_items": sum(bool(it.get("letter")) for it in items)}
-    out["vqa_acc"], out["vqa_acc_by_family"] = summary(scores["vqa"])
-    out["exact_match"], out["exact_match_by_family"] = summary(scores["em"])
-    if blind:
-        out["blind_vqa_acc"], out["blind_vqa_acc_by_family"] = summary(scores["blind"])
-        out["shuffled_vqa_acc"], out["shuffled_vqa_acc_by_family"] = summary(scores["shuffled"])
+    for name, col in (("vqa_acc", "model"), ("exact_match", "em")) + ((("blind_vqa_acc", "blind"),
+                                                                       ("shuffled_vqa_acc", "shuffled")) if blind else ()):
+        out[name] = mean(flat[col])
+        out[f"{name}_by_family"], out[f"{name}_by_source"] = by("family", col), by("source", col)
+    if blind and items:
+        fam, src = reading_summary(flat, "family"), reading_summary(flat, "source")
+        out["reading"] = fam.pop("all")
+        src.pop("all")
+        out["reading_by_family"], out["reading_by_source"] = fam, src
     out["examples"] = examples
     if per_item:
-        out["per_item"] = dict(flat)
+        out["per_item"] = {k: v for k, v in flat.items() if k != "em"}
     return out
 
 
@@ -152,26 +178,50 @@ def save_example_images(samples: list[dict], examples: list[dict], out_dir: Path
 
 
 def _scored(model: ComposedLM, tok, where: dict, samples: list[dict], skips: dict, max_items: int, max_new_tokens: int,
-            blind: bool, examples_dir, per_item: bool = False) -> dict:
-    """{**where, "image_samples", "skipped", "skipped_total", **vqa_eval(...)}; examples' images saved if asked."""
+            blind: bool, examples_dir, per_item: bool = False, peer: str | None = None) -> dict:
+    """{**where, "image_samples", "skipped", "skipped_total", **vqa_eval(...)}; examples' images saved if asked;
+    with an OCR peer (mm.eval.ocr_peer) also "ocr_peer": its accuracy and ours on the same OCR items, the paired
+    difference (ours - peer) with its 95% interval, or the line saying it is not installed."""
     out = {**where, "image_samples": len(samples), "skipped": skips, "skipped_total": sum(skips.values())}
     if not samples:
         raise ValueError(f"{next(iter(where.values()))}: no readable image samples (skipped: {skips})")
-    out.update(vqa_eval(model, tok, samples, max_items, max_new_tokens, blind=blind, per_item=per_item))
+    out.update(vqa_eval(model, tok, samples, max_items, max_new_tokens, blind=blind, per_item=per_item or bool(peer)))
+    if peer:
+        out["ocr_peer"] = ocr_peer_figures(peer, samples, vqa_items(samples, max_items), out["per_item"]["model"])
+        if not per_item:
+            del out["per_item"]
     if examples_dir:
         save_example_images(samples, out["examples"], Path(examples_dir))
     return out
 
 
+def ocr_peer_figures(name: str, samples: list[dict], items: list[dict], ours: list[float]) -> dict:
+    """The OCR peer `name` against our per-item scores `ours` on the OCR-family items."""
+    from mm.eval.ocr_peer import PeerMissing, peer_eval, reader
+
+    keep = [k for k, it in enumerate(items) if it["family"] == "ocr"]
+    try:
+        read = reader(name)
+    except PeerMissing as e:
+        return {"name": name, "error": str(e)}
+    if not keep:
+        return {"name": name, "error": "no OCR items among the scored ones"}
+    peer = peer_eval(samples, [items[k] for k in keep], read, item_score)
+    d = paired_bootstrap([ours[k] for k in keep], peer["per_item"], None, 1000, 0)
+    return {"name": name, "items": len(keep), "acc": d["b"], "ours": d["a"], "ours_minus_peer": d["delta"],
+            "ci95": d["ci95"]}
+
+
 def eval_image_shards(model: ComposedLM, tok, shards: str, max_items: int = 400, max_new_tokens: int = 8,
                       blind: bool = True, decode_scale: int = 1, seed: int = 0,
                       examples_dir: str | Path | None = None, families: tuple[str, ...] = (),
-                      per_item: bool = False) -> dict:
+                      per_item: bool = False, peer: str | None = None) -> dict:
     """VQA metrics of a loaded image model on any image-text shards (DESIGN.md format): samples decoded at
     decode_scale tile sides (a seeded subset of max_items // 2 samples, all when max_items is 0), then vqa_eval.
     Returns {"shards", "image_samples", "skipped" ({reason: n}), "skipped_total", **vqa_eval(...)}; the one
     implementation behind `mm eval image` and benchmarks/image.py. examples_dir: save the examples' images there;
-    families: keep only samples of these task families (all when empty)."""
+    families: keep only samples of these task families (all when empty); peer: an OCR peer scored on the same OCR
+    items (mm.eval.ocr_peer.PEERS)."""
     size = model.image.encoder.cfg.image_size * (decode_scale or 1)
     cap = max(1, max_items // 2) if max_items else 0
     samples, skips = load_image_samples(shards, size, max_samples=0 if families else cap, seed=seed)
@@ -184,7 +234,7 @@ def eval_image_shards(model: ComposedLM, tok, shards: str, max_items: int = 400,
             keep = sorted(random.Random(seed).sample(range(len(samples)), cap))
             samples = [samples[k] for k in keep]
     return _scored(model, tok, {"shards": shards}, samples, skips, max_items, max_new_tokens, blind,
-                   examples_dir, per_item)
+                   examples_dir, per_item, peer)
 
 
 def eval_image_file(model: ComposedLM, tok, path: str | Path, kind: str, max_items: int = 400,

@@ -94,6 +94,8 @@ def plot_gates(stages: dict[str, Path], out: Path) -> Path | None:
 def _cell(v) -> str:
     if isinstance(v, float):
         return f"{v:.3f}"
+    if isinstance(v, (list, tuple)) and len(v) == 2 and all(isinstance(x, float) for x in v):
+        return f"[{v[0]:+.3f}, {v[1]:+.3f}]"
     return "" if v is None else str(v)
 
 
@@ -104,12 +106,14 @@ def table(rows: list[dict], columns: list[str]) -> str:
 
 
 def write_report(run_dir: Path, stages: dict[str, Path], benchmarks: list[dict], examples: list[dict],
-                 title: str = "Herd run report", notes: list[str] = ()) -> Path:
+                 title: str = "Herd run report", notes: list[str] = (),
+                 tables: list[tuple[str, list[dict], list[str]]] = ()) -> Path:
     """Write run_dir/report.md and run_dir/plots/*.png.
 
     stages: {stage name: its run directory}; benchmarks: rows {"modality", "metric", "model", "baseline",
-    "baseline_name"}; examples: {"modality", "input" (text; an image path is embedded), "prompt", "output",
-    "reference"}. Returns the report path."""
+    "baseline_name", "gain_ci95"? (95% interval of model - baseline), "beats"?}; tables: further (title, rows,
+    columns) sections after the benchmarks; examples: {"modality", "input" (text; an image path is embedded),
+    "prompt", "output", "reference"}. Returns the report path."""
     run_dir = Path(run_dir)
     plots = run_dir / "plots"
     plots.mkdir(parents=True, exist_ok=True)
@@ -117,9 +121,13 @@ def write_report(run_dir: Path, stages: dict[str, Path], benchmarks: list[dict],
     md += [f"- {n}" for n in notes] + ([""] if notes else [])
     md.append("## Benchmarks\n")
     cols = ["modality", "metric", "model", "baseline", "baseline_name"]
+    cols += ["gain_ci95"] if any("gain_ci95" in b for b in benchmarks) else []
     cols += ["beats"] if any("beats" in b for b in benchmarks) else []
     md.append(table(benchmarks, cols) if benchmarks
               else "_no benchmark rows_\n")
+    for name, rows, columns in tables:
+        md.append(f"## {name}\n")
+        md.append(table(rows, columns))
     loss_png = plot_losses(stages, plots / "losses.png")
     md.append("## Loss curves\n")
     md.append(f"![losses](plots/{loss_png.name})\n" if loss_png else "_no stage logged a loss_\n")
