@@ -4,8 +4,11 @@
     python benchmarks/image.py --ckpt runs/image_pretrain_tiny [--shards VAL_SPEC | --tsv F | --jsonl F] [--max-items N]
 
 Prints ONE JSON line: vqa_acc (VQA normalisation; min(#matching refs / 3, 1) with several references, else exact
-match), vqa_acc_by_family, blind_vqa_acc(_by_family), exact_match (any reference matches), text_bpb and
-lm_text_bpb (equal by DESIGN.md invariant 1: text_bpb_equal), items, timings. Metric code: mm/eval/image.py.
+match), with another sample's image (shuffled_vqa_acc) and with none (blind_vqa_acc), each also per task family and
+per source (*_by_family, *_by_source); the reading gain (image - shuffled) with its paired bootstrap 95% interval
+overall ("reading"), per family and per source; exact_match (any reference matches); text_bpb and lm_text_bpb
+(equal by DESIGN.md invariant 1: text_bpb_equal); with --peer the OCR peer beside ours on the same OCR items
+("ocr_peer"); items, timings. Metric code: mm/eval/image.py.
 --tsv (VLMEvalKit, MMBench-style) / --jsonl (lmms-eval style) score a benchmark file instead of shards (readers:
 data/bench_files.py): per category (*_by_family), lettered multiple choice, bad rows counted under "skipped".
 """
@@ -56,7 +59,7 @@ def evaluate(args) -> dict:
     if tsv or jsonl:
         out.update(eval_image_file(model, tok, tsv or jsonl, "tsv" if tsv else "jsonl", **kw))
     else:
-        out.update(eval_image_shards(model, tok, args.shards, **kw))
+        out.update(eval_image_shards(model, tok, args.shards, peer=args.peer, **kw))
     out["vqa_s"] = round(time.perf_counter() - t0, 1)
     if args.text_shards and args.text_docs:
         lm, _, _ = load_lm(meta["lm"])
@@ -83,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--families", default="", help="comma-separated task families (file: categories) to score "
                                                   "(default: all)")
     p.add_argument("--examples-dir", help="save the example images here (their paths go into the examples)")
+    p.add_argument("--peer", choices=("rapidocr", "tesseract"), help="also score this OCR recogniser on the same OCR "
+                                                                     "items (an optional dependency; says so if absent)")
     args = p.parse_args(argv)
     return run_reporting(evaluate, args)
 

@@ -86,6 +86,13 @@ PINS: dict[str, Pin] = {
               r"|largest_country/samples|bigrams/samples|logic-statements/logic-statements)\.jsonl)"
               r"|evals-3\.0\.1\.post1\.dist-info/LICENSE\.md"),
     ),
+    "gcompris": Pin(  # DATA.md §6: real photos for evaluation only (CC0 / CC-BY-SA per folder README), in .rcc bundles
+        name="gcompris-qt-data", version="3.1-2", tool="apt",
+        command=("apt-get", "download", "gcompris-qt-data=3.1-2"),
+        sha256="e9cf06ab2105529068df73085784e835d2ff03f870d2a8091f09125d40abac9f",
+        keep=(r"\./(?P<path>usr/share/gcompris-qt/rcc/(lang|explore_world_animals|explore_farm_animals|categorization"
+              r"|explore_monuments)\.rcc|usr/share/doc/gcompris-qt-data/copyright)"),
+    ),
     "wordnet": Pin(  # DATA.md §5: WordNet 3.0 (WordNet licence); glosses + examples; the epoch 1: is only in the command
         name="wordnet-base", version="3.0-37", tool="apt",
         command=("apt-get", "download", "wordnet-base=1:3.0-37"),

@@ -26,7 +26,7 @@ from data.image_sources import (DIGIT_WORDS, FASHION_LABELS, fashion_mnist, fetc
 __all__ = ["DEFAULTS", "build_image_kit", "tuxpaint_stamps", "load_pools", "encode_image", "write_shards"]
 
 DEFAULTS: dict = {
-    "size": 64, "val_frac": 0.1, "seed": 0, "shard_size": 1000, "jpeg_quality": 90,
+    "size": 64, "render_scale": 1, "val_frac": 0.1, "seed": 0, "shard_size": 1000, "jpeg_quality": 90,
     "tuxpaint": True, "fashion_mnist": 4000, "mnist": 3000,
     "ocr_words": 1500, "ocr_docs": 800, "bar_charts": 700, "line_charts": 400, "counting": 1500,
     "curation": {"min_words": 1, "max_words": 40, "min_alpha": 0.6, "max_hamming": 2,
@@ -277,12 +277,13 @@ def split_items(split: str, pools: dict, docs: list[dict], cfg: dict, categories
         items.append(counting_item(a, b, n_a, rng.randint(0, min(3, 9 - n_a)), size, rng))
     makers = (("ocr_words", ocr_word_item), ("ocr_docs", ocr_doc_item), ("bar_charts", bar_chart_item),
               ("line_charts", line_chart_item))
+    rendered = size * int(cfg["render_scale"])  # text and charts drawn at render_scale x the tile: detail for tiling
     for key, make in makers:
         want, tries = _n_for(split, int(cfg[key]), vf), 0
         made = 0
         while docs and made < want and tries < 20 * want + 20:
             tries += 1
-            item = make(rng.choice(docs), size, rng)
+            item = make(rng.choice(docs), rendered, rng)
             if item is not None:
                 items.append(item)
                 made += 1

@@ -17,7 +17,7 @@ import yaml
 
 from data.fetch import PINS
 
-KIT_KEYS = {"text", "chat", "image", "video", "speech", "processes"}
+KIT_KEYS = {"text", "chat", "image", "video", "speech", "photos", "processes"}
 _MARK = "<!-- image+video kit -->"
 
 
@@ -64,7 +64,7 @@ def _video_job(cache_dir, out_dir, cfg):
 
 def attribution_section() -> str:
     """The ATTRIBUTION.md entries for the image and video kits."""
-    t, f, m = PINS["tuxpaint"], PINS["fashion_mnist"], PINS["mnist5k"]
+    t, f, m, g = PINS["tuxpaint"], PINS["fashion_mnist"], PINS["mnist5k"], PINS["gcompris"]
     return f"""{_MARK}
 ## Image-text and video-text kits (`image/`, `video/`)
 
@@ -80,6 +80,8 @@ Derived data (resized images, rendered text/charts, synthetic clips): never comm
 | Brown Corpus sentences and counts (rendered words, documents, charts) | see the text kit above | | \
 redistribution permitted |
 | DejaVu Sans (rendering font, shipped in matplotlib) | matplotlib | | Bitstream Vera / DejaVu licence (free) |
+| GCompris photos (held-out evaluation only, `photos/`; Wikimedia Commons and others per folder README) | Debian \
+`{g.spec}` | `{g.sha256}` | CC0 / CC-BY-SA / public domain (Debian `copyright` in the cache) |
 """
 
 
@@ -95,8 +97,9 @@ def _write_attribution(out_dir: Path) -> None:
 def build_kit(yaml_path_or_dict, cache_dir, out_dir) -> dict:
     """Fetch what is missing, build every enabled part into out_dir, return the combined manifest.
 
-    Parts: text (build_text_kit kwargs, e.g. heldout_genre), chat (chat_kit config: chat + preference shards), image (image_kit.DEFAULTS keys), video
-    (video_kit.DEFAULTS keys), speech (true or speech_kit config; skipped when data.speech_kit is absent).
+    Parts: text (build_text_kit kwargs, e.g. heldout_genre), chat (chat_kit config: chat + preference shards), image
+    (image_kit.DEFAULTS keys), video (video_kit.DEFAULTS keys), speech (true or speech_kit config; skipped when
+    data.speech_kit is absent), photos (true or {seed}: held-out real photographs, data.photo_kit).
     `processes` (default 2) is the number of processes for image + video.
     """
     cfg = load_kit_config(yaml_path_or_dict)
@@ -146,7 +149,18 @@ def build_kit(yaml_path_or_dict, cache_dir, out_dir) -> dict:
             m, manifest["timings_s"]["speech"] = _timed(build_speech_kit, cache_dir, out_dir, speech)
             manifest["parts"]["speech"] = {s: {k: v.get(k) for k in ("utterances", "hours", "by_task")}
                                            for s, v in m.get("splits", {}).items() if isinstance(v, dict)}
+    photos = _part(cfg.get("photos", False))
+    if photos is not None:
+        from data.photo_kit import build_photo_kit
+
+        m, manifest["timings_s"]["photos"] = _timed(build_photo_kit, cache_dir, out_dir, **photos)
+        manifest["parts"]["photos"] = {"val": {"samples": m["samples"], "by_category": m["by_category"]}}
     _write_attribution(out_dir)
     manifest["timings_s"]["total"] = round(time.time() - t0, 2)
-    (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=1, default=str) + "\n")
+    path = out_dir / "manifest.json"
+    if path.is_file():  # a build of some parts (e.g. experiments/data/photos.yaml) keeps the others' records
+        old = json.loads(path.read_text())
+        manifest = {**old, **manifest, "parts": {**old.get("parts", {}), **manifest["parts"]},
+                    "timings_s": {**old.get("timings_s", {}), **manifest["timings_s"]}}
+    path.write_text(json.dumps(manifest, indent=1, default=str) + "\n")
     return manifest

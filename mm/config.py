@@ -370,6 +370,8 @@ class HerdReportConfig:
     max_items: int = 200  # held-out items per benchmark
     chat_shards: str = ".cache/shards/chat/val-*.tar"  # held-out chat items (exact match)
     pref_shards: str = ".cache/shards/pref/val-*.tar"  # held-out preference pairs (chosen_frac)
+    photo_shards: str = ".cache/shards/photos/val-*.tar"  # held-out real photographs ("": none; data/photo_kit.py)
+    ocr_peer: str = "rapidocr"  # an OCR recogniser scored beside the image model ("": none; mm/eval/ocr_peer.py)
     threads: int = 1
 
 

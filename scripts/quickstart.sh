@@ -14,5 +14,8 @@ if [ -f "$SHARDS/manifest.json" ]; then
 else
   .venv/bin/mm data build --out "$SHARDS"
 fi
+if [ ! -f "$SHARDS/photos/manifest.json" ]; then  # a kit built before the held-out photos existed
+  .venv/bin/mm data build experiments/data/photos.yaml --out "$SHARDS"
+fi
 .venv/bin/mm run experiments/quickstart.yaml --out "$RUN" "$@"
 echo "[quickstart] report: $RUN/report/report.md" >&2
