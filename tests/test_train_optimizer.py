@@ -100,3 +100,29 @@ def test_adam_eps_sets_how_far_tiny_gradients_move():
         opt.step()
         moved[eps] = (1 - w.detach()).abs().max().item()
     assert moved[1e-8] < 0.02 * LR and moved[1e-12] == pytest.approx(LR, rel=0.02)
+
+
+def test_lr_mult_groups_run_named_parameters_at_their_own_lr(tmp_path):
+    """train.lr_mult {name part: mult}: the matching parameters form their own decayed / undecayed groups at
+    lr * mult; the rest keep the two default groups; a step moves them in proportion."""
+    m = Gated()
+    cfg = TrainConfig(lr_mult={"proj": 0.1}, weight_decay=0.5)
+    groups = build_optimizer(m.named_parameters(), cfg, torch.device("cpu")).param_groups
+    mults = {id(p): g.get("lr_mult", 1.0) for g in groups for p in g["params"]}
+    assert mults[id(m.proj.weight)] == 0.1 and mults[id(m.gate_attn)] == 1.0
+    slow = next(g for g in groups if id(m.proj.weight) in {id(p) for p in g["params"]})
+    assert slow["weight_decay"] == 0.5 and len(slow["params"]) == 1
+    with pytest.raises(ValueError, match="named_parameters"):
+        build_optimizer(m.parameters(), cfg, torch.device("cpu"))
+    torch.manual_seed(0)
+    tcfg = TrainConfig(lr_mult={"proj": 0.1}, progress=False, dtype="fp32", device="cpu", log_every=1, ckpt_every=1,
+                       keep_last=1, grad_clip=0.0, weight_decay=0.0)
+    t = Trainer(Gated(), tcfg, tmp_path, loss_fn=_loss, lr_at=lambda s: LR, info=DistInfo(), desc="t")
+    with torch.no_grad():
+        t.model.gate_attn.fill_(0.5)  # an open gate, so proj gets a gradient
+    before = {n: p.detach().clone() for n, p in t.model.named_parameters()}
+    t.train_step(_batch(0))
+    moved = {n: float((p.detach() - before[n]).abs().max()) for n, p in t.model.named_parameters()}
+    # Adam's first step moves every parameter by about its group's LR
+    assert moved["proj.weight"] == pytest.approx(0.1 * LR, rel=0.05)
+    assert moved["gate_attn"] == pytest.approx(LR, rel=0.05)

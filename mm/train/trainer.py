@@ -33,6 +33,7 @@ class TrainConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     grad_clip: float = 1.0
     gate_lr_mult: float = 1.0  # LR multiplier of the scalar tanh gates (gate_* / *_gate); 1.0: one LR for all
+    lr_mult: dict[str, float] = field(default_factory=dict)  # {parameter-name part: LR multiplier}, e.g. image.encoder.
     adam_eps: float = 1e-8  # AdamW eps (torch's default); adapters behind a near-0 gate see gradients below it
     dtype: Literal["auto", "fp32", "bf16"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -114,19 +115,26 @@ def build_optimizer(params, cfg: TrainConfig, device: torch.device) -> torch.opt
     """AdamW with weight decay on matrices only (norm gains and other vectors are not decayed).
 
     params: parameters, or (name, parameter) pairs (model.named_parameters()). With cfg.gate_lr_mult != 1 and names,
-    the tanh gates (is_gate) form a third group, not decayed, whose "lr_mult" makes Trainer.train_step run them at
+    the tanh gates (is_gate) form their own group, not decayed, whose "lr_mult" makes Trainer.train_step run them at
     lr * gate_lr_mult: a gate that starts at 0 scales the gradient of everything behind it, so a slow gate starves
-    its block (the video stages, measured). With mult 1 the two groups are exactly the previous ones (old optimizer
-    states still load)."""
+    its block (the video stages, measured). cfg.lr_mult {name part: mult} gives the parameters whose names contain a
+    part (the first that matches) their own decayed / undecayed groups at lr * mult (e.g. a pretrained encoder slower
+    than a new adapter). With no multipliers the two groups are exactly the previous ones (old optimizer states still
+    load)."""
     named = [item if isinstance(item, tuple) else ("", item) for item in params]
     named = [(n, p) for n, p in named if p.requires_grad]
     split = cfg.gate_lr_mult != 1.0
-    if split and any(not n for n, _ in named):
-        raise ValueError("train.gate_lr_mult needs parameter names: pass model.named_parameters()")
+    if (split or cfg.lr_mult) and any(not n for n, _ in named):
+        raise ValueError("train.gate_lr_mult / train.lr_mult need parameter names: pass model.named_parameters()")
     gates = [p for n, p in named if split and is_gate(n)]
-    rest = [p for n, p in named if not (split and is_gate(n))]
-    groups = [{"params": [p for p in rest if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}]
+    rest = [(n, p) for n, p in named if not (split and is_gate(n))]
+    mult_of = {n: next((float(m) for part, m in cfg.lr_mult.items() if part in n), None) for n, _ in rest}
+    groups = [{"params": [p for n, p in rest if p.dim() >= 2 and mult_of[n] is None], "weight_decay": cfg.weight_decay},
+              {"params": [p for n, p in rest if p.dim() < 2 and mult_of[n] is None], "weight_decay": 0.0}]
+    for m in sorted({v for v in mult_of.values() if v is not None}):
+        for matrices, decay in ((True, cfg.weight_decay), (False, 0.0)):
+            ps = [p for n, p in rest if mult_of[n] == m and (p.dim() >= 2) == matrices]
+            groups += [{"params": ps, "weight_decay": decay, "lr_mult": m}] if ps else []
     if split:
         groups.append({"params": gates, "weight_decay": 0.0, "lr_mult": float(cfg.gate_lr_mult)})
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.adam_eps, fused=device.type == "cuda")
@@ -240,7 +248,7 @@ class Trainer:
         """Forward/backward over the micro-batches, NaN guard, clip, optimizer step. Returns the step's figures."""
         lr = self.lr_at(self.step)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr * group.get("lr_mult", 1.0)  # lr_mult: the gate group (train.gate_lr_mult)
+            group["lr"] = lr * group.get("lr_mult", 1.0)  # lr_mult: train.lr_mult / gate_lr_mult groups
         self.model.train()
         loss_sum, tokens, extra = torch.zeros((), dtype=torch.float64, device=self.info.device), 0, {}
         n = len(micro_batches)
