@@ -63,6 +63,10 @@ def test_image_ablation_compares_designs_on_the_same_items_and_reuses_arms(world
     assert c["params_trainable"] != x["params_trainable"] and c["train_flops_per_sample"] != x["train_flops_per_sample"]
     md = (out / "ablation.md").read_text()
     assert "| xattn |" in md and "| concat |" in md and (out / "ablation.png").stat().st_size > 1000
+    # the reading gain per held-out source, the same items split
+    assert sum(g["items"] for g in x["by_group"].values()) == x["items"] and "by source" in md
+    for g in x["by_group"].values():
+        assert g["gain"] == pytest.approx(g["accuracy"] - g["shuffled"])
     meta = json.loads((out / "arms" / "concat" / "final" / "meta.json").read_text())
     assert meta["streams"]["image"]["adapter"]["kind"] == "mlp_concat"
 

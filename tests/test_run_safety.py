@@ -139,6 +139,11 @@ def test_reuse_needs_the_same_config(shards, done):
     assert "phases[0].steps was 3, now 4" in msg and "--force" in msg and str(done) in msg and "\n" not in msg
     with pytest.raises(ConfigDrift, match="train.lr was 0.003, now 0.002"):
         run_config(CONFIG, _ov(shards, 3, "train.lr=0.002"), done)
+    # a key added to a free-form mapping (a data mix, an adapter block) is a setting the old run did not have
+    with pytest.raises(ConfigDrift, match=r"data.mix.books was null, now 2.0"):
+        run_config(CONFIG, _ov(shards, 3, "data.mix={books: 2.0}"), done)
+    with pytest.raises(ConfigDrift, match=r"train.lr_mult.layers. was null, now 0.5"):
+        run_config(CONFIG, _ov(shards, 3, "train.lr_mult={layers.: 0.5}"), done)
 
 
 def test_reuse_needs_the_same_inputs(shards, tmp_path):

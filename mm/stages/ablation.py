@@ -72,7 +72,7 @@ def score_image(arm_dir: Path, cfg: AblationConfig) -> dict:
     flops = _flops(model, lambda: model(mb["tokens"], image=px, labels=mb["labels"]))
     p = ev["per_item"]
     return {"values": {"model": p["model"], "shuffled": p["shuffled"], "blind": p["blind"]}, "weights": None,
-            "keys": [f"{f}:{i}" for i, f in enumerate(p["family"])], "flops": flops}
+            "keys": [f"{f}:{i}" for i, f in enumerate(p["family"])], "groups": p["source"], "flops": flops}
 
 
 def score_video(arm_dir: Path, cfg: AblationConfig) -> dict:
@@ -140,12 +140,16 @@ def _fill(text: str, run_dir: Path) -> str:
     return text.replace("{run}", str(run_dir))
 
 
+SCORES_VERSION = 2  # what a cached scores file holds (2: image items' sources); older files are scored again
+
+
 def _arm_key(arm_dir: Path, cfg: AblationConfig) -> str:
-    """What an arm's scores depend on: its weights (fingerprint + result) and the evaluation settings."""
+    """What an arm's scores depend on: its weights (fingerprint + result), the evaluation settings and the scores'
+    format."""
     h = hashlib.sha256()
     for name in ("fingerprint.json", "result.json"):
         h.update((arm_dir / name).read_bytes())
-    h.update(json.dumps([cfg.eval_shards, cfg.eval_items, cfg.max_new_tokens, cfg.seed]).encode())
+    h.update(json.dumps([cfg.eval_shards, cfg.eval_items, cfg.max_new_tokens, cfg.seed, SCORES_VERSION]).encode())
     return h.hexdigest()
 
 
@@ -186,13 +190,19 @@ def compare(scores: dict[str, dict], results: dict[str, dict], cfg: AblationConf
             paired_bootstrap(control, m, w, cfg.n_boot, cfg.seed)
         vs = paired_bootstrap(m, ref["values"][ref.get("primary", "model")], w, cfg.n_boot, cfg.seed)
         r = results[name]
+        by_group = {}  # the gain per held-out source (image), when the scores name one per item
+        for g in sorted(set(s.get("groups") or ())):
+            idx = [i for i, x in enumerate(s["groups"]) if x == g]
+            d = paired_bootstrap([m[i] for i in idx], [control[i] for i in idx], None, cfg.n_boot, cfg.seed)
+            by_group[g] = {"items": len(idx), mod.metric: d["a"], mod.controls[0]: d["b"], "gain": d["delta"],
+                           "gain_ci95": d["ci95"]}
         rows[name] = {"design": name, mod.metric: gain["b"] if not mod.higher_better else gain["a"],
                       "ci95": bootstrap_ci(m, w, cfg.n_boot, cfg.seed),
                       **{c: paired_bootstrap(s["values"][c], m, w, cfg.n_boot, cfg.seed)["a"] for c in mod.controls},
                       "gain": gain["delta"], "gain_ci95": gain["ci95"],
                       "vs_default": vs["delta"], "vs_default_ci95": vs["ci95"],
                       "params_trainable": r.get("params_trainable"), "train_flops_per_sample": s["flops"],
-                      "train_s": r.get("train_s"), "items": len(m)}
+                      "train_s": r.get("train_s"), "items": len(m), **({"by_group": by_group} if by_group else {})}
     return {"stage": "ablation", "modality": cfg.modality, "metric": mod.metric, "default": default,
             "higher_better": mod.higher_better, "controls": list(mod.controls), "arms": rows}
 
@@ -222,6 +232,16 @@ def write_markdown(table: dict, path: Path) -> None:
             "—" if name == table["default"] else f"{r['vs_default']:+.3f} [{vci[0]:+.3f}, {vci[1]:+.3f}]",
             f"{r['params_trainable']:,}" if r["params_trainable"] is not None else "-",
             _fmt(flops / 1e9 if flops else None, 2), _fmt(r["train_s"], 0)]) + " |")
+    groups = sorted({g for r in table["arms"].values() for g in r.get("by_group", {})})
+    if groups:  # the gain over the control per held-out source, one column per arm
+        lines += ["", f"{gain} by source [95% CI]:", "", "| source | items | " + " | ".join(order) + " |",
+                  "|" + "---|" * (2 + len(order))]
+        for g in groups:
+            cells = [table["arms"][a].get("by_group", {}).get(g) for a in order]
+            n = next(c["items"] for c in cells if c)
+            lines.append(f"| {g} | {n} | " + " | ".join(
+                "-" if c is None else f"{c['gain']:+.3f} [{c['gain_ci95'][0]:+.3f}, {c['gain_ci95'][1]:+.3f}]"
+                for c in cells) + " |")
     lines += ["", "![ablation](ablation.png)", ""]
     atomic_write_text(path, "\n".join(lines))
 

@@ -2,6 +2,8 @@
 and the inputs it read match what the directory was made with (a fingerprint)."""
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import os
 import socket
@@ -264,9 +266,11 @@ def fingerprint(cfg: Any, run_dir: Path, old: dict | None = None) -> dict:
     """{"config.<key>": value} for every resolved config field, plus {"input.<key>": record} for every field that
     names a file, a model or shards on disk (weights and manifests hashed; re-hashed only if size or mtime changed
     since `old`)."""
-    flat = _flatten(OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True), "config")
+    tree = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+    flat = _flatten(tree, "config")
     old = old or {}
     out: dict[str, Any] = dict(flat)
+    out[MAPPINGS] = _mapping_fields(cfg, "config")
     for key, value in flat.items():
         if isinstance(value, str) and value and key != "config.stage":
             ikey = "input" + key[len("config"):]
@@ -276,15 +280,32 @@ def fingerprint(cfg: Any, run_dir: Path, old: dict | None = None) -> dict:
     return out
 
 
+MAPPINGS = "mappings"  # fingerprint entry: the config fields that are free-form mappings (their keys are settings)
+
+
+def _mapping_fields(cfg: Any, prefix: str) -> list[str]:
+    """The dotted paths of a config's dict-valued fields (adapter blocks, data mixes, train.lr_mult, ...)."""
+    out = []
+    for f in dataclasses.fields(cfg) if dataclasses.is_dataclass(cfg) else ():
+        v = getattr(cfg, f.name)
+        if isinstance(v, dict):
+            out.append(f"{prefix}.{f.name}")
+        elif dataclasses.is_dataclass(v):
+            out += _mapping_fields(v, f"{prefix}.{f.name}")
+    return out
+
+
 def first_difference(old: dict, new: dict, safe: tuple[str, ...] = SAFE_KEYS) -> tuple[str, Any, Any] | None:
     """(key, old value, new value) of the first setting or input that differs, ignoring `safe` keys, inputs the old
     run found absent (e.g. shards the stage built itself) and fields newer than the old run (they default to the
-    behaviour it had); None when they match."""
+    behaviour it had); a key the old run lacks inside a free-form mapping (new["mappings"]: e.g. `adapter.out_rms`
+    added to an adapter block) is a difference: a mapping holds only what was set. None when they match."""
+    maps = tuple(f"{m}." for m in new.get(MAPPINGS, ()))
     for key in list(new) + [k for k in old if k not in new and k.startswith("config.")]:
-        if key in safe:
+        if key in safe or key == MAPPINGS:
             continue
-        if key not in old:  # an input the old run found absent (shards it built), or a knob newer than the run
-            continue
+        if key not in old and not key.startswith(maps):  # an input the old run found absent (shards it built), or
+            continue  # a knob newer than the run
         a, b = old.get(key), new.get(key)
         if key.startswith("input."):
             a, b = _strip_hash_cache(a), _strip_hash_cache(b)
