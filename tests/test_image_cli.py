@@ -149,3 +149,28 @@ def test_eval_image_scores_and_counts_skips(image_run, world, tmp_path):  # noqa
     size = Image.open(b["examples"][0]["image"]).size
     assert size[0] == size[1] > 0 and all(Image.open(e["image"]).mode == "RGB" for e in b["examples"])
     torch.set_num_threads(1)  # evaluate() set it; keep the shared CPU at one thread
+
+
+def test_image_probe_reads_the_label_where_the_pixels_hold_it(image_run, world):  # noqa: F811
+    """benchmarks/image_probe.py on the tiny world, whose two labels differ in colour: a linear probe reads the label
+    from the ViT tokens on held-out images; every place and the model's own answers are reported."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_image_probe", Path(__file__).resolve().parents[1] /
+                                                  "benchmarks" / "image_probe.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    r = world["root"]
+    res = mod.evaluate(mod.argparse.Namespace(ckpt=str(image_run), train_shards=f"{r}/train-*.tar",
+                                              shards=f"{r}/val-*.tar", sources="toy", train=24, val=6,
+                                              weight_decay=1e-3, threads=1))
+    toy = res["toy"]
+    assert toy["classes"] == 2 and toy["train"] == 24 and toy["val"] == 6 and toy["chance"] == 0.5
+    assert set(mod.PLACES) <= toy.keys() and set(toy["answers"]) == {"image", "shuffled"}
+    assert toy["vit_mean"]["val_acc"] == 1.0 and toy["vit_flat"]["val_acc"] == 1.0
+    assert all(0.0 <= toy[p]["val_acc"] <= 1.0 for p in mod.PLACES)
+    with pytest.raises(ValueError, match="mnist: too few recognition samples"):
+        mod.evaluate(mod.argparse.Namespace(ckpt=str(image_run), train_shards=f"{r}/train-*.tar",
+                                            shards=f"{r}/val-*.tar", sources="mnist", train=24, val=6,
+                                            weight_decay=1e-3, threads=1))
+    torch.set_num_threads(1)
