@@ -86,8 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--families", default="", help="comma-separated task families (file: categories) to score "
                                                   "(default: all)")
     p.add_argument("--examples-dir", help="save the example images here (their paths go into the examples)")
-    p.add_argument("--peer", choices=("rapidocr", "tesseract"), help="also score this OCR recogniser on the same OCR "
-                                                                     "items (an optional dependency; says so if absent)")
+    p.add_argument("--peer", choices=("rapidocr", "tesseract"),
+                   help="also score this OCR recogniser on the same OCR items (optional; says so if absent)")
     args = p.parse_args(argv)
     return run_reporting(evaluate, args)
 

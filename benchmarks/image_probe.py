@@ -4,8 +4,8 @@ the path, next to the model's own answers:
 
   vit_mean       the image encoder's tokens, averaged (what CLIP's pooling sees)
   vit_flat       the image encoder's tokens, flattened (everything the adapter can use)
-  adapter_mean   the tokens the LM side reads, averaged: the design's projection of the encoder tokens (gated / perceiver
-                 cross-attention: the projected (resampled) media; an embedding design: its input embeddings)
+  adapter_mean   the tokens the LM side reads, averaged: the design's projection of the encoder tokens (cross-attention
+                 designs: the projected, possibly resampled, media; an embedding design: its input embeddings)
   lm_state       the composed model's final hidden state at the answer position of the source's question, with the
                  image; lm_state_shuffled: the same with another held-out image (the floor: answer priors)
   answers        the model's greedy answers to that question (vqa score) with the image / another image
