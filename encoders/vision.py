@@ -17,14 +17,15 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
 from functools import partial
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import LayerNorm, QuickGELU
+from timm.layers import GroupNorm1, HybridEmbed, LayerNorm, QuickGELU
 from timm.models.vision_transformer import Block, VisionTransformer, init_weights_vit_timm
+from timm.models.vision_transformer_hybrid import ConvStem
 
 from llm.shapes import shape_overrides
 
@@ -54,6 +55,7 @@ class VisionConfig:
     qkv_bias: bool = False
     pre_norm: bool = True
     norm_eps: float = 1e-6
+    stem: Literal["patch", "conv"] = "patch"  # patch: one patch conv (ViT); conv: stride-2 3x3 convs (Xiao et al. 2021)
 
     @property
     def grid(self) -> int:
@@ -181,6 +183,21 @@ def normalize_pixels(pixels: torch.Tensor) -> torch.Tensor:
     return (pixels.float() / 255.0 - mean) / std
 
 
+def stem_args(cfg: VisionConfig) -> dict:
+    """timm VisionTransformer arguments for the patch embedding: a patch conv, or the convolutional stem of "Early
+    Convolutions Help Transformers See Better" (log2(patch) stride-2 3x3 convs, GELU, per-image GroupNorm so a batch's
+    padding tiles change nothing, then a 1x1 projection); both give the same grid of image_size / patch_size."""
+    if cfg.stem == "patch":
+        return {"patch_size": cfg.patch_size}
+    depth = cfg.patch_size.bit_length() - 1
+    if cfg.stem != "conv" or cfg.patch_size != 1 << depth or depth < 1:
+        raise ValueError(f"vision stem {cfg.stem!r} needs stem 'patch', or 'conv' with a power-of-2 patch_size "
+                         f"(got {cfg.patch_size})")
+    stem = ConvStem(depth=depth, channels=cfg.width, kernel_size=3, stride=(2,) * depth, padding=1,
+                    norm_layer=GroupNorm1, act_layer=nn.GELU)
+    return {"patch_size": 1, "embed_layer": partial(HybridEmbed, backbone=stem)}
+
+
 # ---- modules ----------------------------------------------------------------------------------------------------
 
 class GatedBlock(nn.Module):
@@ -211,7 +228,7 @@ class VisionEncoder(nn.Module):
         self.cfg = cfg
         D, T, R, N = cfg.width, cfg.tokens_per_tile, len(supported_grids(cfg.max_tiles)), cfg.max_tiles
         self.vit = VisionTransformer(
-            img_size=cfg.image_size, patch_size=cfg.patch_size, in_chans=3, num_classes=0, global_pool="token",
+            img_size=cfg.image_size, in_chans=3, num_classes=0, global_pool="token", **stem_args(cfg),
             embed_dim=D, depth=cfg.layers, num_heads=cfg.heads, mlp_ratio=cfg.mlp_dim / D, qkv_bias=cfg.qkv_bias,
             class_token=True, pre_norm=cfg.pre_norm, final_norm=True, act_layer=ACTIVATIONS[cfg.act],
             norm_layer=partial(LayerNorm, eps=cfg.norm_eps))  # pre_norm: ln_pre, no patch-embed bias (CLIP style)

@@ -246,3 +246,26 @@ def test_clip_pretrain_stage_resume_and_loaders(shards, tmp_path, monkeypatch):
     assert isinstance(s, float) and -1.0 <= s <= 1.0
     kept, removed = clip_filter([{"image": imgs[0].transpose(1, 2, 0), "caption": "a bag"}], score, 2.0)
     assert kept == [] and removed["clip_below_threshold"] == 1
+
+
+def test_conv_stem_same_tokens_per_image_and_one_line_errors():
+    """stem 'conv' (log2(patch) stride-2 convs + a 1x1 projection): the same token grid and output width as the
+    patch stem, a different embedding of the same pixels, each image's features independent of the other images and
+    padding tiles in its batch (per-image GroupNorm), and a patch size that is no power of 2 refused in one line."""
+    torch.manual_seed(0)
+    cfg = VisionConfig(image_size=32, patch_size=8, width=32, layers=2, heads=2, mlp_dim=64, taps=[0], n_gated=1,
+                       max_tiles=4)
+    patch, conv = VisionEncoder(cfg), VisionEncoder(VisionConfig(**{**cfg.to_dict(), "stem": "conv"}))
+    px = torch.randn(3, 4, 3, 32, 32)
+    aspect = torch.tensor([0, 3, 5])  # 1 tile (3 padding tiles), a 2x2 grid, another grid
+    a, b = patch(px, aspect), conv(px, aspect)
+    assert a.shape == b.shape == (3, 4 * cfg.tokens_per_tile, cfg.out_dim)
+    assert not torch.allclose(a, b)
+    assert "vit.patch_embed.backbone.0.conv.weight" in dict(conv.named_parameters())
+    one = conv(px[:1], aspect[:1])
+    assert torch.allclose(one, b[:1], atol=1e-5)  # the batch's other images do not change image 0
+    bad = px.clone()
+    bad[0, 1:] = 7.0  # image 0's padding tiles (masked) hold other values: its real tile's features are unchanged
+    assert torch.allclose(conv(bad, aspect)[0, :cfg.tokens_per_tile], b[0, :cfg.tokens_per_tile], atol=1e-5)
+    with pytest.raises(ValueError, match="power-of-2 patch_size"):
+        VisionEncoder(VisionConfig(image_size=28, patch_size=14, stem="conv"))
