@@ -110,7 +110,7 @@ def test_eval_image_scores_and_counts_skips(image_run, world, tmp_path):  # noqa
     with wds.TarWriter(str(shard)) as w:
         for i in range(4):
             meta = {"source": "mine", "family": "counting" if i < 3 else "ocr",
-                    "qa": [{"question": "How many?", "answers": ["2"]}]}
+                    "qa": [{"question": "How many?", "answers": ["2"]}], **({"label": "two"} if i != 3 else {})}
             png = encode_image(_image(i), "png")
             w.write({"__key__": f"s{i}", "png": png if i != 1 else png[:40], "txt": "a thing.",
                      "json": json.dumps(meta)})
@@ -125,6 +125,9 @@ def test_eval_image_scores_and_counts_skips(image_run, world, tmp_path):  # noqa
     assert r["items"] == 3 and r["acc"] == res["vqa_acc"] and r["shuffled"] == res["shuffled_vqa_acc"]
     assert r["gain"] == pytest.approx(r["acc"] - r["shuffled"]) and r["gain_ci95"][0] <= r["gain"] <= r["gain_ci95"][1]
     assert res["reading_by_family"]["counting"]["items"] == 2 and res["reading_by_source"]["mine"]["items"] == 3
+    # the naming questions (open, answered by the item's label: "two" == "2" once normalised) of samples 0 and 2
+    nm = res["naming_by_source"]
+    assert nm["all"]["items"] == 2 and nm["mine"]["items"] == 2 and 0.0 <= nm["mine"]["acc"] <= 1.0
     # the same numbers as the benchmark script's evaluate (one implementation)
     import importlib.util
 

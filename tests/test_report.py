@@ -56,3 +56,17 @@ def test_failed_benchmark_is_one_error_line_and_nothing_kept(tmp_path):
     msg = str(err.value)
     assert msg.startswith("benchmarks/image.py --ckpt") and str(tmp_path / "no_run") in msg.split(": ", 1)[1]
     assert "\n" not in msg and not out.exists()
+
+
+def test_reading_tables_from_the_image_benchmark(tmp_path):
+    """The report's image tables: by family, by source and the naming questions by source, each when present, in that
+    order; none without the benchmark's file."""
+    from mm.stages.herd_report import reading_tables
+
+    row = {"items": 4, "acc": 0.5, "shuffled": 0.25, "blind": 0.0, "gain": 0.25, "gain_ci95": [0.0, 0.5]}
+    f = tmp_path / "image.json"
+    assert reading_tables(f) == []
+    f.write_text(json.dumps({"reading_by_source": {"mnist": row}, "naming_by_source": {"all": row, "mnist": row}}))
+    tabs = reading_tables(f)
+    assert [t[0] for t in tabs] == ["Image reading by source", "Image naming questions (the label in words) by source"]
+    assert [r["group"] for r in tabs[1][1]] == ["all", "mnist"] and tabs[1][1][1]["gain"] == 0.25

@@ -37,12 +37,13 @@ def image_features(model: ComposedLM, image) -> torch.Tensor:
 
 
 def vqa_score(pred: str, answers) -> float:
-    """VQA accuracy of one prediction: min(#references matching / 3, 1) with several references, else exact match
-    (both after normalise_answer)."""
+    """VQA accuracy of one prediction (after normalise_answer): with 3 or more references (annotators' answers, as
+    VQAv2's ten) min(#references matching / 3, 1); with one or two (a kit item's accepted forms, e.g. "3" and
+    "three") 1 if any matches, else 0."""
     refs = [answers] if isinstance(answers, str) else list(answers)
     p = normalise_answer(pred)
     hits = sum(p == normalise_answer(r) for r in refs)
-    if len(refs) > 1:
+    if len(refs) >= 3:
         return min(hits / 3.0, 1.0)
     return float(hits > 0)
 
@@ -56,11 +57,19 @@ def vqa_items(samples: list[dict], max_items: int = 0) -> list[dict]:
         for qa in meta.get("qa") or []:
             if qa.get("answers"):
                 it = {"sample": i, "question": qa_prompt(qa), "answers": list(qa["answers"]),
-                      "family": meta.get("family", "other")}
+                      "family": meta.get("family", "other"), "naming": is_naming(qa, meta)}
                 if qa.get("letter"):
                     it.update(question=mc_prompt(str(qa["question"]), list(qa["choices"])), letter=qa["letter"])
                 out.append(it)
     return out[:max_items] if max_items else out
+
+
+def is_naming(qa: dict, meta: dict) -> bool:
+    """Whether a qa is its item's naming question: open (no options), its answer the item's label ("What digit is
+    shown?" -> "3", "What kind of clothing item is this?" -> "sandal", "What word is written in the image?")."""
+    label = meta.get("label")
+    return (label is not None and not qa.get("choices")
+            and normalise_answer(str(label)) in {normalise_answer(str(a)) for a in qa.get("answers") or []})
 
 
 def item_score(item: dict, pred: str) -> float:
@@ -113,7 +122,8 @@ def vqa_eval(model: ComposedLM, tok, samples: list[dict], max_items: int = 0, ma
     placeholders ("blind_vqa_acc") and with another sample's image ("shuffled_vqa_acc": answer format kept, image
     content wrong), and the reading gain (image - shuffled) with its paired bootstrap 95% interval ("reading":
     overall, "reading_by_family", "reading_by_source"). Each accuracy also *_by_family and *_by_source (source_of).
-    per_item: also "per_item" {"family", "source", "model" / "blind" / "shuffled": [...]} in item order."""
+    Also "naming_by_source": the same reading figures on the naming questions alone (is_naming), "all" overall.
+    per_item: also "per_item" {"family", "source", "naming", "model" / "blind" / "shuffled": [...]} in item order."""
     model.eval()
     fmt, items = ChatFormat(tok), vqa_items(samples, max_items)
     feats: dict[int, torch.Tensor] = {}
@@ -129,6 +139,7 @@ def vqa_eval(model: ComposedLM, tok, samples: list[dict], max_items: int = 0, ma
         pred = answer(model, fmt, it["question"], media(i), max_new_tokens)
         flat["family"].append(it["family"])
         flat["source"].append(source_of(samples[i].get("meta")))
+        flat["naming"].append(it["naming"])
         flat["model"].append(item_score(it, pred))
         flat["em"].append(flat["model"][-1] if it.get("letter") else
                           float(any(normalise_answer(pred) == normalise_answer(a) for a in it["answers"])))
@@ -160,6 +171,10 @@ def vqa_eval(model: ComposedLM, tok, samples: list[dict], max_items: int = 0, ma
         out["reading"] = fam.pop("all")
         src.pop("all")
         out["reading_by_family"], out["reading_by_source"] = fam, src
+        named = [k for k, n in enumerate(flat["naming"]) if n]
+        if named:  # the naming questions alone, per source (the label read out in words)
+            sub = {c: [flat[c][k] for k in named] for c in ("source", "model", "shuffled", "blind")}
+            out["naming_by_source"] = reading_summary(sub, "source")
     out["examples"] = examples
     if per_item:
         out["per_item"] = {k: v for k, v in flat.items() if k != "em"}

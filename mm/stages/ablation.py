@@ -72,7 +72,8 @@ def score_image(arm_dir: Path, cfg: AblationConfig) -> dict:
     flops = _flops(model, lambda: model(mb["tokens"], image=px, labels=mb["labels"]))
     p = ev["per_item"]
     return {"values": {"model": p["model"], "shuffled": p["shuffled"], "blind": p["blind"]}, "weights": None,
-            "keys": [f"{f}:{i}" for i, f in enumerate(p["family"])], "groups": p["source"], "flops": flops}
+            "keys": [f"{f}:{i}" for i, f in enumerate(p["family"])], "flops": flops,
+            "groups": [f"{s} naming" if n else s for s, n in zip(p["source"], p["naming"])]}
 
 
 def score_video(arm_dir: Path, cfg: AblationConfig) -> dict:
@@ -140,7 +141,8 @@ def _fill(text: str, run_dir: Path) -> str:
     return text.replace("{run}", str(run_dir))
 
 
-SCORES_VERSION = 2  # what a cached scores file holds (2: image items' sources); older files are scored again
+SCORES_VERSION = 3  # what a cached scores file holds (2: image items' sources, 3: the image accepted-forms rule);
+# older files are scored again
 
 
 def _arm_key(arm_dir: Path, cfg: AblationConfig) -> str:

@@ -108,14 +108,17 @@ def _exists(spec: str) -> bool:
 
 
 def reading_tables(image_json: Path) -> list[tuple[str, list[dict], list[str]]]:
-    """The image model's reading per task family and per source (accuracy with the image, another sample's image
-    and none; the gain over the shuffled image with its 95% interval), when the image benchmark ran."""
+    """The image model's reading per task family, per source, and on the naming questions per source (accuracy with
+    the image, another sample's image and none; the gain over the shuffled image with its 95% interval), when the
+    image benchmark ran."""
     if not image_json.exists():
         return []
     r = json.loads(image_json.read_text())
     cols = ["group", "items", "acc", "shuffled", "blind", "gain", "gain_ci95"]
-    return [(f"Image reading by {what}", [{"group": g, **v} for g, v in (r.get(f"reading_by_{what}") or {}).items()],
-             cols) for what in ("family", "source") if r.get(f"reading_by_{what}")]
+    titles = {"reading_by_family": "Image reading by family", "reading_by_source": "Image reading by source",
+              "naming_by_source": "Image naming questions (the label in words) by source"}
+    return [(title, [{"group": g, **v} for g, v in r[key].items()], cols) for key, title in titles.items()
+            if r.get(key)]
 
 
 def image_link(example: dict, report_dir: Path) -> str:
