@@ -175,6 +175,7 @@ class ImageStageConfig:
     max_tiles: int | None = None  # tiles per image (None: the encoder's); > the encoder's re-inits the tile embeddings
     seq_len: int = 96  # dialog tokens per sample (longer ones are cut)
     caption_prob: float = 0.25  # share of samples trained as "Describe the image." -> caption
+    bow_weight: float = 0.0  # caption bag-of-words loss on the blocks' pre-gate reads (mm.train.read_bow); 0: off
     data: ImageDataConfig = field(default_factory=ImageDataConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-3, weight_decay=0.01))
 

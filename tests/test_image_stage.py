@@ -73,7 +73,7 @@ def _overrides(world: dict) -> list[str]:
     return [f"lm={world['lm']}", f"vision={world['clip']}", f"data.shards={r}/train-*.tar",
             f"data.val_shards={r}/val-*.tar", f"steps={2 * N}", "adapter.every=2", "seq_len=48", "train.batch_size=4",
             "train.warmup_steps=1", "train.threads=0", "train.log_every=1", "train.progress=false",
-            f"train.ckpt_every={N}", "train.lr=1e-2"]
+            f"train.ckpt_every={N}", "train.lr=1e-2", "bow_weight=0.0"]  # the LM loss only unless a test sets it
 
 
 def _run(world: dict, out: Path, *extra: str) -> dict:
@@ -159,7 +159,9 @@ def test_vqa_scoring_rule():
 
     assert score("Two", ["2"]) == 1.0  # one reference: exact match after normalisation (number words -> digits)
     assert score("the cat.", "cat") == 1.0 and score("dog", ["cat"]) == 0.0
-    assert score("2", ["2", "two", "3"]) == pytest.approx(2 / 3)  # several refs: min(matches / 3, 1)
+    assert score("2", ["2", "two", "3"]) == pytest.approx(2 / 3)  # 3+ refs (annotators): min(matches / 3, 1)
+    assert score("three", ["3", "three"]) == 1.0 and score("second", ["2", "second"]) == 1.0  # 1-2: accepted forms
+    assert score("4", ["3", "three"]) == 0.0
     assert score("red", ["red", "Red", "red!", "blue"]) == 1.0
     assert score("blue", ["red", "Red", "red!", "blue"]) == pytest.approx(1 / 3)
     assert score("green", ["red", "blue"]) == 0.0
@@ -176,3 +178,40 @@ def test_stage_media_cap_reaches_the_loader_workers(world, tmp_path):
                    "data.num_workers=1"])
     res = json.loads(out.getvalue().strip().splitlines()[-1])
     assert rc == 2 and "no sample of batch 0 decodes" in res["error"] and "image_too_large" in res["error"]
+
+
+def test_read_bow_aid_trains_the_read_resumes_exactly_and_is_not_saved(world, tmp_path, monkeypatch):
+    """bow_weight > 0: the metrics log the bag-of-words loss beside the LM loss, the head is trained (its weights in
+    the step checkpoint move) but never saved in final/, resume is still exact, and a design without cross-attention
+    blocks is refused with one line."""
+    monkeypatch.chdir(REPO)
+    full = _run(world, tmp_path / "full", "bow_weight=1.0")
+    rows = [json.loads(x) for x in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    assert all("bow" in r and "lm_loss" in r for r in rows if "loss" in r)
+    assert rows[-1]["loss"] == pytest.approx(rows[-1]["lm_loss"] + rows[-1]["bow"], rel=1e-5)
+    _run(world, tmp_path / "part", "bow_weight=1.0", f"train.stop_after={N}")
+    _run(world, tmp_path / "part", "bow_weight=1.0", "--resume")
+    a = load_tensors(tmp_path / "full" / "final" / "model.safetensors")
+    b = load_tensors(tmp_path / "part" / "final" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not any("bow" in k for k in a)
+    ck = load_tensors(sorted((tmp_path / "full" / "checkpoints").glob("step_*"))[-1] / "model.safetensors")
+    head = [k for k in ck if k.startswith("bow_head.")]
+    assert head and full["params_trainable"] > _run(world, tmp_path / "plain")["params_trainable"]
+    # the LM loss alone differs from the plain run's: the aid changed what the read learned
+    plain = [json.loads(x) for x in (tmp_path / "plain" / "metrics.jsonl").read_text().splitlines()][-1]
+    assert plain["loss"] != rows[-1]["lm_loss"]
+    from mm.cli import main
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        rc = main(["run", YAML, "--out", str(tmp_path / "mlp"), *_overrides(world), "bow_weight=1.0",
+                   "adapter={kind: mlp_concat, n_tokens: 4}"])
+    assert rc != 0 and "bow_weight needs an image design with cross-attention blocks" in err.getvalue()
+    assert len(err.getvalue().strip().splitlines()) == 1
+    err = io.StringIO()  # image_dpo's pairs carry no captions: refused before anything is built
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        rc = main(["run", "experiments/image/image_dpo_tiny.yaml", "--out", str(tmp_path / "dpo"),
+                   *_overrides(world), f"init_from={tmp_path / 'full'}", "bow_weight=1.0"])
+    assert rc != 0 and "bow_weight applies to the VQA/caption objective, not DPOObjective" in err.getvalue(), \
+        err.getvalue()

@@ -142,7 +142,8 @@ def test_trainable_set_is_the_video_adapter_and_the_recipe_head(world):
 
 def test_caption_bag_of_words_trains_only_the_aggregator_side(world):
     from mm.config import load_config
-    from mm.stages.video import build_model, caption_bow
+    from mm.stages.video import build_model
+    from mm.train.read_bow import caption_bow
 
     cfg = load_config(REPO / PRE, _overrides(world) + ["bow_weight=1.0"])
     model, tok, _, _ = build_model(cfg)
@@ -170,7 +171,8 @@ def test_caption_bag_of_words_trains_only_the_aggregator_side(world):
 
 def test_bag_of_words_on_the_read_trains_the_cross_attention_not_its_gates(world):
     from mm.config import load_config
-    from mm.stages.video import VideoModel, build_model, caption_bow
+    from mm.stages.video import VideoModel, build_model
+    from mm.train.read_bow import caption_bow
 
     cfg = load_config(REPO / PRE, _overrides(world) + ["bow_weight=1.0", "bow_source=read"])
     model, tok, _, _ = build_model(cfg)

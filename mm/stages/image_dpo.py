@@ -121,6 +121,8 @@ def answer_logps(m: ComposedLM, mb: dict) -> tuple[torch.Tensor, torch.Tensor]:
 class DPOObjective(ImageObjective):
     """DPO + NLL against an EMA-updated (or frozen) reference that shares the frozen LM with the policy."""
 
+    reads_bow = False  # its pairs carry no caption bag-of-words (bow_weight must stay 0)
+
     def __init__(self, cfg: ImageDPOConfig):
         super().__init__(cfg)
         self.ref: ComposedLM | None = None

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn as nn
 
 from adapters import registry
 from data.dialog import collate_dialogs, dialog
@@ -26,12 +27,13 @@ from encoders.vision import VisionConfig
 from llm.tokenizer import ChatFormat, Tokenizer
 from mm.config import ImageStageConfig
 from mm.model.checkpoint import CheckpointError
-from mm.model.composed import ComposedLM
+from mm.model.composed import ComposedLM, param_counts
 from mm.model.media import images_to_pixels
 from mm.model.runs import lm_dir, load_lm
 from mm.model.store import hot_swap, load_vision, read_run, save_model
 from mm.model.streams import ImageStream, Pixels
 from mm.train.distributed import init_distributed, unwrap, wrap_model
+from mm.train.read_bow import bow_loss, caption_bow, kept_reads
 from mm.train.trainer import StepOutput, Trainer, fit_adapter_stage, warmup_cosine
 
 DESCRIBE = "Describe the image."
@@ -74,6 +76,26 @@ def build_model(cfg: ImageStageConfig) -> tuple[ComposedLM, Tokenizer, Path]:
     return model, tok, lm_dir(cfg.lm)
 
 
+class ImageReadBow(nn.Module):
+    """The composed model (`model`) and "bow_head": the caption bag-of-words head on the image cross-attention
+    blocks' pre-gate reads (mm.train.read_bow; a training aid, never saved)."""
+
+    def __init__(self, model: ComposedLM, vocab: int):
+        super().__init__()
+        self.blocks = list(getattr(model.image.adapter, "blocks", {}).values())
+        if not self.blocks:
+            raise ValueError(f"bow_weight needs an image design with cross-attention blocks; "
+                             f"{type(model.image.adapter).__name__} has none (set bow_weight=0)")
+        self.model, self.bow_head = model, nn.Linear(model.cfg.dim, vocab)
+
+    def forward(self, tokens: torch.Tensor, image: Pixels, labels: torch.Tensor, bow: torch.Tensor):
+        """tokens, labels (B, T), bow (B, V) -> (the assistant-token loss, the bag-of-words loss)."""
+        with kept_reads(self.blocks) as reads:
+            loss = self.model(tokens, image=image, labels=labels)
+            pooled = reads()  # (B, D)
+        return loss, bow_loss(self.bow_head, pooled, bow)
+
+
 # ---- the stage ------------------------------------------------------------------------------------------------------
 
 class ImageFeed(StepFeed):
@@ -95,15 +117,21 @@ class ImageFeed(StepFeed):
         mb = collate_dialogs(dialogs, self.pad_id, self.cfg.seq_len)
         px = images_to_pixels(batch["image"], self.vcfg.image_size, self.vcfg.max_tiles)
         mb.update(pixels=px.pixels, aspect=px.aspect)
+        if getattr(self.cfg, "bow_weight", 0) > 0:
+            mb["bow"] = caption_bow(self.fmt.tok, list(batch["caption"]))
         mb = {k: v.to(self.device) for k, v in mb.items()}
         mb["n"] = int((mb["labels"] != IGNORE).sum())
         return mb
 
 
-def image_loss(m, mb: dict) -> StepOutput:
-    """Assistant-token loss of one micro-batch (a mean over its labelled tokens)."""
-    loss = m(mb["tokens"], image=Pixels(mb["pixels"], mb["aspect"]), labels=mb["labels"])
-    return StepOutput(loss, mb["n"])
+def image_loss(m, mb: dict, bow_weight: float = 0.0) -> StepOutput:
+    """Assistant-token loss of one micro-batch (a mean over its labelled tokens), + bow_weight x the caption
+    bag-of-words loss when the batch carries "bow" (m is then an ImageReadBow)."""
+    image = Pixels(mb["pixels"], mb["aspect"])
+    if "bow" not in mb:
+        return StepOutput(m(mb["tokens"], image=image, labels=mb["labels"]), mb["n"])
+    loss, bow = m(mb["tokens"], image, mb["labels"], mb["bow"])
+    return StepOutput(loss + bow_weight * bow, mb["n"], {"lm_loss": loss.detach(), "bow": bow.detach()})
 
 
 class ImageObjective:
@@ -111,7 +139,9 @@ class ImageObjective:
 
     feed() builds the step feed, loss() scores a micro-batch, attach() runs once the trainer exists (before a
     resume: register trainer.extras there), resumed() after a resume, on_step() after every step, finish() adds
-    figures to the result before final/ is written."""
+    figures to the result before final/ is written; reads_bow: whether bow_weight > 0 applies to it."""
+
+    reads_bow = True
 
     def __init__(self, cfg: ImageStageConfig):
         self.cfg = cfg
@@ -121,7 +151,7 @@ class ImageObjective:
         return ImageFeed(loader, tok, self.cfg, vcfg, device, media)
 
     def loss(self, m, mb: dict) -> StepOutput:
-        return image_loss(m, mb)
+        return image_loss(m, mb, self.cfg.bow_weight)
 
     def attach(self, model: ComposedLM, trainer: Trainer) -> None:
         pass
@@ -142,6 +172,9 @@ def run(cfg: ImageStageConfig, run_dir: Path, resume: bool = False, objective: I
     t0 = time.perf_counter()
     if cfg.stage == "image_anneal" and not cfg.init_from:
         raise ValueError("image_anneal needs init_from: the image_pretrain run to continue from")
+    objective = objective or ImageObjective(cfg)
+    if cfg.bow_weight > 0 and not objective.reads_bow:
+        raise ValueError(f"bow_weight applies to the VQA/caption objective, not {type(objective).__name__}")
     info = init_distributed(cfg.train.device)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
@@ -150,13 +183,19 @@ def run(cfg: ImageStageConfig, run_dir: Path, resume: bool = False, objective: I
     model, tok, lm_path = build_model(cfg)
     counts = model.train_only("image")
     vcfg = model.image.encoder.cfg
-    net = wrap_model(model.to(info.device), cfg.train.parallel, info)
+    trained = ImageReadBow(model, tok.vocab_size) if cfg.bow_weight > 0 else model
+    counts = param_counts(trained) if cfg.bow_weight > 0 else counts
+    net = wrap_model(trained.to(info.device), cfg.train.parallel, info)
+
+    def composed() -> ComposedLM:
+        u = unwrap(net)
+        return u.model if isinstance(u, ImageReadBow) else u
+
     t = cfg.train
     if t.batch_size % info.world:
         raise ValueError(f"train.batch_size {t.batch_size} does not divide over {info.world} processes")
     loader = Loader(cfg.data.shards, "image", t.batch_size // info.world, num_workers=cfg.data.num_workers,
                     seed=cfg.seed, rank=info.rank, world=info.world, image_size=cfg.data.image_size or vcfg.image_size)
-    objective = objective or ImageObjective(cfg)
     feed = objective.feed(loader, tok, vcfg, info.device, model.image.placeholder_ids())
     trainer = Trainer(net, t, run_dir, loss_fn=objective.loss, info=info, desc=cfg.stage,
                       lr_at=lambda s: warmup_cosine(s, t.lr, t.warmup_steps, cfg.steps, t.min_lr_ratio))
@@ -170,15 +209,15 @@ def run(cfg: ImageStageConfig, run_dir: Path, resume: bool = False, objective: I
         trainer.meta["loader"] = loader.state_dict()
         objective.on_step(step)
         if step % t.log_every == 0 or step == cfg.steps:  # gates over training (report plots; xattn designs)
-            out.update(unwrap(net).image.gate_values("gate_image"))
+            out.update(composed().image.gate_values("gate_image"))
 
     result, stopped = fit_adapter_stage(trainer, feed, cfg, loader, counts, on_step)
     if stopped:
         return result
     if info.is_main:
-        result.update(objective.finish(unwrap(net)))
+        result.update(objective.finish(composed()))
         meta = {"stage": cfg.stage, "step": cfg.steps, "lm": str(lm_path), "init_from": cfg.init_from,
                 "vision": str(cfg.vision)}
-        save_model(run_dir / "final", unwrap(net), tok, meta)
+        save_model(run_dir / "final", composed(), tok, meta)
         result["total_s"] = round(time.perf_counter() - t0, 1)
     return result

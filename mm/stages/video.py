@@ -38,6 +38,7 @@ from mm.model.store import hot_swap, load_model, read_run, save_model
 from mm.model.streams import Frames, VideoStream
 from mm.stages.image_pretrain import ImageFeed
 from mm.train.distributed import init_distributed, unwrap, wrap_model
+from mm.train.read_bow import bow_loss, caption_bow, kept_reads
 from mm.train.trainer import StepOutput, Trainer, fit_adapter_stage, warmup_cosine
 
 BOW_SOURCES = ("aggregate", "read")  # what the optional bag-of-words head reads (VideoStageConfig.bow_source)
@@ -86,34 +87,14 @@ class VideoModel(nn.Module):
         if bow is None:
             return m(tokens, video=video, labels=labels)
         agg = m.video.aggregate(video)  # (B, 1, E*L, W)
-        blocks = list(m.video.blocks.values()) if self.bow_source == "read" else []
-        for blk in blocks:
-            blk.keep_read = True
-        try:
-            out = m(tokens, video=m.video.kv(agg), labels=labels)
-        finally:
-            for blk in blocks:
-                blk.keep_read = False
-        if blocks:  # the blocks' pre-gate reads, averaged over the rows that see the clip: (B, D)
-            read = sum(blk.read[0] for blk in blocks) / len(blocks)  # (B, T, D)
-            rows = blocks[0].read[1]  # (B, T, 1)
-            pooled = (read * rows).sum(1) / rows.sum(1).clamp(min=1)
-            for blk in blocks:
-                blk.read = None
+        if self.bow_source == "read":
+            with kept_reads(list(m.video.blocks.values())) as reads:
+                out = m(tokens, video=m.video.kv(agg), labels=labels)
+                pooled = reads()  # (B, D)
         else:
+            out = m(tokens, video=m.video.kv(agg), labels=labels)
             pooled = m.video.aggregator.pooled(agg, video.shape[2])[:, 0]  # (B, W)
-        logp = self.bow_head(pooled).float().log_softmax(-1)  # (B, V)
-        return out, -(bow * logp).sum(-1).mean()
-
-
-def caption_bow(tok: Tokenizer, captions: list[str]) -> torch.Tensor:
-    """(B, V): each caption's distinct token ids, uniform (the bag-of-words target)."""
-    out = torch.zeros(len(captions), tok.vocab_size)
-    for i, c in enumerate(captions):
-        ids = sorted(set(tok.encode(c.strip())))
-        if ids:
-            out[i, ids] = 1.0 / len(ids)
-    return out
+        return out, bow_loss(self.bow_head, pooled, bow)
 
 
 def aggregator_config(cfg: VideoStageConfig, vcfg: VisionConfig) -> dict:
