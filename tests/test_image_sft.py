@@ -106,17 +106,23 @@ def test_image_sft_soup_hot_swap_and_reuse(sft_world, tmp_path, monkeypatch):
     soup3 = load_tensors(out / "final" / "model.safetensors")
     for k in soup3:
         torch.testing.assert_close(soup3[k], sum(p[k] for p in parts) / len(parts))
-    # a member trained with other settings is not silently reused
+    # a member trained with other settings is not silently reused: without --force the stage is refused, with it
+    # the member is retrained and says why
     from mm.cli import main
 
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(io.StringIO()):
-        rc = main(["run", YAML, "--out", str(out), "--force", *[o for o in _overrides(sft_world)
-                                                                  if not o.startswith("steps=")],
-                   f"instruct_lm={sft_world['instruct']}", f"init_from={sft_world['img']}", "steps=3",
-                   "sweep=[{seed: 1, lr: 0.01}]", "soup_top_k=1", "eval_items=4"])
-    err = json.loads(buf.getvalue().strip().splitlines()[-1])["error"]
-    assert rc == 2 and "member 0 was trained with steps=2" in err, err
+    for force in ((), ("--force",)):
+        buf, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(err):
+            rc = main(["run", YAML, "--out", str(out), *force, *[o for o in _overrides(sft_world)
+                                                                 if not o.startswith("steps=")],
+                       f"instruct_lm={sft_world['instruct']}", f"init_from={sft_world['img']}", "steps=3",
+                       "sweep=[{seed: 1, lr: 0.01}]", "soup_top_k=1", "eval_items=4"])
+        res = json.loads(buf.getvalue().strip().splitlines()[-1])
+        if not force:
+            assert rc == 2 and "steps was 2, now 3" in res["error"], res
+        else:
+            assert rc == 0 and res["members"][0]["reused"] is False, res
+            assert "retraining member 0: it was trained with steps=2, the config says 3" in err.getvalue()
 
 
 def test_member_trains_vit_and_adapter_only_over_the_instruct_lm(sft_world):
@@ -144,7 +150,8 @@ def test_member_trains_vit_and_adapter_only_over_the_instruct_lm(sft_world):
 
 
 def test_member_of_a_retrained_instruct_lm_is_not_reused(sft_world, tmp_path, monkeypatch):
-    """The same instruct_lm path with other weights (the LM retrained since): the member is refused, not reused."""
+    """The same instruct_lm path with other weights (the LM retrained since): the member is retrained (and says so),
+    not reused."""
     import shutil
 
     from mm.cli import main
@@ -168,8 +175,10 @@ def test_member_of_a_retrained_instruct_lm_is_not_reused(sft_world, tmp_path, mo
     save_lm(inst / "final", Llama(cfg).state_dict(), cfg, tok, {"stage": "lm_dpo"})  # retrained at the same path
     buf = io.StringIO()
     ov = [o for o in _overrides(w) if not o.startswith(("steps=", "train.ckpt_every=", "train.lr="))]
-    with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(io.StringIO()):
+    errs = io.StringIO()
+    with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(errs):
         rc = main(["run", YAML, "--out", str(out), "--force", *ov, f"instruct_lm={inst}", f"init_from={w['img']}",
                    "steps=2", "train.ckpt_every=2", "eval_items=4", *one])
-    err = json.loads(buf.getvalue().strip().splitlines()[-1])["error"]
-    assert rc == 2 and "member 0 was trained with instruct_lm_sha256=" in err, err
+    res = json.loads(buf.getvalue().strip().splitlines()[-1])
+    assert rc == 0 and res["members"][0]["reused"] is False, res
+    assert "retraining member 0: it was trained with instruct_lm_sha256=" in errs.getvalue()

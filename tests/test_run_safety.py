@@ -146,6 +146,23 @@ def test_reuse_needs_the_same_config(shards, done):
         run_config(CONFIG, _ov(shards, 3, "train.lr_mult={layers.: 0.5}"), done)
 
 
+def test_a_knob_newer_than_the_run_matches_only_at_its_default(shards, done, tmp_path):
+    """A run made before a config field existed (its fingerprint lacks the key) had the field's default behaviour:
+    reused while the field keeps its default, a difference once it is set to anything else (a new `vision.stem` set
+    to conv must not reuse a patch-stem run)."""
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(done, old)
+    fp = json.loads((old / "fingerprint.json").read_text())
+    del fp["config.train.adam_eps"]
+    fp.pop("defaults", None)  # written before defaults were recorded
+    (old / "fingerprint.json").write_text(json.dumps(fp))
+    assert run_config(CONFIG, _ov(shards), old)["reused"]
+    with pytest.raises(ConfigDrift, match=r"train.adam_eps was 1e-08, now 1e-06"):
+        run_config(CONFIG, _ov(shards, 3, "train.adam_eps=1e-6"), old)
+
+
 def test_reuse_needs_the_same_inputs(shards, tmp_path):
     own = tmp_path / "shards"
     own.mkdir()

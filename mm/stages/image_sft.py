@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -70,10 +72,11 @@ def run_member(cfg: ImageSFTConfig, i: int, m: SweepMember, mdir: Path) -> dict:
     if done.exists():
         old = json.loads(done.read_text())
         diff = [k for k in MEMBER_KEYS if old.get(k) != key[k]]
-        if diff:
-            raise ValueError(f"{done}: member {i} was trained with {diff[0]}={old.get(diff[0])!r}, the config says "
-                             f"{key[diff[0]]!r}; remove {mdir} to retrain it")
-        if old.get("eval_items") == cfg.eval_items:
+        if diff:  # reached only under --force (the stage's fingerprint covers the key): retrain, and say why
+            print(f"[image_sft] {mdir}: retraining member {i}: it was trained with {diff[0]}={old.get(diff[0])!r}, "
+                  f"the config says {key[diff[0]]!r}", file=sys.stderr, flush=True)
+            shutil.rmtree(mdir)
+        elif old.get("eval_items") == cfg.eval_items:
             return {**old, "reused": True}  # else: scored on other items, so only scored again below
     trained = mdir / "train.json"
     if not trained.exists():

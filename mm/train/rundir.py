@@ -271,6 +271,7 @@ def fingerprint(cfg: Any, run_dir: Path, old: dict | None = None) -> dict:
     old = old or {}
     out: dict[str, Any] = dict(flat)
     out[MAPPINGS] = _mapping_fields(cfg, "config")
+    out[DEFAULTS] = _defaults(cfg)
     for key, value in flat.items():
         if isinstance(value, str) and value and key != "config.stage":
             ikey = "input" + key[len("config"):]
@@ -281,6 +282,15 @@ def fingerprint(cfg: Any, run_dir: Path, old: dict | None = None) -> dict:
 
 
 MAPPINGS = "mappings"  # fingerprint entry: the config fields that are free-form mappings (their keys are settings)
+DEFAULTS = "defaults"  # fingerprint entry: each config field's default (what a run made before the field existed had)
+
+
+def _defaults(cfg: Any) -> dict[str, Any]:
+    """{"config.<key>": default} of a dataclass config's fields (required fields omitted); {} for other configs."""
+    if not dataclasses.is_dataclass(cfg):
+        return {}
+    tree = OmegaConf.to_container(OmegaConf.structured(type(cfg)), resolve=False)
+    return {k: v for k, v in _flatten(tree, "config").items() if v != "???"}
 
 
 def _mapping_fields(cfg: Any, prefix: str) -> list[str]:
@@ -297,15 +307,19 @@ def _mapping_fields(cfg: Any, prefix: str) -> list[str]:
 
 def first_difference(old: dict, new: dict, safe: tuple[str, ...] = SAFE_KEYS) -> tuple[str, Any, Any] | None:
     """(key, old value, new value) of the first setting or input that differs, ignoring `safe` keys, inputs the old
-    run found absent (e.g. shards the stage built itself) and fields newer than the old run (they default to the
-    behaviour it had); a key the old run lacks inside a free-form mapping (new["mappings"]: e.g. `adapter.out_rms`
-    added to an adapter block) is a difference: a mapping holds only what was set. None when they match."""
+    run found absent (e.g. shards the stage built itself) and fields newer than the old run set to their default
+    (new["defaults"]: the behaviour the old run had; set to anything else they differ); a key the old run lacks
+    inside a free-form mapping (new["mappings"]: e.g. `adapter.out_rms` added to an adapter block) is a difference:
+    a mapping holds only what was set. None when they match."""
     maps = tuple(f"{m}." for m in new.get(MAPPINGS, ()))
+    defaults = new.get(DEFAULTS) or {}
     for key in list(new) + [k for k in old if k not in new and k.startswith("config.")]:
-        if key in safe or key == MAPPINGS:
+        if key in safe or key in (MAPPINGS, DEFAULTS):
             continue
         if key not in old and not key.startswith(maps):  # an input the old run found absent (shards it built), or
-            continue  # a knob newer than the run
+            if key in defaults and new[key] != defaults[key]:  # a knob newer than the run, set away from its default
+                return key, defaults[key], new[key]
+            continue  # a knob newer than the run, at its default
         a, b = old.get(key), new.get(key)
         if key.startswith("input."):
             a, b = _strip_hash_cache(a), _strip_hash_cache(b)
