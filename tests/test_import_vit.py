@@ -231,12 +231,15 @@ def test_clip_pretrain_starts_from_imported_encoder(imported, tmp_path, monkeypa
           f"vision_from={run}", "text.context_length=12", "text.width=32", "text.heads=2", "text.layers=1",
           "embed_dim=32", "tokenizer.vocab_size=300", "data.num_workers=0", "train.batch_size=8",
           "train.warmup_steps=1", "train.threads=0", "train.log_every=1", "train.eval_every=0",
-          "train.progress=false", "train.ckpt_every=2", "data.eval_samples=0"]
+          "train.progress=false", "train.ckpt_every=2", "data.eval_samples=0",
+          "vision.stem=null"]  # the tiny YAML's conv stem is a shape field: the imported encoder brings its own
     cfg = load_config("experiments/image/clip_pretrain_tiny.yaml", ov)
     tok = train_tokenizer(["a photo of a bag.", "a photo of a sandal."] * 20, 300)
     model, _ = build_clip(cfg, tok)  # the stage's initial model: the encoder is exactly the imported one
     init = model.vision.state_dict()
     assert init.keys() == start.keys() and all(torch.equal(init[k], start[k]) for k in start)
+    with pytest.raises(ConfigError, match=r"unset vision.stem \(vision.stem=null\)"):
+        build_clip(load_config("experiments/image/clip_pretrain_tiny.yaml", ov[:-1]), tok)
     with pytest.raises(ConfigError, match="unset vision.width"):
         build_clip(load_config("experiments/image/clip_pretrain_tiny.yaml", ov + ["vision.width=32"]), tok)
     res = _cli("run", "experiments/image/clip_pretrain_tiny.yaml", "--out", str(tmp_path / "clip"), *ov)

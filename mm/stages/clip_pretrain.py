@@ -69,7 +69,7 @@ def build_clip(cfg: ClipPretrainConfig, tok: Tokenizer) -> tuple[ClipModel, dict
         set_ = v.overridden()
         if set_:
             raise ConfigError(f"vision_from={cfg.vision_from}: the encoder shape comes from that run; unset "
-                              f"vision.{set_[0]}")
+                              f"vision.{set_[0]} (vision.{set_[0]}=null)")
         start = load_vision(cfg.vision_from)
         vcfg = start.cfg
     else:
