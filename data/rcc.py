@@ -40,8 +40,12 @@ def read_rcc(path: str | Path) -> dict[str, bytes]:
         if size > MAX_FILE or data + off + 4 + size > len(buf):
             raise RccError(f"{path}: a member of {size} bytes does not fit the bundle")
         raw = buf[data + off + 4:data + off + 4 + size]
-        if flags & COMPRESSED:
-            return zlib.decompress(raw[4:])
+        if flags & COMPRESSED:  # bounded like the zstd path: a member may not inflate past MAX_FILE
+            z = zlib.decompressobj()
+            inflated = z.decompress(raw[4:], MAX_FILE)
+            if z.unconsumed_tail:
+                raise RccError(f"{path}: a compressed member inflates past {MAX_FILE} bytes")
+            return inflated
         if flags & COMPRESSED_ZSTD:
             import zstandard  # Qt 6 bundles built with zstd; an optional dependency
 

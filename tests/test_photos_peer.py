@@ -82,6 +82,17 @@ def test_rcc_reader_returns_every_file_and_refuses_garbage(tmp_path):
         read_rcc(tmp_path / "v9.rcc")
 
 
+def test_rcc_reader_bounds_what_a_member_inflates_to(tmp_path, monkeypatch):
+    """A zlib member that inflates past the cap is refused in one line (a small stored size proves nothing)."""
+    import data.rcc
+
+    write_rcc(tmp_path / "z.rcc", {"zeros.bin": bytes(1000)}, compress=("zeros.bin",))
+    assert read_rcc(tmp_path / "z.rcc") == {"zeros.bin": bytes(1000)}
+    monkeypatch.setattr(data.rcc, "MAX_FILE", 500)
+    with pytest.raises(RccError, match="z.rcc: a compressed member inflates past 500 bytes"):
+        read_rcc(tmp_path / "z.rcc")
+
+
 def test_photo_kit_labels_and_files_photos_under_kit_categories(tmp_path, monkeypatch):
     assert photo_kit.label_of("polar_bear") == "polar bear"
     assert photo_kit.label_of("measuringTape3") == "measuring tape" and photo_kit.label_of("fish12") == "fish"

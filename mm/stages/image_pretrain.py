@@ -33,7 +33,7 @@ from mm.model.runs import lm_dir, load_lm
 from mm.model.store import hot_swap, load_vision, read_run, save_model
 from mm.model.streams import ImageStream, Pixels
 from mm.train.distributed import init_distributed, unwrap, wrap_model
-from mm.train.read_bow import bow_loss, caption_bow, kept_reads
+from mm.train.read_bow import caption_bow, with_read_bow
 from mm.train.trainer import StepOutput, Trainer, fit_adapter_stage, warmup_cosine
 
 DESCRIBE = "Describe the image."
@@ -90,10 +90,7 @@ class ImageReadBow(nn.Module):
 
     def forward(self, tokens: torch.Tensor, image: Pixels, labels: torch.Tensor, bow: torch.Tensor):
         """tokens, labels (B, T), bow (B, V) -> (the assistant-token loss, the bag-of-words loss)."""
-        with kept_reads(self.blocks) as reads:
-            loss = self.model(tokens, image=image, labels=labels)
-            pooled = reads()  # (B, D)
-        return loss, bow_loss(self.bow_head, pooled, bow)
+        return with_read_bow(self.bow_head, self.blocks, lambda: self.model(tokens, image=image, labels=labels), bow)
 
 
 # ---- the stage ------------------------------------------------------------------------------------------------------
@@ -117,7 +114,7 @@ class ImageFeed(StepFeed):
         mb = collate_dialogs(dialogs, self.pad_id, self.cfg.seq_len)
         px = images_to_pixels(batch["image"], self.vcfg.image_size, self.vcfg.max_tiles)
         mb.update(pixels=px.pixels, aspect=px.aspect)
-        if getattr(self.cfg, "bow_weight", 0) > 0:
+        if self.cfg.bow_weight > 0:
             mb["bow"] = caption_bow(self.fmt.tok, list(batch["caption"]))
         mb = {k: v.to(self.device) for k, v in mb.items()}
         mb["n"] = int((mb["labels"] != IGNORE).sum())
@@ -181,10 +178,10 @@ def run(cfg: ImageStageConfig, run_dir: Path, resume: bool = False, objective: I
     torch.manual_seed(cfg.seed)
     run_dir = Path(run_dir)
     model, tok, lm_path = build_model(cfg)
-    counts = model.train_only("image")
+    model.train_only("image")
     vcfg = model.image.encoder.cfg
-    trained = ImageReadBow(model, tok.vocab_size) if cfg.bow_weight > 0 else model
-    counts = param_counts(trained) if cfg.bow_weight > 0 else counts
+    trained = ImageReadBow(model, tok.vocab_size) if cfg.bow_weight > 0 else model  # the head trains too
+    counts = param_counts(trained)
     net = wrap_model(trained.to(info.device), cfg.train.parallel, info)
 
     def composed() -> ComposedLM:

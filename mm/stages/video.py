@@ -38,7 +38,7 @@ from mm.model.store import hot_swap, load_model, read_run, save_model
 from mm.model.streams import Frames, VideoStream
 from mm.stages.image_pretrain import ImageFeed
 from mm.train.distributed import init_distributed, unwrap, wrap_model
-from mm.train.read_bow import bow_loss, caption_bow, kept_reads
+from mm.train.read_bow import bow_loss, caption_bow, with_read_bow
 from mm.train.trainer import StepOutput, Trainer, fit_adapter_stage, warmup_cosine
 
 BOW_SOURCES = ("aggregate", "read")  # what the optional bag-of-words head reads (VideoStageConfig.bow_source)
@@ -88,12 +88,10 @@ class VideoModel(nn.Module):
             return m(tokens, video=video, labels=labels)
         agg = m.video.aggregate(video)  # (B, 1, E*L, W)
         if self.bow_source == "read":
-            with kept_reads(list(m.video.blocks.values())) as reads:
-                out = m(tokens, video=m.video.kv(agg), labels=labels)
-                pooled = reads()  # (B, D)
-        else:
-            out = m(tokens, video=m.video.kv(agg), labels=labels)
-            pooled = m.video.aggregator.pooled(agg, video.shape[2])[:, 0]  # (B, W)
+            return with_read_bow(self.bow_head, list(m.video.blocks.values()),
+                                 lambda: m(tokens, video=m.video.kv(agg), labels=labels), bow)
+        out = m(tokens, video=m.video.kv(agg), labels=labels)
+        pooled = m.video.aggregator.pooled(agg, video.shape[2])[:, 0]  # (B, W)
         return out, bow_loss(self.bow_head, pooled, bow)
 
 

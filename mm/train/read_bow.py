@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 
+from typing import Callable
+
 import torch
 import torch.nn as nn
 
@@ -45,3 +47,12 @@ def bow_loss(head: nn.Module, pooled: torch.Tensor, bow: torch.Tensor) -> torch.
     """Cross-entropy of the head's token distribution on pooled (B, W) against the bag-of-words targets (B, V)."""
     logp = head(pooled).float().log_softmax(-1)  # (B, V)
     return -(bow * logp).sum(-1).mean()
+
+
+def with_read_bow(head: nn.Module, blocks: list[nn.Module], forward: Callable[[], torch.Tensor],
+                  bow: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(forward()'s output, the bag-of-words loss of `head` on the blocks' reads pooled during that forward)."""
+    with kept_reads(blocks) as reads:
+        out = forward()
+        pooled = reads()  # (B, D)
+    return out, bow_loss(head, pooled, bow)

@@ -3,7 +3,6 @@ and the inputs it read match what the directory was made with (a fingerprint).""
 from __future__ import annotations
 
 import dataclasses
-
 import json
 import os
 import socket
@@ -266,8 +265,7 @@ def fingerprint(cfg: Any, run_dir: Path, old: dict | None = None) -> dict:
     """{"config.<key>": value} for every resolved config field, plus {"input.<key>": record} for every field that
     names a file, a model or shards on disk (weights and manifests hashed; re-hashed only if size or mtime changed
     since `old`)."""
-    tree = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
-    flat = _flatten(tree, "config")
+    flat = _flatten(OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True), "config")
     old = old or {}
     out: dict[str, Any] = dict(flat)
     out[MAPPINGS] = _mapping_fields(cfg, "config")
