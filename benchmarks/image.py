@@ -8,7 +8,9 @@ match), with another sample's image (shuffled_vqa_acc) and with none (blind_vqa_
 per source (*_by_family, *_by_source); the reading gain (image - shuffled) with its paired bootstrap 95% interval
 overall ("reading"), per family and per source; exact_match (any reference matches); text_bpb and lm_text_bpb
 (equal by DESIGN.md invariant 1: text_bpb_equal); with --peer the OCR peer beside ours on the same OCR items
-("ocr_peer"); items, timings. Metric code: mm/eval/image.py.
+("ocr_peer"); with --against CKPT a second image run scored on the same items (e.g. image_pretrain against the
+image_anneal that continues it) and the paired difference with its 95% interval ("against"); items, timings.
+Metric code: mm/eval/image.py.
 --tsv (VLMEvalKit, MMBench-style) / --jsonl (lmms-eval style) score a benchmark file instead of shards (readers:
 data/bench_files.py): per category (*_by_family), lettered multiple choice, bad rows counted under "skipped".
 """
@@ -27,6 +29,7 @@ import torch  # noqa: E402
 from data.shards import SkipCounter, expand_shards, iter_text_docs  # noqa: E402
 from mm.cli import run_reporting  # noqa: E402
 from mm.eval.image import eval_image_file, eval_image_shards  # noqa: E402
+from mm.eval.stats import paired_bootstrap  # noqa: E402
 from mm.eval.text import bits_per_byte  # noqa: E402
 from mm.model.runs import load_lm  # noqa: E402
 from mm.model.store import load_model  # noqa: E402
@@ -41,6 +44,22 @@ def text_bpb(model, lm, tok, spec: str, max_docs: int, seq_len: int) -> dict:
     a = bits_per_byte(model, tok, texts, seq_len)
     b = bits_per_byte(lm, tok, texts, seq_len)
     return {"text_bpb": a, "lm_text_bpb": b, "text_bpb_equal": a == b, "text_docs": len(texts)}
+
+
+def against(args, kw: dict, ours: dict) -> dict:
+    """Score the run args.against (decoded at args.against_decode_scale tile sides) on the same shard items as the
+    main run: {"ckpt", "decode_scale", "items", "acc", "ours", "delta" (ours - its), "ci95", "reading_gain"}."""
+    if getattr(args, "tsv", None) or getattr(args, "jsonl", None):
+        raise ValueError("--against scores shards (--shards), not a benchmark file")
+    other, tok, _ = load_model(args.against)
+    other.require("image", args.against)
+    kw = {**kw, "decode_scale": args.against_decode_scale, "examples_dir": None}
+    theirs = eval_image_shards(other, tok, args.shards, per_item=True, **kw)
+    if theirs["per_item"]["source"] != ours["source"]:
+        raise ValueError(f"{args.against}: scored other items than {args.ckpt} (its encoder decodes differently)")
+    d = paired_bootstrap(ours["model"], theirs["per_item"]["model"], None, 1000, 0)
+    return {"ckpt": str(args.against), "decode_scale": args.against_decode_scale, "items": d["n"], "acc": d["b"],
+            "ours": d["a"], "delta": d["delta"], "ci95": d["ci95"], "reading_gain": theirs.get("reading")}
 
 
 def evaluate(args) -> dict:
@@ -59,7 +78,9 @@ def evaluate(args) -> dict:
     if tsv or jsonl:
         out.update(eval_image_file(model, tok, tsv or jsonl, "tsv" if tsv else "jsonl", **kw))
     else:
-        out.update(eval_image_shards(model, tok, args.shards, peer=args.peer, **kw))
+        out.update(eval_image_shards(model, tok, args.shards, peer=args.peer, per_item=bool(args.against), **kw))
+    if args.against:
+        out["against"] = against(args, kw, out.pop("per_item"))
     out["vqa_s"] = round(time.perf_counter() - t0, 1)
     if args.text_shards and args.text_docs:
         lm, _, _ = load_lm(meta["lm"])
@@ -88,6 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--examples-dir", help="save the example images here (their paths go into the examples)")
     p.add_argument("--peer", choices=("rapidocr", "tesseract"),
                    help="also score this OCR recogniser on the same OCR items (optional; says so if absent)")
+    p.add_argument("--against", help="another image run scored on the same items: the paired difference "
+                                     "(e.g. --ckpt ANNEAL --decode-scale 2 --against PRETRAIN)")
+    p.add_argument("--against-decode-scale", type=int, default=1, help="--decode-scale for the --against run")
     args = p.parse_args(argv)
     return run_reporting(evaluate, args)
 

@@ -138,9 +138,16 @@ def test_eval_image_scores_and_counts_skips(image_run, world, tmp_path):  # noqa
     b = mod.evaluate(mod.argparse.Namespace(ckpt=str(image_run), shards=str(shard), max_items=0, max_new_tokens=2,
                                             no_blind=False, text_shards="", text_docs=0, seq_len=64,
                                             decode_scale=1, threads=1, seed=0, examples_dir=str(tmp_path / "ex"),
-                                            families="", peer=None))
+                                            families="", peer=None, against=None))
     assert {k: b[k] for k in ("vqa_acc", "blind_vqa_acc", "skipped", "items")} == \
         {k: res[k] for k in ("vqa_acc", "blind_vqa_acc", "skipped", "items")}
+    # --against: a second run scored on the same items, paired (here the run itself: no difference on any item)
+    a = mod.evaluate(mod.argparse.Namespace(ckpt=str(image_run), shards=str(shard), max_items=0, max_new_tokens=2,
+                                            no_blind=True, text_shards="", text_docs=0, seq_len=64, decode_scale=1,
+                                            threads=1, seed=0, examples_dir=None, families="", peer=None,
+                                            against=str(image_run), against_decode_scale=1))
+    assert a["against"]["items"] == 3 and a["against"]["acc"] == a["against"]["ours"] == a["vqa_acc"]
+    assert a["against"]["delta"] == 0.0 and a["against"]["ci95"] == [0.0, 0.0] and "per_item" not in a
     # --families keeps one task family's samples (all of them: the cap does not cut them before the filter)
     model, tok, _ = load_model(image_run)
     one = eval_image_shards(model, tok, str(shard), max_items=2, max_new_tokens=2, blind=False, families=("ocr",))
