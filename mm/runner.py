@@ -12,6 +12,7 @@ from pathlib import Path
 from data.atomic import atomic_write_text
 from data.decode import set_media_caps
 from mm.config import load_config, to_yaml
+from mm.train.resources import measured
 from mm.train.rundir import ConfigDrift, RunLock, check_matches, fingerprint, read_fingerprint, write_fingerprint
 
 CLEARED_BY_FORCE = ("checkpoints", "final", "metrics.jsonl", "tb", "result.json", "tokenizer.json", "tokens",
@@ -98,7 +99,9 @@ def _run_unlocked(cfg, run_dir: Path, resume: bool, force: bool, redo_changed: b
         else {}
     caps = set_media_caps(cfg.media) if hasattr(cfg, "media") else None  # the stage's per-file media caps
     try:
-        result = {**stage_runner(cfg.stage)(cfg, run_dir, resume=resume, **extra), "run_dir": str(run_dir)}
+        with measured(memory=not pipeline) as cost:  # wall time and peak RSS, kept in result.json (the report's stage table)
+            result = stage_runner(cfg.stage)(cfg, run_dir, resume=resume, **extra)
+        result = {**result, **cost, "run_dir": str(run_dir)}
     finally:
         if caps is not None:
             set_media_caps(caps)

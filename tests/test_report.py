@@ -18,6 +18,9 @@ def test_report_plots_table_and_examples(tmp_path):
     _metrics(b, [{"step": s, "loss": 3.0, "gate_image/1.attn": 0.01 * s, "gate_image/1.ffn": -0.02 * s}
                  for s in range(1, 4)])
     c.mkdir()
+    (a / "result.json").write_text(json.dumps({"run_s": 12.5, "peak_rss_mb": 900.0}))
+    (b / "result.json").write_text(json.dumps({"run_s": 30.0, "peak_rss_mb": 1500.25, "child_peak_rss_mb": 700.0}))
+    (c / "result.json").write_text("{truncated")
     assert len(read_metrics(a)) == 6 and read_metrics(c) == []
     assert series(read_metrics(a), "loss") == ([1, 2, 3, 4, 5], [4.9, 4.8, 4.7, 4.6, 4.5])
     assert series(read_metrics(b), "gate_image/1.ffn")[1] == [-0.02, -0.04, -0.06]
@@ -38,6 +41,9 @@ def test_report_plots_table_and_examples(tmp_path):
     assert "| image | vqa_acc vs another image | 0.287 | 0.250 | shuffled image | [-0.010, +0.085] | False |" in text
     assert "## Image reading by source" in text and "| mnist | 20 | 0.500 | 0.100 | 0.100 | 0.400 | [+0.200, +0.600] |" \
         in text
+    # the stage table: each stage's recorded cost (none for an unreadable result), then the total and largest peak
+    assert f"| lm | 12.500 | 900.000 |  | {a} |" in text and f"| img | 30.000 | 1500.250 | 700.000 | {b} |" in text
+    assert f"| empty |  |  |  | {c} |" in text and "| total | 42.500 | 1500.250 |  |  |" in text
     assert "![input](examples/cat.png)" in text and "**cat**" in text and "- 2 cores" in text
     # no gates logged anywhere: no gate plot, and the report says so
     path = write_report(tmp_path / "r2", {"lm": a}, [], [])

@@ -210,9 +210,14 @@ def test_pipeline_force_retrains_only_what_changed(shards, tmp_path):
         return path
 
     run = tmp_path / "run"
-    run_config(pipe([]), [], run)
+    first = run_config(pipe([]), [], run)
     again = run_config(pipe([]), [], run)["steps"]
     assert again["a"]["reused"] and again["b"]["reused"]
+    # what each stage cost when made is kept in its result.json (a reuse shows it again); the pipeline's peak is
+    # the largest of its steps'
+    made = json.loads((run / "a" / "result.json").read_text())
+    assert made["run_s"] > 0 and made["peak_rss_mb"] > 50 and again["a"]["run_s"] == made["run_s"]
+    assert first["peak_rss_mb"] == max(first["steps"][k]["peak_rss_mb"] for k in ("a", "b"))
     with pytest.raises(ConfigDrift, match=f"{run / 'a'}: completed with a different config: phases"):
         run_config(pipe([_phases(3)]), [], run)
     res = run_config(pipe([_phases(3)]), [], run, force=True)["steps"]

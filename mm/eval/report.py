@@ -105,6 +105,25 @@ def table(rows: list[dict], columns: list[str]) -> str:
     return head + "".join("| " + " | ".join(_cell(r.get(c)) for c in columns) + " |\n" for r in rows)
 
 
+def stage_costs(stages: dict[str, Path]) -> list[dict]:
+    """One row per stage: {"stage", "run_dir", "run_s", "peak_rss_mb", "child_peak_rss_mb"} from its result.json
+    (the runner's measures; absent for a run made before they were recorded), and a "total" row of the wall time
+    and the largest peak."""
+    rows = []
+    for name, d in stages.items():
+        try:
+            res = json.loads((Path(d) / "result.json").read_text())
+        except (OSError, ValueError):
+            res = {}
+        rows.append({"stage": name, "run_dir": str(d),
+                     **{k: res[k] for k in ("run_s", "peak_rss_mb", "child_peak_rss_mb") if k in res}})
+    timed = [r for r in rows if "run_s" in r]
+    if timed:
+        rows.append({"stage": "total", "run_s": round(sum(r["run_s"] for r in timed), 1),
+                     "peak_rss_mb": max((r["peak_rss_mb"] for r in timed if "peak_rss_mb" in r), default=None)})
+    return rows
+
+
 def write_report(run_dir: Path, stages: dict[str, Path], benchmarks: list[dict], examples: list[dict],
                  title: str = "Herd run report", notes: list[str] = (),
                  tables: list[tuple[str, list[dict], list[str]]] = ()) -> Path:
@@ -141,7 +160,9 @@ def write_report(run_dir: Path, stages: dict[str, Path], benchmarks: list[dict],
         md.append(f"- **{ex.get('modality', '')}** {shown} — prompt: _{ex.get('prompt', '')}_ → "
                   f"**{ex.get('output', '')}** (reference: {ex.get('reference', '')})")
     md.append("\n## Stages\n")
-    md.append(table([{"stage": k, "run_dir": str(v)} for k, v in stages.items()], ["stage", "run_dir"]))
+    md.append("What each stage cost when it was made (a reused stage keeps its figures): wall seconds and peak "
+              "resident memory of the process, and of its largest child process where one ran.\n")
+    md.append(table(stage_costs(stages), ["stage", "run_s", "peak_rss_mb", "child_peak_rss_mb", "run_dir"]))
     path = run_dir / "report.md"
     path.write_text("\n".join(md) + "\n")
     return path

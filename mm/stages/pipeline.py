@@ -49,5 +49,7 @@ def run(cfg: PipelineConfig, run_dir: Path, resume: bool = False, redo_changed: 
         results[str(out.relative_to(run_dir))] = {k: v for k, v in res.items() if not isinstance(v, (dict, list))}
         if step.name in POLICY_STEPS:
             policy = str(out)
+    peaks = [r["peak_rss_mb"] for r in results.values() if "peak_rss_mb" in r]  # each step's, when it was made
     return {"stage": "pipeline", "rounds": cfg.rounds, "policy": policy, "steps": results,
-            "reused": all(r.get("reused", False) for r in results.values())}  # every step was reused
+            "reused": all(r.get("reused", False) for r in results.values()),  # every step was reused
+            **({"peak_rss_mb": max(peaks)} if peaks else {})}
