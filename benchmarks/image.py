@@ -49,8 +49,6 @@ def text_bpb(model, lm, tok, spec: str, max_docs: int, seq_len: int) -> dict:
 def against(args, kw: dict, ours: dict) -> dict:
     """Score the run args.against (decoded at args.against_decode_scale tile sides) on the same shard items as the
     main run: {"ckpt", "decode_scale", "items", "acc", "ours", "delta" (ours - its), "ci95", "reading_gain"}."""
-    if getattr(args, "tsv", None) or getattr(args, "jsonl", None):
-        raise ValueError("--against scores shards (--shards), not a benchmark file")
     other, tok, _ = load_model(args.against)
     other.require("image", args.against)
     kw = {**kw, "decode_scale": args.against_decode_scale, "examples_dir": None}
@@ -73,13 +71,16 @@ def evaluate(args) -> dict:
               decode_scale=args.decode_scale, seed=args.seed, examples_dir=args.examples_dir,
               families=tuple(f for f in args.families.split(",") if f))
     tsv, jsonl = getattr(args, "tsv", None), getattr(args, "jsonl", None)
+    other = getattr(args, "against", None)
     if tsv and jsonl:
         raise ValueError("give --tsv or --jsonl, not both")
+    if other and (tsv or jsonl):
+        raise ValueError("--against scores shards (--shards), not a benchmark file")
     if tsv or jsonl:
         out.update(eval_image_file(model, tok, tsv or jsonl, "tsv" if tsv else "jsonl", **kw))
     else:
-        out.update(eval_image_shards(model, tok, args.shards, peer=args.peer, per_item=bool(args.against), **kw))
-    if args.against:
+        out.update(eval_image_shards(model, tok, args.shards, peer=args.peer, per_item=bool(other), **kw))
+    if other:
         out["against"] = against(args, kw, out.pop("per_item"))
     out["vqa_s"] = round(time.perf_counter() - t0, 1)
     if args.text_shards and args.text_docs:
