@@ -50,6 +50,17 @@ def test_report_plots_table_and_examples(tmp_path):
     assert not (tmp_path / "r2" / "plots" / "gates.png").exists() and "no stage logged gate values" in path.read_text()
 
 
+def test_row_beats_only_when_its_interval_excludes_the_control():
+    from mm.stages.herd_report import row
+
+    assert row("v", "acc", 0.4, 0.3, "frame", ci=[0.02, 0.18])["beats"] is True
+    assert row("v", "acc", 0.4, 0.3, "frame", ci=[-0.01, 0.21])["beats"] is False  # better, but inside the noise
+    assert row("s", "wer", 0.5, 0.9, "blind", lower_is_better=True, ci=[-0.5, -0.3])["beats"] is True
+    assert row("s", "wer", 0.5, 0.9, "blind", lower_is_better=True, ci=[-0.5, 0.1])["beats"] is False
+    plain = row("t", "bpb", 2.0, 3.0, "unigram", lower_is_better=True)  # no item pairing: the point comparison
+    assert plain["beats"] is True and "gain_ci95" not in plain
+
+
 def test_failed_benchmark_is_one_error_line_and_nothing_kept(tmp_path):
     """A benchmark that fails (here: no such run) raises with the script and its own error line; no JSON is kept."""
     import pytest

@@ -371,6 +371,8 @@ def test_stages_trainable_sets_lm_unchanged_and_cli(world, tmp_path, monkeypatch
     rc, res = _mm("run", "experiments/speech/speech_sft_tiny.yaml", "--out", tmp_path / "sft",
                   *_sft_overrides(world, tmp_path, tmp_path / "pre"))
     assert rc == 0 and res["n_asr"] == 2 and res["wer"] is not None and res["blind_wer"] is not None, res
+    vb = res["wer_vs_blind"]  # WER - blind WER over the same utterances, paired
+    assert vb["delta"] == pytest.approx(res["wer"] - res["blind_wer"]) and vb["ci95"][0] <= vb["delta"] <= vb["ci95"][1]
     assert res["params_trainable"] == trainable
     # the YAML's character CTC (scored on held-out audio by its head) and the teacher-forced held-out losses (with vs
     # without audio) are reported; the token CTC is off

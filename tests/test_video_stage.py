@@ -307,6 +307,9 @@ def test_pretrain_keeps_image_weights_resumes_and_sft_hot_swaps(world, tmp_path,
                   "--max-items", "5")
     assert rc == 0 and ev["items"] == 5 and set(ev["by_type"]) == {"direction"}, ev
     assert set(ev["by_format"]) == {"mc", "short"} and ev["temporal"]["items"] == 5
+    t = ev["temporal"]  # the temporal gap and the gain over blind carry their paired intervals
+    assert t["gap_ci95"][0] <= t["gap"] <= t["gap_ci95"][1]
+    assert ev["blind_gain_ci95"][0] <= ev["video_acc"] - ev["blind_acc"] <= ev["blind_gain_ci95"][1]
     clip = tmp_path / "clip.mp4"
     clip.write_bytes(encode_mp4(_clip(1), 8))
     rc, chat = _cli("chat", "--ckpt", str(tmp_path / "sft"), "--video", str(clip), "--prompt", "Where?",

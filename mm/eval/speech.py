@@ -145,7 +145,8 @@ def speech_eval(model: ComposedLM, tok, items: list[dict], max_new_tokens: int =
     "bleu_by_lang", "blind_bleu", "qa_em", "blind_qa_em", "n_asr", "n_ast", "n_sqa", "examples"} and, with blind,
     the teacher-forced per-token ASR loss with and without the audio ("asr_loss", "blind_asr_loss"), and the TEXT
     ORACLE: the same frozen LM given the reference transcript typed in the user turn instead of the audio
-    ("text_wer", "text_asr_loss"). No adapter can beat much what the LM does with the exact text, so these are the
+    ("text_wer", "text_asr_loss"); the paired intervals against blind: "wer_vs_blind" (paired_wer_delta) and
+    "qa_em_vs_blind_ci95". No adapter can beat much what the LM does with the exact text, so these are the
     ceiling of the speech path: a tiny LM that cannot copy text cannot transcribe speech either (issue 7).
     per_item: also "per_item" {"refs", "hyps", "blind_hyps"}: the ASR transcripts in item order (paired tests)."""
     model.eval()
@@ -216,6 +217,12 @@ def speech_eval(model: ComposedLM, tok, items: list[dict], max_new_tokens: int =
         out["text_wer"] = corpus_wer([r[0] for r in rows], oracle)
         out["blind_bleu"] = corpus_bleu([a[0] for a in ast], [a[2] for a in ast])
         out["blind_qa_em"] = sum(em(r, b) for r, _, b in sqa) / len(sqa) if sqa else None
+        if any(normalise_text(r[0]) for r in rows):  # WER - blind WER over the same utterances, paired
+            out["wer_vs_blind"] = paired_wer_delta([r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows],
+                                                 n_boot=1000)
+        if sqa:
+            out["qa_em_vs_blind_ci95"] = paired_bootstrap([em(r, h) for r, h, _ in sqa], [em(r, b) for r, _, b in sqa],
+                                                          None, 1000, 0)["ci95"]
         out.update({key: s / k if k else None for key, (s, k) in nll.items()})
     out["examples"] = examples
     if per_item:

@@ -24,6 +24,7 @@ from llm.tokenizer import ChatFormat
 from mm.model.composed import ComposedLM
 from mm.model.generate import generate
 from mm.model.media import frames_to_pixels
+from mm.eval.stats import paired_bootstrap
 from mm.model.streams import MediaKV, to_device
 
 CONDITIONS = ("video", "single_frame", "blind")
@@ -91,7 +92,8 @@ def video_eval(model: ComposedLM, tok, samples: list[dict], max_items: int = 0, 
                per_item: bool = False) -> dict:
     """Accuracies on clips {frames (F, 3, H, W) uint8, meta}: overall, "by_type" (family), "by_format" (mc /
     short), "by_type_format" ("direction/mc", ...), "temporal" (direction + order, with "gap" = video - single
-    frame), each {video_acc, single_frame_acc, blind_acc, items}; plus "items" and a few "examples"; per_item: also
+    frame and its paired bootstrap 95% interval "gap_ci95"), each {video_acc, single_frame_acc, blind_acc, items};
+    plus "blind_gain_ci95" (video - blind, paired), "items" and a few "examples"; per_item: also
     "per_item" {"family": [...], "video" / "single_frame" / "blind": [score, ...]} in item order (paired tests)."""
     model.eval()
     fmt = ChatFormat(tok)
@@ -125,6 +127,11 @@ def video_eval(model: ComposedLM, tok, samples: list[dict], max_items: int = 0, 
     temporal = _summary(scores, [k for k in keys if k[0] in TEMPORAL])
     if temporal["video_acc"] is not None:
         temporal["gap"] = temporal["video_acc"] - temporal["single_frame_acc"]
+        t = [k for k, f in enumerate(flat["family"]) if f in TEMPORAL]
+        temporal["gap_ci95"] = paired_bootstrap([flat["video"][k] for k in t], [flat["single_frame"][k] for k in t],
+                                                None, 1000, 0)["ci95"]
+    if flat["video"]:  # the gain over no video, with its paired interval
+        out["blind_gain_ci95"] = paired_bootstrap(flat["video"], flat["blind"], None, 1000, 0)["ci95"]
     out["temporal"], out["examples"] = temporal, examples
     if per_item:
         out["per_item"] = dict(flat)

@@ -41,13 +41,18 @@ def run_benchmark(script: str, args: list[str], out: Path, threads: int) -> dict
     return res
 
 
-def row(modality: str, metric: str, model, baseline, baseline_name: str, lower_is_better: bool = False) -> dict:
-    """One benchmark-table row; "beats" says whether the model is strictly better than its baseline."""
+def row(modality: str, metric: str, model, baseline, baseline_name: str, lower_is_better: bool = False,
+        ci: list[float] | None = None) -> dict:
+    """One benchmark-table row; "beats" says whether the model is better than its baseline: with ci (the paired 95%
+    interval of model - baseline, shown as "gain_ci95") only when the interval excludes 0 on the better side, else
+    (a row without an item-level pairing) when it is strictly better."""
     beats = None
-    if isinstance(model, (int, float)) and isinstance(baseline, (int, float)):
+    if ci is not None:
+        beats = ci[1] < 0 if lower_is_better else ci[0] > 0
+    elif isinstance(model, (int, float)) and isinstance(baseline, (int, float)):
         beats = model < baseline if lower_is_better else model > baseline
     return {"modality": modality, "metric": metric, "model": model, "baseline": baseline,
-            "baseline_name": baseline_name, "beats": beats}
+            "baseline_name": baseline_name, **({"gain_ci95": ci} if ci is not None else {}), "beats": beats}
 
 
 def text_rows(cfg: HerdReportConfig, bench: Path) -> tuple[list[dict], list[dict]]:
@@ -136,10 +141,11 @@ def video_rows(cfg: HerdReportConfig, bench: Path) -> tuple[list[dict], list[dic
     """Video QA accuracy against the blind model; the temporal families against the single middle frame."""
     r = run_benchmark("video.py", ["--ckpt", cfg.video, "--max-items", str(cfg.max_items)], bench / "video.json",
                       cfg.threads)
-    rows = [row("video", "video_acc", r["video_acc"], r["blind_acc"], "blind (no video)")]
+    rows = [row("video", "video_acc", r["video_acc"], r["blind_acc"], "blind (no video)", ci=r.get("blind_gain_ci95"))]
     t = r.get("temporal") or {}
     if t.get("video_acc") is not None:
-        rows.append(row("video", "temporal video_acc", t["video_acc"], t["single_frame_acc"], "single middle frame"))
+        rows.append(row("video", "temporal video_acc", t["video_acc"], t["single_frame_acc"], "single middle frame",
+                        ci=t.get("gap_ci95")))
     ex = [{"modality": "video", "input": "held-out clip", "prompt": e["q"].splitlines()[0], "output": e["video"],
            "reference": e["gold"]} for e in r.get("examples", [])[:3]]
     return rows, ex
@@ -149,11 +155,13 @@ def speech_rows(cfg: HerdReportConfig, bench: Path) -> tuple[list[dict], list[di
     """WER against the blind model (lower is better); BLEU and spoken-QA exact match against blind."""
     r = run_benchmark("speech.py", ["--ckpt", cfg.speech, "--max-items", str(cfg.max_items)], bench / "speech.json",
                       cfg.threads)
-    rows = [row("speech", "wer", r["wer"], r.get("blind_wer"), "blind (no audio)", lower_is_better=True)]
+    rows = [row("speech", "wer", r["wer"], r.get("blind_wer"), "blind (no audio)", lower_is_better=True,
+                ci=(r.get("wer_vs_blind") or {}).get("ci95"))]
     if r.get("bleu") is not None:
         rows.append(row("speech", "bleu", r["bleu"], r.get("blind_bleu"), "blind (no audio)"))
     if r.get("qa_em") is not None:
-        rows.append(row("speech", "qa_em", r["qa_em"], r.get("blind_qa_em"), "blind (no audio)"))
+        rows.append(row("speech", "qa_em", r["qa_em"], r.get("blind_qa_em"), "blind (no audio)",
+                        ci=r.get("qa_em_vs_blind_ci95")))
     ex = [{"modality": f"speech ({e['task']})", "input": "held-out utterance", "prompt": e["task"],
            "output": e["hyp"], "reference": e["ref"]} for e in r.get("examples", [])[:3]]
     return rows, ex
