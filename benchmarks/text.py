@@ -7,9 +7,10 @@ RM-judged win rate against another checkpoint.
 
 Prints ONE JSON line: val_bpb (the model over ALL held-out documents), unigram_bpb (add-one unigram over the
 pretraining run's training tokens, same text), ratio = val_bpb / unigram_bpb, docs, bytes; with a chat model (or
---chat): "exact_match" {family: acc, overall}; with --rm: "rm_pref_acc"; for a model initialised from another:
-"chosen_frac"; with --rm and --vs: "rm_win_rate_vs". Text defaults come from the pretraining run's config.yaml (found
-by following init_from). The metric code lives in mm/eval/text.py and mm/eval/chat.py.
+--chat): "exact_match" {family: acc, overall} and "exact_match_items" (each item's 0/1, for paired comparisons); with
+--rm: "rm_pref_acc"; for a model initialised from another: "chosen_frac" and its bootstrap 95% interval
+("chosen_frac_ci95"); with --rm and --vs: "rm_win_rate_vs". Text defaults come from the pretraining run's
+config.yaml (found by following init_from). The metric code lives in mm/eval/text.py and mm/eval/chat.py.
 """
 from __future__ import annotations
 
@@ -75,19 +76,24 @@ def posttrain_metrics(args, model, tok, meta: dict, run_dir: Path) -> dict:
     from data.chat_kit import iter_chat
     from data.chat_stream import encode_pairs
     from llm.tokenizer import ChatFormat
-    from mm.eval.chat import exact_match_by_family, implicit_reward_accuracy, preference_accuracy, rm_win_rate
+    from mm.eval.chat import (exact_match_by_family, exact_match_items, implicit_reward_wins, preference_accuracy,
+                              rm_win_rate)
+    from mm.eval.stats import bootstrap_ci
     from mm.model.runs import load_reward_model
 
     out: dict = {}
     chat_val = [ex for ex in iter_chat(expand_shards(args.chat_shards)) if ex.get("answer")]
     chat_val = chat_val[:args.max_items]
     if meta.get("chat") or args.chat:
-        out["exact_match"] = exact_match_by_family(model, tok, chat_val)
+        out["exact_match_items"] = exact_match_items(model, tok, chat_val)  # item order: paired comparisons
+        out["exact_match"] = exact_match_by_family(model, tok, chat_val, items=out["exact_match_items"])
     pairs, _ = encode_pairs(list(iter_chat(expand_shards(args.pref_shards)))[:args.max_items], ChatFormat(tok), 512)
     init = args.reference or meta.get("init_from")
     if init and meta.get("kind") != "reward_model":
         ref, _, _ = load_lm(init)
-        out["chosen_frac"] = implicit_reward_accuracy(model, ref, tok, pairs)
+        wins = implicit_reward_wins(model, ref, tok, pairs)
+        if len(wins):
+            out["chosen_frac"], out["chosen_frac_ci95"] = float(wins.mean()), bootstrap_ci(wins.astype(float))
         out["reference"] = str(init)
     if args.rm:
         rm, _, _ = load_reward_model(args.rm)

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from mm.eval.report import read_metrics, series, write_report
 
 
@@ -87,3 +89,27 @@ def test_reading_tables_from_the_image_benchmark(tmp_path):
     tabs = reading_tables(f)
     assert [t[0] for t in tabs] == ["Image reading by source", "Image naming questions (the label in words) by source"]
     assert [r["group"] for r in tabs[1][1]] == ["all", "mnist"] and tabs[1][1][1]["gain"] == 0.25
+
+
+def test_chat_rows_pair_the_same_items_with_the_pretrained_lm(tmp_path):
+    """The chat rows from the text benchmark's files: exact match paired item by item with the pretrained LM's (a
+    gain inside the noise does not beat it), chosen_frac against chance through its interval."""
+    from mm.config import HerdReportConfig
+    from mm.stages.herd_report import text_rows
+
+    bench = tmp_path / "bench"
+    bench.mkdir()
+    (bench / "text_lm.json").write_text(json.dumps({"val_bpb": 2.0, "unigram_bpb": 3.0}))
+    base = [0.0] * 20
+    (bench / "chat_pretrained.json").write_text(json.dumps({"exact_match": {"overall": 0.0},
+                                                            "exact_match_items": base}))
+    (bench / "chat.json").write_text(json.dumps({"exact_match": {"overall": 0.5}, "exact_match_items": [1.0, 0.0] * 10,
+                                                 "chosen_frac": 0.55, "chosen_frac_ci95": [0.45, 0.65]}))
+    rows, _ = text_rows(HerdReportConfig(lm="x", chat="y"), bench)
+    em, cf = rows[1], rows[2]
+    assert em["metric"] == "exact_match" and em["gain_ci95"][0] > 0 and em["beats"] is True
+    assert cf["gain_ci95"] == pytest.approx([-0.05, 0.15]) and cf["beats"] is False  # above 0.5, inside the noise
+    (bench / "chat.json").write_text(json.dumps({"exact_match": {"overall": 0.05},
+                                                 "exact_match_items": [1.0] + [0.0] * 19}))
+    em = text_rows(HerdReportConfig(lm="x", chat="y"), bench)[0][1]
+    assert em["model"] > em["baseline"] and em["gain_ci95"][0] <= 0 and em["beats"] is False

@@ -31,14 +31,21 @@ def answers(model, tok, examples: list[dict], max_new_tokens: int = 32) -> list[
             for ex in examples]
 
 
-def exact_match_by_family(model, tok, examples: list[dict], max_new_tokens: int = 32) -> dict[str, float]:
-    """Held-out exact match (normalised answers) per task family, plus "overall" over all items."""
+def exact_match_items(model, tok, examples: list[dict], max_new_tokens: int = 32) -> list[float]:
+    """Held-out exact match (normalised answers) of each item, 1.0 or 0.0, in item order (paired comparisons)."""
     from data.chat_tasks import exact_match
 
-    preds = answers(model, tok, examples, max_new_tokens)
+    return [float(exact_match(p, ex["answer"])) for ex, p in zip(examples, answers(model, tok, examples,
+                                                                                     max_new_tokens))]
+
+
+def exact_match_by_family(model, tok, examples: list[dict], max_new_tokens: int = 32,
+                          items: list[float] | None = None) -> dict[str, float]:
+    """Held-out exact match (normalised answers) per task family, plus "overall" over all items; items: the
+    per-item scores when already computed (exact_match_items)."""
+    items = exact_match_items(model, tok, examples, max_new_tokens) if items is None else items
     hits = defaultdict(list)
-    for ex, p in zip(examples, preds):
-        ok = float(exact_match(p, ex["answer"]))
+    for ex, ok in zip(examples, items):
         hits[ex.get("family") or ex.get("source") or "other"].append(ok)
         hits["overall"].append(ok)
     return {fam: float(np.mean(v)) for fam, v in sorted(hits.items())}
@@ -72,6 +79,12 @@ def preference_accuracy(rm, tok, pairs: list[Pair]) -> float:
 
 def implicit_reward_accuracy(policy, reference, tok, pairs: list[Pair]) -> float:
     """Fraction of pairs where the policy's implicit reward log pi/pi_ref prefers chosen (formatting tokens masked)."""
+    wins = implicit_reward_wins(policy, reference, tok, pairs)
+    return float(wins.mean()) if len(wins) else 0.0
+
+
+def implicit_reward_wins(policy, reference, tok, pairs: list[Pair]) -> np.ndarray:
+    """(N,) bool per pair: the policy's implicit reward log pi/pi_ref prefers chosen (formatting tokens masked)."""
     policy.eval()
     dev = next(policy.parameters()).device
     reference = reference.to(dev)
@@ -83,9 +96,9 @@ def implicit_reward_accuracy(policy, reference, tok, pairs: list[Pair]) -> float
         margin = (sequence_logps(policy, t, r)[0] - sequence_logps(reference, t, r)[0]).cpu().numpy()
         return margin[:len(chunk)] > margin[len(chunk):]
 
-    acc = float(_batched(score, pairs).mean()) if pairs else 0.0
+    wins = _batched(score, pairs).astype(bool)
     policy.train()
-    return acc
+    return wins
 
 
 @torch.no_grad()

@@ -16,6 +16,7 @@ from pathlib import Path
 from data.shards import expand_shards
 from mm.config import HerdReportConfig
 from mm.eval.report import write_report
+from mm.eval.stats import paired_bootstrap
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -67,10 +68,14 @@ def text_rows(cfg: HerdReportConfig, bench: Path) -> tuple[list[dict], list[dict
                              bench / "chat_pretrained.json", cfg.threads)
         chat = run_benchmark("text.py", ["--ckpt", cfg.chat, *held],
                              bench / "chat.json", cfg.threads)
+        a, b = chat.get("exact_match_items"), base.get("exact_match_items")  # the same held-out items, paired
+        ci = paired_bootstrap(a, b, None, 1000, 0)["ci95"] if a and b and len(a) == len(b) else None
         rows.append(row("chat", "exact_match", chat["exact_match"]["overall"], base["exact_match"]["overall"],
-                        "pretrained LM"))
+                        "pretrained LM", ci=ci))
         if "chosen_frac" in chat:
-            rows.append(row("chat", "chosen_frac", chat["chosen_frac"], 0.5, "chance"))
+            ci = chat.get("chosen_frac_ci95")
+            rows.append(row("chat", "chosen_frac", chat["chosen_frac"], 0.5, "chance",
+                            ci=[ci[0] - 0.5, ci[1] - 0.5] if ci else None))
     return rows, examples
 
 
