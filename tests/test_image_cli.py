@@ -124,6 +124,7 @@ def test_eval_image_scores_and_counts_skips(image_run, world, tmp_path):  # noqa
     r = res["reading"]
     assert r["items"] == 3 and r["acc"] == res["vqa_acc"] and r["shuffled"] == res["shuffled_vqa_acc"]
     assert r["gain"] == pytest.approx(r["acc"] - r["shuffled"]) and r["gain_ci95"][0] <= r["gain"] <= r["gain_ci95"][1]
+    assert r["blind_gain_ci95"][0] <= r["acc"] - r["blind"] <= r["blind_gain_ci95"][1]
     assert res["reading_by_family"]["counting"]["items"] == 2 and res["reading_by_source"]["mine"]["items"] == 3
     # the naming questions (open, answered by the item's label: "two" == "2" once normalised) of samples 0 and 2
     nm = res["naming_by_source"]

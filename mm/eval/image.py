@@ -101,7 +101,8 @@ def source_of(meta: dict) -> str:
 
 def reading_summary(flat: dict, key: str, n_boot: int = 1000, seed: int = 0) -> dict:
     """Per value of flat[key] (family / source) and overall: accuracy with the image, with a shuffled image and with
-    none, and the reading gain (image - shuffled) with its paired bootstrap 95% interval."""
+    none, the reading gain (image - shuffled) with its paired bootstrap 95% interval, and that of the gain over no
+    image ("blind_gain_ci95")."""
     groups = {"all": list(range(len(flat["model"])))}
     for i, g in enumerate(flat[key]):
         groups.setdefault(g, []).append(i)
@@ -109,9 +110,9 @@ def reading_summary(flat: dict, key: str, n_boot: int = 1000, seed: int = 0) -> 
     for g, idx in groups.items():
         m, sh = [flat["model"][i] for i in idx], [flat["shuffled"][i] for i in idx]
         d = paired_bootstrap(m, sh, None, n_boot, seed)
-        out[g] = {"items": len(idx), "acc": d["a"], "shuffled": d["b"], "blind": float(np.mean([flat["blind"][i]
-                                                                                              for i in idx])),
-                  "gain": d["delta"], "gain_ci95": d["ci95"]}
+        b = paired_bootstrap(m, [flat["blind"][i] for i in idx], None, n_boot, seed)
+        out[g] = {"items": len(idx), "acc": d["a"], "shuffled": d["b"], "blind": b["b"], "gain": d["delta"],
+                  "gain_ci95": d["ci95"], "blind_gain_ci95": b["ci95"]}
     return out
 
 

@@ -85,22 +85,23 @@ def image_rows(cfg: HerdReportConfig, bench: Path) -> tuple[list[dict], list[dic
     peer = ["--peer", cfg.ocr_peer] if cfg.ocr_peer else []
     r = run_benchmark("image.py", ["--ckpt", cfg.image, "--max-items", str(cfg.max_items), "--examples-dir",
                                    str(bench.parent / "examples"), *peer], bench / "image.json", cfg.threads)
-    rows = [row("image", "vqa_acc", r["vqa_acc"], r["blind_vqa_acc"], "blind (no image)")]
-    if r.get("reading"):  # the control that isolates reading: another sample's image; beats when the interval does
-        g = r["reading"]
-        rows.append({**row("image", "vqa_acc vs another image", g["acc"], g["shuffled"], "shuffled image"),
-                     "gain_ci95": g["gain_ci95"], "beats": g["gain_ci95"][0] > 0})
+    g = r.get("reading") or {}
+    rows = [row("image", "vqa_acc", r["vqa_acc"], r["blind_vqa_acc"], "blind (no image)",
+                ci=g.get("blind_gain_ci95"))]
+    if g:  # the control that isolates reading: another sample's image; beats when the interval does
+        rows.append(row("image", "vqa_acc vs another image", g["acc"], g["shuffled"], "shuffled image",
+                        ci=g["gain_ci95"]))
     p = r.get("ocr_peer") or {}
     if p.get("acc") is not None:  # an OCR recogniser a user would pick instead, on the same OCR items
-        rows.append({**row("image", f"ocr items ({p['items']})", p["ours"], p["acc"], f"OCR peer {p['name']}"),
-                     "gain_ci95": p["ci95"], "beats": p["ci95"][0] > 0})
+        rows.append(row("image", f"ocr items ({p['items']})", p["ours"], p["acc"], f"OCR peer {p['name']}",
+                        ci=p["ci95"]))
     elif p:  # the peer is not installed here: the row says so
         rows.append(row("image", "ocr items", None, None, f"OCR peer {p['name']}: {p.get('error')}"))
     if cfg.photo_shards and _exists(cfg.photo_shards):  # real photographs, held out (a kit may predate them)
         ph = run_benchmark("image.py", ["--ckpt", cfg.image, "--shards", cfg.photo_shards, "--max-items", "0",
                                         "--text-docs", "0"], bench / "photos.json", cfg.threads)["reading"]
-        rows.append({**row("image", f"real photos ({ph['items']})", ph["acc"], ph["shuffled"], "shuffled photo"),
-                     "gain_ci95": ph["gain_ci95"], "beats": ph["gain_ci95"][0] > 0})
+        rows.append(row("image", f"real photos ({ph['items']})", ph["acc"], ph["shuffled"], "shuffled photo",
+                        ci=ph["gain_ci95"]))
     if "text_bpb" in r:
         rows.append(row("image", "text_bpb (no image)", r["text_bpb"], r["lm_text_bpb"], "bare LM (must be equal)"))
         rows[-1]["beats"] = r["text_bpb"] == r["lm_text_bpb"]  # preservation: equal is the pass
