@@ -6,7 +6,8 @@ RM-judged win rate against another checkpoint.
     python benchmarks/text.py --ckpt RUN/r1/dpo --rm RUN/r1/rm --vs RUN/r1/sft [--chat]
 
 Prints ONE JSON line: val_bpb (the model over ALL held-out documents), unigram_bpb (add-one unigram over the
-pretraining run's training tokens, same text), ratio = val_bpb / unigram_bpb, docs, bytes; with a chat model (or
+pretraining run's training tokens, same text), vs_unigram_ci95 (the paired bootstrap 95% interval of val_bpb -
+unigram_bpb over documents), ratio = val_bpb / unigram_bpb, docs, bytes; with a chat model (or
 --chat): "exact_match" {family: acc, overall} and "exact_match_items" (each item's 0/1, for paired comparisons); with
 --rm: "rm_pref_acc"; for a model initialised from another: "chosen_frac" and its bootstrap 95% interval
 ("chosen_frac_ci95"); with --rm and --vs: "rm_win_rate_vs". Text defaults come from the pretraining run's
@@ -28,11 +29,12 @@ from tqdm import tqdm
 from data.shards import SkipCounter, expand_shards, iter_text_docs
 from data.token_stream import TokenSource, tokenize_docs
 from mm.cli import run_reporting
-from mm.eval.text import bits_per_byte, unigram_bits_per_byte
+from mm.eval.stats import paired_bootstrap
+from mm.eval.text import UnigramLM, lm_doc_bits
 from mm.model.runs import load_lm, model_dir
 
 DEFAULT_SEQ_LEN = 512
-DOCS_PER_CHUNK = 16  # held-out docs scored per bits_per_byte call (one progress-bar tick)
+DOCS_PER_CHUNK = 16  # held-out docs scored per lm_doc_bits call (one progress-bar tick)
 
 
 def run_dir_of(ckpt: str | Path) -> Path:
@@ -140,17 +142,20 @@ def evaluate(args) -> dict:
         raise ValueError(f"{val_spec}: no readable text documents (skipped: {skips.as_dict()})")
     n_bytes = sum(len(t.encode("utf-8")) for t in texts)
 
-    bits = 0.0  # bits_per_byte per chunk, weighted back to bits, so the total is over all held-out docs
-    chunks = [texts[i:i + DOCS_PER_CHUNK] for i in range(0, len(texts), DOCS_PER_CHUNK)]
+    docs = [tok.encode(t, bos=True, eos=True) for t in texts]
+    doc_bytes = [len(t.encode("utf-8")) for t in texts]
+    bits: list[float] = []  # per held-out document
+    chunks = [docs[i:i + DOCS_PER_CHUNK] for i in range(0, len(docs), DOCS_PER_CHUNK)]
     for chunk in tqdm(chunks, desc="val_bpb", unit="chunk", file=sys.stderr, disable=not args.progress):
-        chunk_bytes = sum(len(t.encode("utf-8")) for t in chunk)
-        if chunk_bytes:
-            bits += bits_per_byte(model, tok, chunk, seq_len, batch_size=args.batch_size, device=device) * chunk_bytes
-    val_bpb = bits / n_bytes
+        bits += lm_doc_bits(model, chunk, seq_len, tok.pad_id, batch_size=args.batch_size, device=device)
+    val_bpb = sum(bits) / n_bytes
 
     train, source = train_tokens(run_dir, args.train_shards or data.get("shards"), tok, bool(args.train_shards))
-    unigram_bpb = unigram_bits_per_byte(train, tok.vocab_size, tok, texts)
-    return {"val_bpb": val_bpb, "unigram_bpb": unigram_bpb, "ratio": val_bpb / unigram_bpb, "docs": len(texts),
+    uni = UnigramLM(train, tok.vocab_size).doc_bits(docs)
+    vs = paired_bootstrap(bits, uni, doc_bytes, 1000, 0)  # bits per byte, resampling documents
+    unigram_bpb = sum(uni) / n_bytes
+    return {"val_bpb": val_bpb, "unigram_bpb": unigram_bpb, "vs_unigram_ci95": vs["ci95"],
+            "ratio": val_bpb / unigram_bpb, "docs": len(texts),
             "bytes": n_bytes, "seq_len": seq_len, "train_tokens": int(len(train)), "train_tokens_from": source,
             "ckpt": str(args.ckpt), "val_shards": str(val_spec), "skipped": skips.as_dict(),
             **(posttrain_metrics(args, model, tok, meta, own_run) if wants_posttrain(args, meta) else {})}

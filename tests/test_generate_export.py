@@ -219,4 +219,6 @@ def test_text_benchmark_beats_unigram(docs, tmp_path, capsys):
     assert res["docs"] == len(val) and res["bytes"] == sum(len(t.encode()) for t in val)
     assert res["seq_len"] == 64 and res["train_tokens_from"] == "cache"
     assert 0 < res["val_bpb"] < res["unigram_bpb"], res
+    lo, hi = res["vs_unigram_ci95"]  # bits per byte over resampled documents, paired
+    assert lo <= res["val_bpb"] - res["unigram_bpb"] <= hi and hi < 0, res
     assert res["ratio"] == pytest.approx(res["val_bpb"] / res["unigram_bpb"])

@@ -99,13 +99,15 @@ def test_chat_rows_pair_the_same_items_with_the_pretrained_lm(tmp_path):
 
     bench = tmp_path / "bench"
     bench.mkdir()
-    (bench / "text_lm.json").write_text(json.dumps({"val_bpb": 2.0, "unigram_bpb": 3.0}))
+    (bench / "text_lm.json").write_text(json.dumps({"val_bpb": 2.0, "unigram_bpb": 3.0,
+                                                     "vs_unigram_ci95": [-1.1, -0.9]}))
     base = [0.0] * 20
     (bench / "chat_pretrained.json").write_text(json.dumps({"exact_match": {"overall": 0.0},
                                                             "exact_match_items": base}))
     (bench / "chat.json").write_text(json.dumps({"exact_match": {"overall": 0.5}, "exact_match_items": [1.0, 0.0] * 10,
                                                  "chosen_frac": 0.55, "chosen_frac_ci95": [0.45, 0.65]}))
     rows, _ = text_rows(HerdReportConfig(lm="x", chat="y"), bench)
+    assert rows[0]["gain_ci95"] == [-1.1, -0.9] and rows[0]["beats"] is True  # lower bits per byte
     em, cf = rows[1], rows[2]
     assert em["metric"] == "exact_match" and em["gain_ci95"][0] > 0 and em["beats"] is True
     assert cf["gain_ci95"] == pytest.approx([-0.05, 0.15]) and cf["beats"] is False  # above 0.5, inside the noise

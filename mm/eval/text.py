@@ -13,18 +13,30 @@ LN2 = math.log(2.0)
 
 
 @torch.no_grad()
-def lm_bits(model: torch.nn.Module, doc_tokens: list[list[int]], seq_len: int, pad_id: int,
-            batch_size: int = 16, device: torch.device | str = "cpu") -> float:
-    """Total bits the model spends predicting every token after BOS of each document ([BOS]+doc+[EOS] lists)."""
+def lm_doc_bits(model: torch.nn.Module, doc_tokens: list[list[int]], seq_len: int, pad_id: int,
+                batch_size: int = 16, device: torch.device | str = "cpu") -> list[float]:
+    """Bits the model spends predicting every token after BOS of each document ([BOS]+doc+[EOS] lists), per
+    document (eval_windows cuts each document into its own windows, in order)."""
     model.eval()
     w = eval_windows(doc_tokens, seq_len, pad_id)
-    nats = 0.0
+    per_window = []
     for i in range(0, len(w["tokens"]), batch_size):
         x = w["tokens"][i:i + batch_size].to(device)
         y = w["labels"][i:i + batch_size].to(device)
-        logits = model(x).float()
-        nats += F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=IGNORE, reduction="sum").item()
-    return nats / LN2
+        logits = model(x).float()  # (b, seq_len, V)
+        nll = F.cross_entropy(logits.transpose(1, 2), y, ignore_index=IGNORE, reduction="none")  # (b, seq_len)
+        per_window += nll.sum(1).tolist()
+    out, k = [], 0
+    for ids in doc_tokens:
+        n = -(-(len(ids) - 1) // seq_len)  # windows of this document
+        out.append(sum(per_window[k:k + n]) / LN2)
+        k += n
+    return out
+
+
+def lm_bits(model: torch.nn.Module, doc_tokens: list[list[int]], seq_len: int, pad_id: int, **kw) -> float:
+    """Total bits the model spends predicting every token after BOS of each document ([BOS]+doc+[EOS] lists)."""
+    return sum(lm_doc_bits(model, doc_tokens, seq_len, pad_id, **kw))
 
 
 def bits_per_byte(model: torch.nn.Module, tok, texts: list[str], seq_len: int, **kw) -> float:
@@ -41,9 +53,13 @@ class UnigramLM:
         counts = np.bincount(np.asarray(token_ids, dtype=np.int64), minlength=vocab_size).astype(np.float64) + 1.0
         self.logp2 = np.log2(counts / counts.sum())
 
+    def doc_bits(self, doc_tokens: list[list[int]]) -> list[float]:
+        """Bits for every token after BOS of each document, as lm_doc_bits counts them."""
+        return [float(-self.logp2[np.asarray(ids[1:], dtype=np.int64)].sum()) for ids in doc_tokens]
+
     def bits(self, doc_tokens: list[list[int]]) -> float:
         """Bits for every token after BOS, as lm_bits counts them."""
-        return float(-sum(self.logp2[np.asarray(ids[1:], dtype=np.int64)].sum() for ids in doc_tokens))
+        return float(sum(self.doc_bits(doc_tokens)))
 
 
 def unigram_bits_per_byte(train_tokens: np.ndarray, vocab_size: int, tok, texts: list[str]) -> float:

@@ -61,7 +61,8 @@ def text_rows(cfg: HerdReportConfig, bench: Path) -> tuple[list[dict], list[dict
     n = str(cfg.max_items)
     held = ["--chat-shards", cfg.chat_shards, "--pref-shards", cfg.pref_shards, "--max-items", n, "--no-progress"]
     lm = run_benchmark("text.py", ["--ckpt", cfg.lm, "--no-progress"], bench / "text_lm.json", cfg.threads)
-    rows = [row("text", "val_bpb", lm["val_bpb"], lm["unigram_bpb"], "unigram model", lower_is_better=True)]
+    rows = [row("text", "val_bpb", lm["val_bpb"], lm["unigram_bpb"], "unigram model", lower_is_better=True,
+                ci=lm.get("vs_unigram_ci95"))]
     examples: list[dict] = []
     if cfg.chat:
         base = run_benchmark("text.py", ["--ckpt", cfg.lm, "--chat", *held],
