@@ -93,9 +93,10 @@ def posttrain_metrics(args, model, tok, meta: dict, run_dir: Path) -> dict:
     init = args.reference or meta.get("init_from")
     if init and meta.get("kind") != "reward_model":
         ref, _, _ = load_lm(init)
-        wins = implicit_reward_wins(model, ref, tok, pairs)
+        wins = implicit_reward_wins(model, ref, tok, pairs).astype(float)
+        out["chosen_frac"] = float(wins.mean()) if len(wins) else 0.0
         if len(wins):
-            out["chosen_frac"], out["chosen_frac_ci95"] = float(wins.mean()), bootstrap_ci(wins.astype(float))
+            out["chosen_frac_ci95"] = bootstrap_ci(wins)
         out["reference"] = str(init)
     if args.rm:
         rm, _, _ = load_reward_model(args.rm)
@@ -140,23 +141,20 @@ def evaluate(args) -> dict:
     texts = [d["text"] for d in iter_text_docs(expand_shards(val_spec), skips)]
     if not texts:
         raise ValueError(f"{val_spec}: no readable text documents (skipped: {skips.as_dict()})")
-    n_bytes = sum(len(t.encode("utf-8")) for t in texts)
-
     docs = [tok.encode(t, bos=True, eos=True) for t in texts]
     doc_bytes = [len(t.encode("utf-8")) for t in texts]
     bits: list[float] = []  # per held-out document
     chunks = [docs[i:i + DOCS_PER_CHUNK] for i in range(0, len(docs), DOCS_PER_CHUNK)]
     for chunk in tqdm(chunks, desc="val_bpb", unit="chunk", file=sys.stderr, disable=not args.progress):
         bits += lm_doc_bits(model, chunk, seq_len, tok.pad_id, batch_size=args.batch_size, device=device)
-    val_bpb = sum(bits) / n_bytes
 
     train, source = train_tokens(run_dir, args.train_shards or data.get("shards"), tok, bool(args.train_shards))
     uni = UnigramLM(train, tok.vocab_size).doc_bits(docs)
-    vs = paired_bootstrap(bits, uni, doc_bytes, 1000, 0)  # bits per byte, resampling documents
-    unigram_bpb = sum(uni) / n_bytes
+    vs = paired_bootstrap(bits, uni, doc_bytes, 1000, 0)  # bits per byte of each (a, b), resampling documents
+    val_bpb, unigram_bpb = vs["a"], vs["b"]
     return {"val_bpb": val_bpb, "unigram_bpb": unigram_bpb, "vs_unigram_ci95": vs["ci95"],
             "ratio": val_bpb / unigram_bpb, "docs": len(texts),
-            "bytes": n_bytes, "seq_len": seq_len, "train_tokens": int(len(train)), "train_tokens_from": source,
+            "bytes": sum(doc_bytes), "seq_len": seq_len, "train_tokens": int(len(train)), "train_tokens_from": source,
             "ckpt": str(args.ckpt), "val_shards": str(val_spec), "skipped": skips.as_dict(),
             **(posttrain_metrics(args, model, tok, meta, own_run) if wants_posttrain(args, meta) else {})}
 

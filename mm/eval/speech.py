@@ -217,7 +217,7 @@ def speech_eval(model: ComposedLM, tok, items: list[dict], max_new_tokens: int =
         out["text_wer"] = corpus_wer([r[0] for r in rows], oracle)
         out["blind_bleu"] = corpus_bleu([a[0] for a in ast], [a[2] for a in ast])
         out["blind_qa_em"] = sum(em(r, b) for r, _, b in sqa) / len(sqa) if sqa else None
-        if any(normalise_text(r[0]) for r in rows):  # WER - blind WER over the same utterances, paired
+        if out["wer"] is not None:  # some reference words: WER - blind WER over the same utterances, paired
             out["wer_vs_blind"] = paired_wer_delta([r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows],
                                                  n_boot=1000)
         if sqa:

@@ -21,10 +21,10 @@ from data.qa_format import gold_letter, mc_prompt, parse_letter, short_prompt
 from data.shards import BadSample, SkipCounter
 from data.dialog import dialog
 from llm.tokenizer import ChatFormat
+from mm.eval.stats import paired_bootstrap
 from mm.model.composed import ComposedLM
 from mm.model.generate import generate
 from mm.model.media import frames_to_pixels
-from mm.eval.stats import paired_bootstrap
 from mm.model.streams import MediaKV, to_device
 
 CONDITIONS = ("video", "single_frame", "blind")

@@ -5,7 +5,6 @@ by the image and video stages (`bow_weight`); the head is a training aid, never 
 from __future__ import annotations
 
 from contextlib import contextmanager
-
 from typing import Callable
 
 import torch

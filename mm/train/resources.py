@@ -11,13 +11,13 @@ from pathlib import Path
 _KB = 1024 if sys.platform != "darwin" else 1024 * 1024  # ru_maxrss units: KB on Linux, bytes on macOS
 
 
-def _reset_peak() -> bool:
-    """Reset this process's peak RSS (Linux: "5" to /proc/self/clear_refs); False where that is not possible."""
+def _reset_peak() -> None:
+    """Reset this process's peak RSS (Linux: "5" to /proc/self/clear_refs); where that is not possible, the peak
+    stays the process's since it started."""
     try:
         Path("/proc/self/clear_refs").write_text("5")
-        return True
     except OSError:
-        return False
+        pass
 
 
 def _peak_mb() -> float:
