@@ -165,6 +165,16 @@ PINS.update({
     "festvox-us-slt-hts": _deb("festvox-us-slt-hts", "0.2010.10.25-4",
                                "b9ac83795572e717c4595d7dac428336490eeba6801f6e607009a305b4b7da58", _DEB_FEST),
 })
+# DATA.md §6: recorded human speech for evaluation only (never trained on): the Asterisk English prompts, one
+# professional speaker, 16 kHz G.722, and their transcripts (a `name: text` list) in the sibling package.
+_AST = (r"\./usr/share/(asterisk/sounds/en_US_f_Allison/(?P<path>.+\.g722)"
+        r"|doc/asterisk-core-sounds-en[^/]*/(copyright|core-sounds-en\.txt\.gz))")
+PINS.update({
+    "asterisk_en_g722": _deb("asterisk-core-sounds-en-g722", "1.6.1-1",
+                             "38c5261820b406dcb0ecb37675720da2b0864850690690352ca52707eb623806", _AST),
+    "asterisk_en": _deb("asterisk-core-sounds-en", "1.6.1-1",
+                        "973e797d28e37fa6ca3c0a9d6fa717e77cf1268ae916bf09fd3503113cdffa50", _AST),
+})
 TTS_KEYS = {  # the pins each speech engine needs (data/tts.py)
     "espeak": ("espeakng_loader",),
     "flite": ("flite", "libflite1", "libasound2"),

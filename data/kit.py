@@ -17,7 +17,7 @@ import yaml
 
 from data.fetch import PINS
 
-KIT_KEYS = {"text", "chat", "image", "video", "speech", "photos", "processes"}
+KIT_KEYS = {"text", "chat", "image", "video", "speech", "photos", "human_speech", "processes"}
 _MARK = "<!-- image+video kit -->"
 
 
@@ -65,8 +65,9 @@ def _video_job(cache_dir, out_dir, cfg):
 def attribution_section() -> str:
     """The ATTRIBUTION.md entries for the image and video kits."""
     t, f, m, g = PINS["tuxpaint"], PINS["fashion_mnist"], PINS["mnist5k"], PINS["gcompris"]
+    a, at = PINS["asterisk_en_g722"], PINS["asterisk_en"]
     return f"""{_MARK}
-## Image-text and video-text kits (`image/`, `video/`)
+## Image-text and video-text kits (`image/`, `video/`) and held-out real media (`photos/`, `speech_human/`)
 
 Derived data (resized images, rendered text/charts, synthetic clips): never commit it.
 
@@ -82,6 +83,8 @@ redistribution permitted |
 | DejaVu Sans (rendering font, shipped in matplotlib) | matplotlib | | Bitstream Vera / DejaVu licence (free) |
 | GCompris photos (held-out evaluation only, `photos/`; Wikimedia Commons and others per folder README) | Debian \
 `{g.spec}` | `{g.sha256}` | CC0 / CC-BY-SA / public domain (Debian `copyright` in the cache) |
+| Asterisk English prompts, Allison Smith for Digium (held-out evaluation only, `speech_human/`) | Debian \
+`{a.spec}`, `{at.spec}` (transcripts) | `{a.sha256}`, `{at.sha256}` | CC-BY-SA-3.0 |
 """
 
 
@@ -99,7 +102,8 @@ def build_kit(yaml_path_or_dict, cache_dir, out_dir) -> dict:
 
     Parts: text (build_text_kit kwargs, e.g. heldout_genre), chat (chat_kit config: chat + preference shards), image
     (image_kit.DEFAULTS keys), video (video_kit.DEFAULTS keys), speech (true or speech_kit config; skipped when
-    data.speech_kit is absent), photos (true or {seed}: held-out real photographs, data.photo_kit).
+    data.speech_kit is absent), photos (true or {seed}: held-out real photographs, data.photo_kit), human_speech
+    (true or {seed}: held-out recorded speech, data.human_speech_kit).
     `processes` (default 2) is the number of processes for image + video.
     """
     cfg = load_kit_config(yaml_path_or_dict)
@@ -155,6 +159,12 @@ def build_kit(yaml_path_or_dict, cache_dir, out_dir) -> dict:
 
         m, manifest["timings_s"]["photos"] = _timed(build_photo_kit, cache_dir, out_dir, **photos)
         manifest["parts"]["photos"] = {"val": {"samples": m["samples"], "by_category": m["by_category"]}}
+    human = _part(cfg.get("human_speech", False))
+    if human is not None:
+        from data.human_speech_kit import build_human_speech_kit
+
+        m, manifest["timings_s"]["human_speech"] = _timed(build_human_speech_kit, cache_dir, out_dir, **human)
+        manifest["parts"]["human_speech"] = {"val": {k: m[k] for k in ("samples", "with_speech", "letters_only")}}
     _write_attribution(out_dir)
     manifest["timings_s"]["total"] = round(time.time() - t0, 2)
     path = out_dir / "manifest.json"

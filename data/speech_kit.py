@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import soundfile as sf
+from num2words import num2words
 from webdataset import TarWriter
 
 from data import tts
@@ -44,17 +45,14 @@ DEFAULTS: dict = {
     "sentences": None, "captions": None,  # in-memory text sources (tests): skip fetching Brown / Tux Paint
 }
 _CLEAN = re.compile(r"[A-Za-z][A-Za-z ,.'!?;:-]*[.!?]?")
-_WORDS = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
-          "seventeen eighteen nineteen twenty").split()
-_TENS = {2: "twenty", 3: "thirty"}
 COLOURS = ("red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white", "gray", "grey")
 KINDS = {"animals": "an animal", "food": "food", "plants": "a plant", "clothes": "clothing",
          "vehicles": "a vehicle", "household": "a household object", "sports": "sports equipment"}
 
 
 def number_word(n: int) -> str:
-    """0..39 as English words ("twenty-one")."""
-    return _WORDS[n] if n <= 20 else _TENS[n // 10] + ("" if n % 10 == 0 else "-" + _WORDS[n % 10])
+    """n as English words ("twenty-one")."""
+    return num2words(n)
 
 
 def _text_split(text: str, val_frac: float = DEFAULTS["val_frac"], seed: int = DEFAULTS["seed"]) -> str:

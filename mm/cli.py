@@ -37,6 +37,7 @@ FETCHERS = {  # `mm data fetch --only ...` groups -> (module, function)
     "image": ("data.image_sources", "fetch_images"),
     "speech": ("data.tts", "fetch_engines"),
     "photos": ("data.photo_kit", "fetch_photos"),
+    "human_speech": ("data.human_speech_kit", "fetch_human_speech"),
 }
 
 
@@ -271,7 +272,8 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("target", nargs="?", help="build: kit YAML (default experiments/data/kit.yaml); inspect: shards")
     d.add_argument("--cache", help="data cache (default .cache/data or $MM_DATA_CACHE)")
     d.add_argument("--out", help="shard output dir (build; default .cache/shards)")
-    d.add_argument("--only", help="fetch: comma-separated groups among text,chat,image,speech,photos (default all)")
+    d.add_argument("--only", help="fetch: comma-separated groups among text,chat,image,speech,photos,"
+                   "human_speech (default all)")
     d.add_argument("--png", help="inspect: where to write the contact sheet")
     d.set_defaults(fn=cmd_data)
     c = sub.add_parser("chat", help="talk to a trained model")

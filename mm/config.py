@@ -373,6 +373,8 @@ class HerdReportConfig:
     pref_shards: str = ".cache/shards/pref/val-*.tar"  # held-out preference pairs (chosen_frac)
     photo_shards: str = ".cache/shards/photos/val-*.tar"  # held-out real photographs ("": none; data/photo_kit.py)
     ocr_peer: str = "rapidocr"  # an OCR recogniser scored beside the image model ("": none; mm/eval/ocr_peer.py)
+    human_speech_shards: str = ".cache/shards/speech_human/val-*.tar"  # held-out recorded speech ("": none)
+    asr_peers: list[str] = field(default_factory=list)  # offline recognisers on the human speech (mm/eval/asr_peer.py)
     threads: int = 1
 
 

@@ -17,5 +17,8 @@ fi
 if [ ! -f "$SHARDS/photos/manifest.json" ]; then  # a kit built before the held-out photos existed
   .venv/bin/mm data build experiments/data/photos.yaml --out "$SHARDS"
 fi
+if [ ! -f "$SHARDS/speech_human/manifest.json" ]; then  # a kit built before the recorded human speech existed
+  .venv/bin/mm data build experiments/data/human_speech.yaml --out "$SHARDS"
+fi
 .venv/bin/mm run experiments/quickstart.yaml --out "$RUN" "$@"
 echo "[quickstart] report: $RUN/report/report.md" >&2

@@ -115,3 +115,24 @@ def test_chat_rows_pair_the_same_items_with_the_pretrained_lm(tmp_path):
                                                  "exact_match_items": [1.0] + [0.0] * 19}))
     em = text_rows(HerdReportConfig(lm="x", chat="y"), bench)[0][1]
     assert em["model"] > em["baseline"] and em["gain_ci95"][0] <= 0 and em["beats"] is False
+
+
+def test_human_speech_rows_pair_blind_and_peers(tmp_path):
+    """The recorded-speech rows from the speech benchmark's file: all prompts and each tagged subset against the
+    blind model through their intervals; a peer beside ours paired, a peer not installed here named as such."""
+    from mm.config import HerdReportConfig
+    from mm.stages import herd_report
+
+    bench = tmp_path / "bench"
+    bench.mkdir()
+    (bench / "speech_human.json").write_text(json.dumps({
+        "items": 567, "wer": 0.55, "blind_wer": 1.0, "wer_vs_blind": {"ci95": [-0.5, -0.4]},
+        "wer_by_tag": {"letters_only": 0.5}, "blind_wer_by_tag": {"letters_only": 1.0},
+        "wer_vs_blind_by_tag": {"letters_only": {"ci95": [-0.6, 0.01]}},
+        "peers": {"moonshine": {"wer": 0.04, "ours": 0.55, "ci95": [0.45, 0.56]},
+                  "pocketsphinx": {"name": "pocketsphinx", "error": "pocketsphinx is not installed"}}}))
+    rows = herd_report.human_speech_rows(HerdReportConfig(lm="x", speech="s", asr_peers=["moonshine"]), bench)
+    assert [r["metric"] for r in rows] == ["human wer (567)", "human wer, letters_only", "human wer", "human wer"]
+    assert rows[0]["beats"] is True and rows[1]["beats"] is False  # lower, but the subset's interval reaches 0
+    assert rows[2]["baseline_name"] == "ASR peer moonshine" and rows[2]["beats"] is False
+    assert rows[3]["model"] is None and "not installed" in rows[3]["baseline_name"]

@@ -63,6 +63,21 @@ def corpus_wer(refs: list[str], hyps: list[str]) -> float | None:
     return sum(e for e, _ in counts) / words if words else None
 
 
+def grouped_wer(refs: list[str], hyps: list[str], groups: list) -> dict[str, float | None]:
+    """Corpus WER per group name, sorted: groups[i] names the groups utterance i belongs to (any number of them)."""
+    members: dict[str, list[int]] = defaultdict(list)
+    for i, names in enumerate(groups):
+        for g in names:
+            members[g].append(i)
+    return {g: corpus_wer([refs[i] for i in ix], [hyps[i] for i in ix]) for g, ix in sorted(members.items())}
+
+
+def item_tags(meta: dict) -> tuple[str, ...]:
+    """The subsets an audio item's json names in "tags" (a list of strings); anything else names none."""
+    tags = (meta or {}).get("tags")
+    return tuple(str(t) for t in tags) if isinstance(tags, list) else ()
+
+
 def paired_wer_delta(refs: list[str], hyps_a: list[str], hyps_b: list[str], n_boot: int = 2000,
                      seed: int = 0) -> dict:
     """Corpus WER of system a minus that of b on the same utterances, with a paired bootstrap over utterances
@@ -141,7 +156,8 @@ def answer_loss(model: ComposedLM, fmt: ChatFormat, system: str | None, audio, a
 def speech_eval(model: ComposedLM, tok, items: list[dict], max_new_tokens: int = 48, blind: bool = True,
                 per_item: bool = False) -> dict:
     """Every item is transcribed (ASR); items with a translation are also translated (AST), items with an answer
-    answered (spoken QA). Returns {"wer", "wer_by_engine", "wer_by_voice", "blind_wer"(_by_voice), "bleu",
+    answered (spoken QA). Returns {"wer", "wer_by_engine", "wer_by_voice", "blind_wer"(_by_voice), "wer_by_tag" and
+    "blind_wer_by_tag", "wer_vs_blind_by_tag" (the subsets named in the items' json "tags", when any), "bleu",
     "bleu_by_lang", "blind_bleu", "qa_em", "blind_qa_em", "n_asr", "n_ast", "n_sqa", "examples"} and, with blind,
     the teacher-forced per-token ASR loss with and without the audio ("asr_loss", "blind_asr_loss"), and the TEXT
     ORACLE: the same frozen LM given the reference transcript typed in the user turn instead of the audio
@@ -151,7 +167,7 @@ def speech_eval(model: ComposedLM, tok, items: list[dict], max_new_tokens: int =
     per_item: also "per_item" {"refs", "hyps", "blind_hyps"}: the ASR transcripts in item order (paired tests)."""
     model.eval()
     fmt, featurize = ChatFormat(tok), Featurizer()
-    asr: dict[str, list] = defaultdict(list)  # key -> [(ref, hyp, blind_hyp, engine, voice)]
+    asr: dict[str, list] = defaultdict(list)  # key -> [(ref, hyp, blind_hyp, engine, voice, tags)]
     ast, sqa, examples = [], [], []
     blind_cache: dict = {}
     nll = {"asr_loss": [0.0, 0], "blind_asr_loss": [0.0, 0], "text_asr_loss": [0.0, 0]}  # summed NLL, tokens
@@ -170,7 +186,7 @@ def speech_eval(model: ComposedLM, tok, items: list[dict], max_new_tokens: int =
         system, ref = tasks["asr"]
         hyp = respond(model, fmt, system, it["audio"], max_new_tokens, featurize)
         bl = blind_reply(system)
-        asr["all"].append((ref, hyp, bl, meta.get("engine", "?"), meta.get("voice", "?")))
+        asr["all"].append((ref, hyp, bl, meta.get("engine", "?"), meta.get("voice", "?"), item_tags(meta)))
         if blind:
             for key, audio, text in (("asr_loss", it["audio"], ""), ("blind_asr_loss", None, ""),
                                      ("text_asr_loss", None, ref)):
@@ -197,14 +213,18 @@ def speech_eval(model: ComposedLM, tok, items: list[dict], max_new_tokens: int =
     rows = asr["all"]
     out: dict = {"n_asr": len(rows), "n_ast": len(ast), "n_sqa": len(sqa)}
     out["wer"] = corpus_wer([r[0] for r in rows], [r[1] for r in rows])
-    for name, col in (("engine", 3), ("voice", 4)):
-        groups = defaultdict(list)
-        for r in rows:
-            groups[r[col]].append(r)
-        out[f"wer_by_{name}"] = {g: corpus_wer([r[0] for r in rs], [r[1] for r in rs]) for g, rs in sorted(groups.items())}
-        if blind and name == "voice":
-            out["blind_wer_by_voice"] = {g: corpus_wer([r[0] for r in rs], [r[2] for r in rs])
-                                         for g, rs in sorted(groups.items())}
+    refs = [r[0] for r in rows]
+    out["wer_by_engine"] = grouped_wer(refs, [r[1] for r in rows], [(r[3],) for r in rows])
+    out["wer_by_voice"] = grouped_wer(refs, [r[1] for r in rows], [(r[4],) for r in rows])
+    if blind:
+        out["blind_wer_by_voice"] = grouped_wer(refs, [r[2] for r in rows], [(r[4],) for r in rows])
+    if any(r[5] for r in rows):  # subsets a shard marks in its json "tags", e.g. the human set's letters_only prompts
+        out["wer_by_tag"] = grouped_wer(refs, [r[1] for r in rows], [r[5] for r in rows])
+        if blind:
+            out["blind_wer_by_tag"] = grouped_wer(refs, [r[2] for r in rows], [r[5] for r in rows])
+            out["wer_vs_blind_by_tag"] = {
+                t: paired_wer_delta(*zip(*[r[:3] for r in rows if t in r[5]]), n_boot=1000)
+                for t, w in out["wer_by_tag"].items() if w is not None}
     out["bleu"] = corpus_bleu([a[0] for a in ast], [a[1] for a in ast])
     by_lang = defaultdict(list)
     for a in ast:
@@ -265,17 +285,28 @@ def acoustic_eval(encoder: torch.nn.Module, char_head: torch.nn.Module, items: l
             "char_examples": [{"ref": r, "hyp": h} for r, h in list(zip(refs, hyps))[:6]]}
 
 
-def eval_speech_shards(model: ComposedLM, tok, shards: str, max_items: int = 0, max_new_tokens: int = 48,
-                       blind: bool = True, per_item: bool = False, char_head: torch.nn.Module | None = None) -> dict:
+def eval_speech_shards(model: ComposedLM | None, tok, shards: str, max_items: int = 0, max_new_tokens: int = 48,
+                       blind: bool = True, per_item: bool = False, char_head: torch.nn.Module | None = None,
+                       peers: tuple[str, ...] = ()) -> dict:
     """speech_eval on the first max_items (0: all) samples of any audio-text shards (DESIGN.md format); adds
     {"shards", "items", "skipped", "skipped_total"}, and acoustic_eval's char_* figures on the same items when a
     char head is given (speech_sft's training aid; saved models drop it). The one implementation behind `mm eval
-    speech`, benchmarks/speech.py and the end-of-stage evaluation of speech_sft."""
+    speech`, benchmarks/speech.py and the end-of-stage evaluation of speech_sft. peers: offline recognisers
+    (mm.eval.asr_peer.PEERS) scored on the same items, {"peers": {name: peer_figures}}, paired against our
+    transcripts; model None scores the peers alone."""
     items, skips = load_audio_items(shards, max_items)
     out = {"shards": shards, "items": len(items), "skipped": skips, "skipped_total": sum(skips.values())}
-    out.update(speech_eval(model, tok, items, max_new_tokens, blind, per_item))
+    if model is not None:
+        out.update(speech_eval(model, tok, items, max_new_tokens, blind, per_item=per_item or bool(peers)))
     if char_head is not None:
         out.update(acoustic_eval(model.speech.encoder, char_head, items))
+    if peers:
+        from mm.eval.asr_peer import peer_figures  # it imports this module
+
+        ours = out["per_item"]["hyps"] if model is not None else None
+        out["peers"] = {name: peer_figures(name, items, ours) for name in peers}
+        if not per_item:
+            out.pop("per_item", None)
     return out
 
 

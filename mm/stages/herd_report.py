@@ -171,7 +171,30 @@ def speech_rows(cfg: HerdReportConfig, bench: Path) -> tuple[list[dict], list[di
                         ci=r.get("qa_em_vs_blind_ci95")))
     ex = [{"modality": f"speech ({e['task']})", "input": "held-out utterance", "prompt": e["task"],
            "output": e["hyp"], "reference": e["ref"]} for e in r.get("examples", [])[:3]]
+    if cfg.human_speech_shards and _exists(cfg.human_speech_shards):  # recorded human speech (a kit may predate it)
+        rows += human_speech_rows(cfg, bench)
     return rows, ex
+
+
+def human_speech_rows(cfg: HerdReportConfig, bench: Path) -> list[dict]:
+    """WER on every recorded human prompt and on its letters-only subset against the blind model, and against each
+    offline recogniser of cfg.asr_peers on the same audio (paired; a peer not installed here says so)."""
+    args = ["--ckpt", cfg.speech, "--shards", cfg.human_speech_shards, "--max-items", "0"]
+    r = run_benchmark("speech.py", args + [a for p in cfg.asr_peers for a in ("--peer", p)],
+                      bench / "speech_human.json", cfg.threads)
+    rows = [row("speech", f"human wer ({r['items']})", r["wer"], r.get("blind_wer"), "blind (no audio)",
+                lower_is_better=True, ci=(r.get("wer_vs_blind") or {}).get("ci95"))]
+    for tag, wer in (r.get("wer_by_tag") or {}).items():
+        rows.append(row("speech", f"human wer, {tag}", wer, (r.get("blind_wer_by_tag") or {}).get(tag),
+                        "blind (no audio)", lower_is_better=True,
+                        ci=((r.get("wer_vs_blind_by_tag") or {}).get(tag) or {}).get("ci95")))
+    for name, p in (r.get("peers") or {}).items():
+        if p.get("wer") is None:
+            rows.append(row("speech", "human wer", None, None, f"ASR peer {name}: {p.get('error')}"))
+            continue
+        rows.append(row("speech", "human wer", p["ours"], p["wer"], f"ASR peer {name}", lower_is_better=True,
+                        ci=p["ci95"]))
+    return rows
 
 
 def herd_rows(cfg: HerdReportConfig, bench: Path) -> tuple[list[dict], list[dict]]:
