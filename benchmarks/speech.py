@@ -4,6 +4,7 @@ translation and spoken-QA exact match.
 
     python benchmarks/speech.py --ckpt runs/speech_sft_tiny [--shards VAL_SPEC] [--max-items N]
     python benchmarks/speech.py --ckpt RUN_A --against RUN_B    # paired: WER(A) - WER(B), bootstrap 95% CI
+    python benchmarks/speech.py --lm CHAT_LM_RUN                # text oracle: the LM copies the typed transcripts
     python benchmarks/speech.py --ckpt RUN --shards ".cache/shards/speech_human/val-*.tar" --peer moonshine \
         --peer pocketsphinx    # offline recognisers on the same utterances, paired against ours (--ckpt optional)
 
@@ -23,7 +24,9 @@ import torch  # noqa: E402
 
 from mm.cli import run_reporting  # noqa: E402
 from mm.eval.asr_peer import PEERS  # noqa: E402
-from mm.eval.speech import compare_speech, eval_speech_shards  # noqa: E402
+from mm.eval.speech import compare_speech, eval_speech_shards, load_audio_items, text_oracle  # noqa: E402
+from mm.model.composed import ComposedLM  # noqa: E402
+from mm.model.runs import load_lm  # noqa: E402
 from mm.model.store import load_model  # noqa: E402
 
 
@@ -38,6 +41,15 @@ def evaluate(args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
+    if args.lm:  # the frozen LM alone, before any speech stage: its copying caps every speech path on it
+        if args.ckpt or args.peer or args.against:
+            raise ValueError("--lm scores a chat LM alone: give no --ckpt, --peer or --against with it")
+        lm, tok, _ = load_lm(args.lm)
+        items, skips = load_audio_items(args.shards, args.max_items)
+        out = {"lm": str(args.lm), "shards": args.shards, "skipped": skips,
+               **text_oracle(ComposedLM(lm), tok, items, args.max_new_tokens)}
+        out["total_s"] = round(time.perf_counter() - t0, 1)
+        return out
     if not args.ckpt and not args.peer:
         raise ValueError("give --ckpt (a speech run) or --peer (an offline recogniser), or both")
     if args.against and (args.peer or not args.ckpt):
@@ -60,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--ckpt", help="speech_sft run directory (or its final/ folder); optional with --peer")
     p.add_argument("--shards", default=".cache/shards/audio/val-*.tar", help="held-out audio-text shards")
+    p.add_argument("--lm", help="a chat LM run alone: the text oracle (it copies the typed transcripts), no speech run")
     p.add_argument("--max-items", type=int, default=0, help="cap on utterances (0: all)")
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--against", help="a second speech_sft run: paired WER difference with a bootstrap 95%% CI")

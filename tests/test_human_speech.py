@@ -6,12 +6,14 @@ import json
 import av
 import numpy as np
 import pytest
+import torch
 
 from data import human_speech_kit as hk
 from data.audio import SAMPLE_RATE
 from mm.eval import asr_peer
 from mm.eval.ocr_peer import PeerMissing
-from mm.eval.speech import grouped_wer, item_tags, load_audio_items
+from mm.eval.speech import load_audio_items
+from mm.eval.wer import grouped_wer, item_tags
 
 
 def write_g722(path, seconds: float, freq: float) -> None:
@@ -110,3 +112,22 @@ def test_speech_benchmark_refuses_no_model_and_no_peer(capsys):
     err = capsys.readouterr()
     assert "give --ckpt (a speech run) or --peer" in err.err
     assert json.loads(err.out.strip().splitlines()[-1])["ok"] is False
+
+
+def test_text_oracle_types_each_transcript_under_the_asr_prompt(monkeypatch):
+    from data.speech_tasks import ASR_PROMPT
+    from mm.eval import speech
+
+    calls = []
+
+    def fake_respond(model, fmt, system, audio, max_new_tokens=48, featurize=None, text=""):
+        calls.append((system, audio, text))
+        return text if "copy" in text else "something else entirely"  # copies only some sentences
+    monkeypatch.setattr(speech, "respond", fake_respond)
+    items = [{"audio": np.zeros(160, np.float32), "text": "please copy this line", "meta": {"tags": ["letters_only"]}},
+             {"audio": np.zeros(160, np.float32), "text": "a dog ran", "meta": {}}]
+    out = speech.text_oracle(torch.nn.Identity(), None, items)
+    assert all(s == ASR_PROMPT.format(language="English") and a is None for s, a, _ in calls)  # typed, never heard
+    assert [t for _, _, t in calls] == ["please copy this line", "a dog ran"]
+    assert out["text_wer_by_tag"] == {"letters_only": 0.0} and out["text_wer"] == pytest.approx(3 / 7)
+    assert out["items"] == 2 and out["text_examples"][1] == {"ref": "a dog ran", "hyp": "something else entirely"}

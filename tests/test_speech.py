@@ -216,7 +216,8 @@ def test_char_ctc_targets_and_head_train_the_encoder_not_the_lm():
 
 
 def test_corpus_wer_normalises_and_aggregates_over_words():
-    from mm.eval.speech import corpus_bleu, corpus_wer, normalise_text
+    from mm.eval.speech import corpus_bleu
+    from mm.eval.wer import corpus_wer, normalise_text
 
     assert normalise_text("Mr. Smith won't pay twenty-five!") == "mister smith will not pay 25"
     assert corpus_wer(["Hello, World!"], ["hello world"]) == 0.0
@@ -228,7 +229,7 @@ def test_corpus_wer_normalises_and_aggregates_over_words():
 def test_paired_wer_delta_matches_corpus_wer_and_resolves_real_gaps():
     """The ablation's comparison: a minus b on the same utterances equals the corpus WERs' difference; identical
     systems give exactly 0 with a zero-width interval; a system better on every utterance has an interval below 0."""
-    from mm.eval.speech import corpus_wer, paired_wer_delta
+    from mm.eval.wer import corpus_wer, paired_wer_delta
 
     rng = np.random.default_rng(0)
     vocab = "the a red hen blue car sun tree sat on".split()

@@ -4,6 +4,7 @@ encoder-decoder; the English model ships in the wheel) and PocketSphinx (`pip in
 recogniser with its bundled en-us model). Both are optional dependencies (`pip install -e .[peers]`)."""
 from __future__ import annotations
 
+import importlib.util
 import multiprocessing
 import tempfile
 import weakref
@@ -17,7 +18,7 @@ from tqdm import tqdm
 from data.audio import SAMPLE_RATE
 from data.speech_tasks import task_choices
 from mm.eval.ocr_peer import PeerMissing
-from mm.eval.speech import corpus_wer, grouped_wer, item_tags, paired_wer_delta
+from mm.eval.wer import corpus_wer, grouped_wer, item_tags, paired_wer_delta
 
 PEERS = ("moonshine", "pocketsphinx")
 MOONSHINE_UTTERANCES = 16  # per worker process (its leak: about 17 MB per second of audio)
@@ -44,11 +45,8 @@ def _pcm16(audio: np.ndarray) -> np.ndarray:
 def transcriber(name: str) -> Callable[[np.ndarray], str]:
     """name -> transcribe(16 kHz float waveform (T,)) -> text; PeerMissing (saying how to install it) when absent."""
     if name == "moonshine":
-        try:
-            import moonshine_cpp
-        except ImportError:
-            raise PeerMissing("moonshine-cpp is not installed (pip install moonshine-cpp==0.1.4)") from None
-        del moonshine_cpp  # loaded in the worker processes
+        if importlib.util.find_spec("moonshine_cpp") is None:  # it loads in the worker processes
+            raise PeerMissing("moonshine-cpp is not installed (pip install moonshine-cpp==0.1.4)")
         # moonshine-cpp 0.1.4 keeps about 17 MB per second of audio it has transcribed until its process ends, so the
         # model lives in a worker process that is replaced every MOONSHINE_UTTERANCES utterances
         pool = multiprocessing.get_context("spawn").Pool(1, initializer=_moonshine_init,

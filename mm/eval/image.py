@@ -9,7 +9,6 @@ import random
 from collections import defaultdict
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from data.bench_files import load_bench_samples

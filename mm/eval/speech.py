@@ -1,16 +1,13 @@
-"""Speech metrics (PAPER.md §10.3-10.4): corpus WER after Whisper's English normaliser on both sides (overall, per
-TTS engine, per voice), the same model with the audio removed ("blind"), BLEU for speech translation (sacrebleu) and
-spoken-QA exact match. Greedy decoding, as in the paper. The normaliser is Whisper's EnglishTextNormalizer from the
-`whisper-normalizer` package (the same code and english.json as openai-whisper, without its torch/numba/tiktoken
-dependencies).
+"""Speech metrics (PAPER.md §10.3-10.4): corpus WER after Whisper's English normaliser on both sides (mm.eval.wer;
+overall, per TTS engine, per voice, per tagged subset), the same model with the audio removed ("blind"), the frozen
+LM given the typed transcript (the text oracle), BLEU for speech translation (sacrebleu), spoken-QA exact match, and
+offline recognisers on the same audio (mm.eval.asr_peer). Greedy decoding, as in the paper.
 """
 from __future__ import annotations
 
 from collections import defaultdict
-from functools import lru_cache
 
 import jiwer
-import numpy as np
 import sacrebleu
 import torch
 
@@ -20,76 +17,13 @@ from data.shards import SkipCounter, expand_shards
 from data.speech_tasks import CHARS, char_text, reply_cap, task_choices
 from data.token_stream import IGNORE
 from llm.tokenizer import ChatFormat
+from mm.eval.asr_peer import peer_figures
 from mm.eval.stats import paired_bootstrap
+from mm.eval.wer import corpus_wer, grouped_wer, item_tags, normalise_text, paired_wer_delta
 from mm.model.composed import ComposedLM
 from mm.model.generate import generate
 from mm.model.media import Featurizer
 from mm.model.streams import Audio
-
-
-
-
-@lru_cache(maxsize=1)
-def _normaliser():
-    from whisper_normalizer.english import EnglishTextNormalizer
-
-    return EnglishTextNormalizer()
-
-
-def normalise_text(s: str) -> str:
-    """Whisper English normalisation (lowercase, no punctuation, spelled numbers as digits, US spelling, ...)."""
-    return _normaliser()(str(s))
-
-
-def utterance_errors(refs: list[str], hyps: list[str]) -> list[tuple[int, int]]:
-    """(word errors S + D + I, reference words) per pair after normalising both sides (jiwer's alignment); a
-    reference that normalises to nothing gives (0, 0)."""
-    out = []
-    for r, h in zip(refs, hyps):
-        r, h = normalise_text(r), normalise_text(h)
-        if not r.strip():
-            out.append((0, 0))
-            continue
-        m = jiwer.process_words(r, h)
-        out.append((m.substitutions + m.deletions + m.insertions, m.substitutions + m.deletions + m.hits))
-    return out
-
-
-def corpus_wer(refs: list[str], hyps: list[str]) -> float | None:
-    """Corpus WER = sum(S + D + I) / sum(N_ref) over utterance_errors (pairs whose reference normalises to nothing
-    count nothing); None when no reference word is left."""
-    counts = utterance_errors(refs, hyps)
-    words = sum(n for _, n in counts)
-    return sum(e for e, _ in counts) / words if words else None
-
-
-def grouped_wer(refs: list[str], hyps: list[str], groups: list) -> dict[str, float | None]:
-    """Corpus WER per group name, sorted: groups[i] names the groups utterance i belongs to (any number of them)."""
-    members: dict[str, list[int]] = defaultdict(list)
-    for i, names in enumerate(groups):
-        for g in names:
-            members[g].append(i)
-    return {g: corpus_wer([refs[i] for i in ix], [hyps[i] for i in ix]) for g, ix in sorted(members.items())}
-
-
-def item_tags(meta: dict) -> tuple[str, ...]:
-    """The subsets an audio item's json names in "tags" (a list of strings); anything else names none."""
-    tags = (meta or {}).get("tags")
-    return tuple(str(t) for t in tags) if isinstance(tags, list) else ()
-
-
-def paired_wer_delta(refs: list[str], hyps_a: list[str], hyps_b: list[str], n_boot: int = 2000,
-                     seed: int = 0) -> dict:
-    """Corpus WER of system a minus that of b on the same utterances, with a paired bootstrap over utterances
-    (Bisani & Ney 2004): {"wer_a", "wer_b", "delta", "ci95": [lo, hi], "p_a_better" (share of resamples where a's
-    WER is lower), "n"}; the resampling is mm.eval.stats.paired_bootstrap."""
-    ea = np.array(utterance_errors(refs, hyps_a), dtype=np.float64).reshape(-1, 2)  # (N, 2): errors, words
-    eb = np.array(utterance_errors(refs, hyps_b), dtype=np.float64).reshape(-1, 2)
-    if len(ea) == 0 or not ea[:, 1].any():
-        raise ValueError("paired_wer_delta: no utterance with reference words")
-    d = paired_bootstrap(ea[:, 0], eb[:, 0], ea[:, 1], n_boot, seed)  # the same references on both sides
-    return {"wer_a": d["a"], "wer_b": d["b"], "delta": d["delta"], "ci95": d["ci95"], "p_a_better": d["p_lower"],
-            "n": d["n"]}
 
 
 def corpus_bleu(refs: list[str], hyps: list[str]) -> float | None:
@@ -250,6 +184,27 @@ def speech_eval(model: ComposedLM, tok, items: list[dict], max_new_tokens: int =
     return out
 
 
+@torch.no_grad()
+def text_oracle(model: ComposedLM, tok, items: list[dict], max_new_tokens: int = 48) -> dict:
+    """A (chat) LM alone on each item's ASR task with the reference transcript typed in the user turn instead of the
+    audio: how well the LM a speech adapter would sit on copies (issue 23 item 3), with no speech run.
+    {"items", "text_wer", "text_wer_by_tag" (when the items carry json "tags"), "text_examples"}."""
+    model.eval()
+    fmt = ChatFormat(tok)
+    refs, hyps, tags = [], [], []
+    for it in items:
+        meta = it.get("meta") or {}
+        system, ref = task_choices(it["text"], meta)["asr"]
+        refs.append(ref)
+        hyps.append(respond(model, fmt, system, None, max_new_tokens, text=ref))
+        tags.append(item_tags(meta))
+    out = {"items": len(items), "text_wer": corpus_wer(refs, hyps)}
+    if any(tags):
+        out["text_wer_by_tag"] = grouped_wer(refs, hyps, tags)
+    out["text_examples"] = [{"ref": r, "hyp": h} for r, h in list(zip(refs, hyps))[:6]]
+    return out
+
+
 def ctc_greedy(logits: torch.Tensor, n: int) -> str:
     """Best-path decoding of one utterance's character logits (F', len(CHARS) + 1) over its first n frames: argmax,
     repeats merged, blanks (id 0) dropped."""
@@ -301,8 +256,6 @@ def eval_speech_shards(model: ComposedLM | None, tok, shards: str, max_items: in
     if char_head is not None:
         out.update(acoustic_eval(model.speech.encoder, char_head, items))
     if peers:
-        from mm.eval.asr_peer import peer_figures  # it imports this module
-
         ours = out["per_item"]["hyps"] if model is not None else None
         out["peers"] = {name: peer_figures(name, items, ours) for name in peers}
         if not per_item:

@@ -103,7 +103,8 @@ def score_video(arm_dir: Path, cfg: AblationConfig) -> dict:
 def score_speech(arm_dir: Path, cfg: AblationConfig) -> dict:
     """Word errors per held-out utterance (greedy ASR) with the audio and without (blind); weights: reference
     words (so sums give the corpus WER)."""
-    from mm.eval.speech import eval_speech_shards, utterance_errors
+    from mm.eval.speech import eval_speech_shards
+    from mm.eval.wer import utterance_errors
 
     model, tok, _ = load_model(arm_dir)
     ev = eval_speech_shards(model, tok, cfg.eval_shards, max_items=cfg.eval_items, blind=True, per_item=True)
