@@ -291,6 +291,11 @@ class SpeechSFTConfig:
     # acoustic stage whose encoder a later speech_sft loads with encoder_from; needs char_ctc_weight > 0; its eval
     # is the char head's held-out CER and WER (mm.eval.speech.acoustic_eval)
     acoustic_only: bool = False
+    # distillation from the frozen LM reading the transcript (beyond the paper; DiVA / Ultravox train projectors so):
+    # + distill_weight x KL(LM(reply | typed transcript) || LM(reply | speech)) at distill_temperature, per reply token
+    # (mm.stages.speech_sft.distill_kl); 0: off
+    distill_weight: float = 0.0
+    distill_temperature: float = 1.0
     eval_items: int = 100  # held-out items scored at the end (mm.eval.speech; 0: skip)
     data: AudioDataConfig = field(default_factory=AudioDataConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-3, weight_decay=0.01))

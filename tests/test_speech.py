@@ -469,3 +469,47 @@ def test_acoustic_stage_trains_only_the_encoder_and_feeds_speech_sft(world, tmp_
                                      [*base, f"encoder_from={tmp_path / 'ac'}"]))
     assert all(torch.equal(a, b) for a, b in zip(enc.state_dict().values(),
                                                  nxt.model.speech.encoder.state_dict().values()))
+
+
+def test_distillation_from_the_typed_transcript(world, tmp_path, monkeypatch):
+    """distill_weight: the KL from the frozen LM reading the typed transcript to the LM reading the speech, over the
+    reply tokens: zero when the student sees what the teacher sees, positive otherwise, an error when the replies do
+    not pair up; in speech_sft it is logged as "distill", and the loss with it is the token loss plus the weighted KL
+    (the adapter's gradient comes through the student only: the LM stays frozen)."""
+    from data.dialog import collate_dialogs, dialog
+    from llm.tokenizer import ChatFormat
+    from mm.config import load_config
+    from mm.model.runs import load_lm
+    from mm.stages.speech_sft import distill_kl
+
+    lm, tok, _ = load_lm(world["lm"])
+    model, fmt = ComposedLM(lm).eval(), ChatFormat(tok)
+    sys_ = ASR_PROMPT.format(language="English")
+    typed = collate_dialogs([dialog(fmt, t, t, system=sys_) for t in ("a red hen.", "a blue car.")], tok.pad_id, 96)
+    other = collate_dialogs([dialog(fmt, u, t, system=sys_) for u, t in (("green tree", "a red hen."),
+                                                                          ("yellow sun", "a blue car."))], tok.pad_id, 96)
+    with torch.no_grad():
+        same = distill_kl(model, model(typed["tokens"], return_hidden=True), typed["labels"], typed["tokens"],
+                          typed["labels"], 2.0)
+        differ = distill_kl(model, model(other["tokens"], return_hidden=True), other["labels"], typed["tokens"],
+                            typed["labels"])
+    assert abs(float(same)) < 1e-7 < float(differ)  # a random tiny LM: near-uniform, yet they differ
+    short = collate_dialogs([dialog(fmt, "a", "a red", system=sys_)] * 2, tok.pad_id, 96)
+    with pytest.raises(ValueError, match="reply tokens per row differ"):
+        distill_kl(model, model(short["tokens"], return_hidden=True), short["labels"], typed["tokens"], typed["labels"])
+
+    monkeypatch.chdir(REPO)
+    ov = [*_sft_overrides(world, tmp_path, "null"), "eval_items=0", "distill_weight=0.5", "distill_temperature=2.0"]
+    rc, res = _mm("run", "experiments/speech/speech_sft_tiny.yaml", "--out", tmp_path / "kd", *ov)
+    assert rc == 0 and res["final_distill"] > 0 and np.isfinite(res["final_lm_loss"]), res
+    cfg = load_config(REPO / "experiments/speech/speech_sft_tiny.yaml", ov)
+    from mm.stages import speech_sft as stage
+
+    m, tok2 = stage.build_model(cfg)
+    loader_batch = {"audio": [np.zeros(8000, np.float32)], "text": ["a red hen."], "meta": [{"language": "en"}]}
+    feed = stage.SpeechFeed(None, tok2, cfg, m.model.speech, torch.device("cpu"))
+    feed_mb = feed.make(0, loader_batch)
+    out = stage.speech_loss(m, feed_mb, cfg.char_ctc_weight, False, 0.5, 2.0)
+    assert out.extra["distill"] > 0 and torch.allclose(
+        out.loss, out.extra["lm_loss"] + 0.5 * out.extra["distill"] + cfg.char_ctc_weight * out.extra["char_ctc"],
+        atol=1e-5)

@@ -8,8 +8,9 @@ system prompt, answer = json answer). The user turn is `<|speech_start|>` + one 
 `<|speech_end|>`; the loss is on the assistant answer only. Dialogs longer than seq_len are skipped and counted
 (cutting one would cut its speech run). Features get SpecAugment masks. At the end the model is scored on
 `eval_items` held-out items (mm.eval.speech). Optional, beyond the paper: ctc_weight > 0 adds the auxiliary token
-CTC of each sample's transcript (annealed linearly to ctc_weight_end); char_ctc_weight > 0 a character CTC head on the
-encoder's frames (dropped at save), and acoustic_only trains the encoder on it alone (an acoustic stage for a later
+CTC of each sample's transcript (annealed linearly to ctc_weight_end); distill_weight > 0 the KL from the frozen LM's
+reply distributions with the transcript typed in the user turn (the teacher) to those with the speech (distill_kl);
+char_ctc_weight > 0 a character CTC head on the encoder's frames (dropped at save), and acoustic_only trains the encoder on it alone (an acoustic stage for a later
 speech_sft's encoder_from). The adapter is any speech design of adapters.registry: the YAML block `adapter:` is
 {kind (default conv_rotary, the paper's), the design's Config fields, match_embed_scale}; the stage fills in_dim /
 out_dim from the encoder / LM and, with match_embed_scale, a design's out_rms (a final RMSNorm on the LM's embedding
@@ -32,7 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from adapters import registry
-from adapters.speech import SpeechTokens, embedding_rms, token_ctc_loss
+from adapters.speech import SpeechTokens, embedding_rms, mask_speech_labels, token_ctc_loss
 from data.dialog import collate_dialogs, dialog
 from data.loader import Loader, StepFeed
 from data.speech_tasks import CHARS, char_ids, task_choices
@@ -78,19 +79,42 @@ class SpeechModel(nn.Module):
             raise ValueError("character CTC targets given but the model has no char_head")
         return char_ctc_loss(self.char_head(enc), enc_lens, *chars)
 
-    def forward(self, tokens, feats, feat_lens, labels=None, ctc=None, chars=None):
+    def forward(self, tokens, feats, feat_lens, labels=None, ctc=None, chars=None, teacher=None, temperature=1.0):
         sp = self.model.speech
         enc, enc_lens = sp.encoder(feats, feat_lens)  # (B, F', D_enc), 40 ms frames
         e, n = sp.adapter(enc, enc_lens)  # (B, N, D_lm), 40 ms x adapter stride
-        out = self.model(tokens, speech=SpeechEmbeds(e, n), labels=labels)
-        if ctc is None and chars is None:
-            return out
         aux = {}
+        if teacher is not None:  # (tokens, labels) of the same dialogs with the transcript typed instead
+            labels = mask_speech_labels(tokens, labels, sp.ids, IGNORE)
+            h = self.model(tokens, speech=SpeechEmbeds(e, n), return_hidden=True)  # (B, T, D)
+            out = self.model.lm.hidden_loss(h, labels, IGNORE)
+            aux["distill"] = distill_kl(self.model, h, labels, *teacher, temperature)
+        else:
+            out = self.model(tokens, speech=SpeechEmbeds(e, n), labels=labels)
+        if ctc is None and chars is None and not aux:
+            return out
         if ctc is not None:
             aux["ctc"] = token_ctc_loss(e, n, self.model.tok_embeddings.weight, *ctc, sp.ids.placeholder)
         if chars is not None:
             aux["char_ctc"] = self._char_ctc(enc, enc_lens, chars)
         return out, aux
+
+
+def distill_kl(model: ComposedLM, h: torch.Tensor, labels: torch.Tensor, t_tokens: torch.Tensor,
+               t_labels: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Mean per-reply-token KL(teacher || student) at a temperature (x T^2, Hinton et al.): the student's final hidden
+    states h (B, T, D) at its labelled positions against the frozen LM alone on the teacher dialogs t_tokens (B, T2)
+    at theirs. Both dialogs hold the same replies, so the labelled positions pair up in order; a count that differs is
+    an error."""
+    pick = labels != IGNORE  # (B, T)
+    t_pick = t_labels != IGNORE  # (B, T2)
+    if not torch.equal(pick.sum(1), t_pick.sum(1)):
+        raise ValueError(f"distill: reply tokens per row differ: {pick.sum(1).tolist()} vs {t_pick.sum(1).tolist()}")
+    with torch.no_grad():
+        t_logits = model.output(model(t_tokens, return_hidden=True)[t_pick]).float() / temperature  # (K, V)
+    s_logits = model.output(h[pick]).float() / temperature  # (K, V)
+    kl = F.kl_div(F.log_softmax(s_logits, -1), F.log_softmax(t_logits, -1), log_target=True, reduction="batchmean")
+    return kl * temperature ** 2
 
 
 def build_model(cfg: SpeechSFTConfig) -> tuple[SpeechModel, Tokenizer]:
@@ -145,21 +169,26 @@ class SpeechFeed(StepFeed):
         self.tasks: Counter = Counter()
 
     def make(self, b: int, batch: dict) -> dict:
-        dialogs, waves, texts = [], [], []
+        dialogs, waves, texts, teacher = [], [], [], []  # teacher: the dialogs with the transcript typed (distill)
         for j, (audio, text, meta) in enumerate(zip(batch["audio"], batch["text"], batch["meta"])):
             task, system, answer = pick_task(text, meta, self.cfg.tasks, random.Random(f"{self.cfg.seed}:{b}:{j}"))
             n = self.stream.n_tokens(len(audio))
             ids, mask = dialog(self.fmt, "", answer, media=self.stream.placeholder_ids(n), system=system)
-            if len(ids) > self.cfg.seq_len:
+            typed = dialog(self.fmt, text, answer, system=system) if self.cfg.distill_weight > 0 else ((),)
+            if len(ids) > self.cfg.seq_len or len(typed[0]) > self.cfg.seq_len:
                 self.skipped["dialog_too_long"] += 1
                 continue
             dialogs.append((ids, mask))
+            teacher.append(typed)
             waves.append(audio)
             texts.append(text)
             self.tasks[task] += 1
         if not dialogs:
             raise ValueError(f"loader batch {b}: every dialog is longer than seq_len {self.cfg.seq_len}")
         mb = collate_dialogs(dialogs, self.pad_id, self.cfg.seq_len)
+        if self.cfg.distill_weight > 0:
+            t = collate_dialogs(teacher, self.pad_id, self.cfg.seq_len)
+            mb["t_tokens"], mb["t_labels"] = t["tokens"], t["labels"]
         mb["feats"], mb["feat_lens"] = self.featurize(waves)
         if self.cfg.ctc_weight > 0 or self.cfg.ctc_weight_end > 0:
             ids = [torch.tensor(self.tok.encode(t.strip()), dtype=torch.long) for t in texts]
@@ -176,19 +205,22 @@ class SpeechFeed(StepFeed):
         return mb
 
 
-def speech_loss(m, mb: dict, char_weight: float = 0.0, acoustic_only: bool = False) -> StepOutput:
-    """Assistant-token loss of one micro-batch (mean over its labelled tokens), + ctc_w x the auxiliary token CTC and
-    char_weight x the character CTC when on (then "lm_loss", "ctc" and "char_ctc" are logged apart); acoustic_only:
-    the character CTC alone."""
+def speech_loss(m, mb: dict, char_weight: float = 0.0, acoustic_only: bool = False, distill_weight: float = 0.0,
+                temperature: float = 1.0) -> StepOutput:
+    """Assistant-token loss of one micro-batch (mean over its labelled tokens), + ctc_w x the auxiliary token CTC,
+    char_weight x the character CTC and distill_weight x distill_kl when on (then "lm_loss", "ctc", "char_ctc" and
+    "distill" are logged apart); acoustic_only: the character CTC alone."""
     if acoustic_only:
         loss = m.char_loss(mb["feats"], mb["feat_lens"], (mb["char_targets"], mb["char_lens"]))
         return StepOutput(loss, int(mb["char_lens"].sum()), {"char_ctc": loss.detach()})
     ctc = (mb["ctc_targets"], mb["ctc_lens"]) if "ctc_targets" in mb else None
     chars = (mb["char_targets"], mb["char_lens"]) if "char_targets" in mb else None
-    if ctc is None and chars is None:
+    teacher = (mb["t_tokens"], mb["t_labels"]) if "t_tokens" in mb else None
+    if ctc is None and chars is None and teacher is None:
         return StepOutput(m(mb["tokens"], mb["feats"], mb["feat_lens"], labels=mb["labels"]), mb["n"])
-    lm_loss, aux = m(mb["tokens"], mb["feats"], mb["feat_lens"], labels=mb["labels"], ctc=ctc, chars=chars)
-    weights = {"ctc": mb.get("ctc_w", 0.0), "char_ctc": char_weight}
+    lm_loss, aux = m(mb["tokens"], mb["feats"], mb["feat_lens"], labels=mb["labels"], ctc=ctc, chars=chars,
+                     teacher=teacher, temperature=temperature)
+    weights = {"ctc": mb.get("ctc_w", 0.0), "char_ctc": char_weight, "distill": distill_weight}
     total = lm_loss + sum(weights[k] * v for k, v in aux.items())
     return StepOutput(total, mb["n"], {"lm_loss": lm_loss.detach(), **{k: v.detach() for k, v in aux.items()}})
 
@@ -210,7 +242,8 @@ def run(cfg: SpeechSFTConfig, run_dir: Path, resume: bool = False) -> dict:
         stream.adapter.requires_grad_(False)
     counts = param_counts(model)
     net = wrap_model(model.to(info.device), cfg.train.parallel, info)
-    loss_fn = functools.partial(speech_loss, char_weight=cfg.char_ctc_weight, acoustic_only=cfg.acoustic_only)
+    loss_fn = functools.partial(speech_loss, char_weight=cfg.char_ctc_weight, acoustic_only=cfg.acoustic_only,
+                                distill_weight=cfg.distill_weight, temperature=cfg.distill_temperature)
     records, loader, feed, trainer, train_s = train_on_audio(cfg, net, info, run_dir, loss_fn, resume,
                                                              lambda ld: SpeechFeed(ld, tok, cfg, stream, info.device))
     base = {"stage": cfg.stage, "steps": cfg.steps, "skipped": {**loader.skipped, **feed.skipped}}
@@ -220,7 +253,7 @@ def run(cfg: SpeechSFTConfig, run_dir: Path, resume: bool = False) -> dict:
     result = {**base, **{f"params_{k}": n for k, n in counts.items()}, "tasks": dict(feed.tasks),
               "encoder_from": cfg.encoder_from, "train_s": train_s,
               "first_loss": logs[0] if logs else None, "final_loss": logs[-1] if logs else None}
-    for k in ("lm_loss", "ctc", "char_ctc"):
+    for k in ("lm_loss", "ctc", "char_ctc", "distill"):
         vals = [r[k] for r in records if k in r]
         if vals:
             result[f"final_{k}"] = vals[-1]
