@@ -7,7 +7,6 @@ from __future__ import annotations
 import importlib.util
 import multiprocessing
 import tempfile
-import weakref
 from pathlib import Path
 from typing import Callable
 
@@ -48,10 +47,10 @@ def transcriber(name: str) -> Callable[[np.ndarray], str]:
         if importlib.util.find_spec("moonshine_cpp") is None:  # it loads in the worker processes
             raise PeerMissing("moonshine-cpp is not installed (pip install moonshine-cpp==0.1.4)")
         # moonshine-cpp 0.1.4 keeps about 17 MB per second of audio it has transcribed until its process ends, so the
-        # model lives in a worker process that is replaced every MOONSHINE_UTTERANCES utterances
+        # model lives in a worker process that is replaced every MOONSHINE_UTTERANCES utterances (a daemon: it ends
+        # with this process)
         pool = multiprocessing.get_context("spawn").Pool(1, initializer=_moonshine_init,
                                                          maxtasksperchild=MOONSHINE_UTTERANCES)
-        weakref.finalize(pool, pool.terminate)
 
         def transcribe(audio: np.ndarray) -> str:
             return pool.apply(_moonshine_transcribe, (_pcm16(audio),))

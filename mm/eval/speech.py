@@ -95,8 +95,8 @@ def speech_eval(model: ComposedLM, tok, items: list[dict], max_new_tokens: int =
     "bleu_by_lang", "blind_bleu", "qa_em", "blind_qa_em", "n_asr", "n_ast", "n_sqa", "examples"} and, with blind,
     the teacher-forced per-token ASR loss with and without the audio ("asr_loss", "blind_asr_loss"), and the TEXT
     ORACLE: the same frozen LM given the reference transcript typed in the user turn instead of the audio
-    ("text_wer", "text_asr_loss"); the paired intervals against blind: "wer_vs_blind" (paired_wer_delta) and
-    "qa_em_vs_blind_ci95". No adapter can beat much what the LM does with the exact text, so these are the
+    ("text_asr_loss", and text_oracle's "text_wer", "text_wer_by_tag", "text_examples"); the paired intervals
+    against blind: "wer_vs_blind" (paired_wer_delta) and "qa_em_vs_blind_ci95". No adapter can beat much what the LM does with the exact text, so these are the
     ceiling of the speech path: a tiny LM that cannot copy text cannot transcribe speech either (issue 7).
     per_item: also "per_item" {"refs", "hyps", "blind_hyps"}: the ASR transcripts in item order (paired tests)."""
     model.eval()
@@ -105,7 +105,6 @@ def speech_eval(model: ComposedLM, tok, items: list[dict], max_new_tokens: int =
     ast, sqa, examples = [], [], []
     blind_cache: dict = {}
     nll = {"asr_loss": [0.0, 0], "blind_asr_loss": [0.0, 0], "text_asr_loss": [0.0, 0]}  # summed NLL, tokens
-    oracle: list[str] = []  # greedy replies to the transcript typed in the user turn
 
     def blind_reply(system: str | None) -> str:  # greedy + no audio: one reply per system prompt
         if not blind:
@@ -127,7 +126,6 @@ def speech_eval(model: ComposedLM, tok, items: list[dict], max_new_tokens: int =
                 s, k = answer_loss(model, fmt, system, audio, ref, featurize, text)
                 nll[key][0] += s
                 nll[key][1] += k
-            oracle.append(respond(model, fmt, system, None, max_new_tokens, text=ref))
         if len(examples) < 6:
             examples.append({"task": "asr", "ref": ref, "hyp": hyp, "blind": bl})
         if "ast" in tasks:
@@ -168,7 +166,8 @@ def speech_eval(model: ComposedLM, tok, items: list[dict], max_new_tokens: int =
     out["qa_em"] = sum(em(r, h) for r, h, _ in sqa) / len(sqa) if sqa else None
     if blind:
         out["blind_wer"] = corpus_wer([r[0] for r in rows], [r[2] for r in rows])
-        out["text_wer"] = corpus_wer([r[0] for r in rows], oracle)
+        oracle = text_oracle(model, tok, items, max_new_tokens)  # greedy replies to the transcript typed instead
+        out.update({k: v for k, v in oracle.items() if k != "items"})
         out["blind_bleu"] = corpus_bleu([a[0] for a in ast], [a[2] for a in ast])
         out["blind_qa_em"] = sum(em(r, b) for r, _, b in sqa) / len(sqa) if sqa else None
         if out["wer"] is not None:  # some reference words: WER - blind WER over the same utterances, paired

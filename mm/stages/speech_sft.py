@@ -10,8 +10,8 @@ system prompt, answer = json answer). The user turn is `<|speech_start|>` + one 
 `eval_items` held-out items (mm.eval.speech). Optional, beyond the paper: ctc_weight > 0 adds the auxiliary token
 CTC of each sample's transcript (annealed linearly to ctc_weight_end); distill_weight > 0 the KL from the frozen LM's
 reply distributions with the transcript typed in the user turn (the teacher) to those with the speech (distill_kl);
-char_ctc_weight > 0 a character CTC head on the encoder's frames (dropped at save), and acoustic_only trains the encoder on it alone (an acoustic stage for a later
-speech_sft's encoder_from). The adapter is any speech design of adapters.registry: the YAML block `adapter:` is
+char_ctc_weight > 0 a character CTC head on the encoder's frames (dropped at save), and acoustic_only trains the
+encoder on it alone (an acoustic stage for a later speech_sft's encoder_from). The adapter is any speech design of adapters.registry: the YAML block `adapter:` is
 {kind (default conv_rotary, the paper's), the design's Config fields, match_embed_scale}; the stage fills in_dim /
 out_dim from the encoder / LM and, with match_embed_scale, a design's out_rms (a final RMSNorm on the LM's embedding
 scale); learned speech markers (learn_markers) start as the LM's embedding of '"'. Final: final/{model.safetensors ("encoder.*", "adapter.*"), meta.json,
@@ -174,19 +174,20 @@ class SpeechFeed(StepFeed):
             task, system, answer = pick_task(text, meta, self.cfg.tasks, random.Random(f"{self.cfg.seed}:{b}:{j}"))
             n = self.stream.n_tokens(len(audio))
             ids, mask = dialog(self.fmt, "", answer, media=self.stream.placeholder_ids(n), system=system)
-            typed = dialog(self.fmt, text, answer, system=system) if self.cfg.distill_weight > 0 else ((),)
-            if len(ids) > self.cfg.seq_len or len(typed[0]) > self.cfg.seq_len:
+            typed = dialog(self.fmt, text, answer, system=system) if self.cfg.distill_weight > 0 else None
+            if len(ids) > self.cfg.seq_len or (typed and len(typed[0]) > self.cfg.seq_len):
                 self.skipped["dialog_too_long"] += 1
                 continue
             dialogs.append((ids, mask))
-            teacher.append(typed)
+            if typed:
+                teacher.append(typed)
             waves.append(audio)
             texts.append(text)
             self.tasks[task] += 1
         if not dialogs:
             raise ValueError(f"loader batch {b}: every dialog is longer than seq_len {self.cfg.seq_len}")
         mb = collate_dialogs(dialogs, self.pad_id, self.cfg.seq_len)
-        if self.cfg.distill_weight > 0:
+        if teacher:
             t = collate_dialogs(teacher, self.pad_id, self.cfg.seq_len)
             mb["t_tokens"], mb["t_labels"] = t["tokens"], t["labels"]
         mb["feats"], mb["feat_lens"] = self.featurize(waves)
