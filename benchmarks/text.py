@@ -10,7 +10,8 @@ pretraining run's training tokens, same text), vs_unigram_ci95 (the paired boots
 unigram_bpb over documents), ratio = val_bpb / unigram_bpb, docs, bytes; with a chat model (or
 --chat): "exact_match" {family: acc, overall} and "exact_match_items" (each item's 0/1, for paired comparisons); with
 --rm: "rm_pref_acc"; for a model initialised from another: "chosen_frac" and its bootstrap 95% interval
-("chosen_frac_ci95"); with --rm and --vs: "rm_win_rate_vs". Text defaults come from the pretraining run's
+("chosen_frac_ci95") and each pair's win ("chosen_items"); with --rm and --vs: "rm_win_rate_vs" with its bootstrap 95% interval over prompts
+("rm_win_rate_ci95"; the other policy is beaten when it excludes 0.5) and each prompt's win ("rm_win_items"). Text defaults come from the pretraining run's
 config.yaml (found by following init_from). The metric code lives in mm/eval/text.py and mm/eval/chat.py.
 """
 from __future__ import annotations
@@ -79,7 +80,7 @@ def posttrain_metrics(args, model, tok, meta: dict, run_dir: Path) -> dict:
     from data.chat_stream import encode_pairs
     from llm.tokenizer import ChatFormat
     from mm.eval.chat import (exact_match_by_family, exact_match_items, implicit_reward_wins, preference_accuracy,
-                              rm_win_rate)
+                              rm_wins)
     from mm.eval.stats import bootstrap_ci
     from mm.model.runs import load_reward_model
 
@@ -97,13 +98,18 @@ def posttrain_metrics(args, model, tok, meta: dict, run_dir: Path) -> dict:
         out["chosen_frac"] = float(wins.mean()) if len(wins) else 0.0
         if len(wins):
             out["chosen_frac_ci95"] = bootstrap_ci(wins)
+        out["chosen_items"] = wins.tolist()  # pair order: paired comparisons of two policies on one reference
         out["reference"] = str(init)
     if args.rm:
         rm, _, _ = load_reward_model(args.rm)
         out["rm_pref_acc"] = preference_accuracy(rm, tok, pairs)
         if args.vs:
             other, _, _ = load_lm(args.vs)
-            out["rm_win_rate_vs"] = rm_win_rate(rm, tok, model, other, chat_val[:args.win_items], seed=args.seed)
+            wins = rm_wins(rm, tok, model, other, chat_val[:args.win_items], seed=args.seed)
+            out["rm_win_rate_vs"] = float(wins.mean()) if len(wins) else 0.0
+            if len(wins):
+                out["rm_win_rate_ci95"] = bootstrap_ci(wins)  # beats the other policy when it excludes 0.5
+            out["rm_win_items"] = wins.tolist()
             out["vs"] = str(args.vs)
     return out
 
@@ -182,7 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rm", help="reward model run: rm_pref_acc, and the judge for --vs")
     p.add_argument("--vs", help="another policy: rm_win_rate_vs of this one against it")
     p.add_argument("--max-items", type=int, default=600, help="cap on held-out chat items / pairs")
-    p.add_argument("--win-items", type=int, default=200, help="prompts for the win rate")
+    p.add_argument("--win-items", type=int, default=200, help="held-out prompts for the win rate (at most the chat "
+                   "items with an answer that --max-items lets through)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     return run_reporting(evaluate, args)

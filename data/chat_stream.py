@@ -4,6 +4,8 @@ As in pretraining, every batch is a pure function of (seed, step, micro-batch), 
 """
 from __future__ import annotations
 
+import json
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -78,6 +80,18 @@ class Pair:
 
     chosen: Dialog
     rejected: Dialog
+
+
+def pair_half(examples: list[dict], half: int) -> list[dict]:
+    """The preference examples of one half (0 or 1), split by item (crc32 of item_id, else of the prompt), so every pair
+    of an item lands in the same half: a reward model trained on one half has seen none of the other's items."""
+    if half not in (0, 1):
+        raise ValueError(f"pref_half must be 0, 1 or null, got {half!r}")
+
+    def key(ex: dict) -> bytes:
+        return str(ex.get("item_id") or json.dumps(ex["messages"], sort_keys=True)).encode()
+
+    return [ex for ex in examples if zlib.crc32(key(ex)) % 2 == half]
 
 
 def encode_pairs(examples: list[dict], fmt, max_len: int) -> tuple[list[Pair], int]:

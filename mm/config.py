@@ -84,7 +84,11 @@ class ChatDataConfig:
     pref_shards: str = ".cache/shards/pref/train-*.tar"
     pref_val_shards: str = ".cache/shards/pref/val-*.tar"
     extra_shards: list[str] = field(default_factory=list)
+    extra_pref_shards: list[str] = field(default_factory=list)  # more preference pairs (e.g. lm_rs's on-policy ones)
     build_if_missing: bool = True
+    # train on one half of the preference pairs (split by item, data.chat_stream.pair_half): a reward model trained
+    # on the other half then judges the policy without having seen its pairs; null = every pair
+    pref_half: int | None = None
 
 
 @dataclass
@@ -117,12 +121,16 @@ class RejectionSamplingConfig:
     stage: str = "lm_rs"
     seed: int = 1337
     policy: str = MISSING
-    reward_model: str = MISSING
+    reward_model: str = MISSING  # "" = rank by exact match against the gold answer alone
     prompts: int = 256
     k: int = 4
     temperature: float = 0.9
     top_p: float = 0.95
     max_new_tokens: int = 32
+    # also write on-policy preference pairs (pref/train-*.tar, for DPO's data.extra_pref_shards): per prompt with a
+    # gold answer and a wrong sample, chosen = the best sample if it is right else the gold answer, rejected = the
+    # worst sample; data.pref_half restricts the prompts to that half's items
+    pairs: bool = False
     data: ChatDataConfig = field(default_factory=ChatDataConfig)
 
 
@@ -367,6 +375,9 @@ class HerdReportConfig:
     media: MediaCaps = field(default_factory=MediaCaps)  # per-file caps: pixels, frames, audio seconds
     lm: str = MISSING  # the pretrained LM run
     chat: str = ""  # the post-trained (chat) LM run: exact match against the pretrained LM's
+    sft: str = ""  # the SFT run the chat run's DPO started from ("": no DPO-vs-SFT rows)
+    judge: str = ""  # a reward model trained on preference pairs the DPO never saw (lm_rm with data.pref_half)
+    win_items: int = 600  # held-out prompts the judge compares DPO's and SFT's sampled replies on
     image: str = ""  # an image-stage run (image_sft / image_dpo)
     video: str = ""  # a video-stage run
     speech: str = ""  # a speech_sft run

@@ -74,21 +74,25 @@ def test_round_runs_from_one_yaml_and_learns(shards, tmp_path, capsys, monkeypat
          "overrides": ["init_from={run}/pretrain", "steps=60", "train.lr=3e-3"] + post},
         {"name": "rm", "config": str(REPO / "experiments/lm/rm_tiny.yaml"),
          "overrides": ["init_from={run}/pretrain", "steps=40", "train.lr=3e-3"] + post},
+        {"name": "judge", "config": str(REPO / "experiments/lm/rm_tiny.yaml"),  # the other half's pairs only
+         "overrides": ["init_from={run}/pretrain", "steps=40", "train.lr=3e-3", "data.pref_half=1"] + post},
         {"name": "rs", "config": str(REPO / "experiments/lm/rs_tiny.yaml"),
-         "overrides": ["policy={policy}", "reward_model={run}/r{r}/rm", "prompts=12", "k=3", "max_new_tokens=4"] + chat[:1]
-         + ["data.build_if_missing=false"]},
+         "overrides": ["policy={policy}", "reward_model={run}/r{r}/rm", "prompts=24", "k=3", "max_new_tokens=4",
+                       "pairs=true", "data.pref_half=0"] + chat[:1] + ["data.build_if_missing=false"]},
         {"name": "sft", "config": str(REPO / "experiments/lm/sft_tiny.yaml"),
          "overrides": ["init_from={run}/pretrain", "steps=60", "train.lr=3e-3",
                        "data.extra_shards=[{run}/r{r}/rs/shards/train-*.tar]"] + post},
         {"name": "dpo", "config": str(REPO / "experiments/lm/dpo_tiny.yaml"),
-         "overrides": ["init_from={run}/r{r}/sft", "steps=30", "train.lr=1e-3"] + post},
+         "overrides": ["init_from={run}/r{r}/sft", "steps=30", "train.lr=1e-3", "data.pref_half=0",
+                       ] + post},
     ]
     import yaml
     pipe.write_text(yaml.safe_dump({"stage": "pipeline", "rounds": 1, "steps": steps}))
     out = tmp_path / "run"
     res = run(capsys, "run", str(pipe), "--out", str(out))
     r = res["steps"]
-    assert set(r) == {"pretrain", "sft0", "r1/rm", "r1/rs", "r1/sft", "r1/dpo"}
+    assert set(r) == {"pretrain", "sft0", "r1/rm", "r1/judge", "r1/rs", "r1/sft", "r1/dpo"}
+    assert r["r1/judge"]["train_pairs"] < 0.6 * r["r1/rm"]["train_pairs"]  # one half of the pairs
     assert res["policy"] == str(out / "r1" / "dpo")
     # SFT learned the answer format far beyond the base model (which cannot answer in the chat format at all)
     assert r["r1/sft"]["val_exact_match"] > 0.25
@@ -99,6 +103,14 @@ def test_round_runs_from_one_yaml_and_learns(shards, tmp_path, capsys, monkeypat
     assert r["r1/rs"]["best_reward"] >= r["r1/rs"]["mean_reward"]
     for ex in iter_chat(expand_shards(f"{out}/r1/rs/shards/train-*.tar")):
         assert ex["messages"][-1]["role"] == "assistant" and ex["source"] == "rejection_sampling"
+    # on-policy pairs: a wrong sample of the policy against the gold answer (or a right sample), half 0's items only
+    from data.chat_stream import pair_half
+    from data.chat_tasks import exact_match
+    op = list(iter_chat(expand_shards(f"{out}/r1/rs/pref/train-*.tar")))
+    assert len(op) == r["r1/rs"]["pairs"] > 0 and pair_half(op, 0) == op
+    for ex in op:
+        assert ex["rejection_kind"] == "on_policy" and not exact_match(ex["rejected"], ex["answer"])
+        assert exact_match(ex["chosen"], ex["answer"])
     # the final policy is a chat model with the tokenizer; the RM loads as a reward model, not as a policy
     model, tok, meta = load_lm(out / "r1" / "dpo")
     assert meta["chat"] and meta["stage"] == "lm_dpo"
@@ -110,17 +122,26 @@ def test_round_runs_from_one_yaml_and_learns(shards, tmp_path, capsys, monkeypat
     rep = tmp_path / "report"
     report_args = ["run", str(REPO / "experiments/herd/report.yaml"), "--out", str(rep), f"lm={out}/pretrain",
                    f"chat={out}/r1/dpo", f"chat_shards={d}/chat/val-*.tar", f"pref_shards={d}/pref/val-*.tar",
-                   "max_items=20", f"stages={{pretrain: '{out}/pretrain', dpo: '{out}/r1/dpo'}}"]
+                   "max_items=20", f"sft={out}/r1/sft", f"judge={out}/r1/judge", "win_items=16",
+                   f"stages={{pretrain: '{out}/pretrain', dpo: '{out}/r1/dpo'}}"]
     res = run(capsys, *report_args)
     rows = {(r["modality"], r["metric"]): r for r in res["rows"]}
     bpb = rows[("text", "val_bpb")]  # 20 pretraining steps: no claim on the value, only on the comparison's direction
     assert bpb["baseline_name"] == "unigram model" and bpb["beats"] is (bpb["model"] < bpb["baseline"])
     em = rows[("chat", "exact_match")]
     assert em["beats"] is (em["model"] > em["baseline"]) and em["model"] > em["baseline"]
+    # DPO against its SFT: the held-out judge's win rate against a tie, chosen_frac and exact match, paired
+    win = rows[("chat", "DPO win rate vs SFT (16 prompts, held-out RM judge)")]
+    lo, hi = win["gain_ci95"]
+    assert win["baseline"] == 0.5 and lo <= win["model"] - 0.5 <= hi and win["beats"] is (lo > 0)
+    cf = rows[("chat", "DPO chosen_frac vs SFT's")]
+    assert cf["baseline_name"] == "SFT" and cf["beats"] is (cf["gain_ci95"][0] > 0)
+    em_sft = rows[("chat", "DPO exact_match vs SFT's")]
+    assert em_sft["beats"] is (em_sft["gain_ci95"][1] >= 0)  # "not below SFT's"
     md = (rep / "report.md").read_text()
     assert "| chat | exact_match |" in md and "plots/losses.png" in md and (rep / "plots" / "losses.png").exists()
     assert sorted(p.name for p in (rep / "benchmarks").iterdir()) == ["chat.json", "chat_pretrained.json",
-                                                                      "text_lm.json"]
+                                                                      "dpo_vs_sft.json", "sft.json", "text_lm.json"]
     import subprocess
     def no_subprocess(*a, **k):
         raise AssertionError("benchmarks rerun although their JSON lines were kept")

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from data.chat_stream import ChatPacker, PairSampler, encode_dialogs, encode_pairs
+from data.chat_stream import ChatPacker, PairSampler, encode_dialogs, encode_pairs, pair_half
 from data.text_kit import pydoc_documents
 from data.token_stream import IGNORE
 from llm.model import Llama, LlamaConfig
@@ -56,6 +56,19 @@ def test_pair_encoding_and_dpo_mask_excludes_formatting(tok):
     resp_ids = b["tokens"][b["resp"]].tolist()
     assert resp_ids and not (set(resp_ids) & specials)
     assert tok.decode(b["tokens"][0][b["resp"][0]].tolist()) == "tac"
+
+
+def test_pref_halves_split_by_item_and_cover_every_pair():
+    ex = [{"messages": [{"role": "user", "content": f"q{i}"}], "chosen": "a", "rejected": r, "item_id": f"item{i}"}
+          for i in range(200) for r in ("b", "c")]  # two pairs per item
+    ex.append({"messages": [{"role": "user", "content": "no id"}], "chosen": "a", "rejected": "b"})
+    h0, h1 = pair_half(ex, 0), pair_half(ex, 1)
+    assert len(h0) + len(h1) == len(ex) and 150 < len(h0) < 250  # a partition, near even
+    ids0, ids1 = {e.get("item_id") for e in h0}, {e.get("item_id") for e in h1}
+    assert not (ids0 & ids1 - {None})  # an item's pairs never straddle the halves
+    assert pair_half(ex, 0) == h0  # stable across calls (crc32, not Python's salted hash)
+    with pytest.raises(ValueError, match="pref_half"):
+        pair_half(ex, 2)
 
 
 def test_preference_losses():

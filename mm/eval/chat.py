@@ -116,9 +116,9 @@ def rm_scores(rm, tok, ex: dict, replies: list[list[int]]) -> np.ndarray:
     return rm(toks.to(dev), last.to(dev)).cpu().numpy()
 
 
-def rm_win_rate(rm, tok, policy_a, policy_b, examples: list[dict], seed: int = 0, max_new_tokens: int = 32,
-                temperature: float = 0.7) -> float:
-    """RM-judged win rate of policy_a's sampled replies against policy_b's on the same prompts (ties count half)."""
+def rm_wins(rm, tok, policy_a, policy_b, examples: list[dict], seed: int = 0, max_new_tokens: int = 32,
+            temperature: float = 0.7) -> np.ndarray:
+    """(N,) per prompt: 1 when the RM scores policy_a's sampled reply above policy_b's, 0.5 on a tie, else 0."""
     fmt = ChatFormat(tok)
     stops = (tok.eot_id, tok.eom_id, tok.eos_id)
     rm.eval()
@@ -129,4 +129,5 @@ def rm_win_rate(rm, tok, policy_a, policy_b, examples: list[dict], seed: int = 0
         b = sample_n(policy_b, ids, 1, max_new_tokens, temperature=temperature, stop_ids=stops, seed=seed + i)[0]
         ra, rb = rm_scores(rm, tok, ex, [a, b])
         wins.append(1.0 if ra > rb else 0.5 if ra == rb else 0.0)
-    return float(np.mean(wins)) if wins else 0.0
+    return np.asarray(wins, dtype=float)
+

@@ -77,7 +77,33 @@ def text_rows(cfg: HerdReportConfig, bench: Path) -> tuple[list[dict], list[dict
             ci = chat.get("chosen_frac_ci95")
             rows.append(row("chat", "chosen_frac", chat["chosen_frac"], 0.5, "chance",
                             ci=[ci[0] - 0.5, ci[1] - 0.5] if ci else None))
+        if cfg.sft and cfg.judge:
+            rows += dpo_rows(cfg, bench)
     return rows, examples
+
+
+def dpo_rows(cfg: HerdReportConfig, bench: Path) -> list[dict]:
+    """DPO against the SFT it started from: the win rate judged by a reward model trained on the other half of the
+    preference pairs (sampled replies on win_items held-out prompts, against a tie), and chosen_frac (both policies
+    on the pretrained LM as reference) and exact match, each paired over the same held-out items."""
+    n = str(max(cfg.win_items, cfg.max_items))
+    held = ["--chat", "--chat-shards", cfg.chat_shards, "--pref-shards", cfg.pref_shards, "--max-items", n,
+            "--reference", cfg.lm, "--no-progress"]
+    dpo = run_benchmark("text.py", ["--ckpt", cfg.chat, *held, "--rm", cfg.judge, "--vs", cfg.sft,
+                                    "--win-items", str(cfg.win_items)], bench / "dpo_vs_sft.json", cfg.threads)
+    sft = run_benchmark("text.py", ["--ckpt", cfg.sft, *held], bench / "sft.json", cfg.threads)
+    lo, hi = dpo["rm_win_rate_ci95"]
+    rows = [row("chat", f"DPO win rate vs SFT ({len(dpo['rm_win_items'])} prompts, held-out RM judge)",
+                dpo["rm_win_rate_vs"], 0.5, "tie", ci=[lo - 0.5, hi - 0.5])]
+    for key, items, name in (("chosen_frac", "chosen_items", "chosen_frac"),
+                             ("exact_match", "exact_match_items", "exact_match")):
+        a, b = dpo[items], sft[items]  # the same held-out pairs / items in the same order
+        model = dpo[key]["overall"] if key == "exact_match" else dpo[key]
+        base = sft[key]["overall"] if key == "exact_match" else sft[key]
+        rows.append(row("chat", f"DPO {name} vs SFT's", model, base, "SFT",
+                        ci=paired_bootstrap(a, b, None, 1000, 0)["ci95"]))
+    rows[-1]["beats"] = rows[-1]["gain_ci95"][1] >= 0  # exact match: DPO must not be below its SFT
+    return rows
 
 
 def image_rows(cfg: HerdReportConfig, bench: Path) -> tuple[list[dict], list[dict]]:

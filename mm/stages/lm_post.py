@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from data.chat_stream import ChatPacker, PairSampler, encode_dialogs, encode_pairs
+from data.chat_stream import ChatPacker, PairSampler, encode_dialogs, encode_pairs, pair_half
 from data.fetch import default_cache_dir
 from data.shards import SkipCounter, expand_shards
 from llm.reward import RewardModel, answer_labels, dpo_loss, pairwise_loss, sequence_logps
@@ -45,9 +45,18 @@ def special_ids(tok) -> set[int]:
 
 
 def preference_data(cfg: PostTrainConfig, tok, skips: SkipCounter):
-    """Encoded (train pairs, number dropped as too long, held-out pairs) from the preference shards."""
+    """Encoded (train pairs, number dropped as too long, held-out pairs) from the preference shards (+ extra_pref_shards);
+    the training pairs of one half only when data.pref_half is set (the held-out pairs stay whole)."""
     fmt, build = ChatFormat(tok), cfg.data.build_if_missing
-    pairs, dropped = encode_pairs(read_chat(cfg.data.pref_shards, build, skips), fmt, cfg.seq_len)
+    examples = read_chat(cfg.data.pref_shards, build, skips)
+    for extra in cfg.data.extra_pref_shards:
+        try:
+            examples += read_chat(extra, False, skips)
+        except FileNotFoundError:  # e.g. rejection sampling found no wrong sample this round
+            print(f"[post-training] warning: no extra preference shards match {extra!r}", file=sys.stderr)
+    if cfg.data.pref_half is not None:
+        examples = pair_half(examples, cfg.data.pref_half)
+    pairs, dropped = encode_pairs(examples, fmt, cfg.seq_len)
     val_pairs, _ = encode_pairs(read_chat(cfg.data.pref_val_shards, build, skips), fmt, cfg.seq_len)
     return pairs, dropped, val_pairs
 
