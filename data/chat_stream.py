@@ -88,8 +88,9 @@ def pair_half(examples: list[dict], half: int) -> list[dict]:
     if half not in (0, 1):
         raise ValueError(f"pref_half must be 0, 1 or null, got {half!r}")
 
-    def key(ex: dict) -> bytes:
-        return str(ex.get("item_id") or json.dumps(ex["messages"], sort_keys=True)).encode()
+    def key(ex: dict) -> bytes:  # a chat example's final assistant turn is its answer, not part of the prompt
+        msgs = ex["messages"][:-1] if ex["messages"] and ex["messages"][-1]["role"] == "assistant" else ex["messages"]
+        return str(ex.get("item_id") or json.dumps(msgs, sort_keys=True)).encode()
 
     return [ex for ex in examples if zlib.crc32(key(ex)) % 2 == half]
 

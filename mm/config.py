@@ -116,7 +116,7 @@ class PostTrainConfig:
 
 @dataclass
 class RejectionSamplingConfig:
-    """Stage lm_rs: K samples per prompt from a policy, scored by the RM (and exact match where gold exists)."""
+    """Stage lm_rs: K samples per prompt from a policy, ranked by exact match where gold exists, then by the RM."""
 
     stage: str = "lm_rs"
     seed: int = 1337

@@ -109,8 +109,9 @@ def test_round_runs_from_one_yaml_and_learns(shards, tmp_path, capsys, monkeypat
     op = list(iter_chat(expand_shards(f"{out}/r1/rs/pref/train-*.tar")))
     assert len(op) == r["r1/rs"]["pairs"] > 0 and pair_half(op, 0) == op
     for ex in op:
-        assert ex["rejection_kind"] == "on_policy" and not exact_match(ex["rejected"], ex["answer"])
-        assert exact_match(ex["chosen"], ex["answer"])
+        strict = ex.get("match") == "strict"
+        assert ex["rejection_kind"] == "on_policy" and not exact_match(ex["rejected"], ex["answer"], strict)
+        assert exact_match(ex["chosen"], ex["answer"], strict) and ex["rejected"].strip()
     # the final policy is a chat model with the tokenizer; the RM loads as a reward model, not as a policy
     model, tok, meta = load_lm(out / "r1" / "dpo")
     assert meta["chat"] and meta["stage"] == "lm_dpo"

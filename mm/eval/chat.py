@@ -130,4 +130,3 @@ def rm_wins(rm, tok, policy_a, policy_b, examples: list[dict], seed: int = 0, ma
         ra, rb = rm_scores(rm, tok, ex, [a, b])
         wins.append(1.0 if ra > rb else 0.5 if ra == rb else 0.0)
     return np.asarray(wins, dtype=float)
-

@@ -2,8 +2,9 @@
 
 Each benchmark script (benchmarks/text.py, image.py, video.py, speech.py) runs as a subprocess, so the stage measures
 exactly what a user's command line would print and frees each model's memory when it ends; its JSON line is kept in
-benchmarks/<name>.json. Rows compare a model with its baseline (bare-LM unigram, the pretrained LM, the blind model,
-the single middle frame) and say whether it beats it; mm.eval.report draws the plots and writes the markdown.
+benchmarks/<name>.json. Rows compare a model with its baseline (bare-LM unigram, the pretrained LM, DPO's SFT and a
+tie under a held-out judge, the blind model, another image, the single middle frame) and say whether it beats it;
+mm.eval.report draws the plots and writes the markdown.
 """
 from __future__ import annotations
 
@@ -57,7 +58,8 @@ def row(modality: str, metric: str, model, baseline, baseline_name: str, lower_i
 
 
 def text_rows(cfg: HerdReportConfig, bench: Path) -> tuple[list[dict], list[dict]]:
-    """LM bits per byte against the unigram model; the chat model's exact match against the pretrained LM's."""
+    """LM bits per byte against the unigram model; the chat model's exact match against the pretrained LM's; with sft
+    and judge, DPO against its SFT (dpo_rows)."""
     n = str(cfg.max_items)
     held = ["--chat-shards", cfg.chat_shards, "--pref-shards", cfg.pref_shards, "--max-items", n, "--no-progress"]
     lm = run_benchmark("text.py", ["--ckpt", cfg.lm, "--no-progress"], bench / "text_lm.json", cfg.threads)
@@ -79,6 +81,8 @@ def text_rows(cfg: HerdReportConfig, bench: Path) -> tuple[list[dict], list[dict
                             ci=[ci[0] - 0.5, ci[1] - 0.5] if ci else None))
         if cfg.sft and cfg.judge:
             rows += dpo_rows(cfg, bench)
+        elif cfg.sft or cfg.judge:
+            raise ValueError("herd_report: the DPO-vs-SFT rows need both sft and judge (one of them is empty)")
     return rows, examples
 
 
@@ -92,6 +96,8 @@ def dpo_rows(cfg: HerdReportConfig, bench: Path) -> list[dict]:
     dpo = run_benchmark("text.py", ["--ckpt", cfg.chat, *held, "--rm", cfg.judge, "--vs", cfg.sft,
                                     "--win-items", str(cfg.win_items)], bench / "dpo_vs_sft.json", cfg.threads)
     sft = run_benchmark("text.py", ["--ckpt", cfg.sft, *held], bench / "sft.json", cfg.threads)
+    if "rm_win_rate_ci95" not in dpo:
+        raise ValueError(f"herd_report: {cfg.chat_shards}: no held-out chat prompt with an answer for the DPO win rate")
     lo, hi = dpo["rm_win_rate_ci95"]
     rows = [row("chat", f"DPO win rate vs SFT ({len(dpo['rm_win_items'])} prompts, held-out RM judge)",
                 dpo["rm_win_rate_vs"], 0.5, "tie", ci=[lo - 0.5, hi - 0.5])]

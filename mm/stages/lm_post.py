@@ -45,8 +45,8 @@ def special_ids(tok) -> set[int]:
 
 
 def preference_data(cfg: PostTrainConfig, tok, skips: SkipCounter):
-    """Encoded (train pairs, number dropped as too long, held-out pairs) from the preference shards (+ extra_pref_shards);
-    the training pairs of one half only when data.pref_half is set (the held-out pairs stay whole)."""
+    """Encoded (train pairs, number dropped as too long, held-out pairs) from the preference shards and
+    extra_pref_shards; the training pairs of one half only when data.pref_half is set (held-out pairs stay whole)."""
     fmt, build = ChatFormat(tok), cfg.data.build_if_missing
     examples = read_chat(cfg.data.pref_shards, build, skips)
     for extra in cfg.data.extra_pref_shards:

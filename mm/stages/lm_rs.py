@@ -1,6 +1,7 @@
-"""Stage lm_rs (PAPER.md §1.5 rejection sampling): K samples per prompt from the current policy, scored by the reward
-model (exact match against the gold answer first, where one exists); the best reply per prompt becomes SFT data, and
-with `pairs` the best (or the gold answer) against the worst a preference pair for DPO (on-policy negatives)."""
+"""Stage lm_rs (PAPER.md §1.5 rejection sampling): K samples per prompt from the current policy, ranked by exact match
+against the gold answer where one exists, then by the reward model (if one is given); the best reply per prompt becomes
+SFT data, and with `pairs` the best (or the gold answer) against the worst a preference pair for DPO (on-policy
+negatives)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -47,14 +48,17 @@ def run(cfg: RejectionSamplingConfig, run_dir: Path, resume: bool = False) -> di
         scores = rm_scores(rm, tok, ex, samples) if rm is not None else np.zeros(len(samples))
         texts = [tok.decode(s) for s in samples]
         gold = ex.get("answer")
-        em = np.array([float(exact_match(t, gold)) if gold else 0.0 for t in texts])
+        strict = ex.get("match") == "strict"  # format items: "word" for "[word]" is the kit's wrong_format reply
+        em = np.array([float(exact_match(t, gold, strict)) if gold else 0.0 for t in texts])
         order = np.lexsort((-scores, -em))  # exact match first, then reward
         b, w = int(order[0]), int(order[-1])
-        if cfg.pairs and gold and not em[w]:
-            chosen = texts[b] if em[b] else gold
+        if rm is None and not gold:
+            continue  # nothing ranks these samples
+        if cfg.pairs and gold and not em[w] and texts[w].strip():
+            chosen = texts[b] if em[b] else (gold if isinstance(gold, str) else gold[0])  # gold: one or a list
             pairs.append({"messages": prompt_messages(ex), "chosen": chosen, "rejected": texts[w],
                           "rejection_kind": "on_policy", "source": "rejection_sampling", "family": ex.get("family"),
-                          "item_id": ex.get("item_id"), "answer": gold})
+                          "item_id": ex.get("item_id"), "answer": gold, "match": ex.get("match")})
         best_rm.append(float(scores[b]))
         mean_rm.append(float(scores.mean()))
         if gold:
