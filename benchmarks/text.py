@@ -12,7 +12,8 @@ unigram_bpb over documents), ratio = val_bpb / unigram_bpb, docs, bytes; with a 
 --rm: "rm_pref_acc"; for a model initialised from another: "chosen_frac" and its bootstrap 95% interval
 ("chosen_frac_ci95") and each pair's win ("chosen_items"); with --rm and --vs: "rm_win_rate_vs", its bootstrap 95%
 interval over prompts ("rm_win_rate_ci95"; the other policy is beaten when it excludes 0.5) and each prompt's win
-("rm_win_items"). Text defaults come from the pretraining run's config.yaml (found by following init_from). The metric code lives in mm/eval/text.py and mm/eval/chat.py.
+("rm_win_items"). Text defaults come from the pretraining run's config.yaml (found by following init_from). The
+metric code lives in mm/eval/text.py and mm/eval/chat.py.
 """
 from __future__ import annotations
 

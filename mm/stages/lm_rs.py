@@ -43,17 +43,17 @@ def run(cfg: RejectionSamplingConfig, run_dir: Path, resume: bool = False) -> di
     stops = (tok.eot_id, tok.eom_id, tok.eos_id)
     best_rm, mean_rm, best_em, mean_em, selected, pairs = [], [], [], [], [], []
     for i, ex in enumerate(tqdm(picked, desc="lm_rs", leave=False)):
+        gold = ex.get("answer")
+        if rm is None and not gold:
+            continue  # nothing would rank its samples: do not draw them
         samples = sample_n(policy, prompt_ids(fmt, ex), cfg.k, cfg.max_new_tokens, temperature=cfg.temperature,
                            top_p=cfg.top_p, stop_ids=stops, seed=cfg.seed * 100003 + i)
         scores = rm_scores(rm, tok, ex, samples) if rm is not None else np.zeros(len(samples))
         texts = [tok.decode(s) for s in samples]
-        gold = ex.get("answer")
         strict = ex.get("match") == "strict"  # format items: "word" for "[word]" is the kit's wrong_format reply
         em = np.array([float(exact_match(t, gold, strict)) if gold else 0.0 for t in texts])
         order = np.lexsort((-scores, -em))  # exact match first, then reward
         b, w = int(order[0]), int(order[-1])
-        if rm is None and not gold:
-            continue  # nothing ranks these samples
         if cfg.pairs and gold and not em[w] and texts[w].strip():
             chosen = texts[b] if em[b] else (gold if isinstance(gold, str) else gold[0])  # gold: one or a list
             pairs.append({"messages": prompt_messages(ex), "chosen": chosen, "rejected": texts[w],
