@@ -9,11 +9,14 @@ the path, next to the model's own answers:
   lm_state       the composed model's final hidden state at the answer position of the source's question, with the
                  image; lm_state_shuffled: the same with another held-out image (the floor: answer priors)
   answers        the model's greedy answers to that question (vqa score) with the image / another image
+  label_head     the LM's own output rows for the first token of each class's label, applied to lm_state (argmax over
+                 the classes: what the frozen head can read of the state, against the free probe's lm_state), and
+                 label_rows_cos, those rows' mean pairwise cosine (near 1: the head barely tells the labels apart)
 
     python benchmarks/image_probe.py --ckpt runs/herd/image_sft [--sources mnist,fashion_mnist] [--train 600]
 
-Prints ONE JSON line: {source: {place: {"val_acc", "train_acc"}, "answers": {"image", "shuffled"}, "classes",
-"chance", "train", "val"}}. A label every probe reads but the model does not answer is lost between the LM state and
+Prints ONE JSON line: {source: {place: {"val_acc", "train_acc"}, "answers": {"image", "shuffled"}, "label_head",
+"label_rows_cos", "classes", "chance", "train", "val"}}. A label every probe reads but the model does not answer is lost between the LM state and
 the words; one the ViT probes read but the LM state does not is lost in the adapter.
 """
 from __future__ import annotations
@@ -84,6 +87,17 @@ def features(model, tok, samples: list[dict], others: list[dict], score: bool = 
     return {"x": {p: torch.stack(v) for p, v in feats.items()}, "answers": scores}
 
 
+@torch.no_grad()
+def label_head(model, tok, classes: list[str], state: torch.Tensor, y: torch.Tensor) -> dict:
+    """{"label_head": accuracy of the frozen output rows of the classes' first label tokens on state (n, D),
+    "label_rows_cos": those rows' mean off-diagonal cosine}; classes sharing a first token share a row."""
+    rows = model.output.weight[[tok.encode(c)[0] for c in classes]].float()  # (C, D)
+    acc = ((state.float() @ rows.T).argmax(-1) == y).float().mean()
+    unit = torch.nn.functional.normalize(rows, dim=-1)
+    off = (unit @ unit.T)[~torch.eye(len(classes), dtype=torch.bool)]
+    return {"label_head": round(float(acc), 4), "label_rows_cos": round(float(off.mean()), 4)}
+
+
 def evaluate(args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -110,6 +124,7 @@ def evaluate(args) -> dict:
         for p in PLACES:
             res[p] = {k: round(v, 4) for k, v in linear_probe(ftr["x"][p], ytr, fva["x"][p], yva,
                                                               args.weight_decay).items()}
+        res.update(label_head(model, tok, classes, fva["x"]["lm_state"], yva))
         out[src] = res
     out["total_s"] = round(time.perf_counter() - t0, 1)
     return out

@@ -180,6 +180,20 @@ def test_image_probe_reads_the_label_where_the_pixels_hold_it(image_run, world):
     assert set(mod.PLACES) <= toy.keys() and set(toy["answers"]) == {"image", "shuffled"}
     assert toy["vit_mean"]["val_acc"] == 1.0 and toy["vit_flat"]["val_acc"] == 1.0
     assert all(0.0 <= toy[p]["val_acc"] <= 1.0 for p in mod.PLACES)
+    assert 0.0 <= toy["label_head"] <= 1.0 and -1.0 <= toy["label_rows_cos"] <= 1.0
+    # label_head: the frozen output rows of each class's first label token, applied to the state
+    head = torch.nn.Linear(4, 3, bias=False)
+    with torch.no_grad():
+        head.weight.copy_(torch.tensor([[1.0, 0, 0, 0], [0, 1.0, 0, 0], [1.0, 0.1, 0, 0]]))
+    stub = mod.argparse.Namespace(output=head)
+    tok = mod.argparse.Namespace(encode=lambda c: {"a": [0], "b": [1], "c": [2], "d": [0]}[c])
+    state, y = torch.tensor([[5.0, 0, 0, 0], [0, 5.0, 0, 0]]), torch.tensor([0, 1])
+    sep = mod.label_head(stub, tok, ["a", "b"], state, y)
+    assert sep == {"label_head": 1.0, "label_rows_cos": 0.0}
+    same = mod.label_head(stub, tok, ["a", "d"], state, y)  # one first token for both classes: one row, cos 1
+    assert same == {"label_head": 0.5, "label_rows_cos": 1.0}
+    near = mod.label_head(stub, tok, ["a", "c"], state, torch.tensor([0, 1]))
+    assert near["label_rows_cos"] > 0.99 and near["label_head"] == 1.0  # close rows, a state along their difference
     with pytest.raises(ValueError, match="mnist: too few recognition samples"):
         mod.evaluate(mod.argparse.Namespace(ckpt=str(image_run), train_shards=f"{r}/train-*.tar",
                                             shards=f"{r}/val-*.tar", sources="mnist", train=24, val=6,
