@@ -16,8 +16,8 @@ the path, next to the model's own answers:
     python benchmarks/image_probe.py --ckpt runs/herd/image_sft [--sources mnist,fashion_mnist] [--train 600]
 
 Prints ONE JSON line: {source: {place: {"val_acc", "train_acc"}, "answers": {"image", "shuffled"}, "label_head",
-"label_rows_cos", "classes", "chance", "train", "val"}}. A label every probe reads but the model does not answer is lost between the LM state and
-the words; one the ViT probes read but the LM state does not is lost in the adapter.
+"label_rows_cos", "classes", "chance", "train", "val"}}. A label every probe reads but the model does not answer is
+lost between the LM state and the words; one the ViT probes read but the LM state does not is lost in the adapter.
 """
 from __future__ import annotations
 

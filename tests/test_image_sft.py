@@ -123,6 +123,17 @@ def test_image_sft_soup_hot_swap_and_reuse(sft_world, tmp_path, monkeypatch):
         else:
             assert rc == 0 and res["members"][0]["reused"] is False, res
             assert "retraining member 0: it was trained with steps=2, the config says 3" in err.getvalue()
+    # a setting outside the member's seed / LR / steps (here the adapter's LR multiplier) also retrains it
+    buf, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(err):
+        rc = main(["run", YAML, "--out", str(out), "--force", *[o for o in _overrides(sft_world)
+                                                                if not o.startswith("steps=")],
+                   f"instruct_lm={sft_world['instruct']}", f"init_from={sft_world['img']}", "steps=3",
+                   "sweep=[{seed: 1, lr: 0.01}]", "soup_top_k=1", "eval_items=4",
+                   "train.lr_mult={image.adapter.: 2.0}"])
+    res = json.loads(buf.getvalue().strip().splitlines()[-1])
+    assert rc == 0 and res["members"][0]["reused"] is False, res
+    assert "retraining member 0: it was trained with config_sha256=" in err.getvalue()
 
 
 def test_member_trains_vit_and_adapter_only_over_the_instruct_lm(sft_world):

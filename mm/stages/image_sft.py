@@ -9,14 +9,15 @@ the top-K soups (mm.train.average.average_states over their final ViT + adapter 
 stays the instruct LM) for K = 2..soup_top_k are written to soups/top<K>/ and scored the same way, and the best one
 ("K is chosen by evaluating the averages", PAPER.md §7.2) is written to final/.
 
-Reruns continue: a member with members/<i>/result.json is reused (if its seed, LR, setup and the init / instruct-LM
-weights it was trained from match, else an error; re-scored if eval_items changed), one with a final model but no
-score is only scored, and an interrupted one resumes from its checkpoints.
+Reruns continue: a member with members/<i>/result.json is reused (if its seed, LR, the rest of its training config and
+the init / instruct-LM weights it was trained from match, else an error; re-scored if eval_items changed), one with a
+final model but no score is only scored, and an interrupted one resumes from its checkpoints.
 Files: members/<i>/{checkpoints, final, train.json, result.json}; final/ (a composed model folder; meta "soup_of").
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import shutil
 import sys
@@ -25,7 +26,7 @@ from pathlib import Path
 
 from mm.train.average import average_states
 from mm.model.checkpoint import CheckpointError, file_sha256, save_weights
-from mm.config import ImageSFTConfig, SweepMember
+from mm.config import ImageSFTConfig, SweepMember, to_yaml
 from mm.model.runs import model_dir
 from mm.model.store import FORMAT, load_model, read_run
 from mm.stages import image_pretrain
@@ -34,7 +35,8 @@ SAVED_PARTS = ("image.",)  # an image run's tensors (no LM): the only ones a sou
 
 # what must match for a member to be reused: settings, and the weights behind the paths (a retrained LM at the same
 # path must not reuse members trained over the old one)
-MEMBER_KEYS = ("seed", "lr", "steps", "init_from", "instruct_lm", "lm", "init_sha256", "instruct_lm_sha256")
+MEMBER_KEYS = ("seed", "lr", "steps", "init_from", "instruct_lm", "lm", "init_sha256", "instruct_lm_sha256",
+               "config_sha256")
 
 
 def weights_sha256(ckpt) -> str:
@@ -45,6 +47,16 @@ def weights_sha256(ckpt) -> str:
 def member_config(cfg: ImageSFTConfig, m: SweepMember) -> ImageSFTConfig:
     """The config one member trains with: the stage's, with the member's seed and peak LR."""
     return dataclasses.replace(cfg, seed=m.seed, train=dataclasses.replace(cfg.train, lr=m.lr))
+
+
+def member_config_sha256(cfg: ImageSFTConfig, m: SweepMember) -> str:
+    """sha256 (16 hex digits) of everything member m trains with: its config less what only ranks or logs it (the
+    sweep, soup_top_k, eval_items, threads, logging and checkpoint cadence)."""
+    c = member_config(cfg, m)
+    t = dataclasses.replace(c.train, threads=0, log_every=1, eval_every=0, ckpt_every=1, keep_last=1, stop_after=0,
+                            progress=False)
+    c = dataclasses.replace(c, sweep=[], soup_top_k=1, eval_items=0, train=t)
+    return hashlib.sha256(to_yaml(c).encode()).hexdigest()[:16]
 
 
 def score(cfg: ImageSFTConfig, ckpt: Path, controls: bool = False) -> dict:
@@ -67,7 +79,7 @@ def run_member(cfg: ImageSFTConfig, i: int, m: SweepMember, mdir: Path) -> dict:
     """Train (or resume / reuse) member i into mdir and score it; returns its result (also mdir/result.json)."""
     key = {"seed": m.seed, "lr": m.lr, "steps": cfg.steps, "init_from": str(cfg.init_from),
            "instruct_lm": str(cfg.instruct_lm), "lm": str(cfg.lm), "init_sha256": weights_sha256(cfg.init_from),
-           "instruct_lm_sha256": weights_sha256(cfg.instruct_lm)}
+           "instruct_lm_sha256": weights_sha256(cfg.instruct_lm), "config_sha256": member_config_sha256(cfg, m)}
     done = mdir / "result.json"
     if done.exists():
         old = json.loads(done.read_text())
