@@ -10,7 +10,8 @@ the path, next to the model's own answers:
                  image; lm_state_shuffled: the same with another held-out image (the floor: answer priors)
   answers        the model's greedy answers to that question (vqa score) with the image / another image
   label_head     the LM's own output rows for the first token of each class's label, applied to lm_state (argmax over
-                 the classes: what the frozen head can read of the state, against the free probe's lm_state), and
+                 the classes: what the frozen head can read of the state, against the free probe's lm_state; exact
+                 for single-token labels, approximate for multi-token ones), and
                  label_rows_cos, those rows' mean pairwise cosine (near 1: the head barely tells the labels apart)
 
     python benchmarks/image_probe.py --ckpt runs/herd/image_sft [--sources mnist,fashion_mnist] [--train 600]
