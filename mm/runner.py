@@ -18,7 +18,7 @@ from mm.train.rundir import ConfigDrift, RunLock, check_matches, fingerprint, re
 CLEARED_BY_FORCE = ("checkpoints", "final", "metrics.jsonl", "tb", "result.json", "tokenizer.json", "tokens",
                     "model_config.json", "benchmarks", "report.md", "shards"
                     )  # what stages derive in their run directory (herd_report, lm_rs too): --force clears it; image_sft
-# members stay: image_sft reuses a member only when its own key (LM, instruct LM, init weights, seed, lr, config) matches
+# members stay: image_sft reuses a member only when its own key (LMs, init weights, seed, lr, config) matches
 
 
 ORCHESTRATORS = ("pipeline", "ablation")  # stages that run other stages: never reused whole, each step checked
