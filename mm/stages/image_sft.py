@@ -30,6 +30,8 @@ from mm.config import ImageSFTConfig, SweepMember, to_yaml
 from mm.model.runs import model_dir
 from mm.model.store import FORMAT, load_model, read_run
 from mm.stages import image_pretrain
+from mm.train.rundir import SAFE_KEYS
+from mm.train.trainer import TrainConfig
 
 SAVED_PARTS = ("image.",)  # an image run's tensors (no LM): the only ones a soup averages
 
@@ -50,11 +52,11 @@ def member_config(cfg: ImageSFTConfig, m: SweepMember) -> ImageSFTConfig:
 
 
 def member_config_sha256(cfg: ImageSFTConfig, m: SweepMember) -> str:
-    """sha256 (16 hex digits) of everything member m trains with: its config less what only ranks or logs it (the
-    sweep, soup_top_k, eval_items, threads, logging and checkpoint cadence)."""
+    """sha256 (16 hex digits) of everything member m trains with: its config less what only ranks it (the sweep,
+    soup_top_k, eval_items) and the train settings a run may change on resume (mm.train.rundir.SAFE_KEYS)."""
     c = member_config(cfg, m)
-    t = dataclasses.replace(c.train, threads=0, log_every=1, eval_every=0, ckpt_every=1, keep_last=1, stop_after=0,
-                            progress=False)
+    safe = [k.rsplit(".", 1)[1] for k in SAFE_KEYS if k.startswith("config.train.")]
+    t = dataclasses.replace(c.train, **{f: getattr(TrainConfig(), f) for f in safe})
     c = dataclasses.replace(c, sweep=[], soup_top_k=1, eval_items=0, train=t)
     return hashlib.sha256(to_yaml(c).encode()).hexdigest()[:16]
 
