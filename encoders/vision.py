@@ -56,6 +56,7 @@ class VisionConfig:
     pre_norm: bool = True
     norm_eps: float = 1e-6
     stem: Literal["patch", "conv"] = "patch"  # patch: one patch conv (ViT); conv: stride-2 3x3 convs (Xiao et al. 2021)
+    thumbnail: bool = False  # beyond the paper: a tiled image also gets the whole image as one extra tile, first
 
     @property
     def grid(self) -> int:
@@ -66,6 +67,11 @@ class VisionConfig:
     def tokens_per_tile(self) -> int:
         """Patches + CLS per tile."""
         return self.grid * self.grid + 1
+
+    @property
+    def tile_slots(self) -> int:
+        """Tiles per image the encoder takes: max_tiles, + 1 for the thumbnail when tiling is on."""
+        return self.max_tiles + int(self.thumbnail and self.max_tiles > 1)
 
     @property
     def out_dim(self) -> int:
@@ -167,13 +173,25 @@ def per_aspect(table: torch.Tensor, aspect_ids: torch.Tensor, n_tiles: int) -> t
     return table.index_select(0, aspect_ids)[:, :n_tiles]
 
 
-def tile_batch(images, tile_size: int, max_tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Tile a list of images and pad each to max_tiles: (B, max_tiles, 3, t, t) of the input dtype, aspect ids (B,)."""
+def tile_batch(images, tile_size: int, max_tiles: int, thumbnail: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tile a list of images and pad each to max_tiles (+ 1 with a thumbnail): (B, slots, 3, t, t) of the input
+    dtype, aspect ids (B,). thumbnail: an image cut into > 1 tile gets the whole image fitted to one tile (aspect
+    kept) as tile 0, before its grid's tiles (the global view of LLaVA-NeXT / InternVL tiling; not in the paper)."""
     out = [tile_image(im, tile_size, max_tiles) for im in images]
-    pixels = torch.zeros(len(out), max_tiles, 3, tile_size, tile_size, dtype=out[0].tiles.dtype)
-    for i, t in enumerate(out):
-        pixels[i, :len(t.tiles)] = t.tiles
+    slots = max_tiles + int(thumbnail and max_tiles > 1)
+    pixels = torch.zeros(len(out), slots, 3, tile_size, tile_size, dtype=out[0].tiles.dtype)
+    for i, (im, t) in enumerate(zip(images, out)):
+        tiles = t.tiles
+        if thumbnail and len(tiles) > 1:
+            tiles = torch.cat([tile_image(im, tile_size, 1).tiles, tiles])  # (1 + r*c, 3, t, t)
+        pixels[i, :len(tiles)] = tiles
     return pixels, torch.tensor([t.aspect_id for t in out], dtype=torch.long)
+
+
+def tile_counts(cfg: VisionConfig, aspect_ids: torch.Tensor) -> torch.Tensor:
+    """Real tiles per image (B,) for aspect-ratio ids (B,): rows * cols, + 1 for a thumbnail when that is > 1."""
+    n = [r * c + int(cfg.thumbnail and r * c > 1) for r, c in supported_grids(cfg.max_tiles)]
+    return torch.tensor(n, device=aspect_ids.device)[aspect_ids]
 
 
 def normalize_pixels(pixels: torch.Tensor) -> torch.Tensor:
@@ -226,7 +244,7 @@ class VisionEncoder(nn.Module):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
         self.cfg = cfg
-        D, T, R, N = cfg.width, cfg.tokens_per_tile, len(supported_grids(cfg.max_tiles)), cfg.max_tiles
+        D, T, R, N = cfg.width, cfg.tokens_per_tile, len(supported_grids(cfg.max_tiles)), cfg.tile_slots
         self.vit = VisionTransformer(
             img_size=cfg.image_size, in_chans=3, num_classes=0, global_pool="token", **stem_args(cfg),
             embed_dim=D, depth=cfg.layers, num_heads=cfg.heads, mlp_ratio=cfg.mlp_dim / D, qkv_bias=cfg.qkv_bias,
@@ -245,9 +263,8 @@ class VisionEncoder(nn.Module):
 
     # -- pieces -------------------------------------------------------------------------------------------------
     def tile_counts(self, aspect_ids: torch.Tensor) -> torch.Tensor:
-        """Real (non-padding) tiles per image (B,) from the aspect-ratio ids."""
-        n = torch.tensor([r * c for r, c in supported_grids(self.cfg.max_tiles)], device=aspect_ids.device)
-        return n[aspect_ids]
+        """Real (non-padding) tiles per image (B,) from the aspect-ratio ids (a thumbnail counts)."""
+        return tile_counts(self.cfg, aspect_ids)
 
     def tile_mask(self, aspect_ids: torch.Tensor, n_tiles: int) -> torch.Tensor:
         """(B, n_tiles) bool: True for real tiles."""
@@ -300,8 +317,9 @@ class VisionEncoder(nn.Module):
 
         Tokens of padding tiles (beyond the aspect ratio's rows*cols) are masked as keys and zeroed in the output."""
         B, N = pixels.shape[:2]
-        if N > self.cfg.max_tiles:
-            raise ValueError(f"{N} tiles > max_tiles={self.cfg.max_tiles}")
+        if N > self.cfg.tile_slots:
+            raise ValueError(f"{N} tiles > the encoder's {self.cfg.tile_slots} (max_tiles={self.cfg.max_tiles}, "
+                             f"thumbnail={self.cfg.thumbnail})")
         if aspect_ids is None:
             aspect_ids = torch.zeros(B, dtype=torch.long, device=pixels.device)
         mask = self._attn_mask(aspect_ids, N, pixels.dtype if pixels.is_floating_point() else torch.float32)

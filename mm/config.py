@@ -181,6 +181,7 @@ class ImageStageConfig:
     init_from: str | None = None  # image run to continue from (image_anneal): ViT + adapter weights
     adapter: dict = field(default_factory=dict)  # the image design: {kind, **its keys} (adapters.registry)
     max_tiles: int | None = None  # tiles per image (None: the encoder's); > the encoder's re-inits the tile embeddings
+    thumbnail: bool | None = None  # a tiled image also as one whole-image tile (None: the encoder's; beyond the paper)
     seq_len: int = 96  # dialog tokens per sample (longer ones are cut)
     caption_prob: float = 0.25  # share of samples trained as "Describe the image." -> caption
     bow_weight: float = 0.0  # caption bag-of-words loss on the blocks' pre-gate reads (mm.train.read_bow); 0: off

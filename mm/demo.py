@@ -290,15 +290,17 @@ def cross_attention_maps(model, tokens: torch.Tensor, image=None, video=None) ->
 
 def patch_heatmap(weights: torch.Tensor, vcfg, aspect_id: int = 0) -> np.ndarray:
     """Attention over one image's media tokens (n_tiles * (1 + grid^2),: CLS then patches per tile) -> a
-    (rows * grid, cols * grid) map over the image's patch layout (tiles placed by their aspect-ratio grid)."""
+    (rows * grid, cols * grid) map over the image's patch layout (tiles placed by their aspect-ratio grid; a
+    thumbnail tile, first, is left out)."""
     from encoders.vision import supported_grids
 
     g, per = vcfg.grid, vcfg.tokens_per_tile
     rows, cols = supported_grids(vcfg.max_tiles)[int(aspect_id)]
+    first = int(vcfg.thumbnail and rows * cols > 1)  # the grid's tiles follow the thumbnail
     w = torch.as_tensor(weights, dtype=torch.float32).flatten()
     heat = np.zeros((rows * g, cols * g), np.float32)
     for t in range(rows * cols):
-        patches = w[t * per + 1:(t + 1) * per].reshape(g, g).numpy()
+        patches = w[(first + t) * per + 1:(first + t + 1) * per].reshape(g, g).numpy()
         r, c = divmod(t, cols)
         heat[r * g:(r + 1) * g, c * g:(c + 1) * g] = patches
     return heat

@@ -147,11 +147,15 @@ def test_stage_trains_keeps_lm_and_resumes_exactly(world, tmp_path, monkeypatch)
     with contextlib.redirect_stdout(buf):
         rc = main(["run", "experiments/image/image_anneal_tiny.yaml", "--out", str(tmp_path / "anneal"),
                    *_overrides(world), f"init_from={tmp_path / 'full'}", "max_tiles=4", "data.image_size=32",
-                   "steps=1"])
+                   "thumbnail=true", "steps=1"])
     res = json.loads(buf.getvalue().strip().splitlines()[-1])
     assert rc == 0 and res["stage"] == "image_anneal", res
     model2, _, _ = load_model(tmp_path / "anneal")
     assert model2.image.encoder.cfg.max_tiles == 4 and torch.equal(model2(toks[:, :3]), lm(toks[:, :3]))
+    from mm.eval.image import image_features
+
+    assert model2.image.encoder.cfg.thumbnail  # the whole image + its 2x2 tiles: 5 tiles' tokens
+    assert image_features(model2, torch.zeros(3, 32, 32, dtype=torch.uint8)).shape[2] == 5 * 5
 
 
 def test_vqa_scoring_rule():

@@ -203,6 +203,9 @@ def test_imported_run_loads_as_vision(imported):
     assert torch.equal(load_tensors(run / "final" / "model.safetensors")["visual_proj.weight"], sd["proj"].t())
     tiled = load_vision(run, max_tiles=4)  # an image stage's `vision=` with more tiles: the trunk is kept
     assert tiled.cfg.max_tiles == 4 and torch.equal(tiled.vit.pos_embed, enc.vit.pos_embed)
+    thumb = load_vision(run, max_tiles=4, thumbnail=True)  # image_anneal's thumbnail: one more tile slot, gates at 0
+    assert thumb.cfg.tile_slots == 5 and thumb.post_tile_embed.shape[1] == 5 and not thumb.post_tile_gate.detach().any()
+    assert torch.equal(thumb.vit.blocks[1].attn.qkv.weight, enc.vit.blocks[1].attn.qkv.weight)
 
 
 def test_clip_pretrain_starts_from_imported_encoder(imported, tmp_path, monkeypatch):

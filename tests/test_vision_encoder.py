@@ -108,6 +108,26 @@ def test_tile_image_content_and_padding():
     assert _enc(max_tiles=4)(normalize_pixels(px), aspect).shape == (3, 4 * T, 96)
 
 
+def test_thumbnail_tile_first_masked_slots_and_gated_tables():
+    img = torch.randint(0, 256, (3, 16, 32), dtype=torch.uint8)  # a 1x2 grid
+    small = torch.randint(0, 256, (3, 16, 16), dtype=torch.uint8)  # one tile: already the whole image, no thumbnail
+    px, aspect = tile_batch([img, small], 16, 4, thumbnail=True)
+    assert px.shape == (2, 5, 3, 16, 16)
+    assert torch.equal(px[0, 0], tile_image(img, 16, 1).tiles[0])  # the whole image fitted to one tile, first
+    assert torch.equal(px[0, 1:3], tile_image(img, 16, 4).tiles) and not px[0, 3:].any()
+    assert torch.equal(px[1, 0], small) and not px[1, 1:].any()
+    enc = _enc(max_tiles=4, thumbnail=True)
+    assert enc.cfg.tile_slots == 5 and enc.pre_tile_embed.shape[1] == 5
+    assert enc.tile_counts(aspect).tolist() == [3, 1]
+    x = normalize_pixels(px)
+    out = enc(x, aspect)  # (2, 5 * T, 96): padding tiles' tokens zeroed
+    assert out.shape == (2, 5 * T, 96) and not out[0, 3 * T:].any() and not out[1, T:].any()
+    alone = enc(x[:1, :3], aspect[:1])  # the real tiles alone give the same tokens: padding changes nothing
+    torch.testing.assert_close(alone, out[:1, :3 * T], rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="thumbnail=False"):
+        _enc(max_tiles=4)(x, aspect)  # 5 tiles into an encoder without the thumbnail slot
+
+
 def test_paper_shape_parameter_count():
     cfg = vision_config("paper")
     assert cfg.out_dim == 7680 and cfg.tokens_per_tile == 1025 and len(supported_grids(cfg.max_tiles)) == 8

@@ -31,7 +31,7 @@ def image_features(model: ComposedLM, image) -> torch.Tensor:
     """One image (3, H, W) uint8 (tensor or array, as image samples hold it) -> its features (1, 1, N, D_media):
     tiled to the encoder's tile size / max_tiles, CLIP-normalised, encoded once."""
     vcfg = model.image.encoder.cfg
-    px = images_to_pixels([torch.as_tensor(image)], vcfg.image_size, vcfg.max_tiles)
+    px = images_to_pixels([torch.as_tensor(image)], vcfg)
     return model.image.features(to_device(px, model.output.weight.device))
 
 

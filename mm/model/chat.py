@@ -59,7 +59,7 @@ def chat(model: ComposedLM, tok: Tokenizer, text: str | None = None, *, image: s
     if image is not None:
         vcfg = model.image.encoder.cfg
         img = torch.as_tensor(read_image_file(image, size=decode_size(vcfg)))
-        media["image"] = images_to_pixels([img], vcfg.image_size, vcfg.max_tiles)
+        media["image"] = images_to_pixels([img], vcfg)
     if video is not None:
         vcfg = model.image.encoder.cfg
         frames = read_video_file(video, model.video.num_frames, vcfg.image_size)

@@ -13,23 +13,24 @@ from data.audio import _decode_audio
 from data.decode import CAPS, decode_image, decode_video
 from data.shards import BadSample
 from encoders.speech import LogMel, SpecAugment, pad_features
-from encoders.vision import VisionConfig, normalize_pixels, supported_grids, tile_batch
+from encoders.vision import VisionConfig, normalize_pixels, tile_batch, tile_counts
 from mm.model.streams import Audio, Frames, Pixels
 
 
-def images_to_pixels(images, tile_size: int, max_tiles: int) -> Pixels:
-    """uint8 images (B, 3, H, W) (or a list of (3, H, W)) -> Pixels: normalised (B, max_tiles, 3, t, t), aspect (B,)."""
-    px, aspect = tile_batch(list(images), tile_size, max_tiles)
+def images_to_pixels(images, vcfg: VisionConfig) -> Pixels:
+    """uint8 images (B, 3, H, W) (or a list of (3, H, W)) -> Pixels: normalised (B, vcfg.tile_slots, 3, t, t) tiled
+    as the encoder takes them (vcfg's tile size, max_tiles, thumbnail), aspect ids (B,)."""
+    px, aspect = tile_batch(list(images), vcfg.image_size, vcfg.max_tiles, vcfg.thumbnail)
     return Pixels(normalize_pixels(px), aspect)
 
 
 def frames_to_pixels(frames, vcfg: VisionConfig) -> Frames:
     """uint8 frames (B, F, 3, H, W) -> Frames: tiles (B, F, n, 3, t, t) and aspect ids (B, F); n = the most real
-    tiles any frame needs (<= max_tiles; padding tiles are masked by the encoder)."""
+    tiles any frame needs (<= vcfg.tile_slots; padding tiles are masked by the encoder)."""
     frames = torch.as_tensor(frames)
     B, Fr = frames.shape[:2]
-    px, aspect = images_to_pixels(frames.flatten(0, 1), vcfg.image_size, vcfg.max_tiles)  # (B*F, max_tiles, ...)
-    n = max(r * c for r, c in (supported_grids(vcfg.max_tiles)[int(a)] for a in aspect.unique()))
+    px, aspect = images_to_pixels(frames.flatten(0, 1), vcfg)  # (B*F, tile_slots, ...)
+    n = int(tile_counts(vcfg, aspect).max())
     return Frames(px[:, :n].reshape(B, Fr, n, *px.shape[2:]), aspect.view(B, Fr))
 
 

@@ -239,11 +239,12 @@ def _encoder_state(run: str | Path, stream: str, config_key: str, prefix: str, w
     return d, cfg, {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
-def load_vision(run: str | Path, max_tiles: int | None = None) -> VisionEncoder:
+def load_vision(run: str | Path, max_tiles: int | None = None, thumbnail: bool | None = None) -> VisionEncoder:
     """The image encoder of a clip / vision run ("vision.*") or of a composed run's image stream, optionally with
-    another max_tiles (tile tables whose shape changes start from init and their gates from 0)."""
+    another max_tiles / thumbnail (tile tables whose shape changes start from init and their gates from 0)."""
     d, cfg, sd = _encoder_state(run, "image", "vision_config", "vision.", "a clip, vision or image run")
-    enc = VisionEncoder(VisionConfig(**{**cfg, **({"max_tiles": max_tiles} if max_tiles else {})}))
+    over = {k: v for k, v in (("max_tiles", max_tiles), ("thumbnail", thumbnail)) if v is not None}
+    enc = VisionEncoder(VisionConfig(**{**cfg, **over}))
     own = enc.state_dict()
     for k in [k for k in TILE_KEYS if k in sd and sd[k].shape != own[k].shape]:
         sd[k] = own[k]

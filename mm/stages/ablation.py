@@ -68,7 +68,7 @@ def score_image(arm_dir: Path, cfg: AblationConfig) -> dict:
     mb = collate_dialogs([dialog(ChatFormat(tok), "What is shown?", "a photo of a bag.",
                                  media=model.image.placeholder_ids())], tok.pad_id, int(_arm_config(arm_dir)["seq_len"]))
     v = model.image.encoder.cfg
-    px = Pixels(torch.zeros(1, v.max_tiles, 3, v.image_size, v.image_size), torch.zeros(1, dtype=torch.long))
+    px = Pixels(torch.zeros(1, v.tile_slots, 3, v.image_size, v.image_size), torch.zeros(1, dtype=torch.long))
     flops = _flops(model, lambda: model(mb["tokens"], image=px, labels=mb["labels"]))
     p = ev["per_item"]
     return {"values": {"model": p["model"], "shuffled": p["shuffled"], "blind": p["blind"]}, "weights": None,

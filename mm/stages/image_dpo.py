@@ -99,7 +99,7 @@ class PairFeed(ImageFeed):
             kinds.append(kind)
         mb = collate_dialogs(chosen + rejected, self.pad_id, self.cfg.seq_len)
         mb["labels"][torch.isin(mb["labels"], self.fmt_ids)] = IGNORE  # formatting tokens out of the loss
-        px = images_to_pixels([batch["image"][j] for j in keep], self.vcfg.image_size, self.vcfg.max_tiles)
+        px = images_to_pixels([batch["image"][j] for j in keep], self.vcfg)
         mb.update(pixels=px.pixels, aspect=px.aspect)
         mb = {k: v.to(self.device) for k, v in mb.items()}
         mb["n"] = len(keep)

@@ -53,7 +53,7 @@ def build_model(cfg: ImageStageConfig) -> tuple[ComposedLM, Tokenizer, Path]:
     from init_from; a config with `instruct_lm` (image_sft) then hot-swaps the LM to it, and the returned LM path
     is the instruct LM's."""
     lm, tok, _ = load_lm(cfg.lm)
-    vision = load_vision(cfg.init_from or cfg.vision, cfg.max_tiles)
+    vision = load_vision(cfg.init_from or cfg.vision, cfg.max_tiles, cfg.thumbnail)
     torch.manual_seed(cfg.seed)
     spec = cfg.adapter
     if cfg.init_from:
@@ -112,7 +112,7 @@ class ImageFeed(StepFeed):
             q, a = pick_question(meta, cap, rng, self.cfg.caption_prob)
             dialogs.append(dialog(self.fmt, q, a, media=self.media))
         mb = collate_dialogs(dialogs, self.pad_id, self.cfg.seq_len)
-        px = images_to_pixels(batch["image"], self.vcfg.image_size, self.vcfg.max_tiles)
+        px = images_to_pixels(batch["image"], self.vcfg)
         mb.update(pixels=px.pixels, aspect=px.aspect)
         if self.cfg.bow_weight > 0:
             mb["bow"] = caption_bow(self.fmt.tok, list(batch["caption"]))

@@ -102,7 +102,7 @@ def aggregator_config(cfg: VideoStageConfig, vcfg: VisionConfig) -> dict:
     fields = {f.name for f in dataclasses.fields(registry.design_class("video", spec.get("kind") or
                                                                        registry.DEFAULT["video"]).Config)}
     if "max_tokens" in fields:
-        spec["max_tokens"] = spec.get("max_tokens") or vcfg.tokens_per_tile * vcfg.max_tiles
+        spec["max_tokens"] = spec.get("max_tokens") or vcfg.tokens_per_tile * vcfg.tile_slots
     return {**spec, "factor": cfg.factor}
 
 
