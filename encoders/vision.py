@@ -71,7 +71,7 @@ class VisionConfig:
     @property
     def tile_slots(self) -> int:
         """Tiles per image the encoder takes: max_tiles, + 1 for the thumbnail when tiling is on."""
-        return self.max_tiles + int(self.thumbnail and self.max_tiles > 1)
+        return with_thumbnail(self.max_tiles, self.thumbnail)
 
     @property
     def out_dim(self) -> int:
@@ -173,12 +173,17 @@ def per_aspect(table: torch.Tensor, aspect_ids: torch.Tensor, n_tiles: int) -> t
     return table.index_select(0, aspect_ids)[:, :n_tiles]
 
 
+def with_thumbnail(n_tiles: int, thumbnail: bool) -> int:
+    """Tiles of an image cut into n_tiles (or slots for max_tiles = n_tiles): + 1 for a thumbnail when n_tiles > 1."""
+    return n_tiles + int(thumbnail and n_tiles > 1)
+
+
 def tile_batch(images, tile_size: int, max_tiles: int, thumbnail: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Tile a list of images and pad each to max_tiles (+ 1 with a thumbnail): (B, slots, 3, t, t) of the input
     dtype, aspect ids (B,). thumbnail: an image cut into > 1 tile gets the whole image fitted to one tile (aspect
     kept) as tile 0, before its grid's tiles (the global view of LLaVA-NeXT / InternVL tiling; not in the paper)."""
     out = [tile_image(im, tile_size, max_tiles) for im in images]
-    slots = max_tiles + int(thumbnail and max_tiles > 1)
+    slots = with_thumbnail(max_tiles, thumbnail)
     pixels = torch.zeros(len(out), slots, 3, tile_size, tile_size, dtype=out[0].tiles.dtype)
     for i, (im, t) in enumerate(zip(images, out)):
         tiles = t.tiles
@@ -190,7 +195,7 @@ def tile_batch(images, tile_size: int, max_tiles: int, thumbnail: bool = False) 
 
 def tile_counts(cfg: VisionConfig, aspect_ids: torch.Tensor) -> torch.Tensor:
     """Real tiles per image (B,) for aspect-ratio ids (B,): rows * cols, + 1 for a thumbnail when that is > 1."""
-    n = [r * c + int(cfg.thumbnail and r * c > 1) for r, c in supported_grids(cfg.max_tiles)]
+    n = [with_thumbnail(r * c, cfg.thumbnail) for r, c in supported_grids(cfg.max_tiles)]
     return torch.tensor(n, device=aspect_ids.device)[aspect_ids]
 
 

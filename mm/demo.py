@@ -292,11 +292,11 @@ def patch_heatmap(weights: torch.Tensor, vcfg, aspect_id: int = 0) -> np.ndarray
     """Attention over one image's media tokens (n_tiles * (1 + grid^2),: CLS then patches per tile) -> a
     (rows * grid, cols * grid) map over the image's patch layout (tiles placed by their aspect-ratio grid; a
     thumbnail tile, first, is left out)."""
-    from encoders.vision import supported_grids
+    from encoders.vision import supported_grids, with_thumbnail
 
     g, per = vcfg.grid, vcfg.tokens_per_tile
     rows, cols = supported_grids(vcfg.max_tiles)[int(aspect_id)]
-    first = int(vcfg.thumbnail and rows * cols > 1)  # the grid's tiles follow the thumbnail
+    first = with_thumbnail(rows * cols, vcfg.thumbnail) - rows * cols  # the grid's tiles follow the thumbnail
     w = torch.as_tensor(weights, dtype=torch.float32).flatten()
     heat = np.zeros((rows * g, cols * g), np.float32)
     for t in range(rows * cols):

@@ -96,7 +96,7 @@ def test_adapter_anatomy_notebook():
 def test_cross_attention_maps_reproduce_the_block():
     """The recomputed softmax weights, applied to the values, give exactly the block's attention output; rows before
     the marker see nothing; patch_heatmap puts a patch's weight at its place in the grid."""
-    from encoders.vision import VisionConfig, VisionEncoder
+    from encoders.vision import VisionConfig, VisionEncoder, supported_grids
     from llm.model import Llama, LlamaConfig
     from mm.demo import cross_attention_maps, patch_heatmap
     from mm.model.composed import ComposedLM
@@ -127,3 +127,10 @@ def test_cross_attention_maps_reproduce_the_block():
     one[1 + 2 * 4 + 3] = 1.0  # patch in row 2, column 3 (token 0 is the CLS token)
     heat = patch_heatmap(one, vcfg)
     assert heat.shape == (4, 4) and heat[2, 3] == 1 and heat.sum() == 1
+    # a 1x2 grid behind a thumbnail tile: the thumbnail's 17 tokens come first and are left out of the map
+    tiled = VisionConfig(**{**vcfg.to_dict(), "max_tiles": 2, "thumbnail": True})
+    w = torch.zeros(3 * 17)
+    w[1] = 5.0  # the thumbnail's first patch
+    w[2 * 17 + 1 + 4] = 1.0  # the second grid tile's patch in row 1, column 0
+    heat = patch_heatmap(w, tiled, aspect_id=supported_grids(2).index((1, 2)))
+    assert heat.shape == (4, 8) and heat[1, 4] == 1 and heat.sum() == 1
