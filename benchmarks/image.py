@@ -48,7 +48,8 @@ def text_bpb(model, lm, tok, spec: str, max_docs: int, seq_len: int) -> dict:
 
 def against(args, kw: dict, ours: dict) -> dict:
     """Score the run args.against (decoded at args.against_decode_scale tile sides) on the same shard items as the
-    main run: {"ckpt", "decode_scale", "items", "acc", "ours", "delta" (ours - its), "ci95", "reading_gain"}."""
+    main run: {"ckpt", "decode_scale", "items", "acc", "ours", "delta" (ours - its), "ci95", "naming_by_source" (the
+    same per source on the naming questions alone), "reading_gain"}."""
     other, tok, _ = load_model(args.against)
     other.require("image", args.against)
     kw = {**kw, "decode_scale": args.against_decode_scale, "examples_dir": None}
@@ -56,8 +57,15 @@ def against(args, kw: dict, ours: dict) -> dict:
     if theirs["per_item"]["source"] != ours["source"]:
         raise ValueError(f"{args.against}: scored other items than {args.ckpt} (its encoder decodes differently)")
     d = paired_bootstrap(ours["model"], theirs["per_item"]["model"], None, 1000, 0)
+    naming = {}  # the naming questions alone, per source, paired the same way
+    for src in sorted({s for s, n in zip(ours["source"], ours["naming"]) if n}):
+        keep = [k for k, (s, n) in enumerate(zip(ours["source"], ours["naming"])) if n and s == src]
+        e = paired_bootstrap([ours["model"][k] for k in keep], [theirs["per_item"]["model"][k] for k in keep],
+                             None, 1000, 0)
+        naming[src] = {"items": e["n"], "acc": e["b"], "ours": e["a"], "delta": e["delta"], "ci95": e["ci95"]}
     return {"ckpt": str(args.against), "decode_scale": args.against_decode_scale, "items": d["n"], "acc": d["b"],
-            "ours": d["a"], "delta": d["delta"], "ci95": d["ci95"], "reading_gain": theirs.get("reading")}
+            "ours": d["a"], "delta": d["delta"], "ci95": d["ci95"], "naming_by_source": naming,
+            "reading_gain": theirs.get("reading")}
 
 
 def evaluate(args) -> dict:

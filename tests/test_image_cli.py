@@ -149,6 +149,10 @@ def test_eval_image_scores_and_counts_skips(image_run, world, tmp_path):  # noqa
                                             against=str(image_run), against_decode_scale=1))
     assert a["against"]["items"] == 3 and a["against"]["acc"] == a["against"]["ours"] == a["vqa_acc"]
     assert a["against"]["delta"] == 0.0 and a["against"]["ci95"] == [0.0, 0.0] and "per_item" not in a
+    # and per source on the naming questions alone (the shard's two naming items)
+    assert a["against"]["naming_by_source"] == {"mine": {"items": 2, "acc": b["naming_by_source"]["mine"]["acc"],
+                                                        "ours": b["naming_by_source"]["mine"]["acc"], "delta": 0.0,
+                                                        "ci95": [0.0, 0.0]}}
     # --families keeps one task family's samples (all of them: the cap does not cut them before the filter)
     model, tok, _ = load_model(image_run)
     one = eval_image_shards(model, tok, str(shard), max_items=2, max_new_tokens=2, blind=False, families=("ocr",))
