@@ -340,6 +340,8 @@ class VideoStageConfig:
     factor: int = 16
     video_every: int = 4  # a video block before every `video_every`-th image block
     xattn_init_std: float | None = None  # video cross-attention init std (None: the LM's init_std; gates start at 0)
+    # video_pretrain: the fresh attention gates' start, pre-tanh (0: the paper's; beyond it, an open read at step 0)
+    xattn_gate_init: float = 0.0
     # the video design: {kind, **its keys} (adapters.registry; factor and max_tokens are filled in by the stage)
     aggregator: dict = field(default_factory=dict)
     seq_len: int = 128

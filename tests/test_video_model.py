@@ -22,7 +22,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_fused(n_layers: int = 4, every: int = 2, video: bool = True, seed: int = 0,
-               init_std: float | None = None) -> ComposedLM:
+               init_std: float | None = None, gate_init: float = 0.0) -> ComposedLM:
     """The LM with an image stream (a ViT of width DM; features are given directly here) and a video stream."""
     torch.manual_seed(seed)
     lm = Llama(LlamaConfig(vocab_size=V, dim=32, n_layers=n_layers, n_heads=4, n_kv_heads=2, max_seq_len=64)).eval()
@@ -31,7 +31,7 @@ def make_fused(n_layers: int = 4, every: int = 2, video: bool = True, seed: int 
     fused = ComposedLM(lm, image=ImageStream.build(lm, IMG, encoder, {"kind": "gated_xattn", "every": every}))
     if video:
         torch.manual_seed(7)
-        fused.attach(VideoStream.build(lm, VID, fused.image, AGG, every=4, init_std=init_std))
+        fused.attach(VideoStream.build(lm, VID, fused.image, AGG, every=4, init_std=init_std, gate_init=gate_init))
     return fused.eval()
 
 
@@ -205,6 +205,15 @@ def test_no_media_bitwise_lm_and_image_only_unchanged_by_video_adapter():
         assert torch.equal(fresh(both, image=image, video=feats(2, 1, 8, N, DM)), plain(both, image=image))
         # opened video gates: the video now matters
         assert not torch.allclose(fused(both, image=image, video=feats(2, 1, 8, N, DM)), fused(both, image=image))
+        # gate_init (video_pretrain's xattn_gate_init): the attention gates start open, the FFN gates at 0; text
+        # without a video is still the bare LM's, bitwise, and a video matters from step 0
+        opened = make_fused(init_std=0.5, gate_init=1.0)
+        assert [(b.gate_attn.item(), b.gate_ffn.item()) for b in opened.video.blocks.values()] == [(1.0, 0.0)]
+        opened.load_state_dict(plain.state_dict(), strict=False)
+        opened.video.token.weight.copy_(opened.tok_embeddings.weight[VID][None])
+        assert torch.equal(opened(toks), opened.lm(toks))
+        assert torch.equal(opened(img_toks, image=image), plain(img_toks, image=image))
+        assert not torch.allclose(opened(both, image=image, video=feats(2, 1, 8, N, DM)), plain(both, image=image))
 
 
 def test_text_sees_only_the_most_recent_video():

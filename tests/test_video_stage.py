@@ -138,6 +138,11 @@ def test_trainable_set_is_the_video_adapter_and_the_recipe_head(world):
     assert _trainable(model) == _video_adapter(model) | {"bow_head.weight", "bow_head.bias"}
     sft = load_config(REPO / SFT, _overrides(world, recipe=True))
     assert (sft.aggregator, sft.bow_weight, sft.bow_source) == (pre.aggregator, pre.bow_weight, pre.bow_source)
+    # xattn_gate_init: video_pretrain's fresh attention gates start there (the FFN gates at 0); the default is 0
+    assert all(b.gate_attn.item() == 0.0 for b in model.model.video.blocks.values())
+    opened, _, _, _ = build_model(load_config(REPO / PRE, _overrides(world) + ["xattn_gate_init=1.0"]))
+    assert [(b.gate_attn.item(), b.gate_ffn.item()) for b in opened.model.video.blocks.values()] == \
+        [(1.0, 0.0)] * len(opened.model.video.blocks)
 
 
 def test_caption_bag_of_words_trains_only_the_aggregator_side(world):

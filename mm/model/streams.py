@@ -224,10 +224,11 @@ class VideoStream(nn.Module):
 
     @classmethod
     def build(cls, lm: Llama, token_id: int, image: ImageStream, spec: dict, every: int = 4, num_frames: int = 16,
-              init_std: float | None = None) -> "VideoStream":
+              init_std: float | None = None, gate_init: float = 0.0) -> "VideoStream":
         """A fresh stream: the video design `spec` (a spec dict, a saved {kind, config} or a design's Config) and
         blocks before every `every`-th image block counted from the top (8 image blocks, every 4 -> before the 4th
-        and 8th); init_std: std of the video cross-attention matrices (None: the LM's); its gates start at 0."""
+        and 8th); init_std: std of the video cross-attention matrices (None: the LM's); gate_init: the attention
+        gates' start (pre-tanh; 0, the paper's, makes a video change nothing at step 0); the FFN gates start at 0."""
         if image.blocks is None:
             raise ValueError(f"video blocks are placed among the image cross-attention blocks; the image design "
                              f"{image.adapter.kind!r} has none")
@@ -236,6 +237,9 @@ class VideoStream(nn.Module):
         aggregator = registry.build("video", spec, media_dim=image.encoder.cfg.out_dim)
         xcfg = dataclasses.replace(lm.cfg, init_std=init_std) if init_std else lm.cfg  # gates stay 0 either way
         xattn = CrossAttentionAdapter(xcfg, aggregator.width, chosen)
+        with torch.no_grad():
+            for blk in xattn.blocks.values():
+                blk.gate_attn.fill_(gate_init)
         token = NewTokenEmbedding(lm.tok_embeddings, (token_id,))
         w = lm.output.weight
         return cls(aggregator, xattn, token, every, num_frames).to(device=w.device, dtype=w.dtype)

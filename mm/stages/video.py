@@ -127,7 +127,7 @@ def build_model(cfg: VideoStageConfig) -> tuple[VideoModel, Tokenizer, Path, dic
         torch.manual_seed(cfg.seed)
         model.attach(VideoStream.build(model.lm, tok.special_id("<|video|>"), model.image,
                                        aggregator_config(cfg, model.image.encoder.cfg), cfg.video_every,
-                                       cfg.num_frames, cfg.xattn_init_std))
+                                       cfg.num_frames, cfg.xattn_init_std, cfg.xattn_gate_init))
     else:
         if "video" not in meta["streams"]:
             raise CheckpointError(f"{d / 'meta.json'}: not a video-stage model (no video stream)")
