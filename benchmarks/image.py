@@ -57,9 +57,12 @@ def against(args, kw: dict, ours: dict) -> dict:
     if theirs["per_item"]["source"] != ours["source"]:
         raise ValueError(f"{args.against}: scored other items than {args.ckpt} (its encoder decodes differently)")
     d = paired_bootstrap(ours["model"], theirs["per_item"]["model"], None, 1000, 0)
-    naming = {}  # the naming questions alone, per source, paired the same way
-    for src in sorted({s for s, n in zip(ours["source"], ours["naming"]) if n}):
-        keep = [k for k, (s, n) in enumerate(zip(ours["source"], ours["naming"])) if n and s == src]
+    named: dict[str, list[int]] = {}  # the naming questions alone, per source, paired the same way
+    for k, (src, is_naming) in enumerate(zip(ours["source"], ours["naming"])):
+        if is_naming:
+            named.setdefault(src, []).append(k)
+    naming = {}
+    for src, keep in sorted(named.items()):
         e = paired_bootstrap([ours["model"][k] for k in keep], [theirs["per_item"]["model"][k] for k in keep],
                              None, 1000, 0)
         naming[src] = {"items": e["n"], "acc": e["b"], "ours": e["a"], "delta": e["delta"], "ci95": e["ci95"]}

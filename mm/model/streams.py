@@ -235,9 +235,9 @@ class VideoStream(nn.Module):
         layer_ids = image.adapter.layer_ids
         chosen = [layer_ids[i] for i in fusion_schedule(len(layer_ids), every, "from_top")]
         aggregator = registry.build("video", spec, media_dim=image.encoder.cfg.out_dim)
-        xcfg = dataclasses.replace(lm.cfg, init_std=init_std) if init_std else lm.cfg  # gates stay 0 either way
+        xcfg = dataclasses.replace(lm.cfg, init_std=init_std) if init_std else lm.cfg  # the blocks' gates start at 0
         xattn = CrossAttentionAdapter(xcfg, aggregator.width, chosen)
-        with torch.no_grad():
+        with torch.no_grad():  # then the attention gates at gate_init
             for blk in xattn.blocks.values():
                 blk.gate_attn.fill_(gate_init)
         token = NewTokenEmbedding(lm.tok_embeddings, (token_id,))
