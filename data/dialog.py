@@ -12,12 +12,14 @@ from llm.tokenizer import ChatFormat
 
 
 def dialog(fmt: ChatFormat, text: str, answer: str | None = None, *, media: Sequence[int] = (),
-           system: str | None = None, history: Sequence[dict] = ()) -> tuple[list[int], list[bool]]:
+           system: str | None = None, history: Sequence[dict] = (),
+           follow: Sequence[tuple[str, str]] = ()) -> tuple[list[int], list[bool]]:
     """BOS [+ system turn] [+ history turns] + ONE user turn (`media`: the media marker / placeholder ids, first;
-    then the text) + the assistant header [+ answer + <|eot_id|>].
+    then the text) + the assistant header [+ answer + <|eot_id|>] [+ `follow`: (question, answer) turns after it,
+    text only, so they see the media of the first turn].
 
-    Returns (ids, mask): mask is True on assistant content and its <|eot_id|> (the answer, and assistant turns of
-    the history). answer None ends with the assistant header: a generation prompt."""
+    Returns (ids, mask): mask is True on assistant content and its <|eot_id|> (the answer, the assistant turns of
+    the history and of `follow`). answer None ends with the assistant header: a generation prompt."""
     tok = fmt.tok
     msgs = ([{"role": "system", "content": system}] if system else []) + list(history)
     ids, mask = fmt.encode_dialog(msgs, add_generation_prompt=False)
@@ -27,6 +29,12 @@ def dialog(fmt: ChatFormat, text: str, answer: str | None = None, *, media: Sequ
     if answer is not None:
         body = tok.encode(str(answer).strip()) + [tok.eot_id]
         ids, mask = ids + body, mask + [True] * len(body)
+    if follow:
+        if answer is None:
+            raise ValueError("dialog: follow-up turns need the first turn's answer")
+        more, more_mask = fmt.encode_dialog([{"role": r, "content": c} for q, a in follow
+                                             for r, c in (("user", q), ("assistant", a))], add_generation_prompt=False)
+        ids, mask = ids + more[1:], mask + more_mask[1:]  # [1:]: without encode_dialog's BOS
     return ids, mask
 
 

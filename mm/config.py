@@ -184,6 +184,7 @@ class ImageStageConfig:
     thumbnail: bool | None = None  # a tiled image also as one whole-image tile (None: the encoder's; beyond the paper)
     seq_len: int = 96  # dialog tokens per sample (longer ones are cut)
     caption_prob: float = 0.25  # share of samples trained as "Describe the image." -> caption
+    qa_turns: int = 1  # an image's qa items per training dialog, as consecutive turns (1: one; beyond the paper)
     bow_weight: float = 0.0  # caption bag-of-words loss on the blocks' pre-gate reads (mm.train.read_bow); 0: off
     data: ImageDataConfig = field(default_factory=ImageDataConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-3, weight_decay=0.01))

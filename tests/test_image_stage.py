@@ -219,3 +219,45 @@ def test_read_bow_aid_trains_the_read_resumes_exactly_and_is_not_saved(world, tm
                    *_overrides(world), f"init_from={tmp_path / 'full'}", "bow_weight=1.0"])
     assert rc != 0 and "bow_weight applies to the VQA/caption objective, not DPOObjective" in err.getvalue(), \
         err.getvalue()
+
+
+def test_qa_turns_asks_an_images_questions_as_consecutive_turns(world, tmp_path, monkeypatch):
+    """qa_turns > 1: the image's qa items (all when it has fewer) follow the first answer as text-only turns after
+    the one image, every answer and its <|eot_id|> trained; qa_turns 1 draws exactly what pick_question draws; 0 is
+    refused with one line."""
+    import random
+
+    from data.dialog import dialog
+    from llm.tokenizer import ChatFormat
+    from mm.stages.image_pretrain import DESCRIBE, pick_question, pick_questions
+
+    qa = [{"question": "What is shown?", "answers": ["bag"]},
+          {"question": "Is it a bag?", "answers": ["yes"], "choices": ["yes", "no"]}]
+    meta = {"qa": qa}
+    ones = [pick_questions(meta, "cap", random.Random(s), 0.0) for s in range(20)]
+    assert ones == [[pick_question(meta, "cap", random.Random(s), 0.0)] for s in range(20)]
+    assert {o[0][0] for o in ones} == {"What is shown?", "Is it a bag? Options: yes, no."}
+    both = [pick_questions(meta, "cap", random.Random(s), 0.0, turns=3) for s in range(20)]
+    assert all(sorted(b) == sorted([("What is shown?", "bag"), ("Is it a bag? Options: yes, no.", "yes")])
+               for b in both)
+    assert {b[0][0] for b in both} == {"What is shown?", "Is it a bag? Options: yes, no."}  # the order is drawn
+    assert pick_questions(meta, "cap", random.Random(0), 1.0, turns=3) == [(DESCRIBE, "cap")]
+
+    _, tok, _ = load_lm(world["lm"])
+    fmt, media = ChatFormat(tok), [tok.special_id("<|image|>")]
+    one, one_mask = dialog(fmt, "What is shown?", "bag", media=media)
+    ids, mask = dialog(fmt, "What is shown?", "bag", media=media, follow=[("Is it a bag?", "yes")])
+    assert ids[:len(one)] == one and mask[:len(one)] == one_mask  # the first turn is the single-turn dialog
+    assert ids.count(media[0]) == 1 and ids.count(tok.bos_id) == 1
+    trained = [i for i, m in zip(ids, mask) if m]
+    assert trained == tok.encode("bag") + [tok.eot_id] + tok.encode("yes") + [tok.eot_id]
+    with pytest.raises(ValueError, match="follow-up turns need"):
+        dialog(fmt, "What is shown?", None, media=media, follow=[("Is it a bag?", "yes")])
+
+    monkeypatch.chdir(REPO)
+    from mm.cli import main
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        rc = main(["run", YAML, "--out", str(tmp_path / "zero"), *_overrides(world), "qa_turns=0"])
+    assert rc != 0 and "qa_turns must be >= 1" in err.getvalue() and len(err.getvalue().strip().splitlines()) == 1

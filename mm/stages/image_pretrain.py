@@ -39,13 +39,20 @@ from mm.train.trainer import StepOutput, Trainer, fit_adapter_stage, warmup_cosi
 DESCRIBE = "Describe the image."
 
 
-def pick_question(meta: dict, caption: str, rng: random.Random, caption_prob: float) -> tuple[str, str]:
-    """(question, target answer) for one training sample: a random qa item, or DESCRIBE -> caption."""
+def pick_questions(meta: dict, caption: str, rng: random.Random, caption_prob: float,
+                   turns: int = 1) -> list[tuple[str, str]]:
+    """[(question, target answer), ...] for one training sample: `turns` of its qa items in a random order (all of
+    them when it has fewer; turns 1: one random item), or [(DESCRIBE, caption)]."""
     qas = [q for q in (meta or {}).get("qa") or [] if q.get("answers")]
     if not qas or rng.random() < caption_prob:
-        return DESCRIBE, caption
-    qa = rng.choice(qas)
-    return qa_prompt(qa), str(qa["answers"][0])
+        return [(DESCRIBE, caption)]
+    picked = [rng.choice(qas)] if turns == 1 else rng.sample(qas, min(turns, len(qas)))
+    return [(qa_prompt(qa), str(qa["answers"][0])) for qa in picked]
+
+
+def pick_question(meta: dict, caption: str, rng: random.Random, caption_prob: float) -> tuple[str, str]:
+    """(question, target answer) for one training sample: a random qa item, or DESCRIBE -> caption."""
+    return pick_questions(meta, caption, rng, caption_prob)[0]
 
 
 def build_model(cfg: ImageStageConfig) -> tuple[ComposedLM, Tokenizer, Path]:
@@ -109,8 +116,8 @@ class ImageFeed(StepFeed):
         dialogs = []
         for j, (meta, cap) in enumerate(zip(batch["meta"], batch["caption"])):
             rng = random.Random(f"{self.cfg.seed}:{b}:{j}")
-            q, a = pick_question(meta, cap, rng, self.cfg.caption_prob)
-            dialogs.append(dialog(self.fmt, q, a, media=self.media))
+            (q, a), *follow = pick_questions(meta, cap, rng, self.cfg.caption_prob, self.cfg.qa_turns)
+            dialogs.append(dialog(self.fmt, q, a, media=self.media, follow=follow))
         mb = collate_dialogs(dialogs, self.pad_id, self.cfg.seq_len)
         px = images_to_pixels(batch["image"], self.vcfg)
         mb.update(pixels=px.pixels, aspect=px.aspect)
@@ -172,6 +179,8 @@ def run(cfg: ImageStageConfig, run_dir: Path, resume: bool = False, objective: I
     objective = objective or ImageObjective(cfg)
     if cfg.bow_weight > 0 and not objective.reads_bow:
         raise ValueError(f"bow_weight applies to the VQA/caption objective, not {type(objective).__name__}")
+    if cfg.qa_turns < 1:
+        raise ValueError(f"qa_turns must be >= 1 (an image's questions per training dialog), got {cfg.qa_turns}")
     info = init_distributed(cfg.train.device)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
