@@ -224,7 +224,7 @@ def test_read_bow_aid_trains_the_read_resumes_exactly_and_is_not_saved(world, tm
 def test_qa_turns_asks_an_images_questions_as_consecutive_turns(world, tmp_path, monkeypatch):
     """qa_turns > 1: the image's qa items (all when it has fewer) follow the first answer as text-only turns after
     the one image, every answer and its <|eot_id|> trained; qa_turns 1 draws exactly what pick_question draws; 0 is
-    refused with one line."""
+    refused with one line, and so is qa_turns > 1 on image_dpo (one question per pair)."""
     import random
 
     from data.dialog import dialog
@@ -261,3 +261,9 @@ def test_qa_turns_asks_an_images_questions_as_consecutive_turns(world, tmp_path,
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
         rc = main(["run", YAML, "--out", str(tmp_path / "zero"), *_overrides(world), "qa_turns=0"])
     assert rc != 0 and "qa_turns must be >= 1" in err.getvalue() and len(err.getvalue().strip().splitlines()) == 1
+    err = io.StringIO()  # image_dpo's pairs are one question each: refused before anything is built
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        rc = main(["run", "experiments/image/image_dpo_tiny.yaml", "--out", str(tmp_path / "dpo"),
+                   *_overrides(world), f"init_from={world['clip']}", "qa_turns=3"])
+    assert rc != 0 and "qa_turns applies to the VQA/caption objective, not DPOObjective" in err.getvalue(), \
+        err.getvalue()

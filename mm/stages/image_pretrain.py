@@ -143,9 +143,11 @@ class ImageObjective:
 
     feed() builds the step feed, loss() scores a micro-batch, attach() runs once the trainer exists (before a
     resume: register trainer.extras there), resumed() after a resume, on_step() after every step, finish() adds
-    figures to the result before final/ is written; reads_bow: whether bow_weight > 0 applies to it."""
+    figures to the result before final/ is written; reads_bow: whether bow_weight > 0 applies to it; asks_turns:
+    whether qa_turns > 1 applies to it."""
 
     reads_bow = True
+    asks_turns = True
 
     def __init__(self, cfg: ImageStageConfig):
         self.cfg = cfg
@@ -181,6 +183,8 @@ def run(cfg: ImageStageConfig, run_dir: Path, resume: bool = False, objective: I
         raise ValueError(f"bow_weight applies to the VQA/caption objective, not {type(objective).__name__}")
     if cfg.qa_turns < 1:
         raise ValueError(f"qa_turns must be >= 1 (an image's questions per training dialog), got {cfg.qa_turns}")
+    if cfg.qa_turns > 1 and not objective.asks_turns:
+        raise ValueError(f"qa_turns applies to the VQA/caption objective, not {type(objective).__name__}")
     info = init_distributed(cfg.train.device)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
