@@ -146,6 +146,18 @@ class ImageDataConfig:
 
 
 @dataclass
+class ImageAugment:
+    """Affine jitter of training images (data.augment.affine_jitter) from the sources whose meta "source" starts
+    with one of `sources` (e.g. [mnist]; empty: off): rotation up to `degrees`, shift up to `translate` x the side,
+    scale in 1 +- `scale`; drawn per sample from (seed, batch, row). Beyond the paper; the image VQA feed only."""
+
+    sources: list[str] = field(default_factory=list)
+    degrees: float = 0.0
+    translate: float = 0.0
+    scale: float = 0.0
+
+
+@dataclass
 class ClipPretrainConfig:
     """Stage `clip_pretrain` (PAPER.md §3): contrastive ViT + text tower pretraining on image-text shards."""
 
@@ -185,6 +197,7 @@ class ImageStageConfig:
     seq_len: int = 96  # dialog tokens per sample (longer ones are cut)
     caption_prob: float = 0.25  # share of samples trained as "Describe the image." -> caption
     qa_turns: int = 1  # an image's qa items per training dialog, as consecutive turns (1: one; beyond the paper)
+    augment: ImageAugment = field(default_factory=ImageAugment)  # training-image jitter per source (default: off)
     bow_weight: float = 0.0  # caption bag-of-words loss on the blocks' pre-gate reads (mm.train.read_bow); 0: off
     data: ImageDataConfig = field(default_factory=ImageDataConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-3, weight_decay=0.01))

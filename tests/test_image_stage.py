@@ -267,3 +267,60 @@ def test_qa_turns_asks_an_images_questions_as_consecutive_turns(world, tmp_path,
                    *_overrides(world), f"init_from={world['clip']}", "qa_turns=3"])
     assert rc != 0 and "qa_turns applies to the VQA/caption objective, not DPOObjective" in err.getvalue(), \
         err.getvalue()
+
+
+def test_augment_jitters_only_the_listed_sources_reproducibly(world, tmp_path, monkeypatch):
+    """augment: the listed sources' training images are warped (same shape and dtype, the draw a function of (seed,
+    batch, row)), other sources' pixels and every row's tokens stay bit for bit those of the unaugmented feed; zero
+    ranges are the identity; out-of-range values and image_dpo are refused with one line."""
+    import random
+
+    from data.augment import affine_jitter
+    from mm.config import ImageAugment, ImageStageConfig
+    from mm.stages.image_pretrain import ImageFeed
+
+    img = torch.full((3, 16, 16), 250, dtype=torch.uint8)
+    img[:, 4:12, 6:10] = 10  # a dark bar on a light background
+    assert torch.equal(affine_jitter(img, random.Random(0)), img)
+    out = affine_jitter(img, random.Random(0), degrees=15, translate=0.2, scale=0.2)
+    assert out.shape == img.shape and out.dtype == torch.uint8 and not torch.equal(out, img)
+    assert torch.equal(out, affine_jitter(img, random.Random(0), degrees=15, translate=0.2, scale=0.2))
+    assert int(out[:, 0, 0].min()) >= 240  # uncovered corners take the background, not black
+
+    _, tok, _ = load_lm(world["lm"])
+    images = torch.stack([torch.as_tensor(_image(i)).permute(2, 0, 1) for i in range(4)])  # (4, 3, 16, 16)
+    metas = [{"source": "mnist" if i % 2 else "toy", "qa": [{"question": "What is shown?", "answers": ["bag"]}]}
+             for i in range(4)]
+    batch = {"image": images, "meta": metas, "caption": ["a photo of a bag."] * 4}
+
+    def feed(augment: ImageAugment) -> dict:
+        cfg = ImageStageConfig(lm="x", vision="x", seq_len=48, augment=augment)
+        return ImageFeed(None, tok, cfg, VCFG, torch.device("cpu")).make(3, batch)
+
+    plain = feed(ImageAugment())
+    jittered = feed(ImageAugment(sources=["mnist"], degrees=20, translate=0.2, scale=0.2))
+    for k in ("tokens", "labels"):
+        assert torch.equal(plain[k], jittered[k])
+    for j in range(4):
+        same = torch.equal(plain["pixels"][j], jittered["pixels"][j])
+        assert same == (j % 2 == 0), j  # only the mnist rows move
+    assert torch.equal(jittered["pixels"], feed(ImageAugment(sources=["mnist"], degrees=20, translate=0.2,
+                                                             scale=0.2))["pixels"])
+    assert not torch.equal(jittered["pixels"], ImageFeed(None, tok, ImageStageConfig(
+        lm="x", vision="x", seq_len=48, augment=ImageAugment(sources=["mnist"], degrees=20, translate=0.2,
+                                                             scale=0.2)), VCFG, torch.device("cpu")).make(4, batch)["pixels"])
+
+    monkeypatch.chdir(REPO)
+    from mm.cli import main
+
+    for extra, msg in ((["augment.scale=1.5"], "augment needs degrees >= 0"),):
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            rc = main(["run", YAML, "--out", str(tmp_path / "bad"), *_overrides(world), *extra])
+        assert rc != 0 and msg in err.getvalue() and len(err.getvalue().strip().splitlines()) == 1, err.getvalue()
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        rc = main(["run", "experiments/image/image_dpo_tiny.yaml", "--out", str(tmp_path / "dpo"),
+                   *_overrides(world), f"init_from={world['clip']}", "augment.sources=[mnist]"])
+    assert rc != 0 and "augment applies to the VQA/caption objective, not DPOObjective" in err.getvalue(), \
+        err.getvalue()

@@ -122,7 +122,7 @@ class DPOObjective(ImageObjective):
     """DPO + NLL against an EMA-updated (or frozen) reference that shares the frozen LM with the policy."""
 
     reads_bow = False  # its pairs carry no caption bag-of-words (bow_weight must stay 0)
-    asks_turns = False  # a pair is one question (qa_turns must stay 1)
+    vqa_feed = False  # a pair is one question of an unjittered image (qa_turns stays 1, augment off)
 
     def __init__(self, cfg: ImageDPOConfig):
         super().__init__(cfg)

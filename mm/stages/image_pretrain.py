@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 
 from adapters import registry
+from data.augment import affine_jitter
 from data.dialog import collate_dialogs, dialog
 from data.loader import Loader, StepFeed
 from data.qa_format import qa_prompt
@@ -111,6 +112,17 @@ class ImageFeed(StepFeed):
         self.fmt, self.cfg, self.vcfg, self.device, self.pad_id = ChatFormat(tok), cfg, vcfg, device, tok.pad_id
         self.media = list(media)  # the prompt ids of one image (ImageStream.placeholder_ids)
 
+    def jitter(self, b: int, batch: dict) -> list[torch.Tensor]:
+        """The batch's uint8 images (3, H, W), those of cfg.augment's sources jittered (a draw per (seed, b, row)
+        apart from the question draws')."""
+        aug, images = self.cfg.augment, list(batch["image"])
+        if not aug.sources:
+            return images
+        return [affine_jitter(torch.as_tensor(im), random.Random(f"{self.cfg.seed}:{b}:{j}:augment"), aug.degrees,
+                              aug.translate, aug.scale)
+                if str((meta or {}).get("source", "")).startswith(tuple(aug.sources)) else im
+                for j, (im, meta) in enumerate(zip(images, batch["meta"]))]
+
     def make(self, b: int, batch: dict) -> dict:
         """One micro-batch: {tokens (B, T), labels (B, T), pixels (B, n_tiles, 3, t, t), aspect (B,), n}."""
         dialogs = []
@@ -119,7 +131,7 @@ class ImageFeed(StepFeed):
             (q, a), *follow = pick_questions(meta, cap, rng, self.cfg.caption_prob, self.cfg.qa_turns)
             dialogs.append(dialog(self.fmt, q, a, media=self.media, follow=follow))
         mb = collate_dialogs(dialogs, self.pad_id, self.cfg.seq_len)
-        px = images_to_pixels(batch["image"], self.vcfg)
+        px = images_to_pixels(self.jitter(b, batch), self.vcfg)
         mb.update(pixels=px.pixels, aspect=px.aspect)
         if self.cfg.bow_weight > 0:
             mb["bow"] = caption_bow(self.fmt.tok, list(batch["caption"]))
@@ -143,11 +155,11 @@ class ImageObjective:
 
     feed() builds the step feed, loss() scores a micro-batch, attach() runs once the trainer exists (before a
     resume: register trainer.extras there), resumed() after a resume, on_step() after every step, finish() adds
-    figures to the result before final/ is written; reads_bow: whether bow_weight > 0 applies to it; asks_turns:
-    whether qa_turns > 1 applies to it."""
+    figures to the result before final/ is written; reads_bow: whether bow_weight > 0 applies to it; vqa_feed:
+    whether ImageFeed's knobs (qa_turns > 1, augment) apply to it."""
 
     reads_bow = True
-    asks_turns = True
+    vqa_feed = True
 
     def __init__(self, cfg: ImageStageConfig):
         self.cfg = cfg
@@ -183,8 +195,14 @@ def run(cfg: ImageStageConfig, run_dir: Path, resume: bool = False, objective: I
         raise ValueError(f"bow_weight applies to the VQA/caption objective, not {type(objective).__name__}")
     if cfg.qa_turns < 1:
         raise ValueError(f"qa_turns must be >= 1 (an image's questions per training dialog), got {cfg.qa_turns}")
-    if cfg.qa_turns > 1 and not objective.asks_turns:
+    if cfg.qa_turns > 1 and not objective.vqa_feed:
         raise ValueError(f"qa_turns applies to the VQA/caption objective, not {type(objective).__name__}")
+    aug = cfg.augment
+    if aug.sources and not objective.vqa_feed:
+        raise ValueError(f"augment applies to the VQA/caption objective, not {type(objective).__name__}")
+    if not (aug.degrees >= 0 and 0 <= aug.translate <= 0.5 and 0 <= aug.scale < 1):
+        raise ValueError(f"augment needs degrees >= 0, translate in [0, 0.5], scale in [0, 1); got degrees "
+                         f"{aug.degrees}, translate {aug.translate}, scale {aug.scale}")
     info = init_distributed(cfg.train.device)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
