@@ -67,23 +67,21 @@ def generate(model: Llama, prompt: list[int], max_new_tokens: int, *, greedy: bo
                   temperature=temperature, top_p=top_p, stop_ids=stop_ids, seed=seed, use_cache=use_cache)
 
 
-@torch.no_grad()
-def sample_n(model: Llama, prompt: list[int], n: int, max_new_tokens: int, *, temperature: float = 0.9,
-             top_p: float = 0.95, greedy: bool = False, stop_ids: tuple[int, ...] = (),
-             seed: int | None = None) -> list[list[int]]:
-    """n continuations of one prompt decoded together in one batch (rejection sampling, win rates)."""
-    model.eval()
-    device = model.output.weight.device
-    budget = min(max_new_tokens, model.cfg.max_seq_len - len(prompt))
-    if budget <= 0:
-        return [[] for _ in range(n)]
+def decode_rows(model: Llama, step: Callable[[torch.Tensor | None, int], torch.Tensor], n: int, prompt_len: int,
+                budget: int, *, greedy: bool = True, temperature: float = 0.8, top_p: float = 0.95,
+                stop_ids: tuple[int, ...] = (), seed: int | None = None) -> list[list[int]]:
+    """The batched decode loop: n rows continuing one prompt_len-token prompt together through the LM's KV cache,
+    each up to `budget` ids, a row stopping after any of stop_ids (not returned). step(None, 0) -> (n, vocab) logits
+    of the prompt's last position (the prefill); step(ids (n, 1), pos) -> (n, vocab) logits after ids at pos."""
     gen = torch.Generator(device="cpu").manual_seed(seed) if seed is not None else None
     outs: list[list[int]] = [[] for _ in range(n)]
+    if budget <= 0:
+        return outs
     done = [False] * n
     try:
-        model.setup_cache(n, len(prompt) + budget)
-        logits = model(torch.tensor([prompt] * n, device=device))[:, -1]  # (n, V)
-        pos = len(prompt)
+        model.setup_cache(n, prompt_len + budget)
+        logits = step(None, 0)  # (n, V)
+        pos = prompt_len
         for _ in range(budget):
             nxt = [_pick(row, greedy, temperature, top_p, gen) for row in logits.float().cpu()]
             for i, t in enumerate(nxt):
@@ -92,10 +90,27 @@ def sample_n(model: Llama, prompt: list[int], n: int, max_new_tokens: int, *, te
                         done[i] = True
                     else:
                         outs[i].append(t)
-            if all(done) or pos + 1 > len(prompt) + budget - 1:
+            if all(done) or pos + 1 > prompt_len + budget - 1:
                 break
-            logits = model(torch.tensor(nxt, device=device)[:, None], start_pos=pos)[:, -1]
+            logits = step(torch.tensor(nxt)[:, None], pos)
             pos += 1
     finally:
         model.clear_cache()
     return outs
+
+
+@torch.no_grad()
+def sample_n(model: Llama, prompt: list[int], n: int, max_new_tokens: int, *, temperature: float = 0.9,
+             top_p: float = 0.95, greedy: bool = False, stop_ids: tuple[int, ...] = (),
+             seed: int | None = None) -> list[list[int]]:
+    """n continuations of one prompt decoded together in one batch (rejection sampling, win rates)."""
+    model.eval()
+    device = model.output.weight.device
+    budget = min(max_new_tokens, model.cfg.max_seq_len - len(prompt))
+
+    def step(ids: torch.Tensor | None, pos: int) -> torch.Tensor:  # (n, V)
+        x = torch.tensor([prompt] * n, device=device) if ids is None else ids.to(device)
+        return model(x, start_pos=pos)[:, -1]
+
+    return decode_rows(model, step, n, len(prompt), budget, greedy=greedy, temperature=temperature, top_p=top_p,
+                       stop_ids=stop_ids, seed=seed)

@@ -20,7 +20,7 @@ from encoders.vision import VisionConfig, VisionEncoder
 from llm.model import Llama, LlamaConfig
 from mm.config import ConfigError, load_config
 from mm.model.composed import ComposedLM
-from mm.model.generate import generate
+from mm.model.generate import generate, generate_rows
 from mm.model.store import load_model
 from mm.model.streams import Audio, ImageStream, SpeechStream, VideoStream
 from tests.test_image_stage import _run, make_world
@@ -171,6 +171,14 @@ def test_design_keeps_the_invariants(modality, kind):
     outs = {(c, m): generate(model, prompt, 6, **media, use_cache=c, cache_media=m)
             for c in (True, False) for m in (True, False)}
     assert len(outs[True, True]) == 6 and all(o == outs[True, True] for o in outs.values())
+    if modality == "image":  # rows of one prompt, each with its own images, decode as one batch, each as alone
+        imgs = torch.randn(3, 2, N, DM, generator=torch.Generator().manual_seed(2))  # (rows, items, N, DM)
+        rows = generate_rows(model, prompt, 6, image=imgs)
+        assert rows == [generate(model, prompt, 6, image=imgs[r]) for r in range(3)]
+        assert kind != "gated_xattn" or len({tuple(r) for r in rows}) > 1  # the rows' own images, not the first's
+        stop = (rows[0][1],)  # rows stop one by one (and the stop id is not returned)
+        assert generate_rows(model, prompt, 6, image=imgs, stop_ids=stop) == \
+            [generate(model, prompt, 6, image=imgs[r], stop_ids=stop) for r in range(3)]
     if modality == "image":  # one image for two runs of placeholders / markers
         with pytest.raises(ValueError, match="markers|placeholders"):
             if model.image.join == "embeds":

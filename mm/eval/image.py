@@ -19,7 +19,7 @@ from data.qa_format import mc_prompt, parse_letter, qa_prompt
 from llm.tokenizer import ChatFormat
 from mm.eval.stats import paired_bootstrap
 from mm.model.composed import ComposedLM
-from mm.model.generate import generate
+from mm.model.generate import generate, generate_rows
 from mm.model.media import images_to_pixels
 from mm.model.streams import to_device
 
@@ -88,6 +88,20 @@ def answer(model: ComposedLM, fmt: ChatFormat, question: str, media: torch.Tenso
     return fmt.decode_reply(out).strip()
 
 
+@torch.no_grad()
+def answers(model: ComposedLM, fmt: ChatFormat, question: str, media: list[torch.Tensor], max_new_tokens: int = 8,
+            batch: int = 64) -> list[str]:
+    """Greedy short answers to one question about each of several images (features (1, 1, N, D) each), decoded
+    `batch` images at a time as rows of one batch (generate_rows): answer() per image, batched."""
+    ids, _ = dialog(fmt, question, media=model.image.placeholder_ids())
+    tok, out = fmt.tok, []
+    for k in range(0, len(media), batch):
+        rows = generate_rows(model, ids, max_new_tokens, image=torch.cat(media[k:k + batch]),  # (b, 1, N, D)
+                             stop_ids=(tok.eot_id, tok.eos_id, tok.eom_id))
+        out += [fmt.decode_reply(r).strip() for r in rows]
+    return out
+
+
 SOURCE_GROUPS = {"counting/": "counting", "ocr/": "words", "ocr_doc/": "pages", "chart/": "charts"}
 
 
@@ -134,9 +148,20 @@ def vqa_eval(model: ComposedLM, tok, samples: list[dict], max_items: int = 0, ma
             feats[i] = image_features(model, samples[i]["image"])  # (1, 1, n_tiles*(P+1), D): one media item
         return feats[i]
 
-    for it in items:
-        i = it["sample"]
-        pred = answer(model, fmt, it["question"], media(i), max_new_tokens)
+    def other(i: int) -> int:  # the shuffled control's image: another sample's
+        return (i + 1 + len(samples) // 2) % len(samples)
+
+    asked: dict[str, list[int]] = defaultdict(list)  # question -> its items: one prompt, decoded as rows
+    for k, it in enumerate(items):
+        asked[it["question"]].append(k)
+    said: dict[str, list] = {"model": [None] * len(items), "shuffled": [None] * len(items)}
+    for q, ks in asked.items():
+        for col, pick in (("model", lambda i: i), ("shuffled", other))[:2 if blind else 1]:
+            for k, pred in zip(ks, answers(model, fmt, q, [media(pick(items[k]["sample"])) for k in ks],
+                                           max_new_tokens)):
+                said[col][k] = pred
+    for k, it in enumerate(items):
+        i, pred = it["sample"], said["model"][k]
         flat["family"].append(it["family"])
         flat["source"].append(source_of(samples[i].get("meta")))
         flat["naming"].append(it["naming"])
@@ -147,8 +172,7 @@ def vqa_eval(model: ComposedLM, tok, samples: list[dict], max_items: int = 0, ma
             if it["question"] not in blind_said:  # greedy without an image: a function of the question alone
                 blind_said[it["question"]] = answer(model, fmt, it["question"], None, max_new_tokens)
             flat["blind"].append(item_score(it, blind_said[it["question"]]))
-            other = media((i + 1 + len(samples) // 2) % len(samples))
-            flat["shuffled"].append(item_score(it, answer(model, fmt, it["question"], other, max_new_tokens)))
+            flat["shuffled"].append(item_score(it, said["shuffled"][k]))
         if len(examples) < 8 and sum(e["family"] == it["family"] for e in examples) < 2:  # spread over families
             examples.append({"q": it["question"], "pred": pred, "answers": it["answers"], "family": it["family"],
                              "sample": i})

@@ -5,9 +5,18 @@ from __future__ import annotations
 
 import torch
 
-from llm.generate import decode
+from llm.generate import decode, decode_rows
 from mm.model.composed import ComposedLM
-from mm.model.streams import MediaKV, to_device
+from mm.model.streams import MediaKV, Pixels, to_device
+
+
+def _joined(model: ComposedLM, ids0: torch.Tensor, image, image_mask, speech) -> tuple:
+    """(prompt embeddings (B, P, D) with the "embeds" joins written, or None; the image media left for
+    cross-attention, or None), the media prepared once."""
+    if image is not None:
+        image = model.image_media(image)
+    pe = model.splice(ids0, None, image, image_mask, speech)
+    return pe, None if image is not None and model.image.join == "embeds" else image
 
 
 @torch.no_grad()
@@ -32,11 +41,7 @@ def generate(model: ComposedLM, prompt: list[int], max_new_tokens: int, *, image
         video, video_mask = video[None], (video_mask[None] if video_mask is not None else None)
     image, video, speech = (to_device(x, device) for x in (image, video, speech))
     ids0 = torch.tensor([prompt], device=device)
-    if image is not None:
-        image = model.image_media(image)
-    pe = model.splice(ids0, None, image, image_mask, speech)  # (1, P, D) or None: the "embeds" joins, once
-    if image is not None and model.image.join == "embeds":
-        image = None
+    pe, image = _joined(model, ids0, image, image_mask, speech)  # pe (1, P, D) or None
 
     def kvs() -> tuple[MediaKV | None, MediaKV | None]:
         ikv = None if image is None else image if isinstance(image, MediaKV) else model.image.kv(image, image_mask)
@@ -71,3 +76,36 @@ def generate(model: ComposedLM, prompt: list[int], max_new_tokens: int, *, image
     return decode(model.lm, step, prompt, budget, greedy=greedy, temperature=temperature, top_p=top_p,
                   stop_ids=stop_ids, seed=seed, use_cache=use_cache)
 
+
+
+@torch.no_grad()
+def generate_rows(model: ComposedLM, prompt: list[int], max_new_tokens: int, *, image,
+                  image_mask: torch.Tensor | None = None, stop_ids: tuple[int, ...] = ()) -> list[list[int]]:
+    """Greedy continuations of one prompt (with its image placeholders), one per row of image: features (B, M, N, D)
+    (image_mask (B, M)) or Pixels of B images, decoded together as one batch (llm.generate.decode_rows; the media
+    keys/values computed once). Row r is generate(model, prompt, image=image[r:r+1]) up to the float reassociation of
+    batched matmuls."""
+    model.eval()
+    device = model.output.weight.device
+    if len(prompt) >= model.cfg.max_seq_len:
+        raise ValueError(f"prompt of {len(prompt)} tokens leaves no room in max_seq_len {model.cfg.max_seq_len}")
+    image = to_device(image, device)
+    n = image.pixels.shape[0] if isinstance(image, Pixels) else image.shape[0]
+    seq = torch.tensor([prompt] * n, device=device)  # (n, P), grows by a column per step
+    pe, image = _joined(model, seq, image, image_mask, None)
+    ikv = None if image is None else image if isinstance(image, MediaKV) else model.image.kv(image, image_mask)
+    if ikv is not None:
+        model._check_markers(seq, ikv.valid, model.image.token_id)
+
+    def step(ids: torch.Tensor | None, pos: int) -> torch.Tensor:  # (n, V)
+        nonlocal seq
+        if ids is not None:
+            seq = torch.cat([seq, ids.to(device)], 1)
+        x = seq[:, pos:]
+        e = pe if ids is None else (None if pe is None else model.embed(x))
+        if ikv is None:
+            return model(x, start_pos=pos, embeds=e)[:, -1]
+        return model(x, image=ikv, start_pos=pos, embeds=e, **model.cross_masks(seq, ikv, None, pos))[:, -1]
+
+    return decode_rows(model.lm, step, n, len(prompt), min(max_new_tokens, model.cfg.max_seq_len - len(prompt)),
+                       stop_ids=stop_ids)
