@@ -1,6 +1,7 @@
 """Generation with the composed model: the media are prepared ONCE (speech and embedding image designs spliced into
 the prompt's input embeddings, cross-attention keys/values computed for every block) and the text is decoded with
-the LM's KV cache through the project's one decode loop (llm.generate.decode)."""
+the LM's KV cache through the project's decode loops: llm.generate.decode for one sequence (generate), decode_rows for
+rows of one prompt that differ only in their images (generate_rows, the batched image eval)."""
 from __future__ import annotations
 
 import torch
@@ -75,7 +76,6 @@ def generate(model: ComposedLM, prompt: list[int], max_new_tokens: int, *, image
 
     return decode(model.lm, step, prompt, budget, greedy=greedy, temperature=temperature, top_p=top_p,
                   stop_ids=stop_ids, seed=seed, use_cache=use_cache)
-
 
 
 @torch.no_grad()
