@@ -93,7 +93,7 @@ def generate_rows(model: ComposedLM, prompt: list[int], max_new_tokens: int, *, 
     n = image.pixels.shape[0] if isinstance(image, Pixels) else image.shape[0]
     seq = torch.tensor([prompt] * n, device=device)  # (n, P), grows by a column per step
     pe, image = _joined(model, seq, image, image_mask, None)
-    ikv = None if image is None else image if isinstance(image, MediaKV) else model.image.kv(image, image_mask)
+    ikv = None if image is None else model.image.kv(image, image_mask)
     if ikv is not None:
         model._check_markers(seq, ikv.valid, model.image.token_id)
 

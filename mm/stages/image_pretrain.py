@@ -112,16 +112,16 @@ class ImageFeed(StepFeed):
         self.fmt, self.cfg, self.vcfg, self.device, self.pad_id = ChatFormat(tok), cfg, vcfg, device, tok.pad_id
         self.media = list(media)  # the prompt ids of one image (ImageStream.placeholder_ids)
 
-    def jitter(self, b: int, batch: dict) -> list[torch.Tensor]:
-        """The batch's uint8 images (3, H, W), those of cfg.augment's sources jittered (a draw per (seed, b, row)
-        apart from the question draws')."""
-        aug, images = self.cfg.augment, list(batch["image"])
+    def jitter(self, b: int, batch: dict):
+        """The batch's uint8 images (B, 3, H, W) as they came when augment is off, else a list of (3, H, W) with
+        those of cfg.augment's sources jittered (a draw per (seed, b, row) apart from the question draws')."""
+        aug = self.cfg.augment
         if not aug.sources:
-            return images
+            return batch["image"]
         return [affine_jitter(torch.as_tensor(im), random.Random(f"{self.cfg.seed}:{b}:{j}:augment"), aug.degrees,
                               aug.translate, aug.scale)
                 if str((meta or {}).get("source", "")).startswith(tuple(aug.sources)) else im
-                for j, (im, meta) in enumerate(zip(images, batch["meta"]))]
+                for j, (im, meta) in enumerate(zip(batch["image"], batch["meta"]))]
 
     def make(self, b: int, batch: dict) -> dict:
         """One micro-batch: {tokens (B, T), labels (B, T), pixels (B, n_tiles, 3, t, t), aspect (B,), n}."""
