@@ -197,6 +197,7 @@ class ImageStageConfig:
     seq_len: int = 96  # dialog tokens per sample (longer ones are cut)
     caption_prob: float = 0.25  # share of samples trained as "Describe the image." -> caption
     qa_turns: int = 1  # an image's qa items per training dialog, as consecutive turns (1: one; beyond the paper)
+    qa_sources: list[str] = field(default_factory=list)  # meta "source" prefixes asked qa_turns ([]: every source)
     augment: ImageAugment = field(default_factory=ImageAugment)  # training-image jitter per source (default: off)
     bow_weight: float = 0.0  # caption bag-of-words loss on the blocks' pre-gate reads (mm.train.read_bow); 0: off
     data: ImageDataConfig = field(default_factory=ImageDataConfig)

@@ -269,6 +269,43 @@ def test_qa_turns_asks_an_images_questions_as_consecutive_turns(world, tmp_path,
         err.getvalue()
 
 
+def test_qa_sources_asks_several_turns_of_the_listed_sources_only(world, tmp_path, monkeypatch):
+    """qa_sources: rows whose meta source starts with a listed prefix get qa_turns turns; every other row's tokens
+    and labels are bit for bit those of the one-question feed; qa_sources with qa_turns 1 is refused with one line."""
+    from mm.config import ImageStageConfig
+    from mm.stages.image_pretrain import ImageFeed
+
+    _, tok, _ = load_lm(world["lm"])
+    images = torch.stack([torch.as_tensor(_image(i)).permute(2, 0, 1) for i in range(6)])  # (6, 3, 16, 16)
+    qa = [{"question": "What is shown?", "answers": ["bag"]}, {"question": "Is it red?", "answers": ["no"]}]
+    metas = [{"source": "mnist" if i % 2 else "toy", "qa": qa} for i in range(6)]
+    batch = {"image": images, "meta": metas, "caption": ["a photo of a bag."] * 6}
+
+    def feed(**kw) -> dict:
+        cfg = ImageStageConfig(lm="x", vision="x", seq_len=64, caption_prob=0.0, **kw)
+        return ImageFeed(None, tok, cfg, VCFG, torch.device("cpu")).make(5, batch)
+
+    one, some = feed(), feed(qa_turns=2, qa_sources=["mnist"])
+    eot = tok.eot_id
+    for j in range(6):
+        n_one = int((one["tokens"][j] != tok.pad_id).sum())
+        answers = int(((some["labels"][j] == eot)).sum())
+        assert answers == (2 if j % 2 else 1), j  # one <|eot_id|> trained per answer
+        if j % 2 == 0:  # an unlisted source: the one-question row, bit for bit
+            assert torch.equal(some["tokens"][j, :n_one], one["tokens"][j, :n_one])
+            assert torch.equal(some["labels"][j, :n_one], one["labels"][j, :n_one])
+    assert int((feed(qa_turns=2)["labels"] == eot).sum()) == 12  # no qa_sources: every row
+
+    monkeypatch.chdir(REPO)
+    from mm.cli import main
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        rc = main(["run", YAML, "--out", str(tmp_path / "bad"), *_overrides(world), "qa_sources=[mnist]"])
+    assert rc != 0 and "qa_sources needs qa_turns > 1" in err.getvalue(), err.getvalue()
+    assert len(err.getvalue().strip().splitlines()) == 1
+
+
 def test_augment_jitters_only_the_listed_sources_reproducibly(world, tmp_path, monkeypatch):
     """augment: the listed sources' training images are warped (same shape and dtype, the draw a function of (seed,
     batch, row)), other sources' pixels and every row's tokens stay bit for bit those of the unaugmented feed; zero

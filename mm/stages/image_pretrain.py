@@ -123,12 +123,17 @@ class ImageFeed(StepFeed):
                 if str((meta or {}).get("source", "")).startswith(tuple(aug.sources)) else im
                 for j, (im, meta) in enumerate(zip(batch["image"], batch["meta"]))]
 
+    def turns(self, meta: dict | None) -> int:
+        """cfg.qa_turns for a sample of cfg.qa_sources (every source when empty), else 1."""
+        listed = not self.cfg.qa_sources or str((meta or {}).get("source", "")).startswith(tuple(self.cfg.qa_sources))
+        return self.cfg.qa_turns if listed else 1
+
     def make(self, b: int, batch: dict) -> dict:
         """One micro-batch: {tokens (B, T), labels (B, T), pixels (B, n_tiles, 3, t, t), aspect (B,), n}."""
         dialogs = []
         for j, (meta, cap) in enumerate(zip(batch["meta"], batch["caption"])):
             rng = random.Random(f"{self.cfg.seed}:{b}:{j}")
-            (q, a), *follow = pick_questions(meta, cap, rng, self.cfg.caption_prob, self.cfg.qa_turns)
+            (q, a), *follow = pick_questions(meta, cap, rng, self.cfg.caption_prob, self.turns(meta))
             dialogs.append(dialog(self.fmt, q, a, media=self.media, follow=follow))
         mb = collate_dialogs(dialogs, self.pad_id, self.cfg.seq_len)
         px = images_to_pixels(self.jitter(b, batch), self.vcfg)
@@ -195,6 +200,9 @@ def run(cfg: ImageStageConfig, run_dir: Path, resume: bool = False, objective: I
         raise ValueError(f"bow_weight applies to the VQA/caption objective, not {type(objective).__name__}")
     if cfg.qa_turns < 1:
         raise ValueError(f"qa_turns must be >= 1 (an image's questions per training dialog), got {cfg.qa_turns}")
+    if cfg.qa_sources and cfg.qa_turns == 1:
+        raise ValueError(f"qa_sources needs qa_turns > 1 (it lists the sources asked qa_turns questions), got "
+                         f"qa_sources {cfg.qa_sources} with qa_turns 1")
     if cfg.qa_turns > 1 and not objective.vqa_feed:
         raise ValueError(f"qa_turns applies to the VQA/caption objective, not {type(objective).__name__}")
     aug = cfg.augment
