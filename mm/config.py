@@ -222,7 +222,8 @@ class ImageSFTConfig(ImageStageConfig):
     stage: str = "image_sft"
     instruct_lm: str = MISSING  # run directory of the instruction-tuned LM (same shape and tokenizer as `lm`)
     sweep: list[SweepMember] = field(default_factory=list)
-    soup_top_k: int = 2  # the largest K tried: soups of the top 2..soup_top_k members are scored, the best is kept
+    soup_top_k: int = 2  # the largest K tried: soups of the top soup_min_k..soup_top_k members are scored, best kept
+    soup_min_k: int = 2  # the smallest K tried (1: the best member alone competes too, as a greedy soup may end)
     eval_items: int = 200  # held-out VQA items per member and for the soup (0: all)
 
 

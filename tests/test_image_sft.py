@@ -92,15 +92,17 @@ def test_image_sft_soup_hot_swap_and_reuse(sft_world, tmp_path, monkeypatch):
     assert [m["vqa_acc"] for m in res2["members"]] == [m["vqa_acc"] for m in res["members"]]
     soup2 = load_tensors(out / "final" / "model.safetensors")
     assert all(torch.equal(soup2[k], soup[k]) for k in soup)
-    # a third member: soups of the top 2 and top 3 are both scored and the better one is final/ (PAPER.md §7.2)
+    # a third member and soup_min_k 1: the best member alone (K = 1) and the soups of the top 2 and top 3 are scored
+    # and the best is final/ (PAPER.md §7.2), so the soup never ends below its best member
     res3 = _main("run", YAML, "--out", str(out), "--force",
                  *[o for o in _overrides(sft_world) if not o.startswith(("steps=", "train.ckpt_every=", "train.lr="))],
                  f"instruct_lm={sft_world['instruct']}", f"init_from={sft_world['img']}", "steps=2",
                  "train.ckpt_every=2", "sweep=[{seed: 1, lr: 0.01}, {seed: 2, lr: 0.003}, {seed: 3, lr: 0.01}]",
-                 "soup_top_k=3", "eval_items=4")
+                 "soup_top_k=3", "soup_min_k=1", "eval_items=4")
     assert [m["reused"] for m in res3["members"]] == [True, True, False]
     cands = {int(k): v for k, v in res3["soup_candidates"].items()}
-    assert sorted(cands) == [2, 3] and res3["soup_k"] == max(cands, key=lambda k: (cands[k], k))
+    assert sorted(cands) == [1, 2, 3] and res3["soup_k"] == max(cands, key=lambda k: (cands[k], k))
+    assert cands[1] == max(m["vqa_acc"] for m in res3["members"]) and res3["soup_vs_best"] >= 0
     assert res3["soup_vqa_acc"] == cands[res3["soup_k"]] and len(res3["soup_members"]) == res3["soup_k"]
     parts = [load_tensors(out / "members" / str(i) / "final" / "model.safetensors") for i in res3["soup_members"]]
     soup3 = load_tensors(out / "final" / "model.safetensors")
@@ -109,6 +111,13 @@ def test_image_sft_soup_hot_swap_and_reuse(sft_world, tmp_path, monkeypatch):
     # a member trained with other settings is not silently reused: without --force the stage is refused, with it
     # the member is retrained and says why
     from mm.cli import main
+
+    buf = io.StringIO()  # soup_min_k outside 1..2: one clear error before anything trains
+    with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(io.StringIO()):
+        rc = main(["run", YAML, "--out", str(tmp_path / "bad"), *_overrides(sft_world),
+                   f"instruct_lm={sft_world['instruct']}", f"init_from={sft_world['img']}", "soup_min_k=3"])
+    assert rc != 0 and "soup_min_k must be 1" in buf.getvalue(), buf.getvalue()
+    assert not (tmp_path / "bad" / "members").exists()
 
     for force in ((), ("--force",)):
         buf, err = io.StringIO(), io.StringIO()

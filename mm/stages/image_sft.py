@@ -6,8 +6,9 @@ Each sweep member i (its own seed and peak LR) trains into members/<i>/ with the
 (ComposedLM.load_lm_weights; frozen), the same VQA/caption dialogs, assistant-only loss. Each member is then scored on
 held-out VQA (mm.eval.image on data.val_shards, the same seeded items for every run). Members are ranked by vqa_acc;
 the top-K soups (mm.train.average.average_states over their final ViT + adapter tensors; the LM is not in those files and
-stays the instruct LM) for K = 2..soup_top_k are written to soups/top<K>/ and scored the same way, and the best one
-("K is chosen by evaluating the averages", PAPER.md §7.2) is written to final/.
+stays the instruct LM) for K = soup_min_k..soup_top_k are written to soups/top<K>/ and scored the same way (K = 1 is
+the best member, its score reused), and the best one ("K is chosen by evaluating the averages", PAPER.md §7.2) is
+written to final/.
 
 Reruns continue: a member with members/<i>/result.json is reused (if its seed, LR, the rest of its training config and
 the init / instruct-LM weights it was trained from match, else an error; re-scored if eval_items changed), one with a
@@ -53,11 +54,11 @@ def member_config(cfg: ImageSFTConfig, m: SweepMember) -> ImageSFTConfig:
 
 def member_config_sha256(cfg: ImageSFTConfig, m: SweepMember) -> str:
     """sha256 (16 hex digits) of everything member m trains with: its config less what only ranks it (the sweep,
-    soup_top_k, eval_items) and the train settings a run may change on resume (mm.train.rundir.SAFE_KEYS)."""
+    soup_top_k, soup_min_k, eval_items) and the train settings a run may change on resume (rundir.SAFE_KEYS)."""
     c = member_config(cfg, m)
     safe = [k.rsplit(".", 1)[1] for k in SAFE_KEYS if k.startswith("config.train.")]
     t = dataclasses.replace(c.train, **{f: getattr(TrainConfig(), f) for f in safe})
-    c = dataclasses.replace(c, sweep=[], soup_top_k=1, eval_items=0, train=t)
+    c = dataclasses.replace(c, sweep=[], soup_top_k=1, soup_min_k=1, eval_items=0, train=t)
     return hashlib.sha256(to_yaml(c).encode()).hexdigest()[:16]
 
 
@@ -131,6 +132,8 @@ def run(cfg: ImageSFTConfig, run_dir: Path, resume: bool = False) -> dict:
         raise ValueError("image_sft needs a non-empty sweep: [{seed, lr}, ...]")
     if not 1 <= cfg.soup_top_k <= len(cfg.sweep):
         raise ValueError(f"soup_top_k {cfg.soup_top_k} must be in [1, {len(cfg.sweep)}] (the sweep's size)")
+    if not 1 <= cfg.soup_min_k <= 2:
+        raise ValueError(f"soup_min_k must be 1 (the best member competes) or 2 (averages only), got {cfg.soup_min_k}")
     run_dir = Path(run_dir)
     mdirs = [run_dir / "members" / str(i) for i in range(len(cfg.sweep))]
     members = []
@@ -141,16 +144,18 @@ def run(cfg: ImageSFTConfig, run_dir: Path, resume: bool = False) -> dict:
                     "checkpoint": res.get("checkpoint")}
         members.append(res)
     ranked = sorted(range(len(members)), key=lambda i: (-(members[i]["vqa_acc"] or 0.0), i))
-    # K is chosen by evaluating the averages (PAPER.md §7.2): every top-K soup for K = 2..soup_top_k is scored on the
-    # held-out items, the best (ties: the larger K) becomes final/
+    # K is chosen by evaluating the averages (PAPER.md §7.2): every top-K soup for K = soup_min_k..soup_top_k is scored
+    # on the held-out items, the best (ties: the larger K) becomes final/; K = 1 (the best member alone, as a greedy
+    # soup may end) keeps the soup from ending below its best member
     candidates = {}
-    for k in range(min(2, cfg.soup_top_k), cfg.soup_top_k + 1):
+    for k in range(min(cfg.soup_min_k, cfg.soup_top_k), cfg.soup_top_k + 1):
         kdir, key = run_dir / "soups" / f"top{k}", [[i, members[i]["vqa_acc"]] for i in ranked[:k]]
         done = json.loads((kdir / "result.json").read_text()) if (kdir / "result.json").exists() else {}
         if done.get("key") != key:  # new, or its members changed since: (re)build and score it
             make_soup([mdirs[i] for i in ranked[:k]], kdir / "final", {"stage": cfg.stage, "soup_top_k": k,
                                                                        "soup_members": ranked[:k]})
-            done = {**score(cfg, kdir), "key": key}
+            done = {"vqa_acc": members[ranked[0]]["vqa_acc"]} if k == 1 else score(cfg, kdir)  # K = 1: its score
+            done["key"] = key
             (kdir / "result.json").write_text(json.dumps(done, indent=1))
         candidates[k] = done
     k_best = max(candidates, key=lambda k: ((candidates[k].get("vqa_acc") or 0.0), k))
