@@ -1,6 +1,6 @@
 """Image eval speed: the held-out questions of an image run answered one item at a time (mm.eval.image.answer) and
-with a question's items as rows of one batch (answers, what vqa_eval runs), in the same process on the same cached
-image features.
+with a question's items as rows of one batch (answer_items, what vqa_eval runs), in the same process on the same
+cached image features.
 
     python benchmarks/speed_image_eval.py --ckpt runs/image_tiny/image_dpo [--max-items 0] [--threads 1]
 
@@ -18,13 +18,12 @@ import argparse  # noqa: E402
 import json  # noqa: E402
 import resource  # noqa: E402
 import time  # noqa: E402
-from collections import defaultdict  # noqa: E402
 
 import torch  # noqa: E402
 
 from data.loader import load_image_samples  # noqa: E402
 from llm.tokenizer import ChatFormat  # noqa: E402
-from mm.eval.image import answer, answers, image_features, vqa_items  # noqa: E402
+from mm.eval.image import answer, answer_items, image_features, vqa_items  # noqa: E402
 from mm.model.store import load_model  # noqa: E402
 
 
@@ -43,17 +42,12 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     one = [answer(model, fmt, it["question"], feats[it["sample"]]) for it in items]
     t1 = time.perf_counter()
-    asked: dict[str, list[int]] = defaultdict(list)
-    for k, it in enumerate(items):
-        asked[it["question"]].append(k)
-    rows: list[str | None] = [None] * len(items)
-    for q, ks in asked.items():
-        for k, pred in zip(ks, answers(model, fmt, q, [feats[items[k]["sample"]] for k in ks])):
-            rows[k] = pred
+    rows = answer_items(model, fmt, items, lambda it: feats[it["sample"]])
     t2 = time.perf_counter()
     differ = [{"q": items[k]["question"], "per_item": one[k], "batched": rows[k]}
               for k in range(len(items)) if one[k] != rows[k]]
-    print(json.dumps({"ckpt": a.ckpt, "threads": a.threads, "items": len(items), "questions": len(asked),
+    questions = len({it["question"] for it in items})
+    print(json.dumps({"ckpt": a.ckpt, "threads": a.threads, "items": len(items), "questions": questions,
                       "per_item_s": round(t1 - t0, 1), "batched_s": round(t2 - t1, 1),
                       "speedup": round((t1 - t0) / max(t2 - t1, 1e-9), 2), "differ": len(differ),
                       "differ_examples": differ[:5],

@@ -108,8 +108,6 @@ def test_image_sft_soup_hot_swap_and_reuse(sft_world, tmp_path, monkeypatch):
     soup3 = load_tensors(out / "final" / "model.safetensors")
     for k in soup3:
         torch.testing.assert_close(soup3[k], sum(p[k] for p in parts) / len(parts))
-    # a member trained with other settings is not silently reused: without --force the stage is refused, with it
-    # the member is retrained and says why
     from mm.cli import main
 
     buf = io.StringIO()  # soup_min_k outside 1..2: one clear error before anything trains
@@ -118,7 +116,8 @@ def test_image_sft_soup_hot_swap_and_reuse(sft_world, tmp_path, monkeypatch):
                    f"instruct_lm={sft_world['instruct']}", f"init_from={sft_world['img']}", "soup_min_k=3"])
     assert rc != 0 and "soup_min_k must be 1" in buf.getvalue(), buf.getvalue()
     assert not (tmp_path / "bad" / "members").exists()
-
+    # a member trained with other settings is not silently reused: without --force the stage is refused, with it
+    # the member is retrained and says why
     for force in ((), ("--force",)):
         buf, err = io.StringIO(), io.StringIO()
         with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(err):

@@ -102,6 +102,20 @@ def answers(model: ComposedLM, fmt: ChatFormat, question: str, media: list[torch
     return out
 
 
+def answer_items(model: ComposedLM, fmt: ChatFormat, items: list[dict], media_of,
+                 max_new_tokens: int = 8) -> list[str]:
+    """Greedy answers to vqa_items, in item order; the items that share a question are decoded as rows of one batch
+    (answers). media_of(item) -> that item's image features (1, 1, N, D)."""
+    asked: dict[str, list[int]] = defaultdict(list)  # question -> its items: one prompt, decoded as rows
+    for k, it in enumerate(items):
+        asked[it["question"]].append(k)
+    out: list[str] = [""] * len(items)
+    for q, ks in asked.items():
+        for k, pred in zip(ks, answers(model, fmt, q, [media_of(items[k]) for k in ks], max_new_tokens)):
+            out[k] = pred
+    return out
+
+
 SOURCE_GROUPS = {"counting/": "counting", "ocr/": "words", "ocr_doc/": "pages", "chart/": "charts"}
 
 
@@ -151,15 +165,9 @@ def vqa_eval(model: ComposedLM, tok, samples: list[dict], max_items: int = 0, ma
     def other(i: int) -> int:  # the shuffled control's image: another sample's
         return (i + 1 + len(samples) // 2) % len(samples)
 
-    asked: dict[str, list[int]] = defaultdict(list)  # question -> its items: one prompt, decoded as rows
-    for k, it in enumerate(items):
-        asked[it["question"]].append(k)
-    said: dict[str, list] = {"model": [None] * len(items), "shuffled": [None] * len(items)}
-    for q, ks in asked.items():
-        for col, pick in (("model", lambda i: i), ("shuffled", other))[:2 if blind else 1]:
-            for k, pred in zip(ks, answers(model, fmt, q, [media(pick(items[k]["sample"])) for k in ks],
-                                           max_new_tokens)):
-                said[col][k] = pred
+    said = {"model": answer_items(model, fmt, items, lambda it: media(it["sample"]), max_new_tokens)}
+    if blind:
+        said["shuffled"] = answer_items(model, fmt, items, lambda it: media(other(it["sample"])), max_new_tokens)
     for k, it in enumerate(items):
         i, pred = it["sample"], said["model"][k]
         flat["family"].append(it["family"])

@@ -51,6 +51,11 @@ def pick_questions(meta: dict, caption: str, rng: random.Random, caption_prob: f
     return [(qa_prompt(qa), str(qa["answers"][0])) for qa in picked]
 
 
+def from_sources(meta: dict | None, prefixes: list[str]) -> bool:
+    """Whether a sample's meta "source" starts with one of prefixes (the per-source knobs' match)."""
+    return str((meta or {}).get("source", "")).startswith(tuple(prefixes))
+
+
 def pick_question(meta: dict, caption: str, rng: random.Random, caption_prob: float) -> tuple[str, str]:
     """(question, target answer) for one training sample: a random qa item, or DESCRIBE -> caption."""
     return pick_questions(meta, caption, rng, caption_prob)[0]
@@ -120,12 +125,12 @@ class ImageFeed(StepFeed):
             return batch["image"]
         return [affine_jitter(torch.as_tensor(im), random.Random(f"{self.cfg.seed}:{b}:{j}:augment"), aug.degrees,
                               aug.translate, aug.scale)
-                if str((meta or {}).get("source", "")).startswith(tuple(aug.sources)) else im
+                if from_sources(meta, aug.sources) else im
                 for j, (im, meta) in enumerate(zip(batch["image"], batch["meta"]))]
 
     def turns(self, meta: dict | None) -> int:
         """cfg.qa_turns for a sample of cfg.qa_sources (every source when empty), else 1."""
-        listed = not self.cfg.qa_sources or str((meta or {}).get("source", "")).startswith(tuple(self.cfg.qa_sources))
+        listed = not self.cfg.qa_sources or from_sources(meta, self.cfg.qa_sources)
         return self.cfg.qa_turns if listed else 1
 
     def make(self, b: int, batch: dict) -> dict:
