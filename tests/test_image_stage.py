@@ -301,7 +301,8 @@ def test_qa_sources_asks_several_turns_of_the_listed_sources_only(world, tmp_pat
 
     err = io.StringIO()
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-        rc = main(["run", YAML, "--out", str(tmp_path / "bad"), *_overrides(world), "qa_sources=[mnist]"])
+        rc = main(["run", YAML, "--out", str(tmp_path / "bad"), *_overrides(world), "qa_turns=1",
+                   "qa_sources=[mnist]"])
     assert rc != 0 and "qa_sources needs qa_turns > 1" in err.getvalue(), err.getvalue()
     assert len(err.getvalue().strip().splitlines()) == 1
 
