@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import GroupNorm1, HybridEmbed, LayerNorm, QuickGELU
+from timm.layers import GroupNorm1, HybridEmbed, LayerNorm, QuickGELU, resample_abs_pos_embed
 from timm.models.vision_transformer import Block, VisionTransformer, init_weights_vit_timm
 from timm.models.vision_transformer_hybrid import ConvStem
 
@@ -219,6 +219,20 @@ def stem_args(cfg: VisionConfig) -> dict:
     stem = ConvStem(depth=depth, channels=cfg.width, kernel_size=3, stride=(2,) * depth, padding=1,
                     norm_layer=GroupNorm1, act_layer=nn.GELU)
     return {"patch_size": 1, "embed_layer": partial(HybridEmbed, backbone=stem)}
+
+
+def resample_positions(sd: dict[str, torch.Tensor], grid: int, old: int) -> dict[str, torch.Tensor]:
+    """An encoder state with its position embeddings (vit.pos_embed (1, T, D), tile_pos_embed (R, N, T, D); the CLS
+    row first, kept) resampled bicubically from an old x old patch grid to grid x grid (timm's resampler)."""
+    def one(p: torch.Tensor) -> torch.Tensor:  # (1, 1 + old*old, D) -> (1, 1 + grid*grid, D)
+        return resample_abs_pos_embed(p.float(), [grid, grid], [old, old], num_prefix_tokens=1).to(p.dtype)
+
+    out = dict(sd, **{"vit.pos_embed": one(sd["vit.pos_embed"])})
+    if "tile_pos_embed" in sd:
+        t = sd["tile_pos_embed"]
+        rows = [one(r[None]) for r in t.flatten(0, 1)]  # R*N x (1, T', D)
+        out["tile_pos_embed"] = torch.cat(rows).view(*t.shape[:2], -1, t.shape[-1])
+    return out
 
 
 # ---- modules ----------------------------------------------------------------------------------------------------

@@ -182,7 +182,7 @@ class ImageStageConfig:
     """Stages `image_pretrain` / `image_anneal` (PAPER.md §4; DESIGN.md invariants 1-4): the frozen LM (`lm`) plus
     the CLIP-pretrained ViT (`vision`) joined by gated cross-attention; trains ViT + image adapter + the `<|image|>`
     row. image_anneal: `init_from` a previous image run (weights only, fresh optimizer), lower LR, and more tiles /
-    a higher decode resolution through max_tiles / data.image_size."""
+    a higher decode resolution through max_tiles / data.image_size, or a larger tile through tile_size."""
 
     stage: str = "image_pretrain"
     seed: int = 1337
@@ -194,6 +194,7 @@ class ImageStageConfig:
     adapter: dict = field(default_factory=dict)  # the image design: {kind, **its keys} (adapters.registry)
     max_tiles: int | None = None  # tiles per image (None: the encoder's); > the encoder's re-inits the tile embeddings
     thumbnail: bool | None = None  # a tiled image also as one whole-image tile (None: the encoder's; beyond the paper)
+    tile_size: int | None = None  # the encoder's tile side (None: as saved); another resamples its position tables
     seq_len: int = 96  # dialog tokens per sample (longer ones are cut)
     caption_prob: float = 0.25  # share of samples trained as "Describe the image." -> caption
     qa_turns: int = 1  # an image's qa items per training dialog, as consecutive turns (1: one; beyond the paper)

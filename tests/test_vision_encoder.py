@@ -13,7 +13,7 @@ from data.image_kit import encode_image, write_shards
 from encoders.clip import (ClipLoss, ClipModel, TextConfig, retrieval_recall_at_k, tokenize_captions,
                            zero_shot_accuracy)
 from encoders.vision import (GatedBlock, VisionConfig, VisionEncoder, best_grid, count_params, normalize_pixels,
-                             supported_grids, tile_batch, tile_image, vision_config)
+                             resample_positions, supported_grids, tile_batch, tile_image, vision_config)
 from llm.tokenizer import train_tokenizer
 from mm.model.checkpoint import load_tensors
 
@@ -258,6 +258,11 @@ def test_clip_pretrain_stage_resume_and_loaders(shards, tmp_path, monkeypatch):
     enc = load_vision(tmp_path / "full")
     assert isinstance(enc, VisionEncoder) and enc.cfg.width == 32 and enc.cfg.taps == [0]
     assert torch.equal(enc.vit.pos_embed, a["vision.vit.pos_embed"])
+    big = load_vision(tmp_path / "full", tile_size=32)  # 2 x 2 patches -> 4 x 4: the position tables resampled
+    assert big.cfg.image_size == 32 and big.vit.pos_embed.shape == (1, 17, 32)
+    assert torch.equal(big.vit.pos_embed[:, 0], enc.vit.pos_embed[:, 0])  # the CLS row kept
+    assert torch.equal(big.vit.blocks[0].attn.qkv.weight, enc.vit.blocks[0].attn.qkv.weight)
+    assert big(torch.randn(2, 1, 3, 32, 32), torch.zeros(2, dtype=torch.long)).shape == (2, 17, big.cfg.out_dim)
     model, tok, meta = load_clip(tmp_path / "full")
     assert meta["kind"] == "clip" and tok.vocab_size == model.text.vocab_size
     score = clip_score_fn(model, tok)
@@ -266,6 +271,25 @@ def test_clip_pretrain_stage_resume_and_loaders(shards, tmp_path, monkeypatch):
     assert isinstance(s, float) and -1.0 <= s <= 1.0
     kept, removed = clip_filter([{"image": imgs[0].transpose(1, 2, 0), "caption": "a bag"}], score, 2.0)
     assert kept == [] and removed["clip_below_threshold"] == 1
+
+
+def test_resample_positions_keeps_a_smooth_table_and_the_cls_row():
+    """Position tables resampled from a 4 x 4 to an 8 x 8 patch grid (a 2x tile): the CLS row kept, a table that
+    varies smoothly over the grid kept (2 x 2 means of the new grid within 2% of the old), the same grid unchanged."""
+    torch.manual_seed(0)
+    cfg = VisionConfig(image_size=32, patch_size=8, width=32, layers=2, heads=2, mlp_dim=64, taps=[0], n_gated=1)
+    sd = VisionEncoder(cfg).state_dict()
+    yy, xx = torch.meshgrid(torch.arange(4.0), torch.arange(4.0), indexing="ij")
+    field = (torch.stack([yy.flatten(), xx.flatten()], 1) + 1) @ torch.randn(2, 32)  # (16, D), linear in position
+    sd["vit.pos_embed"] = torch.cat([torch.randn(1, 32), field])[None]
+    new = resample_positions(sd, 8, 4)
+    assert new["vit.pos_embed"].shape == (1, 65, 32) and new["tile_pos_embed"].shape == (1, 1, 65, 32)
+    assert torch.equal(new["vit.pos_embed"][0, 0], sd["vit.pos_embed"][0, 0])
+    assert torch.equal(new["tile_pos_embed"][..., 0, :], sd["tile_pos_embed"][..., 0, :])
+    pooled = new["vit.pos_embed"][0, 1:].view(4, 2, 4, 2, 32).mean((1, 3)).reshape(16, 32)
+    assert (pooled - field).norm() < 0.02 * field.norm()
+    same = resample_positions(sd, 4, 4)
+    assert torch.equal(same["vit.pos_embed"], sd["vit.pos_embed"])
 
 
 def test_conv_stem_same_tokens_per_image_and_one_line_errors():

@@ -20,7 +20,7 @@ import torch.nn as nn
 from adapters import registry
 from adapters.speech import SpeechTokens
 from encoders.speech import ConformerConfig, ConformerEncoder
-from encoders.vision import VisionConfig, VisionEncoder
+from encoders.vision import VisionConfig, VisionEncoder, resample_positions
 from llm.tokenizer import Tokenizer
 from mm.model.checkpoint import CheckpointError, load_into, load_meta, load_tensors, save_weights
 from mm.model.composed import STREAMS, ComposedLM
@@ -239,12 +239,18 @@ def _encoder_state(run: str | Path, stream: str, config_key: str, prefix: str, w
     return d, cfg, {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
-def load_vision(run: str | Path, max_tiles: int | None = None, thumbnail: bool | None = None) -> VisionEncoder:
+def load_vision(run: str | Path, max_tiles: int | None = None, thumbnail: bool | None = None,
+                tile_size: int | None = None) -> VisionEncoder:
     """The image encoder of a clip / vision run ("vision.*") or of a composed run's image stream, optionally with
-    another max_tiles / thumbnail (tile tables whose shape changes start from init and their gates from 0)."""
+    another max_tiles / thumbnail (tile tables whose shape changes start from init and their gates from 0) or another
+    tile side (tile_size: the ViT's and the tile tables' position embeddings resampled to the new patch grid, the
+    resolution raise of Qwen-VL's second stage; beyond the paper, whose anneal adds tiles)."""
     d, cfg, sd = _encoder_state(run, "image", "vision_config", "vision.", "a clip, vision or image run")
-    over = {k: v for k, v in (("max_tiles", max_tiles), ("thumbnail", thumbnail)) if v is not None}
+    over = {k: v for k, v in (("max_tiles", max_tiles), ("thumbnail", thumbnail), ("image_size", tile_size))
+            if v is not None}
     enc = VisionEncoder(VisionConfig(**{**cfg, **over}))
+    if enc.cfg.image_size != cfg["image_size"]:
+        sd = resample_positions(sd, enc.cfg.grid, cfg["image_size"] // cfg["patch_size"])
     own = enc.state_dict()
     for k in [k for k in TILE_KEYS if k in sd and sd[k].shape != own[k].shape]:
         sd[k] = own[k]

@@ -66,7 +66,7 @@ def build_model(cfg: ImageStageConfig) -> tuple[ComposedLM, Tokenizer, Path]:
     from init_from; a config with `instruct_lm` (image_sft) then hot-swaps the LM to it, and the returned LM path
     is the instruct LM's."""
     lm, tok, _ = load_lm(cfg.lm)
-    vision = load_vision(cfg.init_from or cfg.vision, cfg.max_tiles, cfg.thumbnail)
+    vision = load_vision(cfg.init_from or cfg.vision, cfg.max_tiles, cfg.thumbnail, cfg.tile_size)
     torch.manual_seed(cfg.seed)
     spec = cfg.adapter
     if cfg.init_from:
