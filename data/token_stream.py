@@ -63,9 +63,16 @@ def normalise_mix(mix: dict[str, float], available: Iterable[str]) -> dict[str, 
 
 
 class PackedSampler:
-    """Draws (tokens, labels, doc_ids) windows of a given length from weighted sources, deterministically per step."""
+    """Draws (tokens, labels, doc_ids) windows of a given length from weighted sources, deterministically per step.
 
-    def __init__(self, sources: dict[str, TokenSource], mix: dict[str, float], seed: int):
+    repeat_frac: the share of windows that start with a span of text read twice (its length, hence the distance to
+    its copy, drawn per window from [8, seq_len / 2], so no fixed offset finds it), then the text goes on: copy
+    data, from which induction heads form (Olsson et al. 2022)."""
+
+    def __init__(self, sources: dict[str, TokenSource], mix: dict[str, float], seed: int, repeat_frac: float = 0.0):
+        if not 0.0 <= repeat_frac <= 1.0:
+            raise ValueError(f"repeat_frac must be in [0, 1], got {repeat_frac}")
+        self.repeat_frac = repeat_frac
         self.sources = sources
         self.mix = normalise_mix(mix, sources)
         self.names = list(self.mix)
@@ -76,14 +83,19 @@ class PackedSampler:
         """The global micro-batch `micro` of step `step`: tokens/labels/doc_ids, each (batch_size, seq_len)."""
         rng = np.random.default_rng([self.seed, step, micro])
         picks = rng.choice(len(self.names), size=batch_size, p=self.probs)
+        rep_rng = np.random.default_rng([self.seed, step, micro, 1])  # its own stream: 0 keeps the old windows
+        repeat = rep_rng.random(batch_size) < self.repeat_frac if self.repeat_frac else np.zeros(batch_size, bool)
+        rep_len = rep_rng.integers(min(8, seq_len // 2), seq_len // 2 + 1, size=batch_size)  # the copy's distance
         rows_t, rows_d = [], []
-        for src_idx in picks:
+        for src_idx, rep in zip(picks, repeat):
             src = self.sources[self.names[src_idx]]
             if len(src) < seq_len + 1:
                 raise ValueError(f"source {self.names[src_idx]!r} has {len(src)} tokens, fewer than seq_len+1={seq_len + 1}")
             off = int(rng.integers(0, len(src) - seq_len))
-            rows_t.append(src.tokens[off:off + seq_len + 1].astype(np.int64))
-            rows_d.append(np.searchsorted(src.starts, np.arange(off, off + seq_len + 1), side="right"))
+            h = int(rep_len[len(rows_t)]) if rep else 0  # a span of h tokens read twice, then the text goes on
+            pos = np.concatenate([np.arange(off, off + h), np.arange(off, off + seq_len + 1 - h)])  # (seq_len + 1,)
+            rows_t.append(src.tokens[pos].astype(np.int64))
+            rows_d.append(np.searchsorted(src.starts, pos, side="right"))
         win = torch.from_numpy(np.stack(rows_t))  # (B, T+1)
         doc = torch.from_numpy(np.stack(rows_d))  # (B, T+1)
         doc = doc - doc[:, :1]

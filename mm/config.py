@@ -38,6 +38,7 @@ class TextDataConfig:
     shards: str = MISSING
     val_shards: str = MISSING
     mix: dict[str, float] = field(default_factory=dict)
+    repeat_frac: float = 0.0  # share of windows holding a text span twice (copy data; beyond the paper; NOTES.md)
     build_if_missing: bool = True
     val_max_tokens: int = 32768
 

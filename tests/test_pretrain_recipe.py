@@ -57,6 +57,33 @@ def test_sampler_is_a_pure_function_of_step_and_respects_documents():
             assert all(labs[t] == IGNORE for t in crossing)
 
 
+def test_repeat_frac_windows_read_a_span_twice_at_a_varying_distance():
+    """repeat_frac: about that share of windows start with a span read twice (length drawn in [8, seq_len / 2], so
+    the copy's distance varies), then the text goes on from the span's start; labels are the next tokens as ever; 0
+    draws exactly the windows of a sampler without the knob; a share outside [0, 1] is refused."""
+    plain, rep = PackedSampler(make_sources(), {}, seed=3), PackedSampler(make_sources(), {}, seed=3, repeat_frac=0.5)
+    zero = PackedSampler(make_sources(), {}, seed=3, repeat_frac=0.0)
+    assert torch.equal(plain.batch(5, 0, 8, 40)["tokens"], zero.batch(5, 0, 8, 40)["tokens"])
+    lengths = set()
+    for step in range(10):
+        b, p = rep.batch(step, 0, 8, 40), plain.batch(step, 0, 8, 40)
+        for row in range(8):
+            toks, labs, doc = b["tokens"][row], b["labels"][row], b["doc_ids"][row]
+            again = [t for t in range(1, 40) if toks[t] == toks[0]]  # the sources' tokens never repeat otherwise
+            if not again:
+                assert torch.equal(toks, p["tokens"][row])  # an ordinary window: the one the plain sampler drew
+                continue
+            h = again[0]
+            lengths.add(h)
+            assert 8 <= h <= 20 and torch.equal(toks[h:2 * h], toks[:h])  # the span, then its copy
+            assert torch.equal(toks[h:], torch.arange(int(toks[0]), int(toks[0]) + 40 - h))  # the text goes on
+            assert all(labs[t] == toks[t + 1] for t in range(39) if doc[t] == doc[t + 1])
+            assert int(doc[h]) == int(doc[0])  # the copy's start can see the span's start
+    assert 6 <= len(lengths)  # the distance varies
+    with pytest.raises(ValueError, match="repeat_frac"):
+        PackedSampler(make_sources(), {}, seed=0, repeat_frac=1.5)
+
+
 def test_mix_weights_steer_sources():
     s = PackedSampler(make_sources(), {"a": 0.9, "b": 0.1}, seed=0)
     rows = torch.cat([s.batch(i, 0, 16, 8)["tokens"] for i in range(20)])

@@ -154,10 +154,10 @@ def run(cfg: LMPretrainConfig, run_dir: Path, resume: bool = False) -> dict:
         raise ValueError(f"no readable documents in {cfg.data.shards!r} / {cfg.data.val_shards!r}; skipped: {skips.as_dict()}")
     tok = get_tokenizer(cfg.tokenizer, run_dir, (d["text"] for d in train_docs), info)
     sources = token_sources(train_docs, tok, run_dir / "tokens", "train", info)
-    sampler = PackedSampler(sources, cfg.data.mix, cfg.seed)
+    sampler = PackedSampler(sources, cfg.data.mix, cfg.seed, cfg.data.repeat_frac)
     hq_docs = high_quality(train_docs, cfg.anneal.quality_top_frac)
     anneal_sampler = PackedSampler(token_sources(hq_docs, tok, run_dir / "tokens", "hq", info),
-                                   cfg.anneal.mix, cfg.seed + 1) if cfg.anneal.steps else None
+                                   cfg.anneal.mix, cfg.seed + 1, cfg.data.repeat_frac) if cfg.anneal.steps else None
 
     mcfg = cfg.model.resolve(vocab_size=tok.vocab_size)
     sched = Schedule(cfg)
