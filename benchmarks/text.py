@@ -12,7 +12,9 @@ unigram_bpb over documents), ratio = val_bpb / unigram_bpb, docs, bytes; with a 
 --rm: "rm_pref_acc"; for a model initialised from another: "chosen_frac" and its bootstrap 95% interval
 ("chosen_frac_ci95") and each pair's win ("chosen_items"); with --rm and --vs: "rm_win_rate_vs", its bootstrap 95%
 interval over prompts ("rm_win_rate_ci95"; the other policy is beaten when it excludes 0.5) and each prompt's win
-("rm_win_items"). Text defaults come from the pretraining run's config.yaml (found by following init_from). The
+("rm_win_items"); with --copy: "copy" (mm.eval.text.copy_score: held-out spans read twice, the second reading's
+loss against the first's with a paired interval: an LM that copies, as the speech path needs, drops it far). Text
+defaults come from the pretraining run's config.yaml (found by following init_from). The
 metric code lives in mm/eval/text.py and mm/eval/chat.py.
 """
 from __future__ import annotations
@@ -32,7 +34,7 @@ from data.shards import SkipCounter, expand_shards, iter_text_docs
 from data.token_stream import TokenSource, tokenize_docs
 from mm.cli import run_reporting
 from mm.eval.stats import paired_bootstrap
-from mm.eval.text import UnigramLM, lm_doc_bits
+from mm.eval.text import UnigramLM, copy_score, lm_doc_bits
 from mm.model.runs import load_lm, model_dir
 
 DEFAULT_SEQ_LEN = 512
@@ -163,6 +165,7 @@ def evaluate(args) -> dict:
             "ratio": val_bpb / unigram_bpb, "docs": len(texts),
             "bytes": sum(doc_bytes), "seq_len": seq_len, "train_tokens": int(len(train)), "train_tokens_from": source,
             "ckpt": str(args.ckpt), "val_shards": str(val_spec), "skipped": skips.as_dict(),
+            **({"copy": copy_score(model, [d[1:-1] for d in docs], device=device)} if args.copy else {}),
             **(posttrain_metrics(args, model, tok, meta, own_run) if wants_posttrain(args, meta) else {})}
 
 
@@ -192,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--win-items", type=int, default=200, help="held-out prompts for the win rate (at most the chat "
                    "items with an answer that --max-items lets through)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--copy", action="store_true", help="the in-context copy score: held-out spans read twice")
     args = p.parse_args(argv)
     return run_reporting(evaluate, args)
 

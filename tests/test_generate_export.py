@@ -208,7 +208,7 @@ def test_text_benchmark_beats_unigram(docs, tmp_path, capsys):
     capsys.readouterr()
     assert sorted((run / "tokens").glob("train-*.npz"))
 
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks/text.py"), "--ckpt", str(run)],
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks/text.py"), "--ckpt", str(run), "--copy"],
                           capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.strip().splitlines()
@@ -222,3 +222,36 @@ def test_text_benchmark_beats_unigram(docs, tmp_path, capsys):
     lo, hi = res["vs_unigram_ci95"]  # bits per byte over resampled documents, paired
     assert lo <= res["val_bpb"] - res["unigram_bpb"] <= hi and hi < 0, res
     assert res["ratio"] == pytest.approx(res["val_bpb"] / res["unigram_bpb"])
+    c = res["copy"]
+    assert c["spans"] > 0 and c["drop"] == pytest.approx(c["first_loss"] - c["second_loss"])
+    assert c["drop_ci95"][0] <= c["drop"] <= c["drop_ci95"][1]
+
+
+class _Copier(torch.nn.Module):
+    """Logits that name the token `span - 1` places back (a perfect copier of a span read twice), or, with
+    span None, the same logits everywhere (an LM that ignores its context)."""
+
+    def __init__(self, vocab: int, span: int | None):
+        super().__init__()
+        self.vocab, self.span = vocab, span
+
+    def forward(self, x):
+        out = torch.zeros(*x.shape, self.vocab)
+        if self.span:
+            back = x[:, :x.shape[1] - self.span + 1]  # position p >= span - 1 names x[p + 1 - span]
+            out[:, self.span - 1:].scatter_(2, back[..., None], 30.0)
+        return out
+
+
+def test_copy_score_separates_a_copier_from_a_context_blind_lm():
+    from mm.eval.text import copy_score
+
+    g = torch.Generator().manual_seed(0)
+    docs = [torch.randint(0, 50, (200,), generator=g).tolist() for _ in range(3)]
+    blind = copy_score(_Copier(50, None), docs, span=8)
+    assert blind["spans"] == 3 * 7 and blind["drop"] == 0.0 and blind["drop_ci95"] == [0.0, 0.0]
+    copier = copy_score(_Copier(50, 8), docs, span=8)
+    assert copier["second_top1"] == 1.0 and copier["second_loss"] < 1e-6
+    assert copier["first_loss"] == pytest.approx(blind["first_loss"], rel=0.2) and copier["drop_ci95"][0] > 3.0
+    with pytest.raises(ValueError, match="no held-out document"):
+        copy_score(_Copier(50, 8), [[1, 2, 3]], span=8)

@@ -1,4 +1,5 @@
-"""Text metrics: held-out bits per byte of an LM, and of a unigram baseline fitted on the training split."""
+"""Text metrics: held-out bits per byte of an LM, and of a unigram baseline fitted on the training split; the in-context
+copy score (does the LM use a span it has just read?)."""
 from __future__ import annotations
 
 import math
@@ -8,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from data.token_stream import IGNORE, eval_windows
+from mm.eval.stats import paired_bootstrap
 
 LN2 = math.log(2.0)
 
@@ -67,3 +69,30 @@ def unigram_bits_per_byte(train_tokens: np.ndarray, vocab_size: int, tok, texts:
     docs = [tok.encode(t, bos=True, eos=True) for t in texts]
     n_bytes = sum(len(t.encode("utf-8")) for t in texts)
     return UnigramLM(train_tokens, vocab_size).bits(docs) / n_bytes
+
+
+@torch.no_grad()
+def copy_score(model: torch.nn.Module, doc_tokens: list[list[int]], span: int = 24, max_spans: int = 256,
+               batch_size: int = 32, device: torch.device | str = "cpu") -> dict:
+    """In-context copying (induction) on held-out text: spans of `span` tokens (one per 4 * span tokens of each
+    document, up to max_spans), each fed twice in a row. An LM that copies predicts the second reading far better
+    than the first. -> {"spans", "first_loss", "second_loss" (nats per token, the span's tokens after its first),
+    "drop" (first - second) and its paired bootstrap "drop_ci95" over spans, "first_top1", "second_top1"}."""
+    rows = [ids[i:i + span] for ids in doc_tokens for i in range(0, len(ids) - span + 1, 4 * span)][:max_spans]
+    if not rows:
+        raise ValueError(f"copy_score: no held-out document has {span} tokens")
+    model.eval()
+    first, second, top1, top2 = [], [], [], []
+    for i in range(0, len(rows), batch_size):
+        x = torch.tensor(rows[i:i + batch_size], device=device)
+        seq = torch.cat([x, x], 1)  # (b, 2 * span)
+        logits = model(seq).float()  # (b, 2 * span, V)
+        nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), seq[:, 1:], reduction="none")  # (b, 2 * span - 1)
+        hit = (logits[:, :-1].argmax(-1) == seq[:, 1:]).float()
+        first += nll[:, :span - 1].mean(1).tolist()  # predicting tokens 2..span of the first reading
+        second += nll[:, span:].mean(1).tolist()  # the same tokens in the second reading
+        top1 += hit[:, :span - 1].mean(1).tolist()
+        top2 += hit[:, span:].mean(1).tolist()
+    d = paired_bootstrap(first, second)
+    return {"spans": len(rows), "span": span, "first_loss": d["a"], "second_loss": d["b"], "drop": d["delta"],
+            "drop_ci95": d["ci95"], "first_top1": float(np.mean(top1)), "second_top1": float(np.mean(top2))}
