@@ -3,8 +3,10 @@
 Each benchmark script (benchmarks/text.py, image.py, video.py, speech.py) runs as a subprocess, so the stage measures
 exactly what a user's command line would print and frees each model's memory when it ends; its JSON line is kept in
 benchmarks/<name>.json. Rows compare a model with its baseline (bare-LM unigram, the pretrained LM, DPO's SFT and a
-tie under a held-out judge, the blind model, another image, the single middle frame) and say whether it beats it;
-mm.eval.report draws the plots and writes the markdown.
+tie under a held-out judge, the blind model, another image, the single middle frame) and say whether it beats it.
+Peer rows (an offline OCR or ASR tool a user would pick instead, on the same items) are a reference, not a control:
+they go to their own table with their paired interval and count in no "beats". mm.eval.report draws the plots and
+writes the markdown.
 """
 from __future__ import annotations
 
@@ -44,11 +46,16 @@ def run_benchmark(script: str, args: list[str], out: Path, threads: int) -> dict
 
 
 def row(modality: str, metric: str, model, baseline, baseline_name: str, lower_is_better: bool = False,
-        ci: list[float] | None = None) -> dict:
+        ci: list[float] | None = None, peer: bool = False) -> dict:
     """One benchmark-table row; "beats" says whether the model is better than its baseline: with ci (the paired 95%
     interval of model - baseline, shown as "gain_ci95") only when the interval excludes 0 on the better side, else
-    (a row without an item-level pairing) when it is strictly better."""
+    (a row without an item-level pairing) when it is strictly better. peer: the baseline is a peer tool, not a
+    control ("peer": True, "beats" None)."""
     beats = None
+    if peer:
+        return {"modality": modality, "metric": metric, "model": model, "baseline": baseline,
+                "baseline_name": baseline_name, **({"gain_ci95": ci} if ci is not None else {}), "beats": None,
+                "peer": True}
     if ci is not None:
         beats = ci[1] < 0 if lower_is_better else ci[0] > 0
     elif isinstance(model, (int, float)) and isinstance(baseline, (int, float)):
@@ -124,9 +131,9 @@ def image_rows(cfg: HerdReportConfig, bench: Path) -> tuple[list[dict], list[dic
     p = r.get("ocr_peer") or {}
     if p.get("acc") is not None:  # an OCR recogniser a user would pick instead, on the same OCR items
         rows.append(row("image", f"ocr items ({p['items']})", p["ours"], p["acc"], f"OCR peer {p['name']}",
-                        ci=p["ci95"]))
+                        ci=p["ci95"], peer=True))
     elif p:  # the peer is not installed here: the row says so
-        rows.append(row("image", "ocr items", None, None, f"OCR peer {p['name']}: {p.get('error')}"))
+        rows.append(row("image", "ocr items", None, None, f"OCR peer {p['name']}: {p.get('error')}", peer=True))
     if cfg.photo_shards and _exists(cfg.photo_shards):  # real photographs, held out (a kit may predate them)
         ph = run_benchmark("image.py", ["--ckpt", cfg.image, "--shards", cfg.photo_shards, "--max-items", "0",
                                         "--text-docs", "0"], bench / "photos.json", cfg.threads)["reading"]
@@ -219,10 +226,10 @@ def human_speech_rows(cfg: HerdReportConfig, bench: Path) -> list[dict]:
                         ci=((r.get("wer_vs_blind_by_tag") or {}).get(tag) or {}).get("ci95")))
     for name, p in (r.get("peers") or {}).items():
         if p.get("wer") is None:
-            rows.append(row("speech", "human wer", None, None, f"ASR peer {name}: {p.get('error')}"))
+            rows.append(row("speech", "human wer", None, None, f"ASR peer {name}: {p.get('error')}", peer=True))
             continue
         rows.append(row("speech", "human wer", p["ours"], p["wer"], f"ASR peer {name}", lower_is_better=True,
-                        ci=p["ci95"]))
+                        ci=p["ci95"], peer=True))
     return rows
 
 
@@ -267,8 +274,13 @@ def run(cfg: HerdReportConfig, run_dir: Path, resume: bool = False) -> dict:
         rows += r
         examples += ex
     stages = {k: Path(v) for k, v in cfg.stages.items()}
+    peers = [r for r in rows if r.get("peer")]
+    rows = [r for r in rows if not r.get("peer")]
     beaten = [r for r in rows if r["beats"] is not None]
     notes.append(f"{sum(r['beats'] for r in beaten)} of {len(beaten)} benchmark rows beat their baseline")
-    path = write_report(run_dir, stages, rows, examples, notes=notes, tables=reading_tables(bench / "image.json"))
-    return {"stage": "herd_report", "report": str(path), "rows": rows,
+    tables = reading_tables(bench / "image.json") + ([(
+        "Peers: offline tools a user would pick instead, on the same items (a reference, not a control)", peers,
+        ["modality", "metric", "model", "baseline", "baseline_name", "gain_ci95"])] if peers else [])
+    path = write_report(run_dir, stages, rows, examples, notes=notes, tables=tables)
+    return {"stage": "herd_report", "report": str(path), "rows": rows, "peers": peers,
             "beats_all": all(r["beats"] for r in beaten)}
