@@ -87,12 +87,12 @@ class PackedSampler:
         repeat = rep_rng.random(batch_size) < self.repeat_frac if self.repeat_frac else np.zeros(batch_size, bool)
         rep_len = rep_rng.integers(min(8, seq_len // 2), seq_len // 2 + 1, size=batch_size)  # the copy's distance
         rows_t, rows_d = [], []
-        for src_idx, rep in zip(picks, repeat):
+        for i, (src_idx, rep) in enumerate(zip(picks, repeat)):
             src = self.sources[self.names[src_idx]]
             if len(src) < seq_len + 1:
                 raise ValueError(f"source {self.names[src_idx]!r} has {len(src)} tokens, fewer than seq_len+1={seq_len + 1}")
             off = int(rng.integers(0, len(src) - seq_len))
-            h = int(rep_len[len(rows_t)]) if rep else 0  # a span of h tokens read twice, then the text goes on
+            h = int(rep_len[i]) if rep else 0  # a span of h tokens read twice, then the text goes on
             pos = np.concatenate([np.arange(off, off + h), np.arange(off, off + seq_len + 1 - h)])  # (seq_len + 1,)
             rows_t.append(src.tokens[pos].astype(np.int64))
             rows_d.append(np.searchsorted(src.starts, pos, side="right"))

@@ -263,6 +263,8 @@ def test_clip_pretrain_stage_resume_and_loaders(shards, tmp_path, monkeypatch):
     assert torch.equal(big.vit.pos_embed[:, 0], enc.vit.pos_embed[:, 0])  # the CLS row kept
     assert torch.equal(big.vit.blocks[0].attn.qkv.weight, enc.vit.blocks[0].attn.qkv.weight)
     assert big(torch.randn(2, 1, 3, 32, 32), torch.zeros(2, dtype=torch.long)).shape == (2, 17, big.cfg.out_dim)
+    with pytest.raises(ValueError, match="tile_size 20 is not a positive multiple of the encoder's patch size 8"):
+        load_vision(tmp_path / "full", tile_size=20)
     model, tok, meta = load_clip(tmp_path / "full")
     assert meta["kind"] == "clip" and tok.vocab_size == model.text.vocab_size
     score = clip_score_fn(model, tok)

@@ -246,6 +246,9 @@ def load_vision(run: str | Path, max_tiles: int | None = None, thumbnail: bool |
     tile side (tile_size: the ViT's and the tile tables' position embeddings resampled to the new patch grid, the
     resolution raise of Qwen-VL's second stage; beyond the paper, whose anneal adds tiles)."""
     d, cfg, sd = _encoder_state(run, "image", "vision_config", "vision.", "a clip, vision or image run")
+    if tile_size is not None and (tile_size <= 0 or tile_size % cfg["patch_size"]):
+        raise ValueError(f"{d}: tile_size {tile_size} is not a positive multiple of the encoder's patch size "
+                         f"{cfg['patch_size']}")
     over = {k: v for k, v in (("max_tiles", max_tiles), ("thumbnail", thumbnail), ("image_size", tile_size))
             if v is not None}
     enc = VisionEncoder(VisionConfig(**{**cfg, **over}))
