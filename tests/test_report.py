@@ -135,24 +135,32 @@ def test_human_speech_rows_pair_blind_and_peers(tmp_path):
     assert [r["metric"] for r in rows] == ["human wer (567)", "human wer, letters_only", "human wer", "human wer"]
     assert rows[0]["beats"] is True and rows[1]["beats"] is False  # lower, but the subset's interval reaches 0
     assert rows[2]["baseline_name"] == "ASR peer moonshine" and rows[2]["gain_ci95"] == [0.45, 0.56]
-    assert rows[2]["peer"] is True and rows[2]["beats"] is None  # a peer is a reference, not a control to beat
-    assert rows[3]["model"] is None and "not installed" in rows[3]["baseline_name"] and rows[3]["peer"] is True
-    assert not rows[0].get("peer") and not rows[1].get("peer")
+    assert rows[2]["ref"] == "peer" and rows[2]["beats"] is None  # a peer is a reference, not a control to beat
+    assert rows[3]["model"] is None and "not installed" in rows[3]["baseline_name"] and rows[3]["ref"] == "peer"
+    assert not rows[0].get("ref") and not rows[1].get("ref")
 
 
-def test_peer_rows_get_their_own_table_and_count_in_no_beats(tmp_path, monkeypatch):
-    """herd_report.run: a peer row (an OCR / ASR tool beside ours) goes to the "Peers" table with its interval, not
-    to the benchmark table, and neither the "N of M rows beat" line nor beats_all counts it."""
+def test_reference_rows_get_their_own_tables_and_count_in_no_beats(tmp_path, monkeypatch):
+    """herd_report.run: a peer row (an OCR / ASR tool beside ours) and a ceiling row (the LM given the typed
+    transcript) go to their own tables, not to the benchmark table, and neither the "N of M rows beat" line nor
+    beats_all counts them; an unknown reference kind is refused."""
     from mm.config import HerdReportConfig
     from mm.stages import herd_report
 
     control = herd_report.row("image", "vqa_acc vs another image", 0.4, 0.2, "shuffled image", ci=[0.1, 0.3])
-    peer = herd_report.row("image", "ocr items (23)", 0.35, 1.0, "OCR peer rapidocr", ci=[-0.8, -0.4], peer=True)
-    monkeypatch.setattr(herd_report, "text_rows", lambda cfg, bench: ([control, peer], []))
+    peer = herd_report.row("image", "ocr items (23)", 0.35, 1.0, "OCR peer rapidocr", ci=[-0.8, -0.4], ref="peer")
+    ceiling = herd_report.row("speech", "wer", 1.27, 1.25, "the frozen LM given the typed transcript",
+                              lower_is_better=True, ref="ceiling")
+    monkeypatch.setattr(herd_report, "text_rows", lambda cfg, bench: ([control, peer, ceiling], []))
     (tmp_path / "lm").mkdir()
     res = herd_report.run(HerdReportConfig(lm=str(tmp_path / "lm")), tmp_path / "report")
-    assert res["rows"] == [control] and res["peers"] == [peer] and res["beats_all"] is True
+    assert res["rows"] == [control] and res["peer"] == [peer] and res["ceiling"] == [ceiling]
+    assert res["beats_all"] is True and peer["beats"] is None and ceiling["beats"] is None
     md = (tmp_path / "report" / "report.md").read_text()
     assert "1 of 1 benchmark rows beat their baseline" in md
-    bench, peers = md.split("## Peers")
-    assert "OCR peer rapidocr" not in bench and "OCR peer rapidocr" in peers.split("##")[0]
+    bench, rest = md.split("## Peers")
+    assert "OCR peer rapidocr" not in bench and "typed transcript" not in bench
+    peers, ceilings = rest.split("## Ceilings")
+    assert "OCR peer rapidocr" in peers and "typed transcript" in ceilings.split("##")[0]
+    with pytest.raises(ValueError, match="row ref 'judge' unknown"):
+        herd_report.row("chat", "x", 0.5, 0.5, "y", ref="judge")

@@ -4,8 +4,9 @@ Each benchmark script (benchmarks/text.py, image.py, video.py, speech.py) runs a
 exactly what a user's command line would print and frees each model's memory when it ends; its JSON line is kept in
 benchmarks/<name>.json. Rows compare a model with its baseline (bare-LM unigram, the pretrained LM, DPO's SFT and a
 tie under a held-out judge, the blind model, another image, the single middle frame) and say whether it beats it.
-Peer rows (an offline OCR or ASR tool a user would pick instead, on the same items) are a reference, not a control:
-they go to their own table with their paired interval and count in no "beats". mm.eval.report draws the plots and
+Reference rows are no control: peers (an offline OCR or ASR tool a user would pick instead, on the same items) and
+ceilings (the frozen LM given the typed transcript: what any speech adapter on it can reach) go to their own tables
+and count in no "beats". mm.eval.report draws the plots and
 writes the markdown.
 """
 from __future__ import annotations
@@ -45,17 +46,25 @@ def run_benchmark(script: str, args: list[str], out: Path, threads: int) -> dict
     return res
 
 
+REF_TABLES = {  # reference rows (no control, no "beats") -> their table's title
+    "peer": "Peers: offline tools a user would pick instead, on the same items (a reference, not a control)",
+    "ceiling": "Ceilings: the frozen LM given the typed transcript, what any speech adapter on it can reach "
+               "(a reference, not a control)"}
+
+
 def row(modality: str, metric: str, model, baseline, baseline_name: str, lower_is_better: bool = False,
-        ci: list[float] | None = None, peer: bool = False) -> dict:
+        ci: list[float] | None = None, ref: str = "") -> dict:
     """One benchmark-table row; "beats" says whether the model is better than its baseline: with ci (the paired 95%
     interval of model - baseline, shown as "gain_ci95") only when the interval excludes 0 on the better side, else
-    (a row without an item-level pairing) when it is strictly better. peer: the baseline is a peer tool, not a
-    control ("peer": True, "beats" None)."""
+    (a row without an item-level pairing) when it is strictly better. ref ("peer" | "ceiling"): the baseline is a
+    reference, not a control ("ref" kept, "beats" None)."""
     beats = None
-    if peer:
+    if ref:
+        if ref not in REF_TABLES:
+            raise ValueError(f"row ref {ref!r} unknown; known: {sorted(REF_TABLES)}")
         return {"modality": modality, "metric": metric, "model": model, "baseline": baseline,
                 "baseline_name": baseline_name, **({"gain_ci95": ci} if ci is not None else {}), "beats": None,
-                "peer": True}
+                "ref": ref}
     if ci is not None:
         beats = ci[1] < 0 if lower_is_better else ci[0] > 0
     elif isinstance(model, (int, float)) and isinstance(baseline, (int, float)):
@@ -131,9 +140,9 @@ def image_rows(cfg: HerdReportConfig, bench: Path) -> tuple[list[dict], list[dic
     p = r.get("ocr_peer") or {}
     if p.get("acc") is not None:  # an OCR recogniser a user would pick instead, on the same OCR items
         rows.append(row("image", f"ocr items ({p['items']})", p["ours"], p["acc"], f"OCR peer {p['name']}",
-                        ci=p["ci95"], peer=True))
+                        ci=p["ci95"], ref="peer"))
     elif p:  # the peer is not installed here: the row says so
-        rows.append(row("image", "ocr items", None, None, f"OCR peer {p['name']}: {p.get('error')}", peer=True))
+        rows.append(row("image", "ocr items", None, None, f"OCR peer {p['name']}: {p.get('error')}", ref="peer"))
     if cfg.photo_shards and _exists(cfg.photo_shards):  # real photographs, held out (a kit may predate them)
         ph = run_benchmark("image.py", ["--ckpt", cfg.image, "--shards", cfg.photo_shards, "--max-items", "0",
                                         "--text-docs", "0"], bench / "photos.json", cfg.threads)["reading"]
@@ -205,6 +214,9 @@ def speech_rows(cfg: HerdReportConfig, bench: Path) -> tuple[list[dict], list[di
     if r.get("qa_em") is not None:
         rows.append(row("speech", "qa_em", r["qa_em"], r.get("blind_qa_em"), "blind (no audio)",
                         ci=r.get("qa_em_vs_blind_ci95")))
+    if r.get("text_wer") is not None:  # the LM's own ceiling: the transcript typed instead of spoken
+        rows.append(row("speech", "wer", r["wer"], r["text_wer"], "the frozen LM given the typed transcript",
+                        lower_is_better=True, ref="ceiling"))
     ex = [{"modality": f"speech ({e['task']})", "input": "held-out utterance", "prompt": e["task"],
            "output": e["hyp"], "reference": e["ref"]} for e in r.get("examples", [])[:3]]
     if cfg.human_speech_shards and _exists(cfg.human_speech_shards):  # recorded human speech (a kit may predate it)
@@ -226,10 +238,10 @@ def human_speech_rows(cfg: HerdReportConfig, bench: Path) -> list[dict]:
                         ci=((r.get("wer_vs_blind_by_tag") or {}).get(tag) or {}).get("ci95")))
     for name, p in (r.get("peers") or {}).items():
         if p.get("wer") is None:
-            rows.append(row("speech", "human wer", None, None, f"ASR peer {name}: {p.get('error')}", peer=True))
+            rows.append(row("speech", "human wer", None, None, f"ASR peer {name}: {p.get('error')}", ref="peer"))
             continue
         rows.append(row("speech", "human wer", p["ours"], p["wer"], f"ASR peer {name}", lower_is_better=True,
-                        ci=p["ci95"], peer=True))
+                        ci=p["ci95"], ref="peer"))
     return rows
 
 
@@ -274,13 +286,12 @@ def run(cfg: HerdReportConfig, run_dir: Path, resume: bool = False) -> dict:
         rows += r
         examples += ex
     stages = {k: Path(v) for k, v in cfg.stages.items()}
-    peers = [r for r in rows if r.get("peer")]
-    rows = [r for r in rows if not r.get("peer")]
+    refs = {k: [r for r in rows if r.get("ref") == k] for k in REF_TABLES}
+    rows = [r for r in rows if not r.get("ref")]
     beaten = [r for r in rows if r["beats"] is not None]
     notes.append(f"{sum(r['beats'] for r in beaten)} of {len(beaten)} benchmark rows beat their baseline")
-    tables = reading_tables(bench / "image.json") + ([(
-        "Peers: offline tools a user would pick instead, on the same items (a reference, not a control)", peers,
-        ["modality", "metric", "model", "baseline", "baseline_name", "gain_ci95"])] if peers else [])
+    cols = ["modality", "metric", "model", "baseline", "baseline_name", "gain_ci95"]
+    tables = reading_tables(bench / "image.json") + [(REF_TABLES[k], v, cols) for k, v in refs.items() if v]
     path = write_report(run_dir, stages, rows, examples, notes=notes, tables=tables)
-    return {"stage": "herd_report", "report": str(path), "rows": rows, "peers": peers,
+    return {"stage": "herd_report", "report": str(path), "rows": rows, **refs,
             "beats_all": all(r["beats"] for r in beaten)}
