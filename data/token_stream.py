@@ -83,16 +83,17 @@ class PackedSampler:
         """The global micro-batch `micro` of step `step`: tokens/labels/doc_ids, each (batch_size, seq_len)."""
         rng = np.random.default_rng([self.seed, step, micro])
         picks = rng.choice(len(self.names), size=batch_size, p=self.probs)
-        rep_rng = np.random.default_rng([self.seed, step, micro, 1])  # its own stream: 0 keeps the old windows
-        repeat = rep_rng.random(batch_size) < self.repeat_frac if self.repeat_frac else np.zeros(batch_size, bool)
-        rep_len = rep_rng.integers(min(8, seq_len // 2), seq_len // 2 + 1, size=batch_size)  # the copy's distance
+        copy_len = np.zeros(batch_size, dtype=np.int64)  # per window: a span of h tokens read twice (0: none)
+        if self.repeat_frac:  # its own stream, so 0 keeps the old windows
+            rep_rng = np.random.default_rng([self.seed, step, micro, 1])
+            repeat = rep_rng.random(batch_size) < self.repeat_frac
+            copy_len = np.where(repeat, rep_rng.integers(min(8, seq_len // 2), seq_len // 2 + 1, batch_size), 0)
         rows_t, rows_d = [], []
-        for i, (src_idx, rep) in enumerate(zip(picks, repeat)):
+        for src_idx, h in zip(picks, copy_len.tolist()):
             src = self.sources[self.names[src_idx]]
             if len(src) < seq_len + 1:
                 raise ValueError(f"source {self.names[src_idx]!r} has {len(src)} tokens, fewer than seq_len+1={seq_len + 1}")
             off = int(rng.integers(0, len(src) - seq_len))
-            h = int(rep_len[i]) if rep else 0  # a span of h tokens read twice, then the text goes on
             pos = np.concatenate([np.arange(off, off + h), np.arange(off, off + seq_len + 1 - h)])  # (seq_len + 1,)
             rows_t.append(src.tokens[pos].astype(np.int64))
             rows_d.append(np.searchsorted(src.starts, pos, side="right"))

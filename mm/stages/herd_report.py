@@ -6,8 +6,7 @@ benchmarks/<name>.json. Rows compare a model with its baseline (bare-LM unigram,
 tie under a held-out judge, the blind model, another image, the single middle frame) and say whether it beats it.
 Reference rows are no control: peers (an offline OCR or ASR tool a user would pick instead, on the same items) and
 ceilings (the frozen LM given the typed transcript: what any speech adapter on it can reach) go to their own tables
-and count in no "beats". mm.eval.report draws the plots and
-writes the markdown.
+and count in no "beats". mm.eval.report draws the plots and writes the markdown.
 """
 from __future__ import annotations
 
@@ -59,18 +58,16 @@ def row(modality: str, metric: str, model, baseline, baseline_name: str, lower_i
     (a row without an item-level pairing) when it is strictly better. ref ("peer" | "ceiling"): the baseline is a
     reference, not a control ("ref" kept, "beats" None)."""
     beats = None
-    if ref:
+    if ref:  # a reference is no control: nothing to beat
         if ref not in REF_TABLES:
             raise ValueError(f"row ref {ref!r} unknown; known: {sorted(REF_TABLES)}")
-        return {"modality": modality, "metric": metric, "model": model, "baseline": baseline,
-                "baseline_name": baseline_name, **({"gain_ci95": ci} if ci is not None else {}), "beats": None,
-                "ref": ref}
-    if ci is not None:
+    elif ci is not None:
         beats = ci[1] < 0 if lower_is_better else ci[0] > 0
     elif isinstance(model, (int, float)) and isinstance(baseline, (int, float)):
         beats = model < baseline if lower_is_better else model > baseline
     return {"modality": modality, "metric": metric, "model": model, "baseline": baseline,
-            "baseline_name": baseline_name, **({"gain_ci95": ci} if ci is not None else {}), "beats": beats}
+            "baseline_name": baseline_name, **({"gain_ci95": ci} if ci is not None else {}), "beats": beats,
+            **({"ref": ref} if ref else {})}
 
 
 def text_rows(cfg: HerdReportConfig, bench: Path) -> tuple[list[dict], list[dict]]:
