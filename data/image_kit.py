@@ -4,7 +4,8 @@ Families (json "family"): recognition (Tux Paint stamps with human captions and 
 MNIST), ocr (rendered words and short documents from Brown sentences), chart (matplotlib bar/line charts of real
 Brown counts), counting (pasted sprites/digits). Held out by SOURCE image: every real image is in one split
 (`split_of`), and each split's items are built only from that split's images (Brown documents likewise).
-Shards: out_dir/image/{train,val}-XXXXXX.tar with png|jpg + txt + json {source, label, family, qa, source_ids}.
+Shards: out_dir/image/{train,val}-XXXXXX.tar with png|jpg + txt + json {source, label, family, qa, source_ids};
+with anneal_words / anneal_docs, also the annealing set's out_dir/image/anneal-XXXXXX.tar (training documents only).
 """
 from __future__ import annotations
 
@@ -23,12 +24,13 @@ from data.curation import balance_entries, curate, dhash, entry_counts
 from data.image_sources import (DIGIT_WORDS, FASHION_LABELS, fashion_mnist, fetch_images, fit_square, load_rgba,
                                 mnist_5k, on_white, split_of, tuxpaint_stamps)  # tuxpaint_stamps: re-exported
 
-__all__ = ["DEFAULTS", "build_image_kit", "tuxpaint_stamps", "load_pools", "encode_image", "write_shards"]
+__all__ = ["DEFAULTS", "build_image_kit", "anneal_items", "tuxpaint_stamps", "load_pools", "encode_image", "write_shards"]
 
 DEFAULTS: dict = {
     "size": 64, "render_scale": 1, "val_frac": 0.1, "seed": 0, "shard_size": 1000, "jpeg_quality": 90,
     "tuxpaint": True, "fashion_mnist": 4000, "mnist": 3000,
     "ocr_words": 1500, "ocr_docs": 800, "bar_charts": 700, "line_charts": 400, "counting": 1500,
+    "anneal_words": 6000, "anneal_docs": 2000,
     "curation": {"min_words": 1, "max_words": 40, "min_alpha": 0.6, "max_hamming": 2,
                  "near_dup_sources": ["tuxpaint"], "balance_T": 300, "balance_power": 1.0,
                  "balance_ngrams": [1]},
@@ -279,16 +281,34 @@ def split_items(split: str, pools: dict, docs: list[dict], cfg: dict, categories
               ("line_charts", line_chart_item))
     rendered = size * int(cfg["render_scale"])  # text and charts drawn at render_scale x the tile: detail for tiling
     for key, make in makers:
-        want, tries = _n_for(split, int(cfg[key]), vf), 0
-        made = 0
-        while docs and made < want and tries < 20 * want + 20:
-            tries += 1
-            item = make(rng.choice(docs), rendered, rng)
-            if item is not None:
-                items.append(item)
-                made += 1
+        items += _rendered(make, _n_for(split, int(cfg[key]), vf), docs, rendered, rng)
     for it in items:
         it["meta"]["split"] = split
+    return items
+
+
+def _rendered(make, want: int, docs: list[dict], size: int, rng: random.Random) -> list[dict]:
+    """Up to `want` items make(doc, size, rng) from random documents (a maker may decline a document)."""
+    out, tries = [], 0
+    while docs and len(out) < want and tries < 20 * want + 20:
+        tries += 1
+        item = make(rng.choice(docs), size, rng)
+        if item is not None:
+            out.append(item)
+    return out
+
+
+def anneal_items(docs: list[dict], cfg: dict) -> list[dict]:
+    """The annealing set (PAPER.md §8.2 item 5, synthetic text images): cfg["anneal_words"] rendered words and
+    cfg["anneal_docs"] pages drawn afresh from `docs` (the training split's Brown documents) with their own seed,
+    asked the kit's OCR questions; training data only (meta split "train", source as the kit's OCR items)."""
+    rng = random.Random(f"{cfg['seed']}:anneal")
+    rendered = int(cfg["size"]) * int(cfg["render_scale"])
+    items = (_rendered(ocr_word_item, int(cfg["anneal_words"]), docs, rendered, rng)
+             + _rendered(ocr_doc_item, int(cfg["anneal_docs"]), docs, rendered, rng))
+    for it in items:
+        it["meta"]["split"] = "train"
+    rng.shuffle(items)
     return items
 
 
@@ -323,6 +343,13 @@ def write_shards(samples, out_dir: Path, prefix: str, shard_size: int) -> list[P
     return paths
 
 
+def _encoded(items: list[dict], prefix: str, cfg: dict):
+    """The shard samples ({"__key__", ext, "txt", "json"}) of kit items, in order."""
+    return ({"__key__": f"{prefix}_{i:06d}", it["ext"]: encode_image(it["image"], it["ext"], cfg["jpeg_quality"]),
+             "txt": it["caption"].encode("utf-8"), "json": json.dumps(it["meta"], sort_keys=True).encode()}
+            for i, it in enumerate(items))
+
+
 def build_image_kit(cache_dir, out_dir, cfg: dict | None = None, score=None) -> dict:
     """Build out_dir/image/{train,val}-XXXXXX.tar and manifest.json from the fetched images and Brown text;
     `score(image, caption) -> float` enables the CLIP filter (curation.clip_threshold). Returns the manifest."""
@@ -334,7 +361,7 @@ def build_image_kit(cache_dir, out_dir, cfg: dict | None = None, score=None) -> 
     docs = list(brown_documents(fetch_text(Path(cache_dir), progress=False)["brown"]))
     categories = sorted({r["category"] for r in pools["tuxpaint"]}) or ["none"]
     out = Path(out_dir) / "image"
-    for stale in [*out.glob("train-*.tar"), *out.glob("val-*.tar")]:
+    for stale in [*out.glob("train-*.tar"), *out.glob("val-*.tar"), *out.glob("anneal-*.tar")]:
         stale.unlink()
     manifest: dict = {"config": cfg, "curation": report, "splits": {}}
     vf, seed = float(cfg["val_frac"]), int(cfg["seed"])
@@ -343,10 +370,7 @@ def build_image_kit(cache_dir, out_dir, cfg: dict | None = None, score=None) -> 
         sp_docs = [d for d in docs if split_of(f"brown:{d['key']}", vf, seed) == split]
         items = split_items(split, sp_pools, sp_docs, cfg, categories)
         random.Random(f"{seed}:{split}:order").shuffle(items)
-        samples = ({"__key__": f"{split}_{i:06d}", it["ext"]: encode_image(it["image"], it["ext"], cfg["jpeg_quality"]),
-                    "txt": it["caption"].encode("utf-8"), "json": json.dumps(it["meta"], sort_keys=True).encode()}
-                   for i, it in enumerate(items))
-        shards = write_shards(samples, out, split, int(cfg["shard_size"]))
+        shards = write_shards(_encoded(items, split, cfg), out, split, int(cfg["shard_size"]))
         manifest["splits"][split] = {
             "samples": len(items), "shards": [p.name for p in shards],
             "shard_bytes": sum(p.stat().st_size for p in shards),
@@ -355,5 +379,12 @@ def build_image_kit(cache_dir, out_dir, cfg: dict | None = None, score=None) -> 
             "questions": sum(len(it["meta"]["qa"]) for it in items),
             "source_images": len({s for it in items for s in it["meta"]["source_ids"]}),
         }
+    train_docs = [d for d in docs if split_of(f"brown:{d['key']}", vf, seed) == "train"]
+    extra = anneal_items(train_docs, cfg)
+    if extra:  # the annealing set: out/image/anneal-*.tar, read by image_anneal beside train-*.tar
+        shards = write_shards(_encoded(extra, "anneal", cfg), out, "anneal", int(cfg["shard_size"]))
+        manifest["anneal"] = {"samples": len(extra), "shards": [p.name for p in shards],
+                              "shard_bytes": sum(p.stat().st_size for p in shards),
+                              "by_source": dict(sorted(Counter(it["meta"]["source"] for it in extra).items()))}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1, default=str) + "\n")
     return manifest

@@ -97,5 +97,10 @@ def test_every_shipped_data_kit_yaml_names_known_keys_and_voices():
         if isinstance(speech, dict):
             assert not set(speech) - set(speech_kit.DEFAULTS), path
             speech_kit.voice_pools({**speech_kit.DEFAULTS, **speech}, list(tts.ENGINES))  # raises on an unknown voice
+    from data.image_kit import DEFAULTS  # experiments/data/image.yaml rebuilds the image part from the defaults
+
+    shipped = load_kit_config(REPO / "experiments/data/kit.yaml")["image"]
+    assert {k: v for k, v in shipped.items() if k != "curation"} == {k: DEFAULTS[k] for k in shipped if k != "curation"}
+    assert DEFAULTS["curation"] == shipped["curation"]
     with pytest.raises(ValueError, match="unknown voice 'espeak:en-xx'"):
         speech_kit.voice_pools({**speech_kit.DEFAULTS, "voices": ["espeak:en-xx"]}, list(tts.ENGINES))

@@ -342,6 +342,27 @@ def test_image_items_held_out_by_source_image():
             assert "choices" not in q or q["answers"][0] in q["choices"]
 
 
+def test_anneal_set_renders_fresh_text_from_the_given_documents_only():
+    from data.image_kit import DEFAULTS, anneal_items, split_items
+
+    cfg = {**DEFAULTS, "size": 32, "val_frac": 0.3, "anneal_words": 12, "anneal_docs": 5}
+    train = [d for d in _DOCS if split_of(f"brown:{d['key']}", 0.3, 0) == "train"]
+    items = anneal_items(train, cfg)
+    srcs = [it["meta"]["source"] for it in items]
+    assert srcs.count("ocr/brown") == 12 and srcs.count("ocr_doc/brown") == 5
+    keys = {f"brown:{d['key']}" for d in train}
+    assert all(set(it["meta"]["source_ids"]) <= keys and it["meta"]["split"] == "train" for it in items)
+    assert all(it["image"].shape == (32, 32, 3) and it["meta"]["qa"] for it in items)
+    again = anneal_items(train, cfg)  # seeded: the same set on a rebuild
+    assert [it["caption"] for it in again] == [it["caption"] for it in items]
+    assert anneal_items(train, {**cfg, "anneal_words": 0, "anneal_docs": 0}) == []
+    # the kit's own items do not change with the annealing set (its own random stream)
+    sp = _by_split(_fake_pools())
+    base = split_items("train", sp["train"], train, {**cfg, "anneal_words": 0}, ["animals", "town"])
+    assert [it["caption"] for it in split_items("train", sp["train"], train, cfg, ["animals", "town"])] == \
+        [it["caption"] for it in base]
+
+
 def test_video_clips_held_out_and_balanced():
     from data.video_kit import DEFAULTS, split_clips
 
