@@ -302,7 +302,7 @@ def anneal_items(docs: list[dict], cfg: dict) -> list[dict]:
     """The annealing set (PAPER.md §8.2 item 5, synthetic text images): cfg["anneal_words"] rendered words and
     cfg["anneal_docs"] pages drawn afresh from `docs` (the training split's Brown documents) with their own seed,
     asked the kit's OCR questions; training data only (meta split "train", source as the kit's OCR items)."""
-    rng = random.Random(f"{cfg['seed']}:anneal")
+    rng = random.Random(f"anneal:{cfg['seed']}")
     rendered = int(cfg["size"]) * int(cfg["render_scale"])
     items = (_rendered(ocr_word_item, int(cfg["anneal_words"]), docs, rendered, rng)
              + _rendered(ocr_doc_item, int(cfg["anneal_docs"]), docs, rendered, rng))
