@@ -52,7 +52,7 @@ def _sft(w: dict, out: Path, *extra: str) -> dict:
     ov = [o for o in _overrides(w) if not o.startswith(("steps=", "train.ckpt_every=", "train.lr="))]
     return _main("run", YAML, "--out", str(out), *ov, f"instruct_lm={w['instruct']}", f"init_from={w['img']}",
                  "steps=2", "train.ckpt_every=2", "sweep=[{seed: 1, lr: 0.01}, {seed: 2, lr: 0.003}]",
-                 "soup_top_k=2", "eval_items=4", *extra)
+                 "soup_top_k=2", "soup_min_k=2", "eval_items=4", *extra)
 
 
 def test_image_sft_soup_hot_swap_and_reuse(sft_world, tmp_path, monkeypatch):
