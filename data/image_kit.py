@@ -351,7 +351,8 @@ def _encoded(items: list[dict], prefix: str, cfg: dict):
 
 
 def build_image_kit(cache_dir, out_dir, cfg: dict | None = None, score=None) -> dict:
-    """Build out_dir/image/{train,val}-XXXXXX.tar and manifest.json from the fetched images and Brown text;
+    """Build out_dir/image/{train,val}-XXXXXX.tar (and the annealing set's anneal-XXXXXX.tar when configured) and
+    manifest.json from the fetched images and Brown text;
     `score(image, caption) -> float` enables the CLIP filter (curation.clip_threshold). Returns the manifest."""
     from data.fetch import fetch_text
     from data.text_kit import brown_documents

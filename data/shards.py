@@ -174,7 +174,10 @@ def expand_shards(spec) -> list[Path]:
             continue
         for pattern in expand_urls(s):  # webdataset's brace expansion ("a-{000..003}.tar", "a::b")
             if glob.has_magic(pattern):
-                out.extend(Path(p) for p in sorted(glob.glob(pattern)))
+                found = sorted(glob.glob(pattern))
+                if not found and len(specs) + s.count("::") > 1:  # one part of a mix missing: never train on the rest
+                    raise FileNotFoundError(f"no shards match {pattern!r} of the shard mix {spec!r}")
+                out.extend(Path(p) for p in found)
             elif Path(pattern).is_file():
                 out.append(Path(pattern))
             else:
