@@ -24,7 +24,8 @@ from data.curation import balance_entries, curate, dhash, entry_counts
 from data.image_sources import (DIGIT_WORDS, FASHION_LABELS, fashion_mnist, fetch_images, fit_square, load_rgba,
                                 mnist_5k, on_white, split_of, tuxpaint_stamps)  # tuxpaint_stamps: re-exported
 
-__all__ = ["DEFAULTS", "build_image_kit", "anneal_items", "tuxpaint_stamps", "load_pools", "encode_image", "write_shards"]
+__all__ = ["DEFAULTS", "build_image_kit", "anneal_items", "tuxpaint_stamps", "load_pools", "encode_image",
+           "write_shards"]
 
 DEFAULTS: dict = {
     "size": 64, "render_scale": 1, "val_frac": 0.1, "seed": 0, "shard_size": 1000, "jpeg_quality": 90,

@@ -55,7 +55,8 @@ def test_expand_shards_forms(tmp_path):
         expand_shards(str(tmp_path / "s-{000000..000009}.tar"))
     # a mix (`::` or a list) whose one glob matches nothing is an error, not a silently smaller mix
     assert expand_shards(f"{tmp_path / 's-00000[01].tar'}::{tmp_path / 's-000002.tar'}") == paths
-    for mix in (f"{tmp_path / 's-*.tar'}::{tmp_path / 'anneal-*.tar'}", [str(tmp_path / "s-*.tar"), str(tmp_path / "x-*")]):
+    mixes = (f"{tmp_path / 's-*.tar'}::{tmp_path / 'anneal-*.tar'}", [str(tmp_path / "s-*.tar"), str(tmp_path / "x-*")])
+    for mix in mixes:
         with pytest.raises(FileNotFoundError, match="of the shard mix"):
             expand_shards(mix)
 
