@@ -5,7 +5,8 @@ MNIST), ocr (rendered words and short documents from Brown sentences), chart (ma
 Brown counts), counting (pasted sprites/digits). Held out by SOURCE image: every real image is in one split
 (`split_of`), and each split's items are built only from that split's images (Brown documents likewise).
 Shards: out_dir/image/{train,val}-XXXXXX.tar with png|jpg + txt + json {source, label, family, qa, source_ids};
-with anneal_words / anneal_docs, also the annealing set's out_dir/image/anneal-XXXXXX.tar (training documents only).
+with anneal_words / anneal_docs, also the annealing set in its own folder, out_dir/image_anneal/train-XXXXXX.tar
+(training documents only) with its own manifest.json, so image/manifest.json (which runs fingerprint) is unchanged.
 """
 from __future__ import annotations
 
@@ -24,8 +25,8 @@ from data.curation import balance_entries, curate, dhash, entry_counts
 from data.image_sources import (DIGIT_WORDS, FASHION_LABELS, fashion_mnist, fetch_images, fit_square, load_rgba,
                                 mnist_5k, on_white, split_of, tuxpaint_stamps)  # tuxpaint_stamps: re-exported
 
-__all__ = ["DEFAULTS", "build_image_kit", "anneal_items", "tuxpaint_stamps", "load_pools", "encode_image",
-           "write_shards"]
+__all__ = ["DEFAULTS", "build_image_kit", "build_anneal_set", "anneal_items", "tuxpaint_stamps", "load_pools",
+           "encode_image", "write_shards"]
 
 DEFAULTS: dict = {
     "size": 64, "render_scale": 1, "val_frac": 0.1, "seed": 0, "shard_size": 1000, "jpeg_quality": 90,
@@ -124,7 +125,8 @@ def curate_pools(pools: dict, cfg: dict, score=None) -> tuple[dict, dict]:
         kept, removed = balance_entries(flat, int(c["balance_T"]), float(c.get("balance_power", 1.0)),
                                         int(cfg["seed"]), ngrams)
         ids = {r["source_id"] for r in kept}
-        head = lambda recs: dict(entry_counts(recs, ngrams).most_common(5))  # noqa: E731
+        def head(recs):  # the 5 commonest entries, ties by name: a rebuild writes the same manifest
+            return dict(sorted(entry_counts(recs, ngrams).items(), key=lambda kv: (-kv[1], kv[0]))[:5])
         report["balance"] = {"T": c["balance_T"], "power": c.get("balance_power", 1.0), **dict(removed),
                              "head_before": head(flat), "head_after": head(kept),
                              "by_source": {n: sum(r["source_id"] not in ids for r in recs) for n, recs in out.items()}}
@@ -352,9 +354,10 @@ def _encoded(items: list[dict], prefix: str, cfg: dict):
 
 
 def build_image_kit(cache_dir, out_dir, cfg: dict | None = None, score=None) -> dict:
-    """Build out_dir/image/{train,val}-XXXXXX.tar (and the annealing set's anneal-XXXXXX.tar when configured) and
-    manifest.json from the fetched images and Brown text;
-    `score(image, caption) -> float` enables the CLIP filter (curation.clip_threshold). Returns the manifest."""
+    """Build out_dir/image/{train,val}-XXXXXX.tar and manifest.json from the fetched images and Brown text (and,
+    when configured, the annealing set: out_dir/image_anneal/train-XXXXXX.tar and its manifest.json);
+    `score(image, caption) -> float` enables the CLIP filter (curation.clip_threshold). Returns the image manifest
+    with the annealing set's under "anneal"."""
     from data.fetch import fetch_text
     from data.text_kit import brown_documents
 
@@ -363,9 +366,11 @@ def build_image_kit(cache_dir, out_dir, cfg: dict | None = None, score=None) -> 
     docs = list(brown_documents(fetch_text(Path(cache_dir), progress=False)["brown"]))
     categories = sorted({r["category"] for r in pools["tuxpaint"]}) or ["none"]
     out = Path(out_dir) / "image"
-    for stale in [*out.glob("train-*.tar"), *out.glob("val-*.tar"), *out.glob("anneal-*.tar")]:
+    for stale in [*out.glob("train-*.tar"), *out.glob("val-*.tar")]:
         stale.unlink()
-    manifest: dict = {"config": cfg, "curation": report, "splits": {}}
+    anneal_keys = ("anneal_words", "anneal_docs")  # kept out of image/manifest.json: the set does not change image/
+    manifest: dict = {"config": {k: v for k, v in cfg.items() if k not in anneal_keys}, "curation": report,
+                      "splits": {}}
     vf, seed = float(cfg["val_frac"]), int(cfg["seed"])
     for split in ("train", "val"):
         sp_pools = {n: [r for r in recs if split_of(r["source_id"], vf, seed) == split] for n, recs in pools.items()}
@@ -381,12 +386,33 @@ def build_image_kit(cache_dir, out_dir, cfg: dict | None = None, score=None) -> 
             "questions": sum(len(it["meta"]["qa"]) for it in items),
             "source_images": len({s for it in items for s in it["meta"]["source_ids"]}),
         }
-    train_docs = [d for d in docs if split_of(f"brown:{d['key']}", vf, seed) == "train"]
-    extra = anneal_items(train_docs, cfg)
-    if extra:  # the annealing set: out/image/anneal-*.tar, read by image_anneal beside train-*.tar
-        shards = write_shards(_encoded(extra, "anneal", cfg), out, "anneal", int(cfg["shard_size"]))
-        manifest["anneal"] = {"samples": len(extra), "shards": [p.name for p in shards],
-                              "shard_bytes": sum(p.stat().st_size for p in shards),
-                              "by_source": dict(sorted(Counter(it["meta"]["source"] for it in extra).items()))}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1, default=str) + "\n")
+    anneal = build_anneal_set(cache_dir, out_dir, cfg, docs)
+    return {**manifest, "anneal": anneal} if anneal else manifest
+
+
+def build_anneal_set(cache_dir, out_dir, cfg: dict | None = None, docs: list[dict] | None = None) -> dict | None:
+    """Write the annealing set (anneal_items from the training split's Brown documents) to
+    out_dir/image_anneal/train-XXXXXX.tar and its manifest.json, touching nothing in image/; returns that manifest,
+    or None (and no folder) when cfg asks for no items. cfg: image_kit.DEFAULTS keys."""
+    from data.fetch import fetch_text
+    from data.text_kit import brown_documents
+
+    cfg = {**DEFAULTS, **(cfg or {})}
+    out = Path(out_dir) / "image_anneal"
+    for stale in out.glob("train-*.tar"):
+        stale.unlink()
+    if docs is None:
+        docs = list(brown_documents(fetch_text(Path(cache_dir), progress=False)["brown"]))
+    vf, seed = float(cfg["val_frac"]), int(cfg["seed"])
+    items = anneal_items([d for d in docs if split_of(f"brown:{d['key']}", vf, seed) == "train"], cfg)
+    if not items:
+        return None
+    shards = write_shards(_encoded(items, "anneal", cfg), out, "train", int(cfg["shard_size"]))
+    manifest = {"config": {k: cfg[k] for k in ("size", "render_scale", "val_frac", "seed", "anneal_words",
+                                                "anneal_docs")},
+                "samples": len(items), "shards": [p.name for p in shards],
+                "shard_bytes": sum(p.stat().st_size for p in shards),
+                "by_source": dict(sorted(Counter(it["meta"]["source"] for it in items).items()))}
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
     return manifest

@@ -17,7 +17,7 @@ import yaml
 
 from data.fetch import PINS
 
-KIT_KEYS = {"text", "chat", "image", "video", "speech", "photos", "human_speech", "processes"}
+KIT_KEYS = {"text", "chat", "image", "image_anneal", "video", "speech", "photos", "human_speech", "processes"}
 _MARK = "<!-- image+video kit -->"
 
 
@@ -103,7 +103,8 @@ def build_kit(yaml_path_or_dict, cache_dir, out_dir) -> dict:
     Parts: text (build_text_kit kwargs, e.g. heldout_genre), chat (chat_kit config: chat + preference shards), image
     (image_kit.DEFAULTS keys), video (video_kit.DEFAULTS keys), speech (true or speech_kit config; skipped when
     data.speech_kit is absent), photos (true or {seed}: held-out real photographs, data.photo_kit), human_speech
-    (true or {seed}: held-out recorded speech, data.human_speech_kit).
+    (true or {seed}: held-out recorded speech, data.human_speech_kit), image_anneal (true or image_kit.DEFAULTS keys:
+    the image part's annealing set alone, into a kit built before it existed).
     `processes` (default 2) is the number of processes for image + video.
     """
     cfg = load_kit_config(yaml_path_or_dict)
@@ -153,6 +154,12 @@ def build_kit(yaml_path_or_dict, cache_dir, out_dir) -> dict:
             m, manifest["timings_s"]["speech"] = _timed(build_speech_kit, cache_dir, out_dir, speech)
             manifest["parts"]["speech"] = {s: {k: v.get(k) for k in ("utterances", "hours", "by_task")}
                                            for s, v in m.get("splits", {}).items() if isinstance(v, dict)}
+    anneal = _part(cfg.get("image_anneal", False))
+    if anneal is not None and image is None:  # the image part writes its annealing set itself
+        from data.image_kit import build_anneal_set
+
+        m, manifest["timings_s"]["image_anneal"] = _timed(build_anneal_set, cache_dir, out_dir, anneal)
+        manifest["parts"]["image_anneal"] = {"train": {"samples": (m or {}).get("samples", 0)}}
     photos = _part(cfg.get("photos", False))
     if photos is not None:
         from data.photo_kit import build_photo_kit

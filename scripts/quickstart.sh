@@ -14,8 +14,8 @@ if [ -f "$SHARDS/manifest.json" ]; then
 else
   .venv/bin/mm data build --out "$SHARDS"
 fi
-if ! compgen -G "$SHARDS/image/anneal-*.tar" >/dev/null; then  # a kit built before the annealing set existed
-  .venv/bin/mm data build experiments/data/image.yaml --out "$SHARDS"
+if [ ! -f "$SHARDS/image_anneal/manifest.json" ]; then  # a kit built before the annealing set existed
+  .venv/bin/mm data build experiments/data/image_anneal.yaml --out "$SHARDS"
 fi
 if [ ! -f "$SHARDS/photos/manifest.json" ]; then  # a kit built before the held-out photos existed
   .venv/bin/mm data build experiments/data/photos.yaml --out "$SHARDS"

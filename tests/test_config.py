@@ -97,7 +97,7 @@ def test_every_shipped_data_kit_yaml_names_known_keys_and_voices():
         if isinstance(speech, dict):
             assert not set(speech) - set(speech_kit.DEFAULTS), path
             speech_kit.voice_pools({**speech_kit.DEFAULTS, **speech}, list(tts.ENGINES))  # raises on an unknown voice
-    from data.image_kit import DEFAULTS  # experiments/data/image.yaml rebuilds the image part from the defaults
+    from data.image_kit import DEFAULTS  # experiments/data/image_anneal.yaml builds the set from these defaults
 
     shipped = load_kit_config(REPO / "experiments/data/kit.yaml")["image"]
     assert {k: v for k, v in shipped.items() if k != "curation"} == {k: DEFAULTS[k] for k in shipped if k != "curation"}

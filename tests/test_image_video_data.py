@@ -364,6 +364,21 @@ def test_anneal_set_renders_fresh_text_from_the_given_documents_only():
         [it["caption"] for it in base]
 
 
+def test_anneal_set_is_written_to_its_own_folder_only(tmp_path):
+    from data.image_kit import DEFAULTS, build_anneal_set
+    from data.shards import expand_shards
+
+    cfg = {"size": 32, "val_frac": 0.3, "anneal_words": 7, "anneal_docs": 3}
+    m = build_anneal_set(None, tmp_path, cfg, docs=_DOCS)
+    shards = expand_shards(str(tmp_path / "image_anneal" / "train-*.tar"))
+    assert m["samples"] == 10 and m["shards"] == [p.name for p in shards]
+    assert json.loads((tmp_path / "image_anneal" / "manifest.json").read_text()) == m
+    assert m["config"] == {**{k: DEFAULTS[k] for k in ("render_scale", "seed")}, **cfg}
+    assert not (tmp_path / "image").exists()  # image/ (fingerprinted by every image run) is not touched
+    assert build_anneal_set(None, tmp_path, {**cfg, "anneal_words": 0, "anneal_docs": 0}, docs=_DOCS) is None
+    assert not list((tmp_path / "image_anneal").glob("*.tar"))  # a rebuild without a set leaves no stale shards
+
+
 def test_video_clips_held_out_and_balanced():
     from data.video_kit import DEFAULTS, split_clips
 
@@ -426,10 +441,11 @@ def test_tuxpaint_stamps_and_small_kit_on_real_cache(tmp_path):
     assert frog["caption"] == "A frog." and frog["translations"]["de"] == "Ein Frosch."
     m = build_kit({"text": False, "speech": False, "processes": 2,
                    "image": {"fashion_mnist": 200, "mnist": 200, "ocr_words": 50, "ocr_docs": 30, "bar_charts": 20,
-                             "line_charts": 20, "counting": 50},
+                             "line_charts": 20, "counting": 50, "anneal_words": 20, "anneal_docs": 10},
                    "video": {"clips": {"direction": 20, "order": 10, "which_moved": 10, "bounces": 10},
                              "pool": {"fashion_mnist": 100, "mnist": 100}}}, cache, tmp_path)
     assert m["parts"]["image"]["val"]["samples"] > 0 and m["parts"]["video"]["val"]["samples"] > 0
+    assert json.loads((tmp_path / "image_anneal" / "manifest.json").read_text())["samples"] == 30
     assert "Tux Paint" in (tmp_path / "ATTRIBUTION.md").read_text()
     from data.inspect import inspect_shards
 
