@@ -37,6 +37,7 @@ DEFAULTS: dict = {
                  "near_dup_sources": ["tuxpaint"], "balance_T": 300, "balance_power": 1.0,
                  "balance_ngrams": [1]},
 }
+ANNEAL_KEYS = ("anneal_words", "anneal_docs")  # the annealing set's counts: its own folder and manifest, not image/'s
 NUM_WORDS = ("zero",) + DIGIT_WORDS[1:] + ("ten",)
 ORDINALS = ("first", "second", "third", "fourth", "fifth", "sixth", "seventh", "eighth", "ninth", "tenth")
 _FASHION_CAPS = ("A grayscale photo of {a} {l}.", "A small picture of {a} {l}.", "{A} {l} on a black background.",
@@ -368,8 +369,7 @@ def build_image_kit(cache_dir, out_dir, cfg: dict | None = None, score=None) -> 
     out = Path(out_dir) / "image"
     for stale in [*out.glob("train-*.tar"), *out.glob("val-*.tar")]:
         stale.unlink()
-    anneal_keys = ("anneal_words", "anneal_docs")  # kept out of image/manifest.json: the set does not change image/
-    manifest: dict = {"config": {k: v for k, v in cfg.items() if k not in anneal_keys}, "curation": report,
+    manifest: dict = {"config": {k: v for k, v in cfg.items() if k not in ANNEAL_KEYS}, "curation": report,
                       "splits": {}}
     vf, seed = float(cfg["val_frac"]), int(cfg["seed"])
     for split in ("train", "val"):
@@ -409,8 +409,7 @@ def build_anneal_set(cache_dir, out_dir, cfg: dict | None = None, docs: list[dic
     if not items:
         return None
     shards = write_shards(_encoded(items, "anneal", cfg), out, "train", int(cfg["shard_size"]))
-    manifest = {"config": {k: cfg[k] for k in ("size", "render_scale", "val_frac", "seed", "anneal_words",
-                                                "anneal_docs")},
+    manifest = {"config": {k: cfg[k] for k in ("size", "render_scale", "val_frac", "seed", *ANNEAL_KEYS)},
                 "samples": len(items), "shards": [p.name for p in shards],
                 "shard_bytes": sum(p.stat().st_size for p in shards),
                 "by_source": dict(sorted(Counter(it["meta"]["source"] for it in items).items()))}
